@@ -1,0 +1,212 @@
+"""The one module that owns featuredict's DuckDB tables.
+
+Layout (schema version ``SCHEMA_VERSION``):
+
+Build tables (rewritten for one SAE by ``featuredict build``; other SAEs in the same file are kept):
+- ``saes``       one row per SAE: how to reload model + SAE, where activations were taken, corpus,
+                 reconstruction quality, histogram bin edges, build provenance.
+- ``features``   one row per (sae_id, feature): statistics, histogram, logit effects, decoder vector,
+                 decoder-cosine neighbours, UMAP position, search text.
+- ``examples``   activating contexts: kind 'top' (top-k by max activation in the context) and kind
+                 'interval' (random samples per activation band), with the feature's activation on every
+                 token of the context.
+
+User tables (never deleted or rewritten by a build):
+- ``labels``            label / tags / notes / author / time per feature.
+- ``lists``             named saved lists of features.
+- ``steering_presets``  named steering configurations.
+
+All statements here are constants; values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+SCHEMA_VERSION = 1
+
+BUILD_TABLES = ("saes", "features", "examples")
+USER_TABLES = ("labels", "lists", "steering_presets")
+
+DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key   VARCHAR PRIMARY KEY,
+        value VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS saes (
+        sae_id          VARCHAR PRIMARY KEY,  -- user-facing name, unique in the file
+        model_spec      VARCHAR NOT NULL,     -- how to reload the model: preset, HF id or folder
+        model_name      VARCHAR,              -- human-readable model name
+        model_kwargs    VARCHAR,              -- JSON: model_from_pretrained_kwargs used for activations
+        dtype           VARCHAR,              -- dtype the model ran in during the build
+        sae_source      VARCHAR NOT NULL,     -- JSON: {"kind": "registry"|"folder", release, sae_id, path}
+        hook_name       VARCHAR NOT NULL,     -- where activations were taken
+        hook_kind       VARCHAR NOT NULL,     -- 'hf_module' | 'transformer_lens'
+        architecture    VARCHAR,
+        d_in            INTEGER NOT NULL,
+        d_sae           INTEGER NOT NULL,
+        context_size    INTEGER NOT NULL,
+        prepend_bos     BOOLEAN NOT NULL,
+        corpus          VARCHAR,              -- description of the corpus used
+        n_tokens        BIGINT NOT NULL,      -- tokens counted in statistics (BOS/pad excluded)
+        n_contexts      BIGINT NOT NULL,
+        fve             DOUBLE,               -- fraction of variance explained by the reconstruction
+        l0              DOUBLE,               -- mean number of active features per token
+        dead_fraction   DOUBLE,
+        hist_edges      DOUBLE[] NOT NULL,    -- log-spaced bin edges of features.hist_counts
+        build_seconds   DOUBLE,
+        built_at        TIMESTAMP,
+        tool_version    VARCHAR,
+        config_json     VARCHAR               -- the full build config
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS features (
+        sae_id               VARCHAR NOT NULL,
+        feature              INTEGER NOT NULL,
+        max_act              REAL NOT NULL,      -- max activation seen on the corpus
+        fire_count           BIGINT NOT NULL,    -- tokens with activation > 0
+        density              DOUBLE NOT NULL,    -- fire_count / saes.n_tokens
+        mean_act             REAL,               -- mean activation when firing (NULL if dead)
+        dead                 BOOLEAN NOT NULL,
+        hist_counts          BIGINT[] NOT NULL,  -- firing-token counts per saes.hist_edges bin
+        pos_tokens           VARCHAR[],          -- top promoted tokens: W_dec[i] @ W_U, descending
+        pos_values           REAL[],
+        neg_tokens           VARCHAR[],          -- top suppressed tokens, most negative first
+        neg_values           REAL[],
+        decoder              FLOAT[] NOT NULL,   -- W_dec[i], length d_in
+        decoder_norm         REAL NOT NULL,
+        neighbours           INTEGER[],          -- top decoder-cosine neighbours, descending
+        neighbour_cos        REAL[],
+        umap_x               REAL,
+        umap_y               REAL,
+        max_tokens           VARCHAR[],          -- token at the max position of each top example
+        search_text          VARCHAR,            -- text around max positions of top examples + logit tokens
+        PRIMARY KEY (sae_id, feature)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS examples (
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        kind        VARCHAR NOT NULL,   -- 'top' | 'interval'
+        band        INTEGER NOT NULL,   -- 0 for top; for interval: band index, higher = stronger
+        band_lo     REAL,               -- interval band's activation range [band_lo, band_hi)
+        band_hi     REAL,
+        rank        INTEGER NOT NULL,   -- order within (kind, band); 0 = first shown
+        context_id  BIGINT NOT NULL,    -- index of the context in the build's token stream
+        max_act     REAL NOT NULL,      -- the feature's max activation in this context
+        max_pos     INTEGER NOT NULL,   -- position of that max in tokens
+        token_ids   INTEGER[] NOT NULL,
+        tokens      VARCHAR[] NOT NULL, -- decoded token strings, raw corpus text (escape before HTML!)
+        acts        FLOAT[] NOT NULL    -- the feature's activation on every token (0 at BOS/pad)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS examples_feature_idx ON examples (sae_id, feature)",
+    """
+    CREATE TABLE IF NOT EXISTS labels (
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        label       VARCHAR,
+        tags        VARCHAR[],
+        notes       VARCHAR,
+        author      VARCHAR,
+        updated_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (sae_id, feature)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS lists (
+        list_name   VARCHAR NOT NULL,
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        note        VARCHAR,
+        added_at    TIMESTAMP NOT NULL,
+        PRIMARY KEY (list_name, sae_id, feature)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS steering_presets (
+        name        VARCHAR PRIMARY KEY,
+        sae_id      VARCHAR NOT NULL,
+        config_json VARCHAR NOT NULL,   -- JSON of pipelines.steering config (prompt, features, settings)
+        created_at  TIMESTAMP NOT NULL
+    )
+    """,
+)
+
+
+class DatabaseError(RuntimeError):
+    """A database that cannot be used, with a message fit to show a user as is."""
+
+
+def create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create every table (idempotent) and stamp the schema version."""
+    for stmt in DDL:
+        con.execute(stmt)
+    con.execute(
+        "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [str(SCHEMA_VERSION)],
+    )
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The file's schema version, or None when it has no featuredict metadata."""
+    has_meta = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+    ).fetchone()
+    if not has_meta or has_meta[0] == 0:
+        return None
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def check_version(con: duckdb.DuckDBPyConnection, path: str | Path) -> None:
+    """Raise DatabaseError unless the file holds featuredict tables of this schema version."""
+    version = schema_version(con)
+    if version is None:
+        raise DatabaseError(f"{path} is not a featuredict database (no meta table). Build one with `featuredict build`.")
+    if version != SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path} has schema version {version}, this featuredict reads version {SCHEMA_VERSION}. "
+            "Rebuild it with `featuredict build` (labels are kept)."
+        )
+
+
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open an existing featuredict database, checking it exists, is not locked and has our schema.
+
+    Raises DatabaseError with a one-line, user-facing message on any problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DatabaseError(f"No database at {p}. Build one with `featuredict build` or `featuredict demo`.")
+    if p.stat().st_size == 0:
+        raise DatabaseError(f"{p} is empty (0 bytes). Rebuild it with `featuredict build`.")
+    try:
+        con = duckdb.connect(str(p), read_only=read_only)
+    except duckdb.IOException as e:  # another process holds the write lock
+        msg = str(e).splitlines()[0]
+        if "lock" in msg.lower():
+            raise DatabaseError(
+                f"{p} is locked by another process (a running build or another app). Close it and retry. ({msg})"
+            ) from e
+        raise DatabaseError(f"Cannot open {p}: {msg}") from e
+    except duckdb.Error as e:
+        raise DatabaseError(f"{p} is not a readable DuckDB file: {str(e).splitlines()[0]}") from e
+    try:
+        check_version(con, p)
+        if not read_only:
+            # User tables may be missing in files written by older builds of the same version.
+            for stmt in DDL:
+                if "labels" in stmt or "lists" in stmt or "steering_presets" in stmt:
+                    con.execute(stmt)
+    except Exception:
+        con.close()
+        raise
+    return con

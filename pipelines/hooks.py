@@ -1,0 +1,136 @@
+"""Reading and editing activations at an SAE's hook site, thread-safely and without leaking hooks.
+
+A ``HookSite`` resolves a hook name to a module:
+- Hugging Face module names (``model.layers.15``): the module's output (or ``output[0]`` for tuples),
+  exactly what sae-lens's ``HookedProxyLM`` hooks when it trains on an ``AutoModelForCausalLM``.
+- TransformerLens hook names (``blocks.8.hook_resid_pre``): the ``HookPoint`` module of that name.
+
+Interventions are per thread: one dispatching forward hook is registered while at least one thread has an
+intervention active, and it applies only the calling thread's function. Two sessions steering one shared model
+at once each get their own edit; when the last intervention exits (normally, by error, or by a closed
+generator) the hook is removed and the model runs hook-free.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .models import LoadedModel
+
+ActFn = Callable[[torch.Tensor], torch.Tensor | None]  # [batch, pos, d_in] -> same, or None for unchanged
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to stop the forward pass once the activation is captured."""
+
+    def __init__(self, act: torch.Tensor):
+        super().__init__()
+        self.act = act
+
+
+class HookSite:
+    def __init__(self, loaded: LoadedModel, hook_name: str):
+        self.loaded = loaded
+        self.hook_name = hook_name
+        self.kind = "transformer_lens" if loaded.kind == "transformer_lens" else "hf_module"
+        self.module = self._resolve(hook_name)
+        self._lock = threading.Lock()
+        self._fns: dict[int, ActFn] = {}  # thread id -> active function
+        self._handle: Any = None
+
+    def _resolve(self, hook_name: str) -> torch.nn.Module:
+        model = self.loaded.model
+        if self.kind == "transformer_lens":
+            hooks = getattr(model, "hook_dict", {})
+            if hook_name not in hooks:
+                raise ValueError(f"hook {hook_name!r} is not a TransformerLens hook point of {self.loaded.name}")
+            return hooks[hook_name]
+        try:
+            return model.get_submodule(hook_name)
+        except AttributeError:
+            layers = [n for n, _ in model.named_modules() if n.count(".") <= 2 and "layers." in n][:3]
+            raise ValueError(
+                f"hook {hook_name!r} is not a module of {self.loaded.name} (examples of module names: {layers})"
+            ) from None
+
+    # ---- dispatching hook -------------------------------------------------------------------------------
+    def _dispatch(self, module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        fn = self._fns.get(threading.get_ident())
+        if fn is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            new = fn(output)
+            return None if new is None else new
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            new = fn(output[0])
+            return None if new is None else (new, *output[1:])
+        raise TypeError(f"cannot read activations from output of type {type(output).__name__} at {self.hook_name}")
+
+    @contextmanager
+    def intervene(self, fn: ActFn) -> Iterator[None]:
+        """Apply ``fn`` to the hook's activation on every forward pass this thread runs inside the block."""
+        tid = threading.get_ident()
+        with self._lock:
+            if tid in self._fns:
+                raise RuntimeError("an intervention is already active on this thread at this hook")
+            self._fns[tid] = fn
+            if self._handle is None:
+                self._handle = self.module.register_forward_hook(self._dispatch)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fns.pop(tid, None)
+                if not self._fns and self._handle is not None:
+                    self._handle.remove()
+                    self._handle = None
+
+    @property
+    def active(self) -> bool:
+        """True while any thread has an intervention registered."""
+        return self._handle is not None
+
+    # ---- running ----------------------------------------------------------------------------------------
+    def _call_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
+        model = self.loaded.model
+        if self.kind == "transformer_lens":
+            return model(input_ids, return_type="logits", attention_mask=attention_mask)
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations at the hook, ``[batch, pos, d_in]``; the model runs only up to the hook."""
+
+        def stop(act: torch.Tensor) -> torch.Tensor:
+            raise _StopForward(act)
+
+        with self.intervene(stop):
+            try:
+                self._call_model(input_ids.to(self.loaded.device), _to(attention_mask, self.loaded.device))
+            except _StopForward as s:
+                return s.act
+        raise RuntimeError(f"the forward pass never reached hook {self.hook_name}")
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        fn: ActFn | None = None,
+    ) -> torch.Tensor:
+        """Full forward pass, ``[batch, pos, vocab]`` logits, with ``fn`` applied at the hook if given."""
+        ids = input_ids.to(self.loaded.device)
+        mask = _to(attention_mask, self.loaded.device)
+        if fn is None:
+            return self._call_model(ids, mask)
+        with self.intervene(fn):
+            return self._call_model(ids, mask)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

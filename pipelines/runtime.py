@@ -1,0 +1,175 @@
+"""A model + SAE + hook site bundle: what the build, prompt search and steering all run.
+
+``Runtime.feature_acts`` runs the model only up to the hook and encodes with the SAE, giving
+``[batch, pos, d_sae]`` feature activations with BOS/pad positions zeroed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .hooks import HookSite
+from .models import LoadedModel, is_transformer_lens_hook, load_model
+from .saes import SaeSource, load_sae, sae_metadata
+
+
+_TOKEN_CACHE: dict[int, dict[int, str]] = {}
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Display text of each token id on its own, cached per tokenizer."""
+    cache = _TOKEN_CACHE.setdefault(id(tokenizer), {})
+    out = []
+    for i in ids:
+        s = cache.get(i)
+        if s is None:
+            piece = tokenizer.convert_ids_to_tokens(int(i))
+            s = tokenizer.decode([int(i)])
+            if isinstance(piece, str) and piece.startswith("\u2581") and not s.startswith(" "):
+                s = " " + s
+            cache[i] = s
+        out.append(s)
+    return out
+
+
+@dataclass
+class Runtime:
+    loaded: LoadedModel
+    sae: Any
+    site: HookSite
+    source: SaeSource
+    prepend_bos: bool = True
+    context_size: int = 128
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802 - sae-lens naming
+        """Decoder, ``[d_sae, d_in]``."""
+        return self.sae.W_dec
+
+    def special_ids(self) -> set[int]:
+        tok = self.tokenizer
+        ids = {getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)}
+        return {int(i) for i in ids if i is not None}
+
+    def tokenize(self, text: str, max_len: int | None = None) -> torch.Tensor:
+        """``[1, pos]`` token ids, with BOS prepended when the SAE was trained that way."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if self.prepend_bos and bos is not None:
+            ids = [bos, *ids]
+        if max_len is not None:
+            ids = ids[:max_len]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token as display text, keeping its leading space (sentencepiece '▁' pieces included)."""
+        return token_strings(self.tokenizer, ids)
+
+    def valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, pos]`` bool: True where the token counts in statistics (not BOS/pad)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        for sid in self.special_ids():
+            mask &= input_ids != sid
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        return mask
+
+    def check_width(self, d_in: int) -> Runtime:
+        """Raise ValueError unless activations at the hook have the SAE's input width."""
+        x = self.hook_acts(self.tokenize("Hello world", max_len=8))
+        if x.shape[-1] != d_in:
+            raise ValueError(
+                f"activations at {self.site.hook_name} have width {x.shape[-1]} but the SAE expects "
+                f"d_in={d_in}: wrong model or hook"
+            )
+        return self
+
+    @torch.no_grad()
+    def hook_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations at the hook, ``[batch, pos, d_in]``, in the SAE's dtype."""
+        return self.site.activations(input_ids, attention_mask).to(self.sae.W_dec.dtype)
+
+    @torch.no_grad()
+    def feature_acts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """SAE feature activations ``[batch, pos, d_sae]``; zero on BOS/pad positions."""
+        x = self.hook_acts(input_ids, attention_mask)
+        f = self.sae.encode(x.to(self.sae.device))
+        return f * self.valid_mask(input_ids, attention_mask).to(f.device).unsqueeze(-1)
+
+
+def load_runtime(
+    model_spec: str,
+    source: SaeSource,
+    *,
+    hook_name: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    model_kwargs: dict[str, Any] | None = None,
+    sae: Any = None,
+) -> Runtime:
+    """Load model and SAE and splice them at the SAE's hook (or ``hook_name`` when given)."""
+    from .models import pick_device
+
+    dev = pick_device(device)
+    if sae is None:
+        sae = load_sae(source, device=dev)
+    meta = sae_metadata(sae)
+    hook = hook_name or meta.get("hook_name")
+    if not hook:
+        raise ValueError("the SAE's config names no hook_name; pass --hook")
+    kwargs = dict(meta.get("model_from_pretrained_kwargs") or {})
+    kwargs.update(model_kwargs or {})
+    hook_kind = "transformer_lens" if is_transformer_lens_hook(hook) else "hf_module"
+    tl_kwargs = kwargs if hook_kind == "transformer_lens" else {}
+    loaded = load_model(model_spec, hook_kind=hook_kind, device=str(dev), dtype=dtype, model_kwargs=tl_kwargs)
+    site = HookSite(loaded, hook)
+    d_in = int(sae.cfg.d_in)
+    prepend = meta.get("prepend_bos")
+    return Runtime(
+        loaded=loaded,
+        sae=sae,
+        site=site,
+        source=source,
+        prepend_bos=True if prepend is None else bool(prepend),
+        context_size=int(meta.get("context_size") or 128),
+    ).check_width(d_in)
+
+_CACHE: dict[tuple[str, str], Runtime] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
+    """Load the runtime that built a ``saes`` table row (model_spec, sae_source, hook_name, dtype...)."""
+    source = SaeSource.from_json(row["sae_source"])
+    kwargs = json.loads(row.get("model_kwargs") or "{}")
+    rt = load_runtime(
+        row["model_spec"], source, hook_name=row["hook_name"], device=device,
+        dtype=row.get("dtype") or "float32", model_kwargs=kwargs,
+    )
+    rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
+    rt.context_size = int(row.get("context_size") or rt.context_size)
+    return rt
+
+
+def cached_runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
+    """Process-wide cache of runtimes keyed by (model_spec, sae_source): each is loaded once."""
+    key = (row["model_spec"], row["sae_source"])
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = runtime_from_row(row, device)
+        return _CACHE[key]

@@ -1,0 +1,77 @@
+"""Loading SAEs with sae-lens: registry releases (the main path online) and local sae-lens folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class SaeLoadError(RuntimeError):
+    """An SAE that cannot be loaded, with a one-line message fit to show a user."""
+
+
+@dataclass(frozen=True)
+class SaeSource:
+    """Where an SAE comes from: ``kind='registry'`` (release + sae_id) or ``kind='folder'`` (path)."""
+
+    kind: str
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SaeSource:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def parse(cls, spec: str) -> SaeSource:
+        """``path/to/folder`` (a local sae-lens folder) or ``RELEASE:SAE_ID`` (a sae-lens registry entry)."""
+        p = Path(spec).expanduser()
+        if p.exists():
+            return cls(kind="folder", path=str(p.resolve()))
+        if ":" in spec:
+            release, sae_id = spec.split(":", 1)
+            return cls(kind="registry", release=release, sae_id=sae_id)
+        raise SaeLoadError(
+            f"SAE {spec!r} is neither an existing sae-lens folder nor RELEASE:SAE_ID "
+            "(e.g. gpt2-small-res-jb:blocks.8.hook_resid_pre)"
+        )
+
+    def describe(self) -> str:
+        return f"{self.release}:{self.sae_id}" if self.kind == "registry" else str(self.path)
+
+
+def load_sae(source: SaeSource, device: str | torch.device = "cpu", dtype: str = "float32") -> Any:
+    """Load an SAE; raise SaeLoadError with a one-line reason on failure."""
+    from sae_lens import SAE
+
+    try:
+        if source.kind == "folder":
+            folder = Path(source.path or "")
+            if not (folder / "cfg.json").exists():
+                raise SaeLoadError(f"{folder} is not a sae-lens SAE folder (no cfg.json)")
+            sae = SAE.load_from_disk(str(folder), device=str(device), dtype=dtype)
+        elif source.kind == "registry":
+            sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
+        else:
+            raise SaeLoadError(f"unknown SAE source kind {source.kind!r}")
+    except SaeLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one clear line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SaeLoadError(f"cannot load SAE {source.describe()}: {type(e).__name__}: {first}") from e
+    sae.eval()
+    return sae
+
+
+def sae_metadata(sae: Any) -> dict[str, Any]:
+    """The SAE's training metadata (hook name, model, context size, prepend_bos...) as a plain dict."""
+    meta = getattr(sae.cfg, "metadata", None)
+    return dict(meta.to_dict()) if meta is not None and hasattr(meta, "to_dict") else {}
