@@ -1,0 +1,72 @@
+"""The runtime reads activations at the SAE's hook exactly, stops early, and never leaks hooks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+
+def test_hook_acts_match_full_forward(tiny_runtime):
+    """The early-stopped capture equals the layer output seen during a full forward pass."""
+    ids = tiny_runtime.tokenize("Once upon a time there was a cat")
+    acts = tiny_runtime.hook_acts(ids)
+    seen = []
+    layer = tiny_runtime.loaded.model.model.layers[1]
+    h = layer.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        tiny_runtime.loaded.model(input_ids=ids)
+    finally:
+        h.remove()
+    assert acts.shape == (1, ids.shape[1], 32)
+    torch.testing.assert_close(acts, seen[0])
+    assert tiny_runtime.site.active is False
+
+
+def test_feature_acts_zero_on_bos(tiny_runtime):
+    ids = tiny_runtime.tokenize("The cat sat")
+    f = tiny_runtime.feature_acts(ids)
+    assert f.shape == (1, ids.shape[1], tiny_runtime.d_sae)
+    assert torch.all(f[0, 0] == 0)  # BOS
+    assert (f[0, 1:] > 0).sum(-1).max() <= 4  # TopK k=4
+
+
+def test_intervention_removed_after_error(tiny_runtime):
+    site = tiny_runtime.site
+    ids = tiny_runtime.tokenize("hello")
+    base = site.logits(ids)
+    hooks_before = dict(site.module._forward_hooks)
+
+    def boom(a):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        site.logits(ids, fn=boom)
+    assert not site.active
+    assert dict(site.module._forward_hooks) == hooks_before
+    assert torch.equal(site.logits(ids), base)
+
+
+def test_interventions_are_per_thread(tiny_runtime):
+    site = tiny_runtime.site
+    ids = tiny_runtime.tokenize("The river")
+    base = site.logits(ids)
+    results: dict[str, torch.Tensor] = {}
+    barrier = threading.Barrier(2)
+
+    def run(name: str, scale: float):
+        def fn(a):
+            barrier.wait(timeout=10)  # both threads are inside their hooked forward at once
+            return a * scale
+
+        results[name] = site.logits(ids, fn=fn)
+
+    threads = [threading.Thread(target=run, args=("a", 0.0)), threading.Thread(target=run, args=("b", 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(results["b"], base, atol=1e-5)
+    assert not torch.allclose(results["a"], base, atol=1e-3)
+    assert not site.active
