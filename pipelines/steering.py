@@ -44,6 +44,7 @@ steered stream in one thread cannot mix them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -571,6 +572,16 @@ def _sample(logits: torch.Tensor, g: GenerationSettings, gen: torch.Generator) -
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _cache_kwarg(model: Any) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def eos_ids(rt: Any) -> set[int]:
     ids: set[int] = set()
     tok_eos = getattr(rt.tokenizer, "eos_token_id", None)
@@ -628,6 +639,7 @@ class GenerationStream:
                 record_from=n_prompt,
             )
         self._ids = ids
+        self._cache_kw = _cache_kwarg(rt.loaded.model) if rt.loaded.kind != "transformer_lens" else ""
         self._it = self._run()
 
     # iterator protocol
@@ -656,8 +668,11 @@ class GenerationStream:
         model = self.rt.loaded.model
         if self.rt.loaded.kind == "transformer_lens":
             return model(chunk, return_type="logits")[0, -1], None
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1], out.past_key_values
+        out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(out, "past_key_values", None)
+        return out.logits[0, -1], new_cache
 
     def _run(self) -> Iterator[str]:
         res = self.result
