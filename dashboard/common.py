@@ -1,15 +1,23 @@
-"""Shared plumbing for the Streamlit pages: which database, one Store per process, SAE selection.
+"""Shared plumbing for the Streamlit pages: which database, one Store per process, SAE selection, URL state.
 
 The database path comes from ``--db`` after ``--`` on the streamlit command line
 (``streamlit run dashboard/app.py -- --db PATH``), else ``$FEATUREDICT_DB``, else ``featuredict.duckdb``.
+
+URL contract (every view is shareable): ``?sae=ID`` on every page, ``feature=N`` on the feature, map and
+steer pages (steer: a comma list), ``query=TEXT`` (and ``mode=text|prompt|concept``) on search,
+``list=NAME`` on lists. Page paths for ``st.page_link`` / ``st.switch_page`` are relative to app.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 import streamlit as st
 
@@ -17,6 +25,18 @@ from db.schema import DatabaseError
 from db.store import Store
 
 DEFAULT_DB = "featuredict.duckdb"
+DASHBOARD_DIR = Path(__file__).resolve().parent
+PAGES_DIR = DASHBOARD_DIR / "pages"
+# page name -> (file relative to app.py, url_path)
+PAGES = {
+    "overview": ("pages/overview.py", "overview"),
+    "search": ("pages/search.py", "search"),
+    "feature": ("pages/feature.py", "feature"),
+    "map": ("pages/map.py", "map"),
+    "lists": ("pages/lists.py", "lists"),
+    "steer": ("pages/steer.py", "steer"),
+}
+log = logging.getLogger("featuredict.dashboard")
 
 
 def db_path() -> Path:
@@ -27,21 +47,51 @@ def db_path() -> Path:
 
 
 @st.cache_resource(show_spinner=False)
-def _open_store(path: str, mtime: float) -> Store:
-    # mtime in the key: a rebuild swaps the file in, and the next run opens the new one.
+def _open_store(path: str, file_id: tuple[int, int]) -> Store:
+    # (device, inode) in the key: a rebuild that swaps a new file in gets a new Store on the next run, while
+    # our own label/list writes (same file, new mtime) keep the one Store and so the one writer lock.
     return Store(path)
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    if not path.exists():
+        return (0, 0)
+    s = path.stat()
+    return (int(s.st_dev), int(s.st_ino))
+
+
+def ensure_navigation() -> None:
+    """Make sure pages run under app.py's ``st.navigation``.
+
+    Because ``dashboard/pages/`` exists next to app.py, Streamlit starts every process (and every AppTest
+    run) in its legacy "pages directory" mode until some script calls ``st.navigation``; in that mode a
+    first request for ``/feature`` would run the page file directly, bypassing app.py (layout, error
+    guard). Leave that mode and rerun through app.py.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - internal module moved
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def get_store() -> Store:
     """The process-wide Store; on a missing/empty/locked/wrong-version file show why and stop the page."""
+    ensure_navigation()
     path = db_path()
     try:
-        mtime = path.stat().st_mtime if path.exists() else 0.0
-        return _open_store(str(path), mtime)
+        return _open_store(str(path), _file_id(path))
     except DatabaseError as e:
         st.error(str(e))
         st.stop()
         raise  # unreachable: st.stop raises
+    except Exception as e:  # noqa: BLE001 - any other open failure: a message, never a traceback
+        log.exception("opening %s failed", path)
+        st.error(f"Cannot open the database {path}: {type(e).__name__}: {first_line(e)}")
+        st.stop()
+        raise
 
 
 def sae_ids(store: Store) -> list[str]:
@@ -55,8 +105,121 @@ def pick_sae(store: Store, key: str = "sae") -> str:
         st.warning("This database holds no SAE yet. Build one with `featuredict build` or `featuredict demo`.")
         st.stop()
     wanted = st.query_params.get("sae")
-    index = ids.index(wanted) if wanted in ids else 0
-    choice = st.sidebar.selectbox("SAE", ids, index=index, key=key)
+    sync_widget(key, "sae", wanted if wanted in ids else ids[0])
+    if st.session_state.get(key) not in ids:
+        st.session_state[key] = ids[0]
+    choice = st.sidebar.selectbox("SAE", ids, key=key)
     if st.query_params.get("sae") != choice:
-        st.query_params["sae"] = choice
+        set_param("sae", choice, key)
+    st.sidebar.caption(f"Database: `{db_path()}`")
     return choice
+
+
+# ------------------------------------------------------------------------------------------ URL state
+
+def qp_int(name: str) -> int | None:
+    """An integer query parameter, or None when absent or not an integer."""
+    raw = st.query_params.get(name)
+    try:
+        return int(str(raw).strip()) if raw is not None and str(raw).strip() != "" else None
+    except ValueError:
+        return None
+
+
+def qp_str(name: str, default: str = "") -> str:
+    v = st.query_params.get(name)
+    return default if v is None else str(v)
+
+
+def sync_widget(key: str, param: str, value: Any) -> None:
+    """Before a widget with ``key`` is drawn: when the URL's ``param`` changed since the last run (a link
+    was followed), push ``value`` into the widget's state so the URL wins over the remembered value."""
+    seen = f"_{key}_qp_seen"
+    raw = st.query_params.get(param)
+    if st.session_state.get(seen, "<unset>") != raw:
+        st.session_state[seen] = raw
+        st.session_state[key] = value
+
+
+def set_param(param: str, value: Any, key: str | None = None) -> None:
+    """Write a query parameter (removing it for None/''), and remember it as seen for ``key``."""
+    if value is None or value == "":
+        if param in st.query_params:
+            del st.query_params[param]
+        raw = None
+    else:
+        raw = str(value)
+        if st.query_params.get(param) != raw:
+            st.query_params[param] = raw
+    if key is not None:
+        st.session_state[f"_{key}_qp_seen"] = raw
+
+
+def page_file(name: str) -> str:
+    return PAGES[name][0]
+
+
+def steer_available() -> bool:
+    """Whether the steering page (written by another module) is installed."""
+    return (PAGES_DIR / "steer.py").exists()
+
+
+def url(page: str, **params: Any) -> str:
+    """Relative URL of a page with query parameters (None values dropped), e.g. ``feature?sae=x&feature=3``."""
+    q = urlencode({k: str(v) for k, v in params.items() if v is not None and v != ""})
+    return f"{PAGES[page][1]}?{q}" if q else PAGES[page][1]
+
+
+def feature_link(sae_id: str, feature: int, label: str | None = None, icon: str | None = None) -> None:
+    """A ``st.page_link`` to a feature page."""
+    st.page_link(
+        page_file("feature"), label=label or f"Feature {feature}", icon=icon,
+        query_params={"sae": sae_id, "feature": str(int(feature))},
+    )
+
+
+def go_feature(sae_id: str, feature: int) -> None:
+    """Switch to the feature page of ``feature`` (stops this run)."""
+    st.switch_page(page_file("feature"), query_params={"sae": sae_id, "feature": str(int(feature))})
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:500] if s else type(e).__name__
+
+
+def show_error(context: str, e: BaseException) -> None:
+    """Log the exception with its traceback on the server, show one line to the user."""
+    log.exception("%s", context)
+    st.error(f"{context}: {type(e).__name__}: {first_line(e)}")
+
+
+def guarded(context: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; on an exception show ``context`` + the message (no traceback) and return None."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        show_error(context, e)
+        return None
+
+
+# ------------------------------------------------------------------------------------------- runtime
+
+def get_runtime(sae_row: dict[str, Any]) -> Any:
+    """The model + SAE that built ``sae_row`` (loaded once per process, shared by all sessions).
+
+    Raises whatever loading raises; callers show it with ``show_error``.
+    """
+    from pipelines.runtime import cached_runtime_from_row
+
+    return cached_runtime_from_row(sae_row)
+
+
+def fmt_density(d: float | None) -> str:
+    if d is None or d != d:
+        return "–"
+    if d <= 0:
+        return "0 (dead)"
+    return f"{d:.2e}" if d < 0.01 else f"{d:.3f}"

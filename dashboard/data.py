@@ -1,0 +1,42 @@
+"""Cached reads shared by pages (Streamlit caches keyed by database file + SAE)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from db import queries as q
+from db.store import Store
+
+
+def db_key(store: Store) -> str:
+    """Cache key of a database file: path + inode (a rebuilt file gets new entries)."""
+    try:
+        return f"{store.path}:{store.path.stat().st_ino}"
+    except OSError:
+        return str(store.path)
+
+
+@st.cache_data(ttl=600, max_entries=8, show_spinner=False)
+def _map_points(_store: Store, key: str, sae_id: str) -> pd.DataFrame:
+    return q.map_points(_store, sae_id)
+
+
+def cached_map_points(store: Store, sae_id: str) -> pd.DataFrame:
+    """``q.map_points`` (all features' UMAP positions + label/tag/top tokens), cached until a label edit."""
+    return _map_points(store, db_key(store), sae_id)
+
+
+@st.cache_data(ttl=600, max_entries=8, show_spinner=False)
+def _baselines(_store: Store, key: str, sae_id: str, d_sae: int) -> dict:
+    return q.feature_baselines(_store, sae_id, d_sae)
+
+
+def cached_baselines(store: Store, sae_id: str, d_sae: int) -> dict:
+    """``q.feature_baselines``: density / mean_act / max_act arrays ``[d_sae]``."""
+    return _baselines(store, db_key(store), sae_id, d_sae)
+
+
+def clear_label_caches() -> None:
+    """Forget cached reads that show labels/tags (after a label edit)."""
+    _map_points.clear()

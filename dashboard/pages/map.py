@@ -1,0 +1,126 @@
+"""Map page (``map?sae=ID[&feature=N]``): UMAP of all features (65k+ points) coloured by density, tag or
+label, with tooltips; clicking a point opens its feature page. With ``feature=N`` a neighbourhood view
+centred on that feature is shown below the full map."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
+from dashboard.data import cached_map_points
+from db import queries as q
+
+store = get_store()
+sae_id = pick_sae(store)
+st.title("Feature map")
+
+pts = cached_map_points(store, sae_id)
+if pts.empty:
+    st.info("No feature of this SAE has a UMAP position (the build skipped the map).")
+    st.stop()
+
+colour = st.radio("Colour by", ["density", "tag", "label"], horizontal=True, key="map_colour",
+                  help="density: log10 of the fraction of tokens a feature fires on; tag: first tag; "
+                       "label: labelled vs not (the most common labels by name)")
+
+
+def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Color]:
+    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output."""
+    out = df[["feature", "x", "y", "log10_density"]].copy()
+    out["label"] = df["label"].fillna("")
+    out["top_tokens"] = df["top_tokens"].fillna("")
+    if colour_by == "tag":
+        out["tag"] = df["tag"].fillna("(none)").astype("category")
+        enc = alt.Color("tag:N", title="tag", scale=alt.Scale(scheme="tableau20"),
+                        sort=alt.EncodingSortField("tag"))
+    elif colour_by == "label":
+        lab = df["label"].fillna("")
+        common = lab[lab != ""].value_counts().head(12).index
+        out["label_group"] = np.where(lab == "", "(unlabelled)",
+                                      np.where(lab.isin(common), lab, "(other label)"))
+        out["label_group"] = out["label_group"].astype("category")
+        enc = alt.Color("label_group:N", title="label", scale=alt.Scale(scheme="tableau20"))
+    else:
+        enc = alt.Color("log10_density:Q", title="log10 density", scale=alt.Scale(scheme="viridis"))
+    return out, enc
+
+
+def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: str) -> alt.Chart:
+    """A point-selectable scatter: clicking selects one feature (selection parameter ``name``)."""
+    pick = alt.selection_point(name=name, fields=["feature"], on="click", toggle=False)
+    return (
+        alt.Chart(df)
+        .mark_circle(size=size, opacity=0.75)
+        .encode(
+            x=alt.X("x:Q", axis=None),
+            y=alt.Y("y:Q", axis=None),
+            color=enc,
+            tooltip=[alt.Tooltip("feature:Q", title="feature"), alt.Tooltip("label:N", title="label"),
+                     alt.Tooltip("top_tokens:N", title="top tokens"),
+                     alt.Tooltip("log10_density:Q", title="log10 density", format=".2f")],
+        )
+        .add_params(pick)
+        .properties(height=height)
+    )
+
+
+def handle_pick(event: object, name: str) -> None:
+    """Open the feature page of a clicked point (each click handled once)."""
+    sel = getattr(event, "selection", None) or {}
+    picked = sel.get(name) if isinstance(sel, dict) else getattr(sel, name, None)
+    marker = f"_{name}_handled"
+    if not picked:
+        st.session_state.pop(marker, None)
+        return
+    fid = picked[0].get("feature") if isinstance(picked[0], dict) else None
+    if fid is None:
+        return
+    if st.session_state.get(marker) == (sae_id, int(fid)):
+        return
+    st.session_state[marker] = (sae_id, int(fid))
+    go_feature(sae_id, int(fid))
+
+
+frame, enc = plot_frame(pts, colour)
+size = 6 if len(frame) > 20000 else 14 if len(frame) > 2000 else 40
+st.caption(f"{len(frame):,} features. Hover for label and top tokens; click a point to open its feature page; "
+           "scroll to zoom, drag to pan.")
+chart = scatter(frame, enc, size, 620, "pick").interactive()
+event = st.altair_chart(chart, width="stretch", on_select="rerun", selection_mode="pick", key="map_all")
+handle_pick(event, "pick")
+
+# ------------------------------------------------------------------------------------ neighbourhood
+st.subheader("Neighbourhood")
+fid = qp_int("feature")
+sync_widget("map_centre", "feature", fid if fid is not None else 0)
+centre = int(st.number_input("Centre on feature", min_value=0, step=1, key="map_centre"))
+if fid is None or centre != fid:
+    set_param("feature", centre, key="map_centre")
+k = st.slider("Features shown around it", 50, 1000, 300, step=50, key="map_k")
+row = pts[pts["feature"] == centre]
+if row.empty:
+    st.info(f"Feature {centre} has no map position in SAE `{sae_id}`.")
+    st.stop()
+cx, cy = float(row["x"].iloc[0]), float(row["y"].iloc[0])
+d2 = (pts["x"].to_numpy(np.float64) - cx) ** 2 + (pts["y"].to_numpy(np.float64) - cy) ** 2
+near = frame.iloc[np.argsort(d2)[:k]].copy()
+feat = q.feature(store, sae_id, centre) or {}
+dec_nb = set(int(i) for i in (feat.get("neighbours") or []))
+near["role"] = np.where(near["feature"] == centre, "centre",
+                        np.where(near["feature"].isin(dec_nb), "decoder neighbour", "nearby on map"))
+role_enc = alt.Color("role:N", title="", scale=alt.Scale(domain=["centre", "decoder neighbour", "nearby on map"],
+                                                          range=["#c0392b", "#2980b9", "#bbbbbb"]))
+base = scatter(near, role_enc, 60, 460, "pick_near")
+labels = (
+    alt.Chart(near[near["role"] != "nearby on map"])
+    .mark_text(align="left", dx=7, fontSize=11)
+    .encode(x="x:Q", y="y:Q", text=alt.Text("feature:Q"))
+)
+ev2 = st.altair_chart(base + labels, width="stretch", on_select="rerun", selection_mode="pick_near",
+                      key="map_near")
+st.caption(f"The {k} features nearest to feature {centre} in UMAP space; red: the centre, blue: its "
+           "decoder-cosine neighbours (they may sit elsewhere on the map). Click one to open it.")
+handle_pick(ev2, "pick_near")

@@ -1,0 +1,93 @@
+"""Overview page: every SAE in the database (model, hook, corpus, size, reconstruction quality) and a
+log10-density histogram of all its features."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard.common import fmt_density, get_store, page_file, pick_sae
+from db import queries as q
+
+store = get_store()
+current = pick_sae(store)
+st.title("featuredict")
+st.caption("Browse an SAE feature dictionary: search features, read their top contexts, label them, "
+           "and collect them into lists.")
+
+saes = q.sae_overview(store)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or pd.isna(v) else f"{100 * float(v):.1f}%"
+
+
+def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
+    return "–" if v is None or pd.isna(v) else fmt.format(float(v))
+
+
+table = pd.DataFrame({
+    "SAE": saes["sae_id"],
+    "model": saes["model_name"].fillna(saes["model_spec"]),
+    "hook": saes["hook_name"],
+    "corpus": saes["corpus"],
+    "tokens": saes["n_tokens"],
+    "d_sae": saes["d_sae"],
+    "FVE": saes["fve"],
+    "L0": saes["l0"],
+    "dead": saes["dead_fraction"],
+    "labelled": saes["n_labelled"],
+})
+st.dataframe(
+    table, hide_index=True, width="stretch",
+    column_config={
+        "tokens": st.column_config.NumberColumn(format="localized"),
+        "FVE": st.column_config.NumberColumn(format="percent"),
+        "dead": st.column_config.NumberColumn("dead fraction", format="percent"),
+        "L0": st.column_config.NumberColumn(format="%.1f"),
+    },
+)
+
+for _, s in saes.iterrows():
+    sae_id = str(s["sae_id"])
+    st.subheader(f"{sae_id}" + ("  (selected)" if sae_id == current and len(saes) > 1 else ""))
+    st.caption(
+        f"Model **{s['model_name'] or s['model_spec']}** · hook `{s['hook_name']}` · corpus {s['corpus'] or '–'} · "
+        f"{s['architecture'] or 'SAE'} d_in {s['d_in']} · context {s['context_size']} tokens"
+        + (f" · built {pd.Timestamp(s['built_at']):%Y-%m-%d %H:%M}" if pd.notna(s["built_at"]) else "")
+    )
+    cols = st.columns(6)
+    cols[0].metric("Features (d_sae)", f"{int(s['d_sae']):,}")
+    cols[1].metric("Tokens", f"{int(s['n_tokens']):,}")
+    cols[2].metric("FVE", _pct(s["fve"]), help="Fraction of variance of the activations explained by the SAE")
+    cols[3].metric("L0", _num(s["l0"], "{:,.1f}"), help="Mean number of active features per token")
+    cols[4].metric("Dead", _pct(s["dead_fraction"]), help="Features that never fired on the corpus")
+    cols[5].metric("Labelled", f"{int(s['n_labelled']):,}")
+
+    hist, n_dead = q.density_histogram(store, sae_id)
+    if hist.empty:
+        st.info("No live features: nothing fired on the corpus.")
+        continue
+    chart = (
+        alt.Chart(hist)
+        .mark_bar(color="#e67e22")
+        .encode(
+            x=alt.X("log10_lo:Q", title="log10(feature density)", bin="binned",
+                    scale=alt.Scale(domain=[float(hist["log10_lo"].min()), float(hist["log10_hi"].max())])),
+            x2="log10_hi:Q",
+            y=alt.Y("count:Q", title="features"),
+            tooltip=[alt.Tooltip("log10_lo:Q", title="log10 density from", format=".2f"),
+                     alt.Tooltip("log10_hi:Q", title="to", format=".2f"), alt.Tooltip("count:Q", title="features")],
+        )
+        .properties(height=220, title=f"Feature density (fraction of tokens a feature fires on); {n_dead:,} dead")
+    )
+    st.altair_chart(chart, width="stretch")
+    lo, hi = q.density_range(store, sae_id)
+    st.caption(f"Densities range from {fmt_density(10 ** lo)} to {fmt_density(10 ** hi)}.")
+
+st.divider()
+c1, c2, c3 = st.columns(3)
+c1.page_link(page_file("search"), label="Search features", icon=":material/search:", query_params={"sae": current})
+c2.page_link(page_file("map"), label="Feature map", icon=":material/scatter_plot:", query_params={"sae": current})
+c3.page_link(page_file("lists"), label="Saved lists", icon=":material/list:", query_params={"sae": current})

@@ -1,0 +1,246 @@
+"""Search page (``search?sae=ID&mode=text|prompt|concept&query=TEXT``).
+
+- text: by feature id or ranked text search over labels, tags, notes, top-context text and logit tokens,
+  with density / max-activation / labelled / tag filters;
+- prompt: run the model + SAE on pasted text; features most active on the whole text and per token;
+- concept: example texts (and optional counter-examples) -> features that fire more on them than on the
+  counter-examples or the corpus baseline (``dashboard.concept``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import concept, prompt, render
+from dashboard.common import (
+    get_runtime,
+    get_store,
+    go_feature,
+    pick_sae,
+    qp_str,
+    set_param,
+    show_error,
+    sync_widget,
+    url,
+)
+from dashboard.data import cached_baselines, db_key
+from db import queries as q
+
+store = get_store()
+sae_id = pick_sae(store)
+info = q.sae_info(store, sae_id) or {}
+d_sae = int(info.get("d_sae") or 0)
+
+MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
+mode_qp = qp_str("mode", "text")
+sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
+mode = st.radio("Search", list(MODES), format_func=MODES.get, horizontal=True, key="search_mode",
+                label_visibility="collapsed")
+set_param("mode", None if mode == "text" else mode, key="search_mode")
+
+
+def link_column() -> st.column_config.LinkColumn:
+    return st.column_config.LinkColumn("open", display_text="open ↗", width="small",
+                                       help="Shareable link to the feature page")
+
+
+def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -> None:
+    """Show features (must have a ``feature`` column) with a link column; selecting a row opens it."""
+    df = df.copy()
+    df.insert(0, "open", [url("feature", sae=sae_id, feature=int(f)) for f in df["feature"]])
+    config = {"open": link_column(), "feature": st.column_config.NumberColumn(format="%d", width="small")}
+    if "density" in df:
+        config["density"] = st.column_config.NumberColumn(format="%.2e")
+    if "tags" in df:
+        df["tags"] = [", ".join(t) if isinstance(t, list | np.ndarray) else "" for t in df["tags"]]
+    config.update(extra_config or {})
+    event = st.dataframe(df, hide_index=True, width="stretch", column_config=config, key=key,
+                         on_select="rerun", selection_mode="single-row")
+    rows = event.selection.rows if event is not None else []
+    if rows:
+        go_feature(sae_id, int(df["feature"].iloc[rows[0]]))
+
+
+def labels_for(ids: list[int]) -> pd.DataFrame:
+    return q.features_by_ids(store, sae_id, ids)[["feature", "label", "top_tokens", "density", "max_act"]]
+
+
+# --------------------------------------------------------------------------------------------- text
+def text_mode() -> None:
+    sync_widget("search_query", "query", qp_str("query"))
+    query = st.text_input("Search features", key="search_query",
+                          placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens")
+    set_param("query", query.strip() or None, key="search_query")
+    lo, hi = q.density_range(store, sae_id)
+    with st.expander("Filters", expanded=False):
+        c = st.columns(4)
+        lo_f, hi_f = float(np.floor(lo * 4) / 4), float(np.ceil(hi * 4) / 4)
+        if hi_f <= lo_f:
+            hi_f = lo_f + 0.25
+        dens = c[0].slider("log10 density", lo_f, hi_f, (lo_f, hi_f), step=0.25, key="f_density")
+        min_max_act = c[1].number_input("Min max activation", min_value=0.0, value=0.0, step=0.5, key="f_maxact")
+        labelled = c[2].radio("Labels", ["any", "labelled", "unlabelled"], horizontal=True, key="f_labelled")
+        tags = q.all_tags(store, sae_id)
+        tag = c[3].selectbox("Tag", tags, index=None, placeholder="any tag", key="f_tag")
+        include_dead = c[0].checkbox("Include dead features", value=False, key="f_dead")
+        limit = c[1].number_input("Max results", 10, 1000, 50, step=10, key="f_limit")
+    filters = q.SearchFilters(
+        min_log10_density=None if dens[0] <= lo_f else dens[0],
+        max_log10_density=None if dens[1] >= hi_f else dens[1],
+        min_max_act=min_max_act or None, labelled=labelled, tag=tag, include_dead=include_dead,
+    )
+    if not query.strip() and filters == q.SearchFilters():
+        st.caption("Type words to search, or set filters to list features. Examples: a token seen in contexts "
+                   "(`bread`), a label word, a tag, `#123` for a feature id.")
+        return
+    t0 = time.perf_counter()
+    try:
+        res = q.search(store, sae_id, query, filters, limit=int(limit))
+    except Exception as e:  # noqa: BLE001
+        show_error("Search failed", e)
+        return
+    ms = (time.perf_counter() - t0) * 1000
+    fid = q.feature_id_in_query(query)
+    if fid is not None and (res.empty or int(res["feature"].iloc[0]) != fid):
+        st.warning(f"No feature {fid} in SAE `{sae_id}` (it has features 0 to {d_sae - 1}).")
+    if res.empty:
+        st.info(f"No feature matches {query!r} with these filters.")
+        return
+    st.caption(f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
+               "Select a row (or use 'open') to see a feature.")
+    res = res[["feature", "score", "label", "tags", "density", "max_act", "top_tokens", "matched", "snippet"]]
+    result_table(res, "search_results", {
+        "score": st.column_config.NumberColumn(format="%.1f", width="small"),
+        "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
+        "snippet": st.column_config.TextColumn("context", width="large"),
+    })
+
+
+# ------------------------------------------------------------------------------------------- prompt
+@st.cache_data(max_entries=32, show_spinner=False)
+def _prompt_result(_row: dict, key: tuple, text: str) -> prompt.PromptResult:
+    return prompt.run_prompt(get_runtime(_row), text)
+
+
+def prompt_mode() -> None:
+    sync_widget("prompt_text", "query", qp_str("query"))
+    text = st.text_area("Text to run through the model", key="prompt_text", height=110,
+                        placeholder="Paste text; the model + SAE run on it (Ctrl+Enter to run).")
+    set_param("query", text.strip() or None, key="prompt_text")
+    st.button("Run", type="primary", key="prompt_run")
+    if not text.strip():
+        st.caption(f"Runs `{info.get('model_name') or info.get('model_spec')}` up to `{info.get('hook_name')}` "
+                   "and encodes with the SAE, then lists the features most active on the text and per token.")
+        return
+    try:
+        with st.spinner("Running the model…"):
+            res = _prompt_result(info, (sae_id, db_key(store)), text)
+    except Exception as e:  # noqa: BLE001
+        show_error(f"Could not run the model of SAE `{sae_id}`", e)
+        return
+    if res.truncated:
+        st.warning(f"Only the first {prompt.MAX_TOKENS} tokens were used.")
+    base = cached_baselines(store, sae_id, res.d_sae)
+    c1, c2 = st.columns([3, 2], gap="large")
+    with c1:
+        st.subheader("Features on the whole text")
+        rank_by = st.radio("Rank by", ["max", "relative", "total"], horizontal=True, key="prompt_rank",
+                           format_func={"max": "max activation", "relative": "max / feature's corpus max",
+                                        "total": "total activation"}.get)
+        whole = prompt.whole_text_features(res, base["max_act"], rank_by=rank_by, top=50)
+        if whole.empty:
+            st.info("No feature fired on this text.")
+            return
+        whole = whole.merge(labels_for(whole["feature"].tolist()), on="feature", how="left")
+        whole["top token"] = [render.visible_token(res.tokens[int(p)]) for p in whole["argmax_pos"]]
+        result_table(whole[["feature", "max_here", "relative", "total", "n_tokens", "top token", "label",
+                            "top_tokens"]], "prompt_whole", {
+            "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
+            "relative": st.column_config.NumberColumn("of corpus max", format="percent"),
+            "total": st.column_config.NumberColumn(format="%.2f"),
+            "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+        })
+        names = {int(r.feature): (r.label if isinstance(r.label, str) else r.top_tokens or "")
+                 for r in whole.itertuples()}
+        hl = st.selectbox("Highlight the text by feature", list(names), key="prompt_hl",
+                          format_func=lambda f: f"{f} · {names[f]}"[:80])
+        if hl is not None:
+            acts = prompt.feature_over_tokens(res, int(hl))
+            scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
+            st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts))))
+    with c2:
+        st.subheader("Per token")
+        positions = [i for i in range(res.n_pos) if res.valid[i]]
+        tok = st.pills("Click a token", positions, format_func=lambda i: render.visible_token(res.tokens[i]),
+                       selection_mode="single", key="prompt_token")
+        if tok is None:
+            st.caption("Select a token above to see the features active on it.")
+        else:
+            per = prompt.token_features(res, int(tok), top=25)
+            st.caption(f"Token {int(tok)} {res.tokens[int(tok)]!r}: {int((res.pos == int(tok)).sum())} active features")
+            if not per.empty:
+                per = per.merge(labels_for(per["feature"].tolist()), on="feature", how="left")
+                result_table(per[["feature", "act", "label", "top_tokens"]], "prompt_token_table", {
+                    "act": st.column_config.NumberColumn(format="%.3f"),
+                    "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+                })
+
+
+# ------------------------------------------------------------------------------------------ concept
+@st.cache_data(max_entries=16, show_spinner=False)
+def _concept_rank(_row: dict, _base: dict, key: tuple, examples: tuple[str, ...],
+                  counter: tuple[str, ...]) -> pd.DataFrame:
+    rt = get_runtime(_row)
+    pos = [prompt.dense_valid_acts(rt, t) for t in examples]
+    neg = [prompt.dense_valid_acts(rt, t) for t in counter]
+    return concept.concept_scores(pos, neg or None, _base["density"], _base["mean_act"], _base["max_act"], top=50)
+
+
+def concept_mode() -> None:
+    st.caption("Paste a few texts that show a concept (e.g. a scam email, a deceptive answer), and optionally "
+               "texts that do not. Features are ranked by coverage × log2 lift: how many examples they fire "
+               "on, times how much more they fire there than on the counter-examples (or, without any, than "
+               "their corpus average: density × mean activation).")
+    with st.form("concept_form"):
+        c1, c2 = st.columns(2)
+        ex = c1.text_area("Examples of the concept (blank line between texts, or one per line)", height=180,
+                          key="concept_examples")
+        ce = c2.text_area("Counter-examples (optional)", height=180, key="concept_counter")
+        go = st.form_submit_button("Find features", type="primary")
+    examples, counter = concept.split_texts(ex), concept.split_texts(ce)
+    if not examples:
+        if go:
+            st.warning("Give at least one example text.")
+        return
+    try:
+        with st.spinner(f"Running the model on {len(examples) + len(counter)} texts…"):
+            base = cached_baselines(store, sae_id, d_sae)
+            ranked = _concept_rank(info, base, (sae_id, db_key(store)), tuple(examples), tuple(counter))
+    except Exception as e:  # noqa: BLE001
+        show_error(f"Could not score the concept with SAE `{sae_id}`", e)
+        return
+    if ranked.empty:
+        st.info("No feature fires more on the examples than on the baseline.")
+        return
+    ranked = ranked.merge(labels_for(ranked["feature"].tolist()), on="feature", how="left")
+    st.caption(f"{len(examples)} examples, {len(counter)} counter-examples"
+               + ("" if counter else " (baseline: corpus density × mean activation)"))
+    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "top_tokens",
+            "density"]
+    if not counter:
+        cols.remove("neg_coverage")
+    result_table(ranked[cols], "concept_results", {
+        "score": st.column_config.NumberColumn(format="%.2f"),
+        "coverage": st.column_config.NumberColumn("fires on examples", format="percent"),
+        "neg_coverage": st.column_config.NumberColumn("fires on counter", format="percent"),
+        "lift": st.column_config.NumberColumn("log2 lift", format="%.1f"),
+        "max_on_examples": st.column_config.NumberColumn("max act", format="%.2f"),
+        "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+    })
+
+
+{"text": text_mode, "prompt": prompt_mode, "concept": concept_mode}[mode]()

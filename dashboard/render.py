@@ -1,0 +1,87 @@
+"""HTML rendering of token sequences with activation highlighting. Pure functions (no Streamlit).
+
+Every corpus or user string is passed through ``html.escape`` before it is put in HTML; nothing raw is
+ever interpolated. Attributes are quoted with escaped quotes.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+
+# The one colour ramp: white -> orange; alpha = activation / scale (clipped to [0, 1]).
+HIGHLIGHT_RGB = (255, 140, 0)
+CONTEXT_CSS = (
+    "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.86rem; line-height: 1.75; "
+    "white-space: pre-wrap; word-break: break-word; margin: 0.15rem 0 0.5rem 0; padding: 0.35rem 0.5rem; "
+    "border-left: 3px solid #eee; background: #fcfcfc; color: #222;"
+)
+
+
+def visible_token(tok: str) -> str:
+    """Token text made visible, not yet escaped: newlines as '↵', tabs as '⇥', empty as '∅'."""
+    if tok == "":
+        return "∅"
+    return tok.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+
+
+def token_span(tok: str, act: float, scale: float, is_max: bool = False) -> str:
+    """One ``<span>``: background alpha by ``act/scale``, activation in the escaped title attribute."""
+    alpha = 0.0 if scale <= 0 or not np.isfinite(act) else float(min(1.0, max(0.0, act / scale)))
+    r, g, b = HIGHLIGHT_RGB
+    style = f"background-color: rgba({r},{g},{b},{alpha:.3f}); border-radius: 2px;"
+    if is_max:
+        style += " border-bottom: 2px solid #c0392b; font-weight: 600;"
+    title = html.escape(f"{tok!r}  act {act:.3f}", quote=True)
+    return f'<span style="{style}" title="{title}">{html.escape(visible_token(tok), quote=True)}</span>'
+
+
+def context_html(
+    tokens: Sequence[str],
+    acts: Sequence[float] | np.ndarray,
+    scale: float,
+    max_pos: int | None = None,
+    window: tuple[int, int] | None = None,
+    skip_first: bool = True,
+    prefix: str = "",
+) -> str:
+    """One context as a ``<div>`` of highlighted token spans.
+
+    ``tokens [pos]`` (raw strings), ``acts [pos]`` (the feature's activation per token); ``scale`` is the
+    activation that gets full colour (the feature's max_act). ``window=(before, after)`` shows only that many
+    tokens around ``max_pos`` (with '…' marks). ``skip_first`` drops position 0 when it is BOS (act 0).
+    ``prefix`` is plain text shown first (escaped too).
+    """
+    toks = list(tokens)
+    a = np.asarray(acts, dtype=np.float64)
+    if len(a) != len(toks):
+        raise ValueError(f"tokens ({len(toks)}) and acts ({len(a)}) differ in length")
+    lo, hi = 0, len(toks)
+    if skip_first and toks and a[0] == 0:
+        lo = 1
+    if window is not None and max_pos is not None:
+        lo = max(lo, max_pos - window[0])
+        hi = min(hi, max_pos + window[1] + 1)
+    parts = [f'<span style="color:#888">{html.escape(prefix)}</span>'] if prefix else []
+    if lo > (1 if skip_first else 0):
+        parts.append('<span style="color:#aaa">…</span>')
+    parts += [token_span(toks[i], float(a[i]), scale, i == max_pos) for i in range(lo, hi)]
+    if hi < len(toks):
+        parts.append('<span style="color:#aaa">…</span>')
+    return f'<div style="{CONTEXT_CSS}">{"".join(parts)}</div>'
+
+
+def contexts_html(rows: Sequence[tuple[Sequence[str], Sequence[float], int, float]], scale: float,
+                  window: tuple[int, int] | None = None) -> str:
+    """Several contexts: ``rows`` of (tokens, acts, max_pos, max_act); each prefixed by its max act."""
+    return "".join(
+        context_html(t, a, scale, max_pos=int(mp), window=window, prefix=f"{float(ma):7.2f}  ")
+        for t, a, mp, ma in rows
+    )
+
+
+def escape_text(text: str | None) -> str:
+    """Plain text for HTML (escaped); None -> ''."""
+    return html.escape(text or "", quote=True)
