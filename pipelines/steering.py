@@ -751,21 +751,25 @@ def generate(
     return s.result
 
 
-def side_by_side(
+def paired_streams(
     rt: Any,
     config: SteeringConfig,
     max_acts: Mapping[int, float] | None = None,
     *,
     record: bool = True,
-) -> Iterator[tuple[str, str, GenerationStream]]:
-    """Baseline and steered generation interleaved token by token: yields ``(which, piece, stream)`` with
-    ``which`` in {'baseline', 'steered'}; both streams share the prompt and the sampling seed. Closing this
-    generator closes both streams."""
+) -> dict[str, GenerationStream]:
+    """``{'baseline': ..., 'steered': ...}`` streams on the same prompt ids and sampling seed (validated once;
+    raises SteeringInputError)."""
     ids, notes = prepare(rt, config, max_acts)
-    streams = {
+    return {
         "baseline": GenerationStream(rt, config, steer=False, max_acts=max_acts, record=record, ids=ids, notes=notes),
         "steered": GenerationStream(rt, config, steer=True, max_acts=max_acts, record=record, ids=ids, notes=notes),
     }
+
+
+def interleave(streams: Mapping[str, GenerationStream]) -> Iterator[tuple[str, str]]:
+    """Advance the streams in turn, one token each, yielding ``(name, piece)`` until all are done. Closing
+    this generator closes every stream."""
     live = dict(streams)
     try:
         while live:
@@ -775,10 +779,28 @@ def side_by_side(
                 except StopIteration:
                     del live[name]
                     continue
-                yield name, piece, streams[name]
+                yield name, piece
     finally:
         for s in streams.values():
             s.close()
+
+
+def side_by_side(
+    rt: Any,
+    config: SteeringConfig,
+    max_acts: Mapping[int, float] | None = None,
+    *,
+    record: bool = True,
+) -> Iterator[tuple[str, str, GenerationStream]]:
+    """Baseline and steered generation interleaved token by token: yields ``(which, piece, stream)`` with
+    ``which`` in {'baseline', 'steered'}. Closing this generator closes both streams."""
+    streams = paired_streams(rt, config, max_acts, record=record)
+    events = interleave(streams)
+    try:
+        for name, piece in events:
+            yield name, piece, streams[name]
+    finally:
+        events.close()
 
 
 def unsteered(config: SteeringConfig) -> SteeringConfig:

@@ -1,0 +1,314 @@
+"""Steering presets (DuckDB), the ``featuredict steer`` CLI and the Streamlit steer page, on a small database
+built here from the tiny model + SAE (feature statistics computed by running them on a few sentences)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+from conftest import TINY_HOOK, TINY_TEXT
+
+from db.presets import (
+    PresetError,
+    delete_preset,
+    feature_max_acts,
+    list_presets,
+    load_preset,
+    save_preset,
+    search_features,
+)
+from db.schema import create_schema
+from db.store import Store
+from pipelines.saes import SaeSource
+from pipelines.steer_cli import register
+from pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "dashboard" / "pages" / "steer.py"
+SAE_ID = "tiny-l1"
+
+
+def build_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
+    """A featuredict DuckDB with one SAE row and one row per feature, statistics measured on TINY_TEXT."""
+    acts = [rt.feature_acts(rt.tokenize(t))[0, 1:] for t in TINY_TEXT]  # [pos, d_sae], BOS dropped
+    f = torch.cat(acts)
+    n_tok = f.shape[0]
+    wu = rt.loaded.model.lm_head.weight.detach()
+    con = duckdb.connect(str(path))
+    create_schema(con)
+    con.execute(
+        "INSERT INTO saes (sae_id, model_spec, model_name, model_kwargs, dtype, sae_source, hook_name, hook_kind, "
+        "architecture, d_in, d_sae, context_size, prepend_bos, corpus, n_tokens, n_contexts, hist_edges, built_at) "
+        "VALUES (?, ?, 'tiny', '{}', 'float32', ?, ?, 'hf_module', 'topk', 32, ?, 32, true, 'TINY_TEXT', ?, ?, ?, ?)",
+        [SAE_ID, str(model_dir), SaeSource(kind="folder", path=str(sae_dir)).to_json(), TINY_HOOK, rt.d_sae,
+         n_tok, len(TINY_TEXT), [0.01, 0.1, 1.0, 10.0], datetime.now()],
+    )
+    for i in range(rt.d_sae):
+        col = f[:, i]
+        fire = int((col > 0).sum())
+        dec = rt.sae.W_dec[i].detach()
+        top = torch.topk(wu @ dec, 3).indices.tolist()
+        con.execute(
+            "INSERT INTO features (sae_id, feature, max_act, fire_count, density, mean_act, dead, hist_counts, "
+            "pos_tokens, decoder, decoder_norm, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?)",
+            [SAE_ID, i, float(col.max()), fire, fire / n_tok, float(col[col > 0].mean()) if fire else None,
+             fire == 0, rt.token_strings(top), dec.tolist(), float(dec.norm()), f"feature {i}"],
+        )
+    con.execute("INSERT INTO labels VALUES (?, 3, 'bread and baking', [], '', 'test', now())", [SAE_ID])
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def steer_db(tmp_path_factory, tiny_runtime, tiny_model_dir, tiny_sae_dir) -> Path:
+    return build_db(tmp_path_factory.mktemp("db") / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
+
+
+@pytest.fixture()
+def db_copy(steer_db, tmp_path) -> Path:
+    """A fresh copy per test (the page's Store holds its file open)."""
+    p = tmp_path / "steer.duckdb"
+    p.write_bytes(steer_db.read_bytes())
+    return p
+
+
+def live_feature(path: Path, rank: int = 0) -> int:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return int(con.execute("SELECT feature FROM features WHERE NOT dead ORDER BY max_act DESC").fetchall()[rank][0])
+    finally:
+        con.close()
+
+
+# ---- presets --------------------------------------------------------------------------------------------
+def test_presets_roundtrip(db_copy):
+    store = Store(db_copy)
+    try:
+        cfg = SteeringConfig(prompt="hi", edits=(FeatureEdit(3, "add", 1.5),), positions="generated",
+                             generation=GenerationSettings(max_new_tokens=9, temperature=0.5, seed=3))
+        assert save_preset(store, "  bread boost ", SAE_ID, cfg) == "bread boost"
+        assert load_preset(store, "bread boost") == (SAE_ID, cfg)
+        with pytest.raises(PresetError, match="already exists"):
+            save_preset(store, "bread boost", SAE_ID, cfg)
+        cfg2 = SteeringConfig(prompt="hi", edits=(FeatureEdit(4, "clamp", 0.0),))
+        save_preset(store, "bread boost", SAE_ID, cfg2, overwrite=True)
+        assert load_preset(store, "bread boost")[1] == cfg2
+        assert [p["name"] for p in list_presets(store, SAE_ID)] == ["bread boost"]
+        assert list_presets(store, "other") == []
+        for bad in ["", "   ", "a/b", "x" * 81, "'; DROP TABLE saes; --"]:
+            with pytest.raises(PresetError, match="not allowed"):
+                save_preset(store, bad, SAE_ID, cfg)
+        with pytest.raises(PresetError, match="no steering preset"):
+            load_preset(store, "missing")
+        assert delete_preset(store, "bread boost") and not delete_preset(store, "bread boost")
+    finally:
+        store.close()
+
+
+def test_feature_queries(db_copy):
+    store = Store(db_copy, read_only=True)
+    try:
+        mx = feature_max_acts(store, SAE_ID)
+        assert len(mx) == 64 and max(mx.values()) > 0
+        assert search_features(store, SAE_ID, "3, 5, 999") == [3, 5]
+        assert search_features(store, SAE_ID, "BREAD") == [3]  # by label
+        assert search_features(store, SAE_ID, "") == []
+    finally:
+        store.close()
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="featuredict")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_prints_baseline_and_steered(db_copy, capsys):
+    f = live_feature(db_copy)
+    rc = cli(["steer", "--db", str(db_copy), "--sae", SAE_ID, "--prompt", "Once upon a time",
+              "--feature", f"{f}=add:4", "--max-new-tokens", "8", "--no-chat-template"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "=== baseline ===" in out and f"=== steered: {f}=add:4" in out
+    base = out.split("=== baseline ===\n")[1].split("\n")[0]
+    steered = out.split(f"=== steered: {f}=add:4 (prompt and generated tokens) ===\n")[1].split("\n")[0]
+    assert base != steered
+    assert "activations on the generated tokens" in out
+
+
+def test_cli_saves_and_replays_a_preset(db_copy, capsys):
+    f = live_feature(db_copy, 1)
+    args = ["steer", "--db", str(db_copy), "--prompt", "The river", "--feature", f"{f}=clamp:3",
+            "--max-new-tokens", "6", "--generated-only", "--no-chat-template", "--no-activations"]
+    assert cli([*args, "--save-preset", "river"]) == 0
+    first = capsys.readouterr()
+    assert "saved preset 'river'" in first.err
+    assert cli(["steer", "--db", str(db_copy), "--preset", "river", "--no-activations"]) == 0
+    assert capsys.readouterr().out == first.out
+
+
+@pytest.mark.parametrize(
+    ("extra", "msg"),
+    [
+        (["--feature", "9999=1"], "unknown feature id 9999"),
+        (["--feature", "3=nan"], "not a finite number"),
+        (["--feature", "3=inf"], "not a finite number"),
+        (["--feature", "3=clamp:1e9"], "absurd"),
+        (["--feature", "3=add:1e4"], "absurd"),
+        (["--feature", "3=mul:2"], "unknown mode"),
+        (["--feature", "three=2"], "not an integer"),
+        (["--feature", "3=1", "--prompt", "  "], "prompt is empty"),
+        (["--feature", "3=1", "--prompt", "word " * 300], "longer than the model's context"),
+        (["--feature", "3=1", "--max-new-tokens", "0"], "max new tokens"),
+        (["--feature", "3=1", "--temperature", "abc"], "not a valid number"),
+        (["--feature", "3=1", "--top-p", "1.5"], "top-p"),
+        (["--feature", "3=1", "--sae", "nope"], "no SAE 'nope'"),
+        (["--feature", "3=1", "--preset", "nope"], "no steering preset"),
+        ([], "at least one --feature"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(db_copy, capsys, extra, msg):
+    argv = ["steer", "--db", str(db_copy), "--prompt", "hello", *extra]
+    if "--sae" not in extra:
+        argv += ["--sae", SAE_ID] if "--preset" not in extra else []
+    rc = cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert msg in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_missing_database(tmp_path, capsys):
+    assert cli(["steer", "--db", str(tmp_path / "none.duckdb"), "--feature", "1=1", "--prompt", "x"]) == 2
+    assert "No database" in capsys.readouterr().err
+
+
+# ---- the page -------------------------------------------------------------------------------------------
+@pytest.fixture()
+def app(db_copy, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FEATUREDICT_DB", str(db_copy))
+
+    def make(**params: str) -> AppTest:
+        at = AppTest.from_file(str(PAGE), default_timeout=120)
+        for k, v in params.items():
+            at.query_params[k] = v
+        return at
+
+    return make
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def html_texts(at) -> list[str]:
+    return [m.value for m in at.markdown if "<div" in m.value]
+
+
+def test_page_renders(app):
+    at = app().run()
+    assert not at.exception, at.exception
+    assert not errors(at)
+    assert at.title[0].value == "Steer"
+    assert at.multiselect(key="steer_features").value == []
+
+
+def test_page_preselects_feature_from_url_and_runs(app, db_copy):
+    f = live_feature(db_copy)
+    at = app(sae=SAE_ID, feature=str(f)).run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="steer_features").value == [f]
+    assert at.selectbox(key=f"steer_mode_{f}").value == "add"
+    at.text_area(key="steer_prompt").set_value("Once upon a time")
+    at.checkbox(key="steer_chat").uncheck()
+    at.number_input(key="steer_n").set_value(8)
+    at.button(key="steer_run").click().run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    boxes = html_texts(at)
+    assert len(boxes) == 2
+    res = at.session_state["steer_result"]
+    assert res["baseline"] and res["steered"] and res["baseline"] != res["steered"]
+    import html as _html
+
+    assert _html.escape(res["baseline"]) in boxes[0] and _html.escape(res["steered"]) in boxes[1]
+    assert len(res["acts_before"]) == len(res["steered_tokens"]) > 0
+    assert len(at.dataframe) == 2  # summary + per-token activations
+
+
+def test_page_preselects_a_comma_list(app):
+    at = app(sae=SAE_ID, feature="3,5").run()
+    assert at.multiselect(key="steer_features").value == [3, 5]
+
+
+def test_page_bad_value_shows_error(app, db_copy):
+    f = live_feature(db_copy)
+    at = app(sae=SAE_ID, feature=str(f)).run()
+    at.number_input(key=f"steer_value_{f}").set_value(1e6)
+    at.button(key="steer_run").click().run()
+    assert not at.exception
+    assert any("absurd" in e for e in errors(at)), errors(at)
+    assert "steer_result" not in at.session_state
+    # empty prompt
+    at.number_input(key=f"steer_value_{f}").set_value(1.0)
+    at.text_area(key="steer_prompt").set_value("   ")
+    at.button(key="steer_run").click().run()
+    assert any("prompt is empty" in e for e in errors(at)), errors(at)
+
+
+@pytest.mark.parametrize(("feature", "msg"), [("999", "unknown feature id 999"), ("3=add:nan", "not a finite number"),
+                                              ("3=clamp:1e12", "absurd"), ("x", "not an integer")])
+def test_page_bad_url_shows_error(app, feature, msg):
+    at = app(sae=SAE_ID, feature=feature).run()
+    assert not at.exception, at.exception
+    assert any(msg in e for e in errors(at)), errors(at)
+
+
+def test_page_loads_a_preset_from_the_url(app, db_copy):
+    f = live_feature(db_copy)
+    cfg = SteeringConfig(prompt="She walked to the river", edits=(FeatureEdit(f, "clamp", 2.5),),
+                         positions="generated", chat_template=False, generation=GenerationSettings(max_new_tokens=5))
+    store = Store(db_copy)
+    save_preset(store, "walk", SAE_ID, cfg)
+    store.close()
+    at = app(preset="walk").run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    assert at.text_area(key="steer_prompt").value == cfg.prompt
+    assert at.multiselect(key="steer_features").value == [f]
+    assert at.selectbox(key=f"steer_mode_{f}").value == "clamp"
+    assert at.number_input(key=f"steer_value_{f}").value == 2.5
+    assert at.radio(key="steer_positions").value == "generated"
+    # the share link encodes the same configuration
+    link = [c.value for c in at.code if c.value.startswith("steer?")][0]
+    from urllib.parse import parse_qsl
+
+    params = dict(parse_qsl(link.split("?", 1)[1]))
+    assert SteeringConfig.from_query_params(params) == cfg
+    assert app(preset="missing").run().error[0].value.startswith("Cannot use this link: no steering preset")
+
+
+def test_page_saves_a_preset(app, db_copy):
+    f = live_feature(db_copy)
+    at = app(sae=SAE_ID, feature=f"{f}=clamp:1.5").run()
+    at.text_input(key="steer_preset_name").set_value("from page")
+    at.button(key="steer_preset_save").click().run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    assert any("steer?preset=from+page" in c.value for c in at.code)
+    store = Store(db_copy)  # same process as the page's Store: DuckDB shares the open database
+    try:
+        rows = store.rows("SELECT sae_id, config_json FROM steering_presets WHERE name = 'from page'")
+    finally:
+        store.close()
+    assert rows and rows[0][0] == SAE_ID
+    assert json.loads(rows[0][1])["edits"] == [{"feature": f, "mode": "clamp", "value": 1.5}]
