@@ -258,11 +258,12 @@ class SearchFilters:
     include_dead: bool = False
 
 
-# (column expression, weight) per searchable field; all over lower-cased text.
+# (name, column expression, weight) per searchable field, all over lower-cased text. Curated fields (label,
+# tags) outweigh everything the build extracted (max tokens 4 + logits 2 + context 1 + log1p(count) <= ~10).
 _FIELDS: tuple[tuple[str, str, float], ...] = (
-    ("label", "lower(coalesce(l.label, ''))", 8.0),
-    ("tags", "lower(coalesce(array_to_string(l.tags, ' '), ''))", 6.0),
-    ("notes", "lower(coalesce(l.notes, ''))", 3.0),
+    ("label", "lower(coalesce(l.label, ''))", 12.0),
+    ("tags", "lower(coalesce(array_to_string(l.tags, ' '), ''))", 10.0),
+    ("notes", "lower(coalesce(l.notes, ''))", 4.0),
     ("max_tokens", "lower(coalesce(array_to_string(f.max_tokens, ' '), ''))", 4.0),
     ("logits", "lower(coalesce(array_to_string(f.pos_tokens, ' '), ''))", 2.0),
     ("context", "lower(coalesce(f.search_text, ''))", 1.0),
@@ -290,8 +291,8 @@ def search(
 ) -> pd.DataFrame:
     """Ranked text search over one SAE's features.
 
-    Every term must match at least one field; score = sum over terms of field weights (label 8, tags 6,
-    max tokens 4, notes 3, logit tokens 2, context text 1) + log1p(occurrences in the context text), then
+    Every term must match at least one field; score = sum over terms of field weights (label 12, tags 10,
+    notes 4, max tokens 4, logit tokens 2, context text 1) + log1p(occurrences in the context text), then
     ties by max_act. A query that is just a feature id also returns that feature first.
     A blank query lists features passing the filters by max_act.
 

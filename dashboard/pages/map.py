@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import altair as alt
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
 from dashboard.data import cached_map_points
+from dashboard.mapviz import plot_frame, scatter
 from db import queries as q
 
 store = get_store()
@@ -25,46 +25,6 @@ if pts.empty:
 colour = st.radio("Colour by", ["density", "tag", "label"], horizontal=True, key="map_colour",
                   help="density: log10 of the fraction of tokens a feature fires on; tag: first tag; "
                        "label: labelled vs not (the most common labels by name)")
-
-
-def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Color]:
-    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output."""
-    out = df[["feature", "x", "y", "log10_density"]].copy()
-    out["label"] = df["label"].fillna("")
-    out["top_tokens"] = df["top_tokens"].fillna("")
-    if colour_by == "tag":
-        out["tag"] = df["tag"].fillna("(none)").astype("category")
-        enc = alt.Color("tag:N", title="tag", scale=alt.Scale(scheme="tableau20"),
-                        sort=alt.EncodingSortField("tag"))
-    elif colour_by == "label":
-        lab = df["label"].fillna("")
-        common = lab[lab != ""].value_counts().head(12).index
-        out["label_group"] = np.where(lab == "", "(unlabelled)",
-                                      np.where(lab.isin(common), lab, "(other label)"))
-        out["label_group"] = out["label_group"].astype("category")
-        enc = alt.Color("label_group:N", title="label", scale=alt.Scale(scheme="tableau20"))
-    else:
-        enc = alt.Color("log10_density:Q", title="log10 density", scale=alt.Scale(scheme="viridis"))
-    return out, enc
-
-
-def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: str) -> alt.Chart:
-    """A point-selectable scatter: clicking selects one feature (selection parameter ``name``)."""
-    pick = alt.selection_point(name=name, fields=["feature"], on="click", toggle=False)
-    return (
-        alt.Chart(df)
-        .mark_circle(size=size, opacity=0.75)
-        .encode(
-            x=alt.X("x:Q", axis=None),
-            y=alt.Y("y:Q", axis=None),
-            color=enc,
-            tooltip=[alt.Tooltip("feature:Q", title="feature"), alt.Tooltip("label:N", title="label"),
-                     alt.Tooltip("top_tokens:N", title="top tokens"),
-                     alt.Tooltip("log10_density:Q", title="log10 density", format=".2f")],
-        )
-        .add_params(pick)
-        .properties(height=height)
-    )
 
 
 def handle_pick(event: object, name: str) -> None:

@@ -1,0 +1,148 @@
+"""Pure dashboard helpers: concept scoring, HTML rendering (escaping), prompt runs on the tiny model,
+map chart payload size, serve command line."""
+
+from __future__ import annotations
+
+import argparse
+import html
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dashboard import concept, mapviz, prompt, render, serve
+
+D = 6  # features in the toy concept problems
+
+
+def acts(n_pos: int, fire: dict[int, float]) -> np.ndarray:
+    """``[n_pos, D]`` activations with ``fire[f]`` on every token for the given features."""
+    a = np.zeros((n_pos, D))
+    for f, v in fire.items():
+        a[:, f] = v
+    return a
+
+
+def test_concept_prefers_feature_specific_to_examples():
+    # f0: fires only on examples; f1: fires everywhere equally; f2: only on counter-examples;
+    # f3: on examples but also strongly on counter-examples; f4: on one of three examples.
+    ex = [acts(5, {0: 2.0, 1: 1.0, 3: 1.0}), acts(7, {0: 1.5, 1: 1.0, 3: 1.0, 4: 3.0}), acts(4, {0: 1.0, 1: 1.0, 3: 1.0})]
+    ce = [acts(6, {1: 1.0, 2: 2.0, 3: 1.0}), acts(5, {1: 1.0, 3: 0.9})]
+    base = dict(density=np.full(D, 0.01), mean_act=np.ones(D), max_act=np.full(D, 2.0))
+    df = concept.concept_scores(ex, ce, **base)
+    assert df["feature"].iloc[0] == 0
+    assert set(df["feature"]) <= {0, 4}  # f1/f3 (no lift or fire on counters) and f2 score <= 0
+    row0 = df.iloc[0]
+    assert row0["coverage"] == 1.0 and row0["neg_coverage"] == 0.0
+    assert df.loc[df["feature"] == 4, "coverage"].iloc[0] == pytest.approx(1 / 3)
+
+
+def test_concept_corpus_baseline_penalises_dense_features():
+    # Both f0 and f1 fire on every example token with the same normalised strength,
+    # but f1 is dense in the corpus (density 0.5) and f0 is rare (1e-4).
+    ex = [acts(10, {0: 1.0, 1: 1.0})]
+    density = np.array([1e-4, 0.5, 0, 0, 0, 0])
+    df = concept.concept_scores(ex, None, density=density, mean_act=np.ones(D), max_act=np.ones(D))
+    assert df["feature"].tolist()[:2] == [0, 1]
+    assert df["score"].iloc[0] > 5 * df["score"].iloc[1]
+    assert df["neg_coverage"].isna().all()
+
+
+def test_concept_normalises_by_feature_max():
+    # f0 fires at 1.0 of a max of 1 (saturated); f1 fires at 1.0 of a max of 100 (barely): f0 must win.
+    ex = [acts(3, {0: 1.0, 1: 1.0})]
+    df = concept.concept_scores(ex, None, density=np.full(D, 1e-3), mean_act=np.full(D, 0.5),
+                                max_act=np.array([1.0, 100.0, 1, 1, 1, 1]))
+    assert df["feature"].iloc[0] == 0
+
+
+def test_concept_input_checks():
+    with pytest.raises(ValueError):
+        concept.concept_scores([], None, np.zeros(D), np.zeros(D), np.zeros(D))
+    with pytest.raises(ValueError):
+        concept.concept_scores([acts(2, {})], None, np.zeros(D + 1), np.zeros(D), np.zeros(D))
+    assert concept.concept_scores([acts(2, {})], None, np.zeros(D), np.zeros(D), np.zeros(D)).empty
+
+
+def test_split_texts():
+    assert concept.split_texts("a\nb\n\n") == ["a", "b"]
+    assert concept.split_texts("one line\nsame text\n\nsecond") == ["one line\nsame text", "second"]
+    assert concept.split_texts("  ") == []
+
+
+def test_context_html_escapes_and_highlights():
+    toks = ["<s>", " a", "<script>alert(1)</script>", '" onmouseover="x', "\n"]
+    a = [0.0, 0.5, 2.0, 1.0, 0.0]
+    out = render.context_html(toks, a, scale=2.0, max_pos=2)
+    assert "<script>" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out
+    assert '" onmouseover' not in out and "&quot; onmouseover=&quot;x" in out
+    assert "rgba(255,140,0,1.000)" in out and "rgba(255,140,0,0.250)" in out
+    assert 'title="&#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27;  act 2.000"' in out
+    assert "↵" in out and "&lt;s&gt;" not in out  # BOS skipped, newline visible
+    with pytest.raises(ValueError):
+        render.context_html(["a"], [1.0, 2.0], 1.0)
+
+
+def test_context_window():
+    toks = [f" t{i}" for i in range(40)]
+    out = render.context_html(toks, np.ones(40), 1.0, max_pos=20, window=(3, 2), skip_first=False)
+    assert out.count("<span style=\"background") == 6 and " t17" in out and " t16" not in out
+    assert out.count("…") == 2
+
+
+def test_prompt_run_and_tables(tiny_runtime):
+    res = prompt.run_prompt(tiny_runtime, "The cat sat on the mat. The cat ran.")
+    assert res.tokens[0] == tiny_runtime.tokenizer.decode([tiny_runtime.tokenizer.bos_token_id])
+    assert not res.valid[0] and res.valid[1:].all()
+    assert (res.pos > 0).all()  # BOS zeroed
+    dense = tiny_runtime.feature_acts(tiny_runtime.tokenize("The cat sat on the mat. The cat ran."))[0].numpy()
+    whole = prompt.whole_text_features(res, max_act=np.ones(res.d_sae), rank_by="max", top=100)
+    assert whole["max_here"].iloc[0] == pytest.approx(dense.max(), rel=1e-5)
+    f = int(whole["feature"].iloc[0])
+    assert np.allclose(prompt.feature_over_tokens(res, f), dense[:, f], atol=1e-6)
+    per = prompt.token_features(res, 2, top=100)
+    assert per["act"].tolist() == sorted(per["act"], reverse=True)
+    assert set(per["feature"]) == set(np.flatnonzero(dense[2]))
+    assert prompt.dense_valid_acts(tiny_runtime, "The cat sat.").shape[1] == res.d_sae
+
+
+def test_map_chart_carries_all_65536_points():
+    n = 65536
+    rng = np.random.default_rng(0)
+    pts = pd.DataFrame({
+        "feature": np.arange(n, dtype=np.int32), "x": rng.normal(size=n).astype(np.float32),
+        "y": rng.normal(size=n).astype(np.float32), "log10_density": rng.uniform(-6, -1, n).astype(np.float32),
+        "label": [None] * n, "tag": [None] * n, "top_tokens": ["a · b"] * n,
+    })
+    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
+
+    for colour in ("density", "tag", "label"):
+        frame, enc = mapviz.plot_frame(pts, colour)
+        spec = _convert_altair_to_vega_lite_spec(mapviz.scatter(frame, enc, 6, 600, "pick"))
+        (payload,) = spec["datasets"].values()
+        import pyarrow as pa
+
+        assert pa.ipc.open_stream(payload).read_all().num_rows == n
+        assert len(payload) < 64 * n  # compact: < 64 bytes a point
+    # and outside Streamlit, with altair's own guard lifted as app.py does
+    import altair as alt
+
+    alt.data_transformers.disable_max_rows()
+    frame, enc = mapviz.plot_frame(pts, "density")
+    assert len(mapviz.scatter(frame, enc, 6, 600, "pick").to_dict()["datasets"].popitem()[1]) == n
+
+
+def test_serve_argv(tmp_path):
+    ap = argparse.ArgumentParser()
+    serve.register(ap.add_subparsers(dest="cmd"))
+    db = tmp_path / "x.duckdb"
+    args = ap.parse_args(["serve", "--db", str(db), "--port", "8600", "--headless"])
+    assert args.func is serve.run
+    argv = serve.streamlit_argv(args)
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("dashboard/app.py")
+    assert argv[-3:] == ["--", "--db", str(db.resolve())] and "8600" in argv
+    assert serve.run(args) == 2  # missing file: message, no exec
+
+
+def test_escape_text():
+    assert render.escape_text(None) == "" and render.escape_text("<b>") == html.escape("<b>")
