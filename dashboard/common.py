@@ -66,15 +66,19 @@ def ensure_navigation() -> None:
     Because ``dashboard/pages/`` exists next to app.py, Streamlit starts every process (and every AppTest
     run) in its legacy "pages directory" mode until some script calls ``st.navigation``; in that mode a
     first request for ``/feature`` would run the page file directly, bypassing app.py (layout, error
-    guard). Leave that mode and rerun through app.py.
+    guard). Leave that mode and run app.py in place (which runs this page again under st.navigation), then
+    end the legacy run. Not a rerun: that would drop this run's button clicks and form submits.
     """
     try:
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # pragma: no cover - internal module moved
         return
     if PagesManager.uses_pages_directory:
+        import runpy
+
         PagesManager.uses_pages_directory = False
-        st.rerun()
+        runpy.run_path(str(DASHBOARD_DIR / "app.py"), run_name="__main__")
+        st.stop()
 
 
 def get_store() -> Store:

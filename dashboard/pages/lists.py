@@ -3,12 +3,10 @@ members with labels, add / remove / rename / delete, and export to CSV or JSON."
 
 from __future__ import annotations
 
-import json
-
-import pandas as pd
 import streamlit as st
 
 from dashboard.common import get_store, pick_sae, qp_str, set_param, show_error, sync_widget, url
+from dashboard.export import as_list, export_list
 from db import queries as q
 from db import writes
 
@@ -19,20 +17,6 @@ st.title("Saved lists")
 flash = st.session_state.pop("_lists_flash", None)
 if flash:
     st.success(flash)
-
-
-def export_frames(members: pd.DataFrame, name: str) -> tuple[str, str]:
-    """(CSV text, JSON text) of a list's members: list_name, sae_id, feature, label, tags, note, added_at,
-    density, max_act, top_tokens."""
-    out = members.copy()
-    out.insert(0, "list_name", name)
-    out["tags"] = [list(t) if t is not None and not (isinstance(t, float)) else [] for t in out["tags"]]
-    out["added_at"] = pd.to_datetime(out["added_at"]).dt.strftime("%Y-%m-%dT%H:%M:%S")
-    cols = ["list_name", "sae_id", "feature", "label", "tags", "note", "added_at", "density", "max_act", "top_tokens"]
-    out = out[cols]
-    csv_df = out.assign(tags=[";".join(t) for t in out["tags"]])
-    records = json.loads(out.to_json(orient="records"))
-    return csv_df.to_csv(index=False), json.dumps({"list_name": name, "features": records}, indent=2)
 
 
 lists = q.list_names(store)
@@ -76,7 +60,7 @@ if not other.empty:
 
 view = members.copy()
 view.insert(0, "open", [url("feature", sae=s, feature=int(f)) for s, f in zip(view["sae_id"], view["feature"], strict=True)])
-view["tags"] = [", ".join(t) if t is not None and not isinstance(t, float) else "" for t in view["tags"]]
+view["tags"] = [", ".join(as_list(t)) for t in view["tags"]]
 st.dataframe(
     view[["open", "sae_id", "feature", "label", "tags", "note", "density", "max_act", "top_tokens", "added_at"]],
     hide_index=True, width="stretch",
@@ -89,7 +73,7 @@ st.dataframe(
     },
 )
 
-csv_text, json_text = export_frames(members, name)
+csv_text, json_text = export_list(members, name)
 d1, d2, _ = st.columns([1, 1, 4])
 safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "list"
 d1.download_button("Export CSV", csv_text, file_name=f"{safe}.csv", mime="text/csv", key="dl_csv")

@@ -1,0 +1,27 @@
+"""Export of a saved list to CSV and JSON (pure pandas)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+
+def as_list(v: object) -> list:
+    """A DuckDB list cell (list / ndarray / NULL as None, NaN or pd.NA) as a Python list."""
+    return list(v) if isinstance(v, list | tuple | np.ndarray) else []
+
+
+def export_list(members: pd.DataFrame, name: str) -> tuple[str, str]:
+    """(CSV text, JSON text) of a list's members: list_name, sae_id, feature, label, tags, note, added_at,
+    density, max_act, top_tokens."""
+    out = members.copy()
+    out.insert(0, "list_name", name)
+    out["tags"] = [as_list(t) for t in out["tags"]]
+    out["added_at"] = pd.to_datetime(out["added_at"]).dt.strftime("%Y-%m-%dT%H:%M:%S")
+    cols = ["list_name", "sae_id", "feature", "label", "tags", "note", "added_at", "density", "max_act", "top_tokens"]
+    out = out[cols]
+    csv_df = out.assign(tags=[";".join(t) for t in out["tags"]])
+    records = json.loads(out.to_json(orient="records"))
+    return csv_df.to_csv(index=False), json.dumps({"list_name": name, "features": records}, indent=2)

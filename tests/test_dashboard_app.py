@@ -1,0 +1,422 @@
+"""Streamlit AppTests of every dashboard page, run through dashboard/app.py (st.navigation), with the database
+passed as $FEATUREDICT_DB and the view as query parameters. Databases are SYNTHETIC (bench/synth_db.py) unless
+noted; prompt/concept search use a database whose SAE row reloads the real tiny test model + SAE, and the
+``tiny_db`` tests use the lead's pipeline-built database when conftest.py provides it."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+
+import dashboard_fixtures as fx
+import duckdb
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard.common import steer_available
+from dashboard.export import export_list
+from db import queries as q
+from db import writes
+from db.store import Store
+
+SAE_ID = fx.SAE_ID
+synth_db_master, synth_db, big_map_db, model_db_master = (
+    fx.synth_db_master, fx.synth_db, fx.big_map_db, fx.model_db_master)
+
+
+def open_app(monkeypatch, db, page: str | None = None, **params: str) -> AppTest:
+    """Run app.py on ``db``; then (optionally) switch to ``pages/<page>.py`` with query ``params``."""
+    monkeypatch.setenv("FEATUREDICT_DB", str(db))
+    at = AppTest.from_file(fx.APP, default_timeout=90)
+    at.run()
+    if page:
+        for k, v in params.items():
+            at.query_params[k] = v
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No uncaught exception (traceback) on the page."""
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def htmls(at: AppTest) -> str:
+    return "\n".join(h.value for h in at.get("html"))
+
+
+def texts(at: AppTest) -> str:
+    """All markdown / caption / title / error text of the page."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [t.value for t in at.title]
+    parts += [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
+    return "\n".join(parts)
+
+
+def frame(at: AppTest, key: str):
+    """The dataframe shown under widget ``key`` (dataframes with on_select carry their key in the id)."""
+    for d in at.dataframe:
+        if key in (d.proto.id or ""):
+            return d.value
+    raise AssertionError(f"no dataframe {key!r}")
+
+
+def widget(items, label: str):
+    for w in items:
+        if w.label == label:
+            return w
+    raise AssertionError(f"no widget labelled {label!r}: {[w.label for w in items]}")
+
+
+@pytest.fixture
+def model_db(model_db_master, tmp_path):
+    return fx.copy_db(model_db_master, tmp_path / "model.duckdb")
+
+
+# ---------------------------------------------------------------------------------------------- overview
+
+def test_overview(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db)
+    assert_clean(at)
+    assert at.title[0].value == "featuredict"
+    table = at.dataframe[0].value
+    assert table["SAE"].tolist() == [SAE_ID] and int(table["d_sae"].iloc[0]) == 300
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Features (d_sae)"] == "300"
+    assert len(at.get("vega_lite_chart")) == 1  # the log-density histogram
+    n_dead = Store(synth_db).rows("SELECT count(*) FROM features WHERE dead")[0][0]
+    assert f"{n_dead:,} dead" in at.get("vega_lite_chart")[0].proto.spec
+
+
+# ----------------------------------------------------------------------------------------------- feature
+
+def test_feature_page_content(monkeypatch, synth_db):
+    s = Store(synth_db)
+    top = q.examples(s, SAE_ID, 5, "top")
+    f = q.feature(s, SAE_ID, 5)
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="5")
+    assert_clean(at)
+    assert at.title[0].value == "Feature 5"
+    body = htmls(at)
+    tok = top["tokens"].iloc[0][int(top["max_pos"].iloc[0])]
+    assert html.escape(tok) in body  # the top context's max token, highlighted
+    assert f"act {float(top['acts'].iloc[0][int(top['max_pos'].iloc[0])]):.3f}" in body  # hover title
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Max activation"] == f"{f['max_act']:.3f}"
+    assert [e.label for e in at.expander if e.label.startswith("Band")], "interval bands"
+    links = [p.value for p in at.get("page_link")]
+    assert any(lab.startswith(f"#{f['neighbours'][0]} · cos") for lab in links)
+    assert ("Steer with this feature" in links) == steer_available()
+    assert "Neighbourhood on the map" in links
+    assert len(at.get("vega_lite_chart")) == 2  # activation histogram + place on the map
+    promoted = at.dataframe[0].value
+    assert promoted["token"].tolist()[:3] == [t for t in f["pos_tokens"][:3]]
+
+
+def test_feature_page_escapes_corpus_and_labels(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature=str(fx.HOSTILE_FEATURE))
+    assert_clean(at)
+    body = htmls(at)
+    assert html.escape(fx.HOSTILE_SCRIPT) in body and html.escape(fx.HOSTILE_IMG) in body
+    assert "<script" not in body and "<img" not in body
+    shown = texts(at)
+    assert "<script" not in shown and "<img" not in shown
+    assert html.escape(fx.HOSTILE_SCRIPT) in shown  # the label, shown as text
+    lab = widget(at.text_input, "Label")
+    assert lab.value == f"evil {fx.HOSTILE_SCRIPT}"  # the editor holds the raw text (a text box, not HTML)
+
+
+def test_feature_label_editor_persists(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="8")
+    widget(at.text_input, "Label").set_value("bakery words")
+    widget(at.multiselect, "Tags").set_value(["food", "bio"])
+    widget(at.text_area, "Notes").set_value("fires on bread")
+    widget(at.text_input, "Your name (optional)").set_value("tester")
+    widget(at.button, "Save label").click()
+    at.run()
+    assert_clean(at)
+    row = q.label(Store(synth_db), SAE_ID, 8)
+    assert row["label"] == "bakery words" and row["tags"] == ["food", "bio"] and row["notes"] == "fires on bread"
+    assert row["author"] == "tester"
+    assert "Saved the label of feature 8." in [s.value for s in at.success]
+    assert any("bakery words" in m.value for m in at.markdown)
+
+
+def test_feature_add_to_list(monkeypatch, synth_db):
+    writes.add_to_list(Store(synth_db), "bio", SAE_ID, 100)  # AppTest cannot type a new option; pick a list
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="9")
+    widget(at.selectbox, "Add to list").set_value("bio")
+    widget(at.button, "Add to list").click()
+    at.run()
+    assert_clean(at)
+    assert q.lists_of_feature(Store(synth_db), SAE_ID, 9) == ["bio"]
+    assert any("Added feature 9 to list 'bio'" in s.value for s in at.success)
+
+
+def test_feature_navigation_and_bad_ids(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="99999")
+    assert_clean(at)
+    assert "Feature 99999 is not in SAE" in at.error[0].value
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="abc")
+    assert_clean(at)
+    assert "not a feature id" in at.error[0].value
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="10")
+    widget(at.button, "next ▶").click()
+    at.run()
+    assert at.title[0].value == "Feature 11" and at.query_params["feature"] == "11"
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+def test_search_finds_feature_by_context_word(monkeypatch, synth_db):
+    s = Store(synth_db)
+    word = min((t.strip() for t in q.feature(s, SAE_ID, 7)["max_tokens"]),
+               key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0])
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query=word)
+    assert_clean(at)
+    res = frame(at, "search_results")
+    assert 7 in res["feature"].tolist()
+    assert res.loc[res["feature"] == 7, "open"].iloc[0] == f"feature?sae={SAE_ID}&feature=7"
+    # typing a new query updates the URL (shareable)
+    widget(at.text_input, "Search features").set_value("#42").run()
+    assert frame(at, "search_results")["feature"].iloc[0] == 42
+    assert at.query_params["query"] == "#42"
+
+
+def test_search_filters(monkeypatch, synth_db):
+    writes.update_label(Store(synth_db), SAE_ID, 3, label="tagged one", add_tags=["deception"])
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID)
+    assert_clean(at)
+    widget(at.selectbox, "Tag").set_value("deception").run()
+    res = frame(at, "search_results")
+    assert res["feature"].tolist() == [3]
+    widget(at.radio, "Labels").set_value("unlabelled").run()
+    assert "No feature matches" in texts(at)
+
+
+def test_search_sql_injection_and_hostile_text(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query="'; DROP TABLE features; --")
+    assert_clean(at)
+    assert not at.error
+    assert Store(synth_db).rows("SELECT count(*) FROM features")[0][0] == 300
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query="<script>alert(1)")
+    assert_clean(at)
+    res = frame(at, "search_results")
+    assert res["feature"].iloc[0] == fx.HOSTILE_FEATURE  # shown in a data grid: text, never HTML
+    assert "<script" not in htmls(at)
+
+
+def test_search_by_prompt_without_loadable_model(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, mode="prompt", query="hello world")
+    assert_clean(at)
+    assert at.error and "Could not run the model of SAE" in at.error[0].value
+
+
+def test_search_by_prompt_runs_model(monkeypatch, model_db):
+    text = "The assistant said it would never lie to the user."
+    at = open_app(monkeypatch, model_db, "search", sae=SAE_ID, mode="prompt", query=text)
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    whole = frame(at, "prompt_whole")
+    assert len(whole) > 0 and whole["max_here"].is_monotonic_decreasing
+    shown = html.unescape(re.sub(r"<[^>]+>", "", htmls(at)))
+    assert "would never lie to the user" in shown  # the text, highlighted by the top feature
+    pills = at.get("button_group")[0]
+    assert "".join(pills.options).startswith("The assistant said")  # one pill per token (BOS skipped)
+    pills.set_value(pills.options and 3).run()  # position 3 (options are positions, shown as tokens)
+    assert_clean(at)
+    per = frame(at, "prompt_token_table")
+    assert len(per) > 0 and per["act"].is_monotonic_decreasing
+
+
+def test_search_by_concept(monkeypatch, model_db):
+    at = open_app(monkeypatch, model_db, "search", sae=SAE_ID, mode="concept")
+    widget(at.text_area, "Examples of the concept (blank line between texts, or one per line)").set_value(
+        "Never share your password with anyone.\nSend your bank login to verify your account urgently.")
+    widget(at.text_area, "Counter-examples (optional)").set_value("The cat played in the garden.")
+    widget(at.button, "Find features").click()
+    at.run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    res = frame(at, "concept_results")
+    assert len(res) > 0 and res["score"].is_monotonic_decreasing and (res["score"] > 0).all()
+
+
+# --------------------------------------------------------------------------------------------------- map
+
+def chart_rows(chart) -> list[int]:
+    return [pa.ipc.open_stream(d.data.data).read_all().num_rows for d in chart.proto.datasets]
+
+
+def test_map_draws_65536_features(monkeypatch, big_map_db, tmp_path):
+    db = fx.copy_db(big_map_db, tmp_path / "big.duckdb")
+    at = open_app(monkeypatch, db, "map", sae=SAE_ID, feature="123")
+    assert_clean(at)
+    charts = at.get("vega_lite_chart")
+    assert chart_rows(charts[0]) == [65536]
+    assert '"pick"' in charts[0].proto.spec and "top_tokens" in charts[0].proto.spec  # selection + tooltips
+    near = chart_rows(charts[1])
+    assert near[0] == 300
+    widget(at.radio, "Colour by").set_value("tag").run()
+    assert_clean(at)
+    assert chart_rows(at.get("vega_lite_chart")[0]) == [65536]
+    assert '"tag"' in at.get("vega_lite_chart")[0].proto.spec
+
+
+# ------------------------------------------------------------------------------------------------- lists
+
+def test_lists_page(monkeypatch, synth_db):
+    s = Store(synth_db)
+    writes.add_to_list(s, "deception", SAE_ID, [4, 2], note="check")
+    at = open_app(monkeypatch, synth_db, "lists", sae=SAE_ID, list="deception")
+    assert_clean(at)
+    shown = at.dataframe[0].value
+    assert shown["feature"].tolist() == [2, 4]  # same transaction: same added_at, then by id
+    assert [b.label for b in at.get("download_button")] == ["Export CSV", "Export JSON"]
+    csv_text, json_text = export_list(q.list_members(s, "deception"), "deception")
+    assert csv_text.splitlines()[0].startswith("list_name,sae_id,feature,label,tags,note")
+    import json
+
+    data = json.loads(json_text)
+    assert [r["feature"] for r in data["features"]] == [2, 4] and data["features"][0]["note"] == "check"
+    widget(at.text_input, "Add feature ids of SAE synthetic").set_value("7, 8")
+    widget(at.button, "Add").click()
+    at.run()
+    assert_clean(at)
+    assert q.list_members(s, "deception")["feature"].tolist() == [2, 4, 7, 8]
+
+
+def test_lists_empty(monkeypatch, synth_db):
+    Store(synth_db).write(lambda c: c.execute("DELETE FROM lists"))
+    at = open_app(monkeypatch, synth_db, "lists", sae=SAE_ID)
+    assert_clean(at)
+    assert "No saved lists yet" in texts(at)
+
+
+# --------------------------------------------------------------------------------------- broken databases
+
+@pytest.mark.parametrize("page", [None, "feature", "search", "map", "lists"])
+def test_missing_database_message(monkeypatch, tmp_path, page):
+    at = open_app(monkeypatch, tmp_path / "nope.duckdb", page, feature="1")
+    assert_clean(at)
+    assert "No database at" in at.error[0].value
+
+
+def test_bad_database_messages(monkeypatch, tmp_path):
+    empty = tmp_path / "empty.duckdb"
+    empty.write_bytes(b"")
+    at = open_app(monkeypatch, empty)
+    assert_clean(at)
+    assert "is empty" in at.error[0].value
+
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE t (x INTEGER)")
+    con.close()
+    at = open_app(monkeypatch, other)
+    assert_clean(at)
+    assert "not a featuredict database" in at.error[0].value
+
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(b"this is not a duckdb file at all" * 100)
+    at = open_app(monkeypatch, garbage)
+    assert_clean(at)
+    assert at.error and "garbage.duckdb" in at.error[0].value
+
+
+def test_wrong_version_message(monkeypatch, synth_db):
+    con = duckdb.connect(str(synth_db))
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    at = open_app(monkeypatch, synth_db, "feature", feature="1")
+    assert_clean(at)
+    assert "schema version 99" in at.error[0].value
+
+
+def test_locked_database_message(monkeypatch, tmp_path, synth_db_master):
+    db = fx.copy_db(synth_db_master, tmp_path / "locked.duckdb")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ok', flush=True); "
+         "time.sleep(60)", str(db)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        at = open_app(monkeypatch, db, "search", query="x")
+        assert_clean(at)
+        assert "locked" in at.error[0].value
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_database_without_sae(monkeypatch, tmp_path):
+    from db.schema import create_schema
+
+    p = tmp_path / "nosae.duckdb"
+    con = duckdb.connect(str(p))
+    create_schema(con)
+    con.close()
+    at = open_app(monkeypatch, p, "feature", feature="1")
+    assert_clean(at)
+    assert "holds no SAE" in at.warning[0].value
+
+
+def test_page_failure_is_one_line_not_traceback(monkeypatch, synth_db):
+    con = duckdb.connect(str(synth_db))
+    con.execute("DROP TABLE examples")
+    con.close()
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="3")
+    assert_clean(at)
+    assert any("Could not load top contexts" in e.value for e in at.error)
+    con = duckdb.connect(str(synth_db))
+    con.execute("DROP TABLE features")
+    con.close()
+    monkeypatch.setenv("FEATUREDICT_DB", str(synth_db))
+    at = open_app(monkeypatch, synth_db)  # overview queries features: the app-level guard catches it
+    assert_clean(at)
+    assert any("page failed" in e.value for e in at.error)
+
+
+# ------------------------------------------------------------------------------ the pipeline-built database
+
+@pytest.fixture
+def real_db(request, tmp_path):
+    try:
+        src = request.getfixturevalue("tiny_db")
+    except pytest.FixtureLookupError:
+        pytest.skip("conftest.py has no tiny_db fixture yet (pipeline-built database)")
+    return fx.copy_db(src, tmp_path / "real.duckdb")
+
+
+def test_real_db_pages(monkeypatch, real_db):
+    s = Store(real_db)
+    sae_id = s.rows("SELECT sae_id FROM saes")[0][0]
+    fid = s.rows("SELECT feature FROM features WHERE NOT dead ORDER BY fire_count DESC LIMIT 1")[0][0]
+    top = q.examples(s, sae_id, fid, "top")
+    at = open_app(monkeypatch, real_db)
+    assert_clean(at)
+    assert not at.error
+    at = open_app(monkeypatch, real_db, "feature", sae=sae_id, feature=str(fid))
+    assert_clean(at)
+    assert at.title[0].value == f"Feature {fid}"
+    if not top.empty:
+        assert html.escape(top["tokens"].iloc[0][int(top["max_pos"].iloc[0])]) in htmls(at)
+    word = next((t.strip() for t in (q.feature(s, sae_id, fid)["max_tokens"] or []) if t.strip().isalpha()), None)
+    if word:
+        at = open_app(monkeypatch, real_db, "search", sae=sae_id, query=word)
+        assert_clean(at)
+        assert fid in frame(at, "search_results")["feature"].tolist()
+    at = open_app(monkeypatch, real_db, "search", sae=sae_id, mode="prompt",
+                  query="Once upon a time there was a little cat.")
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert len(frame(at, "prompt_whole")) > 0
+    at = open_app(monkeypatch, real_db, "map", sae=sae_id, feature=str(fid))
+    assert_clean(at)
+    at = open_app(monkeypatch, real_db, "lists", sae=sae_id)
+    assert_clean(at)
+
