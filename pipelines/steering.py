@@ -47,7 +47,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -333,25 +333,87 @@ def check_steerable(sae: Any) -> None:
         raise SteeringInputError("steering supports SAEs on [batch, pos, d_in] activations (not hook_z reshaping)")
 
 
-@dataclass
+def fast_encoder(sae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sae.encode``, or for a plain sae-lens ``TopKSAE`` the same tensor operations inlined.
+
+    The inline path runs exactly sae-lens' ``TopKSAE.encode`` (``process_sae_in`` without runtime
+    normalisation, ``@ W_enc + b_enc``, ``* ||W_dec||`` when rescaling, ``TopK``) minus its Python overhead
+    (hook points, per-call decoder norms), so the result is bitwise identical (tested); it is used only when
+    the SAE has no runtime normalisation, no reshaping and no hooks on its hook points, else ``sae.encode``.
+    """
+    try:
+        from sae_lens.saes.topk_sae import TopK, TopKSAE
+    except ImportError:  # pragma: no cover - sae-lens layout changed
+        return sae.encode
+    act = getattr(sae, "activation_fn", None)
+    plain = (
+        type(sae) is TopKSAE
+        and isinstance(act, TopK)
+        and not act.use_sparse_activations
+        and getattr(sae.cfg, "normalize_activations", "none") not in NORM_SCALED
+        and getattr(sae.cfg, "reshape_activations", "none") in (None, "none")
+        and not getattr(sae, "hook_z_reshaping_mode", False)
+        and not any(
+            getattr(sae, hp)._forward_hooks or getattr(sae, hp)._forward_pre_hooks
+            for hp in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post")
+        )
+    )
+    if not plain:
+        return sae.encode
+    with torch.no_grad():
+        w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        bias = (sae.b_dec * sae.cfg.apply_b_dec_to_input).detach()
+        norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
+    k, dtype = int(act.k), sae.dtype
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        h = (x.to(dtype) - bias) @ w_enc + b_enc
+        if norms is not None:
+            h = h * norms
+        values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
+        return torch.zeros_like(h).scatter_(-1, idx, values.relu())
+
+    return encode
+
+
+@dataclass(frozen=True)
 class EditPlan:
-    """Resolved edits as tensors on the SAE's device.
+    """Resolved edits as tensors on the SAE's device (use ``dataclasses.replace`` to change a field).
 
     features:   ``[n]`` long, feature ids
     is_clamp:   ``[n]`` bool, clamp (True) or add (False)
     values:     broadcastable to ``[..., n]``: clamp target ``v`` (activation units) or, for add, the
                 activation increment ``a * max_act`` (already multiplied)
     directions: ``[n, d_in]`` effective decoder rows ``D[features]`` (see ``decoder_directions``)
+
+    Derived once: ``clamp_pos`` (indices into ``features`` of the clamps, ``[n_clamp]``), ``clamp_values``
+    (``[..., n_clamp]``), ``clamp_dirs`` (``[n_clamp, d_in]``) and ``add_delta`` (``[..., d_in]``, the summed
+    add edits ``Σ values_j D_j`` before the output scale; None without adds).
     """
 
     features: torch.Tensor
     is_clamp: torch.Tensor
     values: torch.Tensor
     directions: torch.Tensor
+    clamp_pos: torch.Tensor = field(init=False)
+    clamp_values: torch.Tensor = field(init=False)
+    clamp_dirs: torch.Tensor = field(init=False)
+    add_delta: torch.Tensor | None = field(init=False)
+    all_clamp: bool = field(init=False)
+    needs_encode: bool = field(init=False)
 
-    @property
-    def needs_encode(self) -> bool:
-        return bool(self.is_clamp.any())
+    def __post_init__(self) -> None:
+        n = int(self.features.numel())
+        vals = self.values.expand(*self.values.shape[:-1], n) if self.values.dim() else self.values.expand(n)
+        cpos = self.is_clamp.nonzero().flatten()
+        apos = (~self.is_clamp).nonzero().flatten()
+        sets = object.__setattr__
+        sets(self, "clamp_pos", cpos)
+        sets(self, "all_clamp", bool(cpos.numel() == n))
+        sets(self, "needs_encode", bool(cpos.numel() > 0))
+        sets(self, "clamp_values", vals if self.all_clamp else vals[..., cpos])
+        sets(self, "clamp_dirs", self.directions if self.all_clamp else self.directions[cpos])
+        sets(self, "add_delta", vals[..., apos] @ self.directions[apos] if apos.numel() else None)
 
     @classmethod
     def build(cls, sae: Any, edits: tuple[FeatureEdit, ...] | list[FeatureEdit],
@@ -367,12 +429,13 @@ class EditPlan:
                 vals.append(float(e.value) * float(max_acts[e.feature]))
             else:
                 vals.append(float(e.value))
-        return cls(
-            features=feats,
-            is_clamp=torch.tensor([e.mode == "clamp" for e in edits], dtype=torch.bool, device=dev),
-            values=torch.tensor(vals, dtype=dt, device=dev),
-            directions=decoder_directions(sae, feats) if len(edits) else sae.W_dec[:0],
-        )
+        with torch.no_grad():
+            return cls(
+                features=feats,
+                is_clamp=torch.tensor([e.mode == "clamp" for e in edits], dtype=torch.bool, device=dev),
+                values=torch.tensor(vals, dtype=dt, device=dev),
+                directions=decoder_directions(sae, feats).detach() if len(edits) else sae.W_dec[:0].detach(),
+            )
 
 
 def steer_activations(
@@ -390,26 +453,29 @@ def steer_activations(
     before the edit (None when the plan needs no encode and ``f`` is not given). Pass ``f``
     (``[batch, pos, d_sae]``, ``sae.encode(x)``) to reuse an encode already done.
     """
-    xs = x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-    f_sel = None
+    w = sae.W_dec
+    xs = x if (x.dtype == w.dtype and x.device == w.device) else x.to(device=w.device, dtype=w.dtype)
     if f is None and plan.needs_encode:
         f = sae.encode(xs)
-    if f is not None:
-        f_sel = f[..., plan.features]
+    f_sel = None if f is None else f[..., plan.features]
     if plan.features.numel() == 0:
         return x, f_sel
+    delta: torch.Tensor | None = None
     if plan.needs_encode:
         assert f_sel is not None
-        df = torch.where(plan.is_clamp, plan.values - f_sel, plan.values)  # [b, p, n]
-    else:
-        df = plan.values.expand(*xs.shape[:-1], plan.features.numel())
-    delta = df @ plan.directions  # [b, p, d_in]
+        f_clamp = f_sel if plan.all_clamp else f_sel[..., plan.clamp_pos]
+        delta = (plan.clamp_values - f_clamp) @ plan.clamp_dirs  # [b, p, d_in]
+    if plan.add_delta is not None:
+        delta = plan.add_delta if delta is None else delta + plan.add_delta
+    assert delta is not None
     scale = output_scale(sae, xs)
     if scale is not None:
         delta = delta * scale
     if mask is not None:
         delta = delta * mask.to(delta.device, delta.dtype).unsqueeze(-1)
-    return x + delta.to(device=x.device, dtype=x.dtype), f_sel
+    if delta.device != x.device or delta.dtype != x.dtype:
+        delta = delta.to(device=x.device, dtype=x.dtype)
+    return x + delta, f_sel
 
 
 # ---- prompt ---------------------------------------------------------------------------------------------
@@ -492,6 +558,7 @@ class _StepHook:
     def __init__(self, sae: Any, plan: EditPlan | None, edit_from: int, special: set[int],
                  record_features: torch.Tensor | None, record_from: int):
         self.sae = sae
+        self.encode = fast_encoder(sae)
         self.plan = plan
         self.edit_from = edit_from  # first absolute position edited
         self.special = special
@@ -503,40 +570,50 @@ class _StepHook:
         self.before: list[torch.Tensor] = []  # per generated token: [n] activation before the edit
         self.after: list[torch.Tensor] = []  # per generated token: [n] activation after the edit
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.sae.W_dec
+        return self.encode(x if (x.dtype == w.dtype and x.device == w.device) else x.to(w.device, w.dtype))
+
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         L = act.shape[1]
-        pos = torch.arange(self.start, self.start + L)
-        # record the generated positions not yet recorded
         rec_lo = self.record_from + len(self.before)
-        rec = (pos >= rec_lo) if self.record_features is not None else None
-        do_rec = rec is not None and bool(rec.any())
+        plan = self.plan if self.plan is not None and self.plan.features.numel() else None
+        if L == 1:  # decode step: plain Python ints, no position tensors
+            p = self.start
+            edit = plan is not None and p >= self.edit_from and int(self.chunk[0, 0]) not in self.special
+            rec_idx = slice(0, 1) if self.record_features is not None and p >= rec_lo else None
+            mask = None
+        else:
+            pos = torch.arange(self.start, self.start + L)
+            keep = pos >= self.edit_from
+            for sid in self.special:
+                keep &= self.chunk[0].cpu() != sid
+            edit = plan is not None and bool(keep.any())
+            mask = keep.unsqueeze(0)
+            rec_idx = None
+            if self.record_features is not None:
+                r = (pos >= rec_lo).nonzero().flatten()
+                rec_idx = r if r.numel() else None
         out = None
         f_sel = None
-        if self.plan is not None and self.plan.features.numel():
-            mask = pos >= self.edit_from
-            for sid in self.special:
-                mask &= self.chunk[0].cpu() != sid
-            if bool(mask.any()):
-                # encode once for both the clamp and the recording (record features = plan features)
-                f = None
-                if do_rec or self.plan.needs_encode:
-                    f = self.sae.encode(act.to(device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype))
-                out, f_sel = steer_activations(self.sae, act, self.plan, mask.unsqueeze(0), f=f)
-        if do_rec:
-            assert self.record_features is not None and rec is not None
-            idx = rec.nonzero().flatten()
-            if f_sel is None:
-                f_sel = self.sae.encode(act[:, idx].to(device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype))[
-                    ..., self.record_features]
-            else:
-                f_sel = f_sel[:, idx]
-            if out is None:
-                f_after = f_sel
-            else:
-                f_after = self.sae.encode(
-                    out[:, idx].to(device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype))[..., self.record_features]
-            self.before.extend(f_sel[0].float().cpu())
-            self.after.extend(f_after[0].float().cpu())
+        if edit:
+            assert plan is not None
+            # one encode serves both the clamp and the recording (record features = plan features)
+            f = self._encode(act) if (rec_idx is not None or plan.needs_encode) else None
+            out, f_sel = steer_activations(self.sae, act, plan, mask, f=f)
+        if rec_idx is not None:
+            assert self.record_features is not None
+            feats = self.record_features
+            if f_sel is not None:
+                before = f_sel[:, rec_idx]
+                after = before if out is None else self._encode(out[:, rec_idx])[..., feats]
+            elif out is None:
+                before = after = self._encode(act[:, rec_idx])[..., feats]
+            else:  # add-only edit: one encode of [before; after]
+                both = self._encode(torch.cat([act[:, rec_idx], out[:, rec_idx]], 0))[..., feats]
+                before, after = both[:1], both[1:]
+            self.before.extend(before[0].float().cpu())
+            self.after.extend(after[0].float().cpu())
         if self.halt:
             raise _Halt()
         return out

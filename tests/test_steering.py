@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import STORIES_MODEL, TINY_TEXT, require_shared
 
+from pipelines import steering
 from pipelines.steering import (
     EditPlan,
     FeatureEdit,
@@ -186,7 +188,7 @@ def test_clamping_every_feature_to_itself_keeps_the_activation(kind):
     with torch.no_grad():
         f = sae.encode(x)
         plan = EditPlan.build(sae, [FeatureEdit(i, "clamp", 0.0) for i in range(48)])
-        plan.values = f  # per-position targets [2, 5, 48]: each feature's own activation
+        plan = replace(plan, values=f)  # per-position targets [2, 5, 48]: each feature's own activation
         x_new, _ = steer_activations(sae, x, plan)
         recon = decode_after_encode(sae, x, f)
     assert torch.equal(x_new, x)
@@ -212,6 +214,24 @@ def test_decoder_directions_follow_rescale():
     torch.testing.assert_close(decoder_directions(sae2, torch.tensor([0, 47])), sae2.W_dec[[0, 47]])
 
 
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_fast_encoder_is_sae_encode(kind, tiny_runtime):
+    from pipelines.steering import fast_encoder
+
+    sae = make_sae(kind)
+    x = torch.randn(3, 5, 24) * 2
+    enc = fast_encoder(sae)
+    with torch.no_grad():
+        assert torch.equal(enc(x), sae.encode(x))
+        assert torch.equal(enc(x[:, :1]), sae.encode(x[:, :1]))
+    inline = kind.startswith("topk")
+    assert (getattr(enc, "__self__", None) is not sae) == inline  # inlined only for plain TopK SAEs
+    rt = tiny_runtime
+    xs = rt.hook_acts(rt.tokenize(TINY_TEXT[0]))
+    with torch.no_grad():
+        assert torch.equal(fast_encoder(rt.sae)(xs), rt.sae.encode(xs))
+
+
 # ---- logits ------------------------------------------------------------------------------------------------
 def _logits_with(rt, ids, plan):
     return rt.site.logits(ids, fn=lambda a: steer_activations(rt.sae, a, plan)[0])
@@ -224,9 +244,10 @@ def test_clamp_to_natural_activation_keeps_logits(tiny_runtime):
     f = rt.feature_acts(ids)[0]  # [pos, d_sae]
     i = int(f[-1].argmax())
     plan = EditPlan.build(rt.sae, [FeatureEdit(i, "clamp", 0.0)])
-    plan.values = rt.sae.encode(rt.hook_acts(ids))[..., [i]]  # own activation at every position (BOS incl.)
+    own = rt.sae.encode(rt.hook_acts(ids))[..., [i]]  # own activation at every position (BOS incl.)
+    plan = replace(plan, values=own)
     torch.testing.assert_close(_logits_with(rt, ids, plan), base, atol=1e-5, rtol=1e-5)
-    plan.values = plan.values + 1.0  # control: a different value does move the logits
+    plan = replace(plan, values=own + 1.0)  # control: a different value does move the logits
     assert not torch.allclose(_logits_with(rt, ids, plan), base, atol=1e-3)
 
     # through the config path: a one-token prompt, clamped (scalar) to its own activation there
@@ -366,14 +387,14 @@ def test_no_hook_after_error_mid_generation(tiny_runtime, monkeypatch):
             raise RuntimeError("boom in the SAE")
         return real(x)
 
-    monkeypatch.setattr(rt.sae, "encode", flaky)
+    monkeypatch.setattr(steering, "fast_encoder", lambda sae: flaky)  # the encoder the hook uses
     stream = GenerationStream(rt, cfg_for("The river", [FeatureEdit(1, "clamp", 2.0)], n=10))
     got = []
     with pytest.raises(RuntimeError, match="boom"):
         for piece in stream:
             got.append(piece)
     assert stream.result.finish == "error"
-    monkeypatch.setattr(rt.sae, "encode", real)
+    assert calls["n"] == 4
     _hook_free(rt, ids, base)
 
 
@@ -434,7 +455,7 @@ def test_two_threads_steer_independently(tiny_runtime, monkeypatch):
             barrier.wait(timeout=20)
         return real(x)
 
-    monkeypatch.setattr(rt.sae, "encode", meeting_encode)
+    monkeypatch.setattr(steering, "fast_encoder", lambda sae: meeting_encode)
     results: dict[str, list[int]] = {}
     errors: list[BaseException] = []
 
