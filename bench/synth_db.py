@@ -335,6 +335,10 @@ def build_synthetic_db(
         con.register("lab_tbl", labels)
         con.execute("INSERT INTO labels SELECT *, now() FROM lab_tbl")
         con.unregister("lab_tbl")
+    # Statistics consistent with the made-up data: L0 = expected active features per token = sum of
+    # densities; FVE is unknown without a model (NULL).
+    con.execute("UPDATE saes SET l0 = ?, dead_fraction = ?, fve = NULL WHERE sae_id = ?",
+                [float(ftbl.column("density").to_numpy().sum()), float(dead.mean()), SAE_ID])
     con.execute("CHECKPOINT")
     con.close()
     if verbose:

@@ -143,6 +143,10 @@ def sync_widget(key: str, param: str, value: Any) -> None:
     if st.session_state.get(seen, "<unset>") != raw:
         st.session_state[seen] = raw
         st.session_state[key] = value
+        if raw is not None:
+            # Re-send: a st.page_link to the *same* page reruns with the new query string but leaves the
+            # browser's address bar at the old one; this makes the shown URL match the shown view.
+            st.query_params[param] = raw
 
 
 def set_param(param: str, value: Any, key: str | None = None) -> None:

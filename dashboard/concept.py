@@ -4,7 +4,8 @@ Pure numpy/pandas (no Streamlit, no database), so it is unit-tested directly.
 
 Inputs are per-text activation matrices ``acts [pos, d_sae]`` restricted to valid (non-BOS/pad) tokens.
 Activations are first put on each feature's own scale by dividing by its corpus ``max_act`` (so a feature
-that tops out at 0.5 and one that tops out at 40 compare). Then, per feature:
+that tops out at 0.5 and one that tops out at 40 compare; a feature that never fired in the corpus uses the
+largest activation seen in the given texts). Then, per feature:
 
 - ``mass_pos``: mean normalised activation per token over all example tokens;
 - ``mass_neg``: the same over counter-example tokens, or, without counter-examples, the corpus
@@ -57,9 +58,9 @@ def concept_scores(
     for name, arr in (("density", density), ("mean_act", mean_act), ("max_act", max_act)):
         if np.asarray(arr).shape != (d_sae,):
             raise ValueError(f"{name} must have shape [{d_sae}], got {np.asarray(arr).shape}")
-    scale = np.where(np.asarray(max_act, dtype=np.float64) > 0, max_act, 1.0)  # [d_sae]
 
     def pooled(texts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean activation per token ``[d_sae]``, fraction of texts firing, max activation)."""
         sums = np.zeros(d_sae)
         fires = np.zeros(d_sae)
         peak = np.zeros(d_sae)
@@ -71,12 +72,17 @@ def concept_scores(
             n_tok += n
             if n:
                 peak = np.maximum(peak, np.asarray(a, dtype=np.float64).max(0))
-        mass = sums / max(n_tok, 1) / scale
-        return mass, fires / max(len(texts), 1), peak
+        return sums / max(n_tok, 1), fires / max(len(texts), 1), peak
 
-    mass_pos, coverage, peak = pooled(examples)
+    raw_pos, coverage, peak = pooled(examples)
+    raw_neg, neg_cov, peak_neg = pooled(counter) if counter else (None, None, np.zeros(d_sae))
+    # Each feature's own scale: its corpus max, or (never fired in the corpus) the max seen here.
+    seen = np.maximum(peak, peak_neg)
+    m = np.asarray(max_act, dtype=np.float64)
+    scale = np.where(m > 0, m, np.where(seen > 0, seen, 1.0))  # [d_sae]
+    mass_pos = raw_pos / scale
     if counter:
-        mass_neg, neg_cov, _ = pooled(counter)
+        mass_neg = raw_neg / scale
         penalty = 1.0 - neg_cov
     else:
         mass_neg = np.asarray(density, dtype=np.float64) * np.asarray(mean_act, dtype=np.float64) / scale

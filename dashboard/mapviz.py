@@ -29,7 +29,10 @@ def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Colo
         out["label_group"] = out["label_group"].astype("category")
         enc = alt.Color("label_group:N", title="label", scale=alt.Scale(scheme="tableau20"))
     else:
-        enc = alt.Color("log10_density:Q", title="log10 density", scale=alt.Scale(scheme="viridis"))
+        live = df.loc[df["log10_density"] > -9, "log10_density"]
+        dom = [float(live.min()), float(live.max())] if len(live) else [-9.0, 0.0]
+        enc = alt.Color("log10_density:Q", title="log10 density",
+                        scale=alt.Scale(scheme="viridis", domain=dom, clamp=True))
     return out, enc
 
 
@@ -40,8 +43,8 @@ def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: st
         alt.Chart(df)
         .mark_circle(size=size, opacity=0.75)
         .encode(
-            x=alt.X("x:Q", axis=None),
-            y=alt.Y("y:Q", axis=None),
+            x=alt.X("x:Q", axis=None, scale=alt.Scale(zero=False)),
+            y=alt.Y("y:Q", axis=None, scale=alt.Scale(zero=False)),
             color=enc,
             tooltip=[alt.Tooltip("feature:Q", title="feature"), alt.Tooltip("label:N", title="label"),
                      alt.Tooltip("top_tokens:N", title="top tokens"),

@@ -21,9 +21,12 @@ CONTEXT_CSS = (
 
 
 def visible_token(tok: str) -> str:
-    """Token text made visible, not yet escaped: newlines as '↵', tabs as '⇥', empty as '∅'."""
+    """Token text made visible, not yet escaped: newlines as '↵', tabs as '⇥', empty as '∅', all-space
+    tokens as '␣'."""
     if tok == "":
         return "∅"
+    if tok.strip(" ") == "":
+        return "␣" * len(tok)
     return tok.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
 
 

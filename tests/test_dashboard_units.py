@@ -146,3 +146,12 @@ def test_serve_argv(tmp_path):
 
 def test_escape_text():
     assert render.escape_text(None) == "" and render.escape_text("<b>") == html.escape("<b>")
+
+
+def test_concept_feature_dead_in_corpus_uses_its_own_peak():
+    # f0 never fired in the corpus (max_act 0) but fires weakly here; f1 is rare and fires at its corpus max.
+    ex = [acts(4, {0: 0.5, 1: 2.0})]
+    df = concept.concept_scores(ex, None, density=np.array([0, 1e-4, 0, 0, 0, 0]),
+                                mean_act=np.array([0, 1.0, 0, 0, 0, 0]), max_act=np.array([0, 2.0, 0, 0, 0, 0]))
+    assert df["feature"].tolist() == [0, 1]
+    assert df["mass_pos"].tolist() == pytest.approx([1.0, 1.0])  # both normalised to their own scale

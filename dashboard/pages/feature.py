@@ -81,7 +81,7 @@ m = st.columns(5)
 m[0].metric("Density", fmt_density(feat["density"]), help="Fraction of corpus tokens where it fires")
 m[1].metric("Max activation", f"{feat['max_act']:.3f}")
 m[2].metric("Mean when firing", "–" if feat["mean_act"] is None else f"{feat['mean_act']:.3f}")
-m[3].metric("Fires on", f"{int(feat['fire_count']):,} tokens")
+m[3].metric("Firing tokens", f"{int(feat['fire_count']):,}")
 m[4].metric("Decoder norm", f"{feat['decoder_norm']:.3f}")
 
 links = st.columns(4)
@@ -138,11 +138,12 @@ with right:
         hdf = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "count": counts})
         hdf = hdf[(hdf["lo"] > 0) & (hdf["count"] > 0)]
         chart = (
-            alt.Chart(hdf).mark_bar(color="#e67e22")
+            alt.Chart(hdf).mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
             .encode(
                 x=alt.X("lo:Q", scale=alt.Scale(type="log"), title="activation (log-spaced bins)"),
                 x2="hi:Q",
                 y=alt.Y("count:Q", title="tokens"),
+                y2=alt.datum(0),
                 tooltip=[alt.Tooltip("lo:Q", format=".3g", title="from"), alt.Tooltip("hi:Q", format=".3g", title="to"),
                          alt.Tooltip("count:Q", format=",", title="tokens")],
             ).properties(height=180)

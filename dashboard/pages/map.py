@@ -79,7 +79,7 @@ labels = (
     .mark_text(align="left", dx=7, fontSize=11)
     .encode(x="x:Q", y="y:Q", text=alt.Text("feature:Q"))
 )
-ev2 = st.altair_chart(base + labels, width="stretch", on_select="rerun", selection_mode="pick_near",
+ev2 = st.altair_chart((base + labels).properties(height=460), width="stretch", on_select="rerun", selection_mode="pick_near",
                       key="map_near")
 st.caption(f"The {k} features nearest to feature {centre} in UMAP space; red: the centre, blue: its "
            "decoder-cosine neighbours (they may sit elsewhere on the map). Click one to open it.")

@@ -23,6 +23,13 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or pd.isna(v) else f"{100 * float(v):.1f}%"
 
 
+def _compact(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
     return "–" if v is None or pd.isna(v) else fmt.format(float(v))
 
@@ -59,7 +66,7 @@ for _, s in saes.iterrows():
     )
     cols = st.columns(6)
     cols[0].metric("Features (d_sae)", f"{int(s['d_sae']):,}")
-    cols[1].metric("Tokens", f"{int(s['n_tokens']):,}")
+    cols[1].metric("Tokens", _compact(int(s["n_tokens"])), help=f"{int(s['n_tokens']):,} tokens in the statistics")
     cols[2].metric("FVE", _pct(s["fve"]), help="Fraction of variance of the activations explained by the SAE")
     cols[3].metric("L0", _num(s["l0"], "{:,.1f}"), help="Mean number of active features per token")
     cols[4].metric("Dead", _pct(s["dead_fraction"]), help="Features that never fired on the corpus")
@@ -71,12 +78,13 @@ for _, s in saes.iterrows():
         continue
     chart = (
         alt.Chart(hist)
-        .mark_bar(color="#e67e22")
+        .mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
         .encode(
             x=alt.X("log10_lo:Q", title="log10(feature density)", bin="binned",
                     scale=alt.Scale(domain=[float(hist["log10_lo"].min()), float(hist["log10_hi"].max())])),
             x2="log10_hi:Q",
             y=alt.Y("count:Q", title="features"),
+            y2=alt.datum(0),
             tooltip=[alt.Tooltip("log10_lo:Q", title="log10 density from", format=".2f"),
                      alt.Tooltip("log10_hi:Q", title="to", format=".2f"), alt.Tooltip("count:Q", title="features")],
         )

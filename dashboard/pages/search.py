@@ -35,6 +35,7 @@ sae_id = pick_sae(store)
 info = q.sae_info(store, sae_id) or {}
 d_sae = int(info.get("d_sae") or 0)
 
+st.title("Search features")
 MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
 mode_qp = qp_str("mode", "text")
 sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
@@ -57,9 +58,12 @@ def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -
         config["density"] = st.column_config.NumberColumn(format="%.2e")
     if "tags" in df:
         df["tags"] = [", ".join(t) if isinstance(t, list | np.ndarray) else "" for t in df["tags"]]
+    for col in ("label", "top_tokens"):
+        if col in df:
+            df[col] = df[col].fillna("")
     config.update(extra_config or {})
     event = st.dataframe(df, hide_index=True, width="stretch", column_config=config, key=key,
-                         on_select="rerun", selection_mode="single-row")
+                         on_select="rerun", selection_mode="single-row", height=min(36 + 35 * len(df), 740))
     rows = event.selection.rows if event is not None else []
     if rows:
         go_feature(sae_id, int(df["feature"].iloc[rows[0]]))
@@ -112,11 +116,13 @@ def text_mode() -> None:
         return
     st.caption(f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
                "Select a row (or use 'open') to see a feature.")
-    res = res[["feature", "score", "label", "tags", "density", "max_act", "top_tokens", "matched", "snippet"]]
+    res = res[["feature", "label", "tags", "top_tokens", "snippet", "matched", "score", "density", "max_act"]]
     result_table(res, "search_results", {
         "score": st.column_config.NumberColumn(format="%.1f", width="small"),
         "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
         "snippet": st.column_config.TextColumn("context", width="large"),
+        "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
+        "matched": st.column_config.TextColumn("matched in", width="small"),
     })
 
 
@@ -145,6 +151,10 @@ def prompt_mode() -> None:
     if res.truncated:
         st.warning(f"Only the first {prompt.MAX_TOKENS} tokens were used.")
     base = cached_baselines(store, sae_id, res.d_sae)
+    positions = [i for i in range(res.n_pos) if res.valid[i]]
+    tok = st.pills("Tokens: click one to see the features active on it", positions,
+                   format_func=lambda i: render.visible_token(res.tokens[i]), selection_mode="single",
+                   key="prompt_token")
     c1, c2 = st.columns([3, 2], gap="large")
     with c1:
         st.subheader("Features on the whole text")
@@ -157,13 +167,6 @@ def prompt_mode() -> None:
             return
         whole = whole.merge(labels_for(whole["feature"].tolist()), on="feature", how="left")
         whole["top token"] = [render.visible_token(res.tokens[int(p)]) for p in whole["argmax_pos"]]
-        result_table(whole[["feature", "max_here", "relative", "total", "n_tokens", "top token", "label",
-                            "top_tokens"]], "prompt_whole", {
-            "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
-            "relative": st.column_config.NumberColumn("of corpus max", format="percent"),
-            "total": st.column_config.NumberColumn(format="%.2f"),
-            "top_tokens": st.column_config.TextColumn("corpus top tokens"),
-        })
         names = {int(r.feature): (r.label if isinstance(r.label, str) else r.top_tokens or "")
                  for r in whole.itertuples()}
         hl = st.selectbox("Highlight the text by feature", list(names), key="prompt_hl",
@@ -172,19 +175,25 @@ def prompt_mode() -> None:
             acts = prompt.feature_over_tokens(res, int(hl))
             scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
             st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts))))
+        result_table(whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token",
+                            "top_tokens"]], "prompt_whole", {
+            "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
+            "relative": st.column_config.NumberColumn("of corpus max", format="percent"),
+            "total": st.column_config.NumberColumn(format="%.2f"),
+            "n_tokens": st.column_config.NumberColumn("tokens", format="%d"),
+            "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+        })
     with c2:
         st.subheader("Per token")
-        positions = [i for i in range(res.n_pos) if res.valid[i]]
-        tok = st.pills("Click a token", positions, format_func=lambda i: render.visible_token(res.tokens[i]),
-                       selection_mode="single", key="prompt_token")
         if tok is None:
-            st.caption("Select a token above to see the features active on it.")
+            st.caption("Click a token above to see the features active on it.")
         else:
             per = prompt.token_features(res, int(tok), top=25)
-            st.caption(f"Token {int(tok)} {res.tokens[int(tok)]!r}: {int((res.pos == int(tok)).sum())} active features")
+            st.caption(f"Token {int(tok)} {res.tokens[int(tok)]!r}: {int((res.pos == int(tok)).sum())} active "
+                       "features (strongest 25)")
             if not per.empty:
                 per = per.merge(labels_for(per["feature"].tolist()), on="feature", how="left")
-                result_table(per[["feature", "act", "label", "top_tokens"]], "prompt_token_table", {
+                result_table(per[["feature", "label", "act", "top_tokens"]], "prompt_token_table", {
                     "act": st.column_config.NumberColumn(format="%.3f"),
                     "top_tokens": st.column_config.TextColumn("corpus top tokens"),
                 })

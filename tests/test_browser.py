@@ -1,0 +1,144 @@
+"""Real-browser test: ``streamlit run dashboard/app.py -- --db <synthetic db>`` on 127.0.0.1 driven by headless
+Chromium (system executable) through Playwright's python API. Screenshots go to the pytest tmp dir and are
+copied to /tmp/fd/screens/ for humans."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dashboard_fixtures as fx
+import pytest
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+                 if p and Path(p).exists()), None)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENS = Path("/tmp/fd/screens")
+synth_db_master = fx.synth_db_master
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@pytest.fixture
+def server(synth_db_master, tmp_path):
+    db = fx.copy_db(synth_db_master, tmp_path / "browser.duckdb")
+    port = free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", fx.APP, "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--client.showErrorDetails", "none", "--", "--db", str(db)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=fx.ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        yield base, db
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def shot(page, tmp_path: Path, name: str) -> Path:
+    p = tmp_path / f"{name}.png"
+    page.screenshot(path=str(p), full_page=True)
+    try:
+        SCREENS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, SCREENS / p.name)
+    except OSError:
+        pass
+    return p
+
+
+def test_browser_search_and_feature_page(server, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no chromium executable (/usr/bin/chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        pytest.skip(f"playwright python package not importable: {e}")
+    base, db = server
+    from db import queries as q
+    from db.store import Store
+
+    s = Store(db, read_only=True)
+    word = min((t.strip() for t in q.feature(s, fx.SAE_ID, 7)["max_tokens"]),
+               key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0])
+    nb = int(q.feature(s, fx.SAE_ID, 7)["neighbours"][0])
+    s.close()
+
+    dialogs: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        try:
+            # overview at the root URL
+            page.goto(base + "/", wait_until="domcontentloaded")
+            page.get_by_text("Feature density", exact=False).first.wait_for(timeout=30_000)
+
+            # search: type a word from feature 7's contexts
+            page.goto(f"{base}/search?sae={fx.SAE_ID}", wait_until="domcontentloaded")
+            box = page.get_by_label("Search features")
+            box.wait_for(timeout=30_000)
+            box.fill(word)
+            box.press("Enter")
+            page.get_by_text("Select a row (or use 'open') to see a feature", exact=False).wait_for(timeout=30_000)
+            assert f"query={word}" in page.url  # shareable
+            shot(page, tmp_path, "browser_search")
+
+            # feature page by URL: highlighted tokens with activation in the title attribute
+            page.goto(f"{base}/feature?sae={fx.SAE_ID}&feature=7", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Feature 7").wait_for(timeout=30_000)
+            spans = page.locator("span[title*='act ']")
+            spans.first.wait_for(timeout=30_000)
+            assert spans.count() > 100
+            shot(page, tmp_path, "browser_feature")
+
+            # follow a decoder-neighbour link inside the app
+            page.get_by_text(f"#{nb} · cos", exact=False).first.click()
+            page.get_by_role("heading", name=f"Feature {nb}").wait_for(timeout=30_000)
+            page.wait_for_url(f"**feature={nb}**", timeout=10_000)  # the URL follows (shareable)
+
+            # hostile corpus/label text is shown as text, never run
+            page.goto(f"{base}/feature?sae={fx.SAE_ID}&feature={fx.HOSTILE_FEATURE}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name=f"Feature {fx.HOSTILE_FEATURE}").wait_for(timeout=30_000)
+            page.locator("span[title*='act ']").first.wait_for(timeout=30_000)
+            assert page.get_by_text(fx.HOSTILE_SCRIPT, exact=True).count() >= 1
+            assert page.get_by_text(fx.HOSTILE_IMG, exact=True).count() >= 1
+            page.wait_for_timeout(500)
+            assert page.locator("img[src='x']").count() == 0
+            shot(page, tmp_path, "browser_hostile")
+            assert not dialogs, f"script ran: {dialogs}"
+            assert not page.locator("text=Traceback").count()
+        finally:
+            browser.close()
