@@ -135,18 +135,24 @@ def pick_features(rt: Any, prompt_ids: torch.Tensor) -> tuple[int, int, float]:
 
 
 def time_generation(rt: Any, config: Any, max_acts: dict[int, float], repeats: int) -> dict[str, Any]:
-    from pipelines.steering import SteeringConfig, generate
+    """Median tokens/s of: unsteered (no hook at all), steered (edits only, as the CLI's steered run minus
+    recording) and steered + recording (the dashboard's steered run: edits + the steered features'
+    activations before/after the edit on every generated token). Runs alternate to share any drift."""
+    from pipelines.steering import generate, unsteered
 
-    unsteered = SteeringConfig(**{**config.__dict__, "edits": ()})
-    rates: dict[str, list[float]] = {"unsteered": [], "steered": []}
+    variants = {
+        "unsteered": (unsteered(config), False, False),
+        "steered": (config, True, False),
+        "steered+record": (config, True, True),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
     n_tokens: dict[str, int] = {}
-    # warm-up (allocations, caches)
-    generate(rt, unsteered, steer=False, max_acts=max_acts, stop_at_eos=False)
-    generate(rt, config, steer=True, max_acts=max_acts, stop_at_eos=False)
+    for cfg, steer, record in variants.values():  # warm-up
+        generate(rt, cfg, steer=steer, max_acts=max_acts, record=record, stop_at_eos=False)
     for _ in range(repeats):
-        for name, cfg, steer in (("unsteered", unsteered, False), ("steered", config, True)):
+        for name, (cfg, steer, record) in variants.items():
             t0 = time.perf_counter()
-            res = generate(rt, cfg, steer=steer, max_acts=max_acts, stop_at_eos=False)
+            res = generate(rt, cfg, steer=steer, max_acts=max_acts, record=record, stop_at_eos=False)
             dt = time.perf_counter() - t0
             n_tokens[name] = len(res.token_ids)
             rates[name].append(len(res.token_ids) / dt)
@@ -154,7 +160,9 @@ def time_generation(rt: Any, config: Any, max_acts: dict[int, float], repeats: i
     return {
         "unsteered_tok_s": med["unsteered"],
         "steered_tok_s": med["steered"],
+        "steered_record_tok_s": med["steered+record"],
         "ratio": med["steered"] / med["unsteered"],
+        "ratio_record": med["steered+record"] / med["unsteered"],
         "tokens": n_tokens,
         "all_rates": rates,
     }
@@ -232,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     for r in results:
         print(f"{r['model']:>14} {r['hook']} d_sae={r['d_sae']} prompt={r['prompt_tokens']} tok, "
-              f"{r['tokens']['steered']} new tok: unsteered {r['unsteered_tok_s']:.1f} tok/s, "
-              f"steered {r['steered_tok_s']:.1f} tok/s, ratio {r['ratio']:.3f}")
+              f"{r['tokens']['steered']} new tok, median of {args.repeats}: unsteered {r['unsteered_tok_s']:.1f} tok/s"
+              f" | steered {r['steered_tok_s']:.1f} tok/s (ratio {r['ratio']:.3f})"
+              f" | steered+record {r['steered_record_tok_s']:.1f} tok/s (ratio {r['ratio_record']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
