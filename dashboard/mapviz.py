@@ -11,23 +11,35 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+NONE, OTHER = "(none)", "(other label)"
+GREY = "#d9d9d9"
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#17becf", "#bcbd22", "#8c564b")
+
 
 def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Color]:
-    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output."""
+    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output.
+
+    Colour by density: log10 density (viridis, clamped to the live range). By tag / label: the first tag
+    (or the 12 commonest labels) in colour over grey "(none)" points, which are drawn first (underneath).
+    """
     out = df[["feature", "x", "y", "log10_density"]].copy()
     out["label"] = df["label"].fillna("")
     out["top_tokens"] = df["top_tokens"].fillna("")
-    if colour_by == "tag":
-        out["tag"] = df["tag"].fillna("(none)").astype("category")
-        enc = alt.Color("tag:N", title="tag", scale=alt.Scale(scheme="tableau20"),
-                        sort=alt.EncodingSortField("tag"))
-    elif colour_by == "label":
-        lab = df["label"].fillna("")
-        common = lab[lab != ""].value_counts().head(12).index
-        out["label_group"] = np.where(lab == "", "(unlabelled)",
-                                      np.where(lab.isin(common), lab, "(other label)"))
-        out["label_group"] = out["label_group"].astype("category")
-        enc = alt.Color("label_group:N", title="label", scale=alt.Scale(scheme="tableau20"))
+    if colour_by in ("tag", "label"):
+        if colour_by == "tag":
+            group = df["tag"].fillna(NONE).astype(str)
+            others = sorted(set(group) - {NONE})
+        else:
+            lab = df["label"].fillna("")
+            common = lab[lab != ""].value_counts().head(12).index
+            group = pd.Series(np.where(lab == "", NONE, np.where(lab.isin(common), lab, OTHER)), index=df.index)
+            others = sorted(set(group) - {NONE, OTHER}) + ([OTHER] if (group == OTHER).any() else [])
+        domain = [NONE, *others]
+        out["group"] = pd.Categorical(group, categories=domain)
+        out = out.sort_values("group", kind="stable")  # untagged drawn first, underneath the rest
+        enc = alt.Color("group:N", title=colour_by, scale=alt.Scale(
+            domain=domain, range=[GREY, *[PALETTE[i % len(PALETTE)] for i in range(len(others))]]))
     else:
         live = df.loc[df["log10_density"] > -9, "log10_density"]
         dom = [float(live.min()), float(live.max())] if len(live) else [-9.0, 0.0]

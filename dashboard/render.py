@@ -20,12 +20,12 @@ CONTEXT_CSS = (
 )
 
 
-def visible_token(tok: str) -> str:
-    """Token text made visible, not yet escaped: newlines as '↵', tabs as '⇥', empty as '∅', all-space
-    tokens as '␣'."""
+def visible_token(tok: str, mark_spaces: bool = False) -> str:
+    """Token text made visible, not yet escaped: newlines as '↵', tabs as '⇥', empty as '∅', and with
+    ``mark_spaces`` (token buttons, tables) an all-space token as '␣'."""
     if tok == "":
         return "∅"
-    if tok.strip(" ") == "":
+    if mark_spaces and tok.strip(" ") == "":
         return "␣" * len(tok)
     return tok.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
 

@@ -108,7 +108,7 @@ def test_browser_search_and_feature_page(server, tmp_path):
 
             # search: type a word from feature 7's contexts
             page.goto(f"{base}/search?sae={fx.SAE_ID}", wait_until="domcontentloaded")
-            box = page.get_by_label("Search features")
+            box = page.get_by_role("textbox", name="Search features")
             box.wait_for(timeout=30_000)
             box.fill(word)
             box.press("Enter")

@@ -160,7 +160,7 @@ with right:
         vals = feat[vals_key] or []
         col.caption(name.capitalize())
         if toks:
-            col.dataframe(pd.DataFrame({"token": [render.visible_token(t) for t in toks], "logit": vals}),
+            col.dataframe(pd.DataFrame({"token": [render.visible_token(t, mark_spaces=True) for t in toks], "logit": vals}),
                           hide_index=True, height=min(38 + 35 * len(toks), 300),
                           column_config={"logit": st.column_config.NumberColumn(format="%.3f")})
 

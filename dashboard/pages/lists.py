@@ -61,6 +61,7 @@ if not other.empty:
 view = members.copy()
 view.insert(0, "open", [url("feature", sae=s, feature=int(f)) for s, f in zip(view["sae_id"], view["feature"], strict=True)])
 view["tags"] = [", ".join(as_list(t)) for t in view["tags"]]
+view["label"] = view["label"].fillna("")
 st.dataframe(
     view[["open", "sae_id", "feature", "label", "tags", "note", "density", "max_act", "top_tokens", "added_at"]],
     hide_index=True, width="stretch",

@@ -57,8 +57,8 @@ st.subheader("Neighbourhood")
 fid = qp_int("feature")
 sync_widget("map_centre", "feature", fid if fid is not None else 0)
 centre = int(st.number_input("Centre on feature", min_value=0, step=1, key="map_centre"))
-if fid is None or centre != fid:
-    set_param("feature", centre, key="map_centre")
+if (fid is None and centre != 0) or (fid is not None and centre != fid):
+    set_param("feature", centre, key="map_centre")  # the plain map URL stays clean until a centre is chosen
 k = st.slider("Features shown around it", 50, 1000, 300, step=50, key="map_k")
 row = pts[pts["feature"] == centre]
 if row.empty:

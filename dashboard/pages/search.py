@@ -35,7 +35,7 @@ sae_id = pick_sae(store)
 info = q.sae_info(store, sae_id) or {}
 d_sae = int(info.get("d_sae") or 0)
 
-st.title("Search features")
+st.title("Search")
 MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
 mode_qp = qp_str("mode", "text")
 sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
@@ -153,7 +153,7 @@ def prompt_mode() -> None:
     base = cached_baselines(store, sae_id, res.d_sae)
     positions = [i for i in range(res.n_pos) if res.valid[i]]
     tok = st.pills("Tokens: click one to see the features active on it", positions,
-                   format_func=lambda i: render.visible_token(res.tokens[i]), selection_mode="single",
+                   format_func=lambda i: render.visible_token(res.tokens[i], mark_spaces=True), selection_mode="single",
                    key="prompt_token")
     c1, c2 = st.columns([3, 2], gap="large")
     with c1:
@@ -166,7 +166,7 @@ def prompt_mode() -> None:
             st.info("No feature fired on this text.")
             return
         whole = whole.merge(labels_for(whole["feature"].tolist()), on="feature", how="left")
-        whole["top token"] = [render.visible_token(res.tokens[int(p)]) for p in whole["argmax_pos"]]
+        whole["top token"] = [render.visible_token(res.tokens[int(p)], mark_spaces=True) for p in whole["argmax_pos"]]
         names = {int(r.feature): (r.label if isinstance(r.label, str) else r.top_tokens or "")
                  for r in whole.itertuples()}
         hl = st.selectbox("Highlight the text by feature", list(names), key="prompt_hl",
