@@ -312,3 +312,22 @@ def test_page_saves_a_preset(app, db_copy):
         store.close()
     assert rows and rows[0][0] == SAE_ID
     assert json.loads(rows[0][1])["edits"] == [{"feature": f, "mode": "clamp", "value": 1.5}]
+
+
+def test_page_preset_switches_to_its_sae(app, db_copy):
+    """A preset saved for another SAE in the file opens on that SAE."""
+    con = duckdb.connect(str(db_copy))
+    con.execute("INSERT INTO saes SELECT * REPLACE ('a-first' AS sae_id) FROM saes WHERE sae_id = ?", [SAE_ID])
+    con.execute("INSERT INTO features SELECT * REPLACE ('a-first' AS sae_id) FROM features WHERE sae_id = ?", [SAE_ID])
+    con.close()
+    store = Store(db_copy)
+    save_preset(store, "on-tiny", SAE_ID, SteeringConfig(prompt="The cat", edits=(FeatureEdit(5, "clamp", 1.0),)))
+    store.close()
+    at = app().run()
+    assert at.selectbox(key="sae").value == "a-first"  # the first SAE by default
+    at = app(preset="on-tiny").run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    assert at.selectbox(key="sae").value == SAE_ID
+    assert at.multiselect(key="steer_features").value == [5]
+    assert at.text_area(key="steer_prompt").value == "The cat"
