@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 from .steering import (
-    MAX_NEW_TOKENS,
     FeatureEdit,
     GenerationResult,
     GenerationSettings,
@@ -148,8 +147,6 @@ def run(args: argparse.Namespace) -> int:
             config = build_config(args, base)
             if not config.edits:
                 raise _BadInput("give at least one --feature ID=VALUE (or ID=add:VALUE), or a --preset")
-            if config.generation.max_new_tokens > MAX_NEW_TOKENS:
-                raise SteeringInputError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS}")
             max_acts = feature_max_acts(store, sae_id)
             validate_config(config, int(row["d_sae"]), max_acts)  # before the (slow) model load
             rt = cached_runtime_from_row(row, device=args.device)

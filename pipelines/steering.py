@@ -649,6 +649,23 @@ def _sample(logits: torch.Tensor, g: GenerationSettings, gen: torch.Generator) -
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _decode(tok: Any, ids: list[int]) -> str:
+    return str(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (decoding is normally prefix-stable; if a tokenizer
+    rewrites earlier text, the stream emits only the new tail and ``result.text`` stays exact)."""
+    if b.startswith(a):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _cache_kwarg(model: Any) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (older)."""
@@ -771,9 +788,9 @@ class GenerationStream:
                     break
                 all_ids.append(nxt)
                 res.token_ids.append(nxt)
-                text = tok.decode(res.token_ids, skip_special_tokens=True)
+                text = _decode(tok, res.token_ids)
                 if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
-                    piece = text[len(shown):] if text.startswith(shown) else text
+                    piece = text[_common_prefix(shown, text):]
                     shown = text
                     res.text = text
                     if piece:
@@ -786,9 +803,9 @@ class GenerationStream:
                     logits, cache = self._forward(step, len(all_ids) - 1, cache)
                 else:
                     logits, _ = self._forward(torch.tensor([all_ids]), 0, None)
-            res.text = tok.decode(res.token_ids, skip_special_tokens=True)
-            if res.text != shown and res.text.startswith(shown) and res.text[len(shown):]:
-                yield res.text[len(shown):]
+            res.text = _decode(tok, res.token_ids)
+            if res.text != shown and res.text[_common_prefix(shown, res.text):]:
+                yield res.text[_common_prefix(shown, res.text):]
             # activation on the last generated token: one more pass, stopped at the hook
             hook = self._hook
             if hook is not None and hook.record_features is not None and len(hook.before) < len(res.token_ids):

@@ -286,13 +286,11 @@ if run:
     if streams is not None:
         cols = columns_header(config.describe())
         slots = {"baseline": cols[0].empty(), "steered": cols[1].empty()}
-        texts = {"baseline": "", "steered": ""}
         for slot in slots.values():
             slot.markdown(_text_box("", cursor=True), unsafe_allow_html=True)
         with closing(interleave(streams)) as events:  # a rerun/stop mid-way closes both streams
-            for name, piece in events:
-                texts[name] += piece
-                slots[name].markdown(_text_box(texts[name], cursor=True), unsafe_allow_html=True)
+            for name, _piece in events:  # show the stream's whole decoded text so far
+                slots[name].markdown(_text_box(streams[name].result.text, cursor=True), unsafe_allow_html=True)
         res = result_record(config, streams, rt.token_strings(streams["steered"].result.token_ids))
         ss["steer_result"] = res
         for name, slot in slots.items():
