@@ -1,0 +1,359 @@
+"""Streaming, mergeable per-feature statistics over a corpus.
+
+``HarvestState`` holds everything the build needs, in memory bounded by the dictionary, not the corpus
+(O(d_sae x (k + bins x samples) x context) for the example windows):
+
+- counts: valid tokens, contexts, per-feature firing counts and activation sums, max activation;
+- a per-token activation histogram per feature over fixed log-spaced bin edges;
+- top-k contexts per feature, ranked by the feature's max activation within the context, with the context's
+  tokens and the feature's activation on every token;
+- interval samples: per feature and fixed octave band of the context's max activation, a deterministic
+  bottom-s sample by a hash key of (context id, feature) — a "bottom-k sketch";
+- reconstruction sums for FVE and L0.
+
+Every part is exactly mergeable: ``merge(update(A), update(B)) == update(A then B)`` for disjoint shards with
+distinct context ids (ties in activation aside), because each part is a sum, a max, or a selection by a total
+order on (value or key) that does not depend on arrival order. Sharding across machines is a wrapper that
+runs ``update`` per shard (context ids offset per shard) and folds the states with ``merge``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+_M31 = (1 << 31) - 1
+KEY_EMPTY = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    top_k: int = 20
+    samples_per_band: int = 5
+    band_lo_exp: int = -7  # interval bands are octaves [2^e, 2^(e+1)) for e in [band_lo_exp, band_hi_exp)
+    band_hi_exp: int = 9
+    hist_lo_exp: float = -10.0  # histogram: log2-spaced edges from 2^hist_lo_exp to 2^hist_hi_exp
+    hist_hi_exp: float = 10.0
+    hist_bins_per_octave: int = 4
+
+    @property
+    def n_bands(self) -> int:
+        return self.band_hi_exp - self.band_lo_exp
+
+    def hist_edges(self) -> np.ndarray:
+        n = int(round((self.hist_hi_exp - self.hist_lo_exp) * self.hist_bins_per_octave))
+        return 2.0 ** np.linspace(self.hist_lo_exp, self.hist_hi_exp, n + 1)
+
+    def band_edges(self) -> np.ndarray:
+        return 2.0 ** np.arange(self.band_lo_exp, self.band_hi_exp + 1, dtype=np.float64)
+
+
+def hash_key(ctx: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Deterministic pseudo-random int64 key in [0, 2^31) for (context id, feature); broadcasts."""
+    ctx = ctx.to(torch.int64)
+    f = feature.to(torch.int64)
+    h = ((ctx & _M31) * 0x9E3779B1 + (ctx >> 31) * 0x7FEB352D + f * 0x85EBCA6B + 0x632BE5AB) & _M31
+    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & _M31
+    h = ((h ^ (h >> 12)) * 0x297A2D39) & _M31
+    return h ^ (h >> 15)
+
+
+@dataclass
+class HarvestState:
+    """Mergeable harvest state. Shapes: F = d_sae, K = top_k, NB = bands, S = samples, T = context, D = d_in."""
+
+    cfg: HarvestConfig
+    n_tokens: int = 0
+    n_contexts: int = 0
+    fire_count: torch.Tensor = field(default=None)  # [F] int64
+    act_sum: torch.Tensor = field(default=None)  # [F] float64
+    max_act: torch.Tensor = field(default=None)  # [F] float32
+    hist: torch.Tensor = field(default=None)  # [F, n_hist_bins] int64
+    top_val: torch.Tensor = field(default=None)  # [F, K] float32, descending; -inf = empty
+    top_ctx: torch.Tensor = field(default=None)  # [F, K] int64; -1 = empty
+    top_pos: torch.Tensor = field(default=None)  # [F, K] int64
+    top_tok: torch.Tensor = field(default=None)  # [F, K, T] int32
+    top_act: torch.Tensor = field(default=None)  # [F, K, T] float32
+    smp_key: torch.Tensor = field(default=None)  # [F, NB, S] int64, ascending; KEY_EMPTY = empty
+    smp_val: torch.Tensor = field(default=None)  # [F, NB, S] float32
+    smp_ctx: torch.Tensor = field(default=None)  # [F, NB, S] int64
+    smp_pos: torch.Tensor = field(default=None)  # [F, NB, S] int64
+    smp_tok: torch.Tensor = field(default=None)  # [F, NB, S, T] int32
+    smp_act: torch.Tensor = field(default=None)  # [F, NB, S, T] float32
+    sum_x: torch.Tensor = field(default=None)  # [D] float64
+    sum_x2: float = 0.0  # sum of squared norms of x
+    sse: float = 0.0  # sum of squared reconstruction errors
+    l0_sum: float = 0.0  # sum over tokens of active-feature counts
+
+    @classmethod
+    def empty(cls, cfg: HarvestConfig, d_sae: int, context_size: int, d_in: int) -> HarvestState:
+        F, K, T, NB, S = d_sae, cfg.top_k, context_size, cfg.n_bands, cfg.samples_per_band
+        nh = len(cfg.hist_edges()) - 1
+        return cls(
+            cfg=cfg,
+            fire_count=torch.zeros(F, dtype=torch.int64),
+            act_sum=torch.zeros(F, dtype=torch.float64),
+            max_act=torch.zeros(F, dtype=torch.float32),
+            hist=torch.zeros(F, nh, dtype=torch.int64),
+            top_val=torch.full((F, K), -torch.inf),
+            top_ctx=torch.full((F, K), -1, dtype=torch.int64),
+            top_pos=torch.zeros(F, K, dtype=torch.int64),
+            top_tok=torch.zeros(F, K, T, dtype=torch.int32),
+            top_act=torch.zeros(F, K, T, dtype=torch.float32),
+            smp_key=torch.full((F, NB, S), KEY_EMPTY, dtype=torch.int64),
+            smp_val=torch.zeros(F, NB, S, dtype=torch.float32),
+            smp_ctx=torch.full((F, NB, S), -1, dtype=torch.int64),
+            smp_pos=torch.zeros(F, NB, S, dtype=torch.int64),
+            smp_tok=torch.zeros(F, NB, S, T, dtype=torch.int32),
+            smp_act=torch.zeros(F, NB, S, T, dtype=torch.float32),
+            sum_x=torch.zeros(d_in, dtype=torch.float64),
+        )
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.fire_count.shape[0])
+
+    # ---- derived quantities -----------------------------------------------------------------------------
+    def density(self) -> torch.Tensor:
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    def mean_act(self) -> torch.Tensor:
+        """Mean activation over firing tokens, [F]; NaN where the feature never fired."""
+        return torch.where(self.fire_count > 0, self.act_sum / self.fire_count.clamp(min=1).double(), torch.nan)
+
+    def fve(self) -> float:
+        n = max(self.n_tokens, 1)
+        sst = self.sum_x2 - float((self.sum_x**2).sum()) / n
+        return float("nan") if sst <= 0 else 1.0 - self.sse / sst
+
+    def l0(self) -> float:
+        return self.l0_sum / max(self.n_tokens, 1)
+
+    def dead_fraction(self) -> float:
+        return float((self.fire_count == 0).double().mean())
+
+
+# ---- pure selection helpers -----------------------------------------------------------------------------
+
+
+def _pick(a: torch.Tensor, b: torch.Tensor, from_a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 1: ``a[r, ia]`` where ``from_a`` else ``b[r, ib]``. a: [N, Ka, ...], b: [N, Kb, ...]."""
+    extra = a.shape[2:]
+    shape = (*ia.shape, *extra)
+
+    def g(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return src.gather(1, idx.reshape(*idx.shape, *([1] * len(extra))).expand(shape))
+
+    m = from_a.reshape(*from_a.shape, *([1] * len(extra)))
+    return torch.where(m, g(a, ia), g(b, ib))
+
+
+def _merge_rows(
+    keys_a: torch.Tensor, keys_b: torch.Tensor, payload_a: list[torch.Tensor], payload_b: list[torch.Tensor],
+    descending: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per row, keep the best ``Ka`` of the union of two candidate lists.
+
+    keys_a: [N, Ka] (the kept size), keys_b: [N, Kb]. Ties are broken by list position (a first) with a
+    stable sort, which is deterministic for a given arrival order.
+    """
+    ka = keys_a.shape[1]
+    cat = torch.cat([keys_a, keys_b], dim=1)
+    order = torch.sort(cat, dim=1, descending=descending, stable=True).indices[:, :ka]
+    from_a = order < ka
+    ia = order.clamp(max=ka - 1)
+    ib = (order - ka).clamp(min=0)
+    keys = cat.gather(1, order)
+    return keys, [_pick(pa, pb, from_a, ia, ib) for pa, pb in zip(payload_a, payload_b, strict=True)]
+
+
+# ---- streaming update -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update(
+    state: HarvestState,
+    feats: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    ctx_ids: torch.Tensor,
+    x: torch.Tensor | None = None,
+    recon: torch.Tensor | None = None,
+) -> None:
+    """Fold one batch into ``state`` in place.
+
+    feats: [B, T, F] SAE activations (must already be 0 where ``valid`` is False); tokens: [B, T] ids;
+    valid: [B, T] bool (False at BOS/pad); ctx_ids: [B] int64 globally unique context ids;
+    x, recon: [B, T, D] hook activations and SAE reconstructions (for FVE), optional.
+    """
+    cfg = state.cfg
+    feats = feats.detach().float().cpu()
+    tokens = tokens.cpu()
+    valid = valid.cpu()
+    ctx_ids = ctx_ids.cpu().to(torch.int64)
+    B, T, F = feats.shape
+    if T != state.top_tok.shape[2]:
+        raise ValueError(f"batch context length {T} != state context length {state.top_tok.shape[2]}")
+
+    n_valid = int(valid.sum())
+    state.n_tokens += n_valid
+    state.n_contexts += B
+
+    # counts, sums, histogram over firing (token, feature) pairs
+    nz = (feats > 0).nonzero(as_tuple=False)  # [nnz, 3]
+    f_idx = nz[:, 2]
+    vals = feats[nz[:, 0], nz[:, 1], f_idx]
+    state.fire_count += torch.bincount(f_idx, minlength=F)
+    state.act_sum += torch.bincount(f_idx, weights=vals.double(), minlength=F)
+    state.l0_sum += float(nz.shape[0])
+    edges = torch.as_tensor(cfg.hist_edges(), dtype=torch.float32)
+    nh = edges.numel() - 1
+    hb = (torch.bucketize(vals, edges, right=True) - 1).clamp(0, nh - 1)
+    state.hist += torch.bincount(f_idx * nh + hb, minlength=F * nh).view(F, nh)
+
+    if x is not None and recon is not None:
+        xv = x.detach().double().cpu()[valid]
+        rv = recon.detach().double().cpu()[valid]
+        state.sum_x += xv.sum(0)
+        state.sum_x2 += float((xv**2).sum())
+        state.sse += float(((xv - rv) ** 2).sum())
+
+    # per-context max
+    seq_max, seq_pos = feats.max(dim=1)  # [B, F]
+    state.max_act = torch.maximum(state.max_act, seq_max.max(0).values)
+
+    _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos)
+    _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos)
+
+
+def _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
+    K = state.top_val.shape[1]
+    cand = seq_max.T  # [F, B]
+    better = (cand > state.top_val[:, K - 1 : K]) & (cand > 0)
+    aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
+    if aff.numel() == 0:
+        return
+    new_val = torch.where(better[aff], cand[aff], -torch.inf)  # [A, B]
+    B = new_val.shape[1]
+    b_idx = torch.arange(B).expand(aff.numel(), B)
+    new_ctx = ctx_ids[b_idx]
+    new_pos = seq_pos.T[aff]
+    new_tok = tokens[b_idx].to(torch.int32)  # [A, B, T]
+    new_act = feats[b_idx, :, aff[:, None]]  # [A, B, T]
+    keys, (ctx, pos, tok, act) = _merge_rows(
+        state.top_val[aff], new_val,
+        [state.top_ctx[aff], state.top_pos[aff], state.top_tok[aff], state.top_act[aff]],
+        [new_ctx, new_pos, new_tok, new_act],
+        descending=True,
+    )
+    state.top_val[aff], state.top_ctx[aff], state.top_pos[aff] = keys, ctx, pos
+    state.top_tok[aff], state.top_act[aff] = tok, act
+
+
+def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
+    cfg = state.cfg
+    NB, S = cfg.n_bands, cfg.samples_per_band
+    if S == 0:
+        return
+    b, f = (seq_max > 0).nonzero(as_tuple=True)  # candidates (context, feature)
+    if b.numel() == 0:
+        return
+    v = seq_max[b, f]
+    band = (torch.floor(torch.log2(v)).to(torch.int64) - cfg.band_lo_exp).clamp(0, NB - 1)
+    key = hash_key(ctx_ids[b], f)
+    slot = f * NB + band
+    flat_key = state.smp_key.view(-1, S)
+    keep = key < flat_key[slot, S - 1]
+    if not keep.any():
+        return
+    b, f, v, key, slot = b[keep], f[keep], v[keep], key[keep], slot[keep]
+    # rank candidates within their slot by key; keep at most S per slot
+    order = torch.argsort(slot * (1 << 31) + key)
+    b, f, v, key, slot = b[order], f[order], v[order], key[order], slot[order]
+    uslot, counts = torch.unique_consecutive(slot, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(slot.numel()) - torch.repeat_interleave(starts, counts)
+    ok = rank < S
+    b, f, v, key, rank = b[ok], f[ok], v[ok], key[ok], rank[ok]
+    row = torch.repeat_interleave(torch.arange(uslot.numel()), counts)[ok]
+    U, T = uslot.numel(), tokens.shape[1]
+    nk = torch.full((U, S), KEY_EMPTY, dtype=torch.int64)
+    nv = torch.zeros(U, S)
+    nc = torch.full((U, S), -1, dtype=torch.int64)
+    npos = torch.zeros(U, S, dtype=torch.int64)
+    ntok = torch.zeros(U, S, T, dtype=torch.int32)
+    nact = torch.zeros(U, S, T)
+    nk[row, rank], nv[row, rank], nc[row, rank] = key, v, ctx_ids[b]
+    npos[row, rank] = seq_pos[b, f]
+    ntok[row, rank] = tokens[b].to(torch.int32)
+    nact[row, rank] = feats[b, :, f]
+    fk, fv, fc, fp = (t.view(-1, S) for t in (state.smp_key, state.smp_val, state.smp_ctx, state.smp_pos))
+    ftok, fact = state.smp_tok.view(-1, S, T), state.smp_act.view(-1, S, T)
+    keys, (val, ctx, pos, tok, act) = _merge_rows(
+        fk[uslot], nk, [fv[uslot], fc[uslot], fp[uslot], ftok[uslot], fact[uslot]],
+        [nv, nc, npos, ntok, nact], descending=False,
+    )
+    fk[uslot], fv[uslot], fc[uslot], fp[uslot], ftok[uslot], fact[uslot] = keys, val, ctx, pos, tok, act
+
+
+# ---- merging shard states -------------------------------------------------------------------------------
+
+
+def merge(a: HarvestState, b: HarvestState) -> HarvestState:
+    """The state of one run over both shards (contexts must have distinct ids)."""
+    if a.cfg != b.cfg or a.top_tok.shape != b.top_tok.shape:
+        raise ValueError("cannot merge harvest states with different configs or shapes")
+    F, NB, S, T = a.d_sae, a.cfg.n_bands, a.cfg.samples_per_band, a.top_tok.shape[2]
+    top_val, (top_ctx, top_pos, top_tok, top_act) = _merge_rows(
+        a.top_val, b.top_val,
+        [a.top_ctx, a.top_pos, a.top_tok, a.top_act], [b.top_ctx, b.top_pos, b.top_tok, b.top_act],
+        descending=True,
+    )
+    smp_key, smp = _merge_rows(
+        a.smp_key.view(-1, S), b.smp_key.view(-1, S),
+        [a.smp_val.view(-1, S), a.smp_ctx.view(-1, S), a.smp_pos.view(-1, S),
+         a.smp_tok.view(-1, S, T), a.smp_act.view(-1, S, T)],
+        [b.smp_val.view(-1, S), b.smp_ctx.view(-1, S), b.smp_pos.view(-1, S),
+         b.smp_tok.view(-1, S, T), b.smp_act.view(-1, S, T)],
+        descending=False,
+    )
+    return HarvestState(
+        cfg=a.cfg,
+        n_tokens=a.n_tokens + b.n_tokens,
+        n_contexts=a.n_contexts + b.n_contexts,
+        fire_count=a.fire_count + b.fire_count,
+        act_sum=a.act_sum + b.act_sum,
+        max_act=torch.maximum(a.max_act, b.max_act),
+        hist=a.hist + b.hist,
+        top_val=top_val, top_ctx=top_ctx, top_pos=top_pos, top_tok=top_tok, top_act=top_act,
+        smp_key=smp_key.view(F, NB, S),
+        smp_val=smp[0].view(F, NB, S), smp_ctx=smp[1].view(F, NB, S), smp_pos=smp[2].view(F, NB, S),
+        smp_tok=smp[3].view(F, NB, S, T), smp_act=smp[4].view(F, NB, S, T),
+        sum_x=a.sum_x + b.sum_x,
+        sum_x2=a.sum_x2 + b.sum_x2,
+        sse=a.sse + b.sse,
+        l0_sum=a.l0_sum + b.l0_sum,
+    )
+
+
+def state_dict(state: HarvestState) -> dict:
+    """Plain dict (tensors + numbers) for ``torch.save``; ``from_state_dict`` restores it."""
+    d = {f.name: getattr(state, f.name) for f in fields(state) if f.name != "cfg"}
+    d["cfg"] = state.cfg.__dict__.copy()
+    return d
+
+
+def from_state_dict(d: dict) -> HarvestState:
+    d = dict(d)
+    cfg = HarvestConfig(**d.pop("cfg"))
+    return HarvestState(cfg=cfg, **d)
+
+
+def choose_bands(populated: list[int], n_show: int) -> list[int]:
+    """Pick up to ``n_show`` populated band indices spread evenly from lowest to highest, descending."""
+    if len(populated) <= n_show:
+        return sorted(populated, reverse=True)
+    idx = np.unique(np.round(np.linspace(0, len(populated) - 1, n_show)).astype(int))
+    return sorted((populated[i] for i in idx), reverse=True)

@@ -1,0 +1,135 @@
+"""Harvest math against brute force on random data, and exact merging of shard states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.harvest import HarvestConfig, HarvestState, choose_bands, from_state_dict, hash_key, merge, state_dict, update
+
+N, T, F, D = 37, 12, 9, 5
+CFG = HarvestConfig(top_k=4, samples_per_band=3, band_lo_exp=-3, band_hi_exp=3)
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.relu(torch.randn(N, T, F, generator=g) * 2 - 1.5)
+    valid = torch.ones(N, T, dtype=torch.bool)
+    valid[:, 0] = False  # BOS
+    lengths = torch.randint(3, T + 1, (N,), generator=g)
+    valid &= torch.arange(T)[None, :] < lengths[:, None]  # right padding
+    feats = feats * valid[..., None]
+    tokens = torch.randint(0, 100, (N, T), generator=g)
+    x = torch.randn(N, T, D, generator=g)
+    recon = x + 0.3 * torch.randn(N, T, D, generator=g)
+    ctx = torch.arange(N, dtype=torch.int64) * 7 + 3  # arbitrary unique ids
+    return feats, tokens, valid, ctx, x, recon
+
+
+def _run(sl: slice, batch: int = 5, data=None) -> HarvestState:
+    feats, tokens, valid, ctx, x, recon = data or _data()
+    st = HarvestState.empty(CFG, F, T, D)
+    idx = torch.arange(N)[sl]
+    for i in range(0, len(idx), batch):
+        j = idx[i : i + batch]
+        update(st, feats[j], tokens[j], valid[j], ctx[j], x[j], recon[j])
+    return st
+
+
+def test_counts_hist_density_fve_against_brute_force():
+    feats, tokens, valid, ctx, x, recon = _data()
+    st = _run(slice(None))
+    assert st.n_tokens == int(valid.sum())
+    fire = feats > 0
+    assert torch.equal(st.fire_count, fire.sum((0, 1)))
+    torch.testing.assert_close(st.act_sum, feats.double().sum((0, 1)))
+    torch.testing.assert_close(st.max_act, feats.amax((0, 1)))
+    torch.testing.assert_close(st.density(), fire.sum((0, 1)).double() / valid.sum())
+    edges = CFG.hist_edges()
+    for f in range(F):
+        v = feats[..., f][fire[..., f]].numpy()
+        b = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2)
+        assert np.array_equal(st.hist[f].numpy(), np.bincount(b, minlength=len(edges) - 1))
+    xv, rv = x[valid].double(), recon[valid].double()
+    fve = 1 - ((xv - rv) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum()
+    assert st.fve() == pytest.approx(float(fve), rel=1e-9)
+    assert st.l0() == pytest.approx(float(fire.sum() / valid.sum()))
+
+
+def test_topk_against_brute_force():
+    feats, tokens, valid, ctx, _, _ = _data()
+    st = _run(slice(None))
+    seq_max, seq_pos = feats.max(1)
+    for f in range(F):
+        order = sorted((i for i in range(N) if seq_max[i, f] > 0), key=lambda i: -float(seq_max[i, f]))[: CFG.top_k]
+        got = [int(c) for c in st.top_ctx[f] if c >= 0]
+        assert got == [int(ctx[i]) for i in order]
+        for r, i in enumerate(order):
+            assert float(st.top_val[f, r]) == float(seq_max[i, f])
+            assert int(st.top_pos[f, r]) == int(seq_pos[i, f])
+            assert torch.equal(st.top_tok[f, r], tokens[i].to(torch.int32))
+            assert torch.equal(st.top_act[f, r], feats[i, :, f])
+
+
+def test_interval_samples_against_brute_force():
+    feats, tokens, valid, ctx, _, _ = _data()
+    st = _run(slice(None))
+    seq_max = feats.max(1).values
+    for f in range(F):
+        for band in range(CFG.n_bands):
+            cands = []
+            for i in range(N):
+                v = float(seq_max[i, f])
+                if v <= 0:
+                    continue
+                b = min(max(int(np.floor(np.log2(v))) - CFG.band_lo_exp, 0), CFG.n_bands - 1)
+                if b == band:
+                    cands.append((int(hash_key(ctx[i : i + 1], torch.tensor([f]))[0]), i))
+            want = [int(ctx[i]) for _, i in sorted(cands)[: CFG.samples_per_band]]
+            got = [int(c) for c in st.smp_ctx[f, band] if c >= 0]
+            assert got == want
+            for r, c in enumerate(got):
+                i = int((ctx == c).nonzero()[0, 0])
+                assert torch.equal(st.smp_act[f, band, r], feats[i, :, f])
+
+
+@pytest.mark.parametrize("split", [10, 18, 30])
+def test_merge_of_shards_equals_single_run(split):
+    whole = _run(slice(None))
+    merged = merge(_run(slice(0, split), batch=3), _run(slice(split, None), batch=4))
+    for name, a in state_dict(whole).items():
+        b = getattr(merged, name)
+        if name == "cfg":
+            assert b == whole.cfg
+            continue
+        if isinstance(a, torch.Tensor):
+            if a.dtype.is_floating_point:
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-9, msg=name)
+            else:
+                assert torch.equal(a, b), name
+        elif isinstance(a, float):
+            assert b == pytest.approx(a, rel=1e-12), name
+        else:
+            assert a == b, name
+
+
+def test_merge_is_order_independent_and_roundtrips():
+    a, b = _run(slice(0, 20)), _run(slice(20, None))
+    ab, ba = merge(a, b), merge(b, a)
+    assert torch.equal(ab.top_ctx, ba.top_ctx)
+    assert torch.equal(ab.smp_ctx, ba.smp_ctx)
+    restored = from_state_dict(state_dict(ab))
+    assert torch.equal(restored.top_act, ab.top_act)
+
+
+def test_merge_rejects_mismatched_configs():
+    a = HarvestState.empty(CFG, F, T, D)
+    b = HarvestState.empty(HarvestConfig(top_k=2), F, T, D)
+    with pytest.raises(ValueError):
+        merge(a, b)
+
+
+def test_choose_bands_spreads_across_range():
+    assert choose_bands([1, 2], 5) == [2, 1]
+    assert choose_bands(list(range(10)), 5) == [9, 7, 5, 2, 0]
