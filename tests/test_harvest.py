@@ -132,4 +132,4 @@ def test_merge_rejects_mismatched_configs():
 
 def test_choose_bands_spreads_across_range():
     assert choose_bands([1, 2], 5) == [2, 1]
-    assert choose_bands(list(range(10)), 5) == [9, 7, 5, 2, 0]
+    assert choose_bands(list(range(10)), 5) == [9, 7, 4, 2, 0]
