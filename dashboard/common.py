@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
+from dashboard.render import md
 from db.schema import DatabaseError
 from db.store import Store
 
@@ -88,12 +89,12 @@ def get_store() -> Store:
     try:
         return _open_store(str(path), _file_id(path))
     except DatabaseError as e:
-        st.error(str(e))
+        st.error(md(str(e)))
         st.stop()
         raise  # unreachable: st.stop raises
     except Exception as e:  # noqa: BLE001 - any other open failure: a message, never a traceback
         log.exception("opening %s failed", path)
-        st.error(f"Cannot open the database {path}: {type(e).__name__}: {first_line(e)}")
+        st.error(md(f"Cannot open the database {path}: {type(e).__name__}: {first_line(e)}"))
         st.stop()
         raise
 
@@ -115,7 +116,7 @@ def pick_sae(store: Store, key: str = "sae") -> str:
     choice = st.sidebar.selectbox("SAE", ids, key=key)
     if st.query_params.get("sae") != choice:
         set_param("sae", choice, key)
-    st.sidebar.caption(f"Database: `{db_path()}`")
+    st.sidebar.caption(f"Database: `{str(db_path()).replace('`', '')}`")
     return choice
 
 
@@ -201,7 +202,7 @@ def first_line(e: BaseException) -> str:
 def show_error(context: str, e: BaseException) -> None:
     """Log the exception with its traceback on the server, show one line to the user."""
     log.exception("%s", context)
-    st.error(f"{context}: {type(e).__name__}: {first_line(e)}")
+    st.error(f"{context}: {md(type(e).__name__ + ': ' + first_line(e))}")
 
 
 def guarded(context: str, fn: Callable[[], Any]) -> Any:

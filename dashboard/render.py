@@ -7,6 +7,7 @@ ever interpolated. Attributes are quoted with escaped quotes.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,6 +84,21 @@ def contexts_html(rows: Sequence[tuple[Sequence[str], Sequence[float], int, floa
         context_html(t, a, scale, max_pos=int(mp), window=window, prefix=f"{float(ma):7.2f}  ")
         for t, a, mp, ma in rows
     )
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}<>~$|:!])")
+_MD_LINE_START = re.compile(r"^(\s*)([#+\-=>]|\d+[.)])", re.MULTILINE)
+
+
+def md(text: object) -> str:
+    """User/corpus text for Streamlit markdown (titles, captions, alerts, widget labels): HTML-escaped, then
+    markdown syntax (emphasis, links, directives like :red[...], $latex$, headings) backslash-escaped, so it
+    shows literally."""
+    s = html.escape("" if text is None else str(text), quote=False)
+    s = _MD_SPECIAL.sub(r"\\\1", s)
+    return _MD_LINE_START.sub(
+        lambda m: m.group(1) + (m.group(2)[:-1] + "\\" + m.group(2)[-1] if m.group(2)[0].isdigit()
+                                else "\\" + m.group(2)), s)
 
 
 def escape_text(text: str | None) -> str:

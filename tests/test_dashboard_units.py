@@ -155,3 +155,11 @@ def test_concept_feature_dead_in_corpus_uses_its_own_peak():
                                 mean_act=np.array([0, 1.0, 0, 0, 0, 0]), max_act=np.array([0, 2.0, 0, 0, 0, 0]))
     assert df["feature"].tolist() == [0, 1]
     assert df["mass_pos"].tolist() == pytest.approx([1.0, 1.0])  # both normalised to their own scale
+
+
+def test_md_escapes_markdown_and_html():
+    assert render.md("evil <script>alert(1)</script>") == "evil &lt;script&gt;alert(1)&lt;/script&gt;"
+    assert render.md("[x](javascript:alert(1)) *b* :red[r] $x$") == (
+        "\\[x\\](javascript\\:alert(1)) \\*b\\* \\:red\\[r\\] \\$x\\$")
+    assert render.md("# h\n1. i\n- j") == "\\# h\n1\\. i\n\\- j"
+    assert render.md("/tmp/a_b.duckdb") == "/tmp/a\\_b.duckdb" and render.md(None) == ""

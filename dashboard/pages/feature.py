@@ -70,10 +70,10 @@ if flash:
 title = f"Feature {fid}"
 st.title(title)
 if feat["label"]:
-    st.markdown(f"### {render.escape_text(feat['label'])}")
+    st.markdown(f"### {render.md(feat['label'])}")
 tags = list(feat["tags"]) if feat["tags"] is not None else []
 if tags:
-    st.markdown(" ".join(f":violet-badge[{render.escape_text(t)}]" for t in tags))
+    st.markdown(" ".join(f":violet-badge[{render.md(t)}]" for t in tags))
 if feat["dead"]:
     st.warning("This feature never fired on the corpus (dead).")
 
@@ -169,8 +169,8 @@ with right:
     if nb.empty:
         st.caption("No neighbours stored.")
     for _, r in nb.iterrows():
-        name = r["label"] if isinstance(r["label"], str) and r["label"] else (r["top_tokens"] or "")
-        feature_link(sae_id, int(r["feature"]), label=f"#{int(r['feature'])} · cos {r['cos']:.2f} · {name}"[:90])
+        name = next((v for v in (r["label"], r["top_tokens"]) if isinstance(v, str) and v), "")
+        feature_link(sae_id, int(r["feature"]), label=f"#{int(r['feature'])} · cos {r['cos']:.2f} · {render.md(name[:60])}")
 
     st.subheader("On the map")
     if feat["umap_x"] is None or feat["umap_y"] is None:
@@ -213,13 +213,13 @@ with right:
             show_error("Could not save the label", e)
     if current:
         st.caption(f"Last edited {pd.Timestamp(current['updated_at']):%Y-%m-%d %H:%M}"
-                   + (f" by {render.escape_text(current['author'])}" if current.get("author") else ""))
+                   + (f" by {render.md(current['author'])}" if current.get("author") else ""))
 
     # ------------------------------------------------------------------------------------- add to list
     st.subheader("Lists")
     member_of = q.lists_of_feature(store, sae_id, fid)
     if member_of:
-        st.caption("In: " + ", ".join(render.escape_text(n) for n in member_of))
+        st.caption("In: " + ", ".join(render.md(n) for n in member_of))
     names = q.list_names(store)["list_name"].tolist()
     with st.form(f"list_form_{sae_id}_{fid}", clear_on_submit=True):
         choice = st.selectbox("Add to list", options=names, index=None, placeholder="choose a list, or type a new name",
@@ -232,8 +232,8 @@ with right:
                 st.warning("Choose a list or type a new list name.")
             else:
                 n_new = writes.add_to_list(store, choice, sae_id, fid, note=list_note or None)
-                st.session_state["_flash"] = (f"Added feature {fid} to list '{choice}'." if n_new
-                                              else f"Feature {fid} was already in list '{choice}'.")
+                st.session_state["_flash"] = (f"Added feature {fid} to list '{render.md(choice)}'." if n_new
+                                              else f"Feature {fid} was already in list '{render.md(choice)}'.")
                 st.rerun()
         except Exception as e:  # noqa: BLE001
             show_error("Could not add to the list", e)

@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard.common import get_store, pick_sae, qp_str, set_param, show_error, sync_widget, url
 from dashboard.export import as_list, export_list
+from dashboard.render import md
 from db import queries as q
 from db import writes
 
@@ -31,11 +32,11 @@ with st.sidebar.expander("New list", expanded=lists.empty):
                     st.warning("A list needs at least one feature id.")
                 else:
                     writes.add_to_list(store, new_name, sae_id, ids)
-                    st.session_state["_lists_flash"] = f"Created list '{new_name.strip()}' with {len(ids)} features."
+                    st.session_state["_lists_flash"] = f"Created list '{md(new_name.strip())}' with {len(ids)} features."
                     set_param("list", new_name.strip())
                     st.rerun()
             except ValueError as e:
-                st.error(f"Could not create the list: {e}")
+                st.error(f"Could not create the list: {md(e)}")
             except Exception as e:  # noqa: BLE001
                 show_error("Could not create the list", e)
 
@@ -56,7 +57,7 @@ set_param("list", name, key="list_pick")
 members = q.list_members(store, name)
 other = members[members["sae_id"] != sae_id]
 if not other.empty:
-    st.caption(f"{len(other)} of its features belong to other SAEs ({', '.join(sorted(other['sae_id'].unique()))}).")
+    st.caption(f"{len(other)} of its features belong to other SAEs ({md(', '.join(sorted(other['sae_id'].unique())))}).")
 
 view = members.copy()
 view.insert(0, "open", [url("feature", sae=s, feature=int(f)) for s, f in zip(view["sae_id"], view["feature"], strict=True)])
@@ -89,7 +90,7 @@ with e1:
             try:
                 ids = [int(x) for x in ids_text.replace(",", " ").split()]
                 n_new = writes.add_to_list(store, name, sae_id, ids) if ids else 0
-                st.session_state["_lists_flash"] = f"Added {n_new} features to '{name}'."
+                st.session_state["_lists_flash"] = f"Added {n_new} features to '{md(name)}'."
                 st.rerun()
             except ValueError:
                 st.error("Feature ids are integers separated by commas or spaces.")
@@ -103,7 +104,7 @@ with e1:
                 for o in drop:
                     s, f = o.rsplit(":", 1)
                     writes.remove_from_list(store, name, s, int(f))
-                st.session_state["_lists_flash"] = f"Removed {len(drop)} features from '{name}'."
+                st.session_state["_lists_flash"] = f"Removed {len(drop)} features from '{md(name)}'."
                 st.rerun()
             except Exception as e:  # noqa: BLE001
                 show_error("Could not remove", e)
@@ -118,12 +119,12 @@ with e2:
             except Exception as e:  # noqa: BLE001
                 show_error("Could not rename", e)
     with st.form("delete_list"):
-        sure = st.checkbox(f"Yes, delete the list '{name}' ({len(members)} features)")
+        sure = st.checkbox(f"Yes, delete the list '{md(name)}' ({len(members)} features)")
         if st.form_submit_button("Delete list") and sure:
             try:
                 writes.delete_list(store, name)
                 set_param("list", None)
-                st.session_state["_lists_flash"] = f"Deleted list '{name}'."
+                st.session_state["_lists_flash"] = f"Deleted list '{md(name)}'."
                 st.rerun()
             except Exception as e:  # noqa: BLE001
                 show_error("Could not delete", e)

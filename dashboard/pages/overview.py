@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.common import fmt_density, get_store, page_file, pick_sae
+from dashboard.render import md
 from db import queries as q
 
 store = get_store()
@@ -60,8 +61,8 @@ for _, s in saes.iterrows():
     sae_id = str(s["sae_id"])
     st.subheader(f"{sae_id}" + ("  (selected)" if sae_id == current and len(saes) > 1 else ""))
     st.caption(
-        f"Model **{s['model_name'] or s['model_spec']}** · hook `{s['hook_name']}` · corpus {s['corpus'] or '–'} · "
-        f"{s['architecture'] or 'SAE'} d_in {s['d_in']} · context {s['context_size']} tokens"
+        f"Model **{md(s['model_name'] or s['model_spec'])}** · hook `{s['hook_name']}` · corpus {md(s['corpus'] or '–')} · "
+        f"{md(s['architecture'] or 'SAE')} d_in {s['d_in']} · context {s['context_size']} tokens"
         + (f" · built {pd.Timestamp(s['built_at']):%Y-%m-%d %H:%M}" if pd.notna(s["built_at"]) else "")
     )
     cols = st.columns(6)

@@ -112,7 +112,7 @@ def text_mode() -> None:
     if fid is not None and (res.empty or int(res["feature"].iloc[0]) != fid):
         st.warning(f"No feature {fid} in SAE `{sae_id}` (it has features 0 to {d_sae - 1}).")
     if res.empty:
-        st.info(f"No feature matches {query!r} with these filters.")
+        st.info(f"No feature matches {render.md(repr(query))} with these filters.")
         return
     st.caption(f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
                "Select a row (or use 'open') to see a feature.")
@@ -139,7 +139,7 @@ def prompt_mode() -> None:
     set_param("query", text.strip() or None, key="prompt_text")
     st.button("Run", type="primary", key="prompt_run")
     if not text.strip():
-        st.caption(f"Runs `{info.get('model_name') or info.get('model_spec')}` up to `{info.get('hook_name')}` "
+        st.caption(f"Runs {render.md(info.get('model_name') or info.get('model_spec'))} up to `{info.get('hook_name')}` "
                    "and encodes with the SAE, then lists the features most active on the text and per token.")
         return
     try:
@@ -189,7 +189,7 @@ def prompt_mode() -> None:
             st.caption("Click a token above to see the features active on it.")
         else:
             per = prompt.token_features(res, int(tok), top=25)
-            st.caption(f"Token {int(tok)} {res.tokens[int(tok)]!r}: {int((res.pos == int(tok)).sum())} active "
+            st.caption(f"Token {int(tok)} {render.md(repr(res.tokens[int(tok)]))}: {int((res.pos == int(tok)).sum())} active "
                        "features (strongest 25)")
             if not per.empty:
                 per = per.merge(labels_for(per["feature"].tolist()), on="feature", how="left")
