@@ -421,3 +421,20 @@ def test_real_db_pages(monkeypatch, real_db):
     at = open_app(monkeypatch, real_db, "lists", sae=sae_id)
     assert_clean(at)
 
+
+
+def test_two_saes_in_one_file(monkeypatch, synth_db):
+    con = duckdb.connect(str(synth_db))
+    con.execute("INSERT INTO saes SELECT * REPLACE ('other' AS sae_id) FROM saes")
+    con.execute("INSERT INTO features SELECT * REPLACE ('other' AS sae_id) FROM features WHERE feature < 50")
+    con.close()
+    at = open_app(monkeypatch, synth_db)
+    assert_clean(at)
+    assert at.dataframe[0].value["SAE"].tolist() == ["other", SAE_ID]
+    at = open_app(monkeypatch, synth_db, "feature", sae="other", feature="3")
+    assert_clean(at)
+    assert at.sidebar.selectbox[0].value == "other" and at.title[0].value == "Feature 3"
+    assert any("No activating contexts stored" in i.value for i in at.info)  # examples only for 'synthetic'
+    at.sidebar.selectbox[0].set_value(SAE_ID).run()
+    assert_clean(at)
+    assert at.query_params["sae"] == SAE_ID and at.get("html")  # now the synthetic SAE's contexts
