@@ -133,3 +133,34 @@ def tiny_runtime(tiny_model_dir: Path, tiny_sae_dir: Path):
     from pipelines.saes import SaeSource
 
     return load_runtime(str(tiny_model_dir), SaeSource(kind="folder", path=str(tiny_sae_dir)), device="cpu")
+
+
+def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw) -> Path:
+    """Build a real database with the full pipeline from the tiny model + SAE (no network, ~seconds)."""
+    from pipelines.build import BuildConfig, build
+    from pipelines.corpus import CorpusSpec
+    from pipelines.harvest import HarvestConfig
+    from pipelines.saes import SaeSource
+
+    cfg = BuildConfig(
+        model=str(model_dir),
+        sae=SaeSource(kind="folder", path=str(sae_dir)),
+        corpus=CorpusSpec(str(corpus)),
+        db=str(path),
+        sae_name=kw.pop("sae_name", "tiny/model.layers.1/64"),
+        context_size=kw.pop("context_size", 16),
+        max_tokens=kw.pop("max_tokens", 5_000),
+        batch_size=4,
+        harvest=kw.pop("harvest", HarvestConfig(top_k=5, samples_per_band=3)),
+        device="cpu",
+        progress=False,
+        **kw,
+    )
+    build(cfg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path) -> Path:
+    """A DuckDB feature dictionary built by the real pipeline from the tiny model + SAE (session-wide, read it only)."""
+    return build_tiny_db(tmp_path_factory.mktemp("db") / "tiny.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus)

@@ -1,0 +1,167 @@
+"""The ``featuredict`` command line: train-sae, build, demo, serve, steer.
+
+Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
+prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from . import __version__
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    from db.schema import DatabaseError
+
+    from .corpus import CorpusError
+    from .models import ModelLoadError
+    from .saes import SaeLoadError
+
+    return (DatabaseError, CorpusError, ModelLoadError, SaeLoadError, ValueError, FileNotFoundError, PermissionError)
+
+
+def _corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--corpus", required=required,
+                   help="a .txt / .jsonl / .parquet file, or a Hugging Face dataset name (streamed; needs network)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows (default: text)")
+    p.add_argument("--separator", default="<|endoftext|>",
+                   help="document separator for .txt: a string, 'blank' (blank lines) or 'line' (default: <|endoftext|>)")
+    p.add_argument("--split", default="train", help="HF dataset split (default: train)")
+
+
+def _corpus(args: argparse.Namespace):
+    from .corpus import CorpusSpec
+
+    return CorpusSpec(args.corpus, text_field=args.text_field, separator=args.separator, split=args.split)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train_sae import TrainConfig, train_sae
+
+    cfg = TrainConfig(model=args.model, corpus=_corpus(args), out=args.out, hook=args.hook, d_sae=args.d_sae,
+                      k=args.k, training_tokens=args.tokens, context_size=args.context_size,
+                      batch_tokens=args.batch_tokens, lr=args.lr, device=args.device, seed=args.seed)
+    r = train_sae(cfg)
+    print(f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
+          f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s)")
+    print(f"FVE={r.fve:.3f}  L0={r.l0:.1f}  dead={r.dead_fraction:.1%}  -> {r.out}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import BuildConfig, build
+    from .harvest import HarvestConfig
+    from .saes import SaeSource
+
+    source = SaeSource(kind="registry", release=args.sae_release, sae_id=args.sae_id) if args.sae_release else None
+    if source is None:
+        if not args.sae:
+            raise ValueError("give --sae FOLDER_OR_RELEASE:ID, or --sae-release with --sae-id")
+        source = SaeSource.parse(args.sae)
+    cfg = BuildConfig(
+        model=args.model, sae=source, corpus=_corpus(args), db=args.db, sae_name=args.name, hook=args.hook,
+        context_size=args.context_size, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        harvest=HarvestConfig(top_k=args.top_k, samples_per_band=args.interval_samples),
+        umap=not args.no_umap, device=args.device, dtype=args.dtype,
+    )
+    r = build(cfg)
+    print(r.summary())
+    print(f"open it: featuredict serve --db {r.db}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(db=args.db, corpus=args.corpus, tokens=args.tokens, train_tokens=args.train_tokens,
+                               d_sae=args.d_sae, k=args.k, layer=args.layer, force=args.force,
+                               gen_tokens=args.gen_tokens))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="featuredict", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"featuredict {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-sae", help="train a TopK SAE with sae-lens on a local model + corpus")
+    t.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder or HF id")
+    _corpus_args(t)
+    t.add_argument("--out", required=True, help="output folder (sae-lens format)")
+    t.add_argument("--hook", default="model.layers.15", help="HF module name whose output is read (default: model.layers.15)")
+    t.add_argument("--d-sae", type=int, default=4608)
+    t.add_argument("--k", type=int, default=32, help="TopK k (default 32)")
+    t.add_argument("--tokens", type=int, default=100_000, help="training tokens (default 100k)")
+    t.add_argument("--context-size", type=int, default=128)
+    t.add_argument("--batch-tokens", type=int, default=256)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("build", help="harvest feature statistics into a DuckDB feature dictionary")
+    b.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder, HF id, or TransformerLens name (gpt2)")
+    b.add_argument("--sae", help="a local sae-lens folder or RELEASE:SAE_ID from the sae-lens registry")
+    b.add_argument("--sae-release", help="sae-lens registry release (e.g. gpt2-small-res-jb)")
+    b.add_argument("--sae-id", help="SAE id within the release (e.g. blocks.8.hook_resid_pre)")
+    _corpus_args(b)
+    b.add_argument("--db", default="featuredict.duckdb", help="database file (default: featuredict.duckdb)")
+    b.add_argument("--name", default=None, help="SAE name in the database (default: MODEL/HOOK/D_SAE)")
+    b.add_argument("--hook", default=None, help="override the SAE's hook name (normally read from the SAE)")
+    b.add_argument("--context-size", type=int, default=64, help="tokens per context incl. BOS (default 64)")
+    b.add_argument("--max-tokens", type=int, default=200_000, help="token budget (default 200k)")
+    b.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default 16)")
+    b.add_argument("--top-k", type=int, default=20, help="top activating contexts kept per feature (default 20)")
+    b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
+    b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
+    b.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    b.add_argument("--dtype", default="float32", help="model dtype: float32 / bfloat16 / float16")
+    b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")
+    d.add_argument("--db", default=None, help="database file (default: $FEATUREDICT_CACHE/demo/smollm2-demo.duckdb)")
+    d.add_argument("--corpus", default=None, help="corpus file; default: text the model writes from built-in prompts")
+    d.add_argument("--tokens", type=int, default=60_000, help="harvest token budget (default 60k)")
+    d.add_argument("--train-tokens", type=int, default=80_000, help="SAE training tokens (default 80k)")
+    d.add_argument("--d-sae", type=int, default=4608)
+    d.add_argument("--k", type=int, default=32)
+    d.add_argument("--gen-tokens", type=int, default=6_000, help="model-written part of the built-in corpus (default 6k)")
+    d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
+    d.add_argument("--force", action="store_true", help="redo every step even where cached")
+    d.set_defaults(func=cmd_demo)
+
+    from dashboard.serve import register as register_serve
+
+    from .steer_cli import register as register_steer
+
+    register_serve(sub)
+    register_steer(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; the database was left as it was", file=sys.stderr)
+        return 130
+    except _expected() as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
