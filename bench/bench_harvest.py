@@ -1,0 +1,115 @@
+"""Harvest throughput vs the bare forward pass to the hook, and peak memory at two corpus sizes.
+
+    python bench/bench_harvest.py --model smollm2-135m --sae ~/.cache/featuredict/demo/sae_... \
+        --corpus ../shared/corpora/web_sample_133KB.txt --tokens 20000
+
+Throughput: the same contexts are run (a) through the model up to the hook only, and (b) through the full
+harvest step (model to hook + SAE encode/decode + the mergeable state update); the ratio (b)/(a) time is the
+harvest overhead (target: under 25% extra). Memory: a fresh process harvests N and 2N tokens and reports its
+peak RSS (target: flat, i.e. bounded by the dictionary, not the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
+    from pipelines.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
+
+    tok = rt.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    batches, n = [], 0
+    for ids, mask in batch_contexts(iter_contexts(iter_documents(CorpusSpec(corpus)), tok, context_size),
+                                    batch_size, context_size, pad):
+        batches.append((ids, mask))
+        n += int(mask.sum())
+        if n >= tokens:
+            break
+    return batches, n
+
+
+def throughput(args) -> dict:
+    from pipelines.harvest import HarvestConfig, HarvestState, update
+    from pipelines.runtime import load_runtime
+    from pipelines.saes import SaeSource
+
+    torch.set_num_threads(args.threads)
+    rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
+    batches, n = _contexts(rt, args.corpus, args.tokens, args.context_size, args.batch_size)
+    rt.hook_acts(*batches[0])  # warm-up
+    best_fwd = best_h = float("inf")
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for ids, mask in batches:
+            rt.hook_acts(ids, mask)
+        best_fwd = min(best_fwd, time.perf_counter() - t)
+        st = HarvestState.empty(HarvestConfig(), rt.d_sae, args.context_size, int(rt.sae.cfg.d_in))
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i, (ids, mask) in enumerate(batches):
+                x = rt.hook_acts(ids, mask)
+                f = rt.sae.encode(x)
+                valid = rt.valid_mask(ids, mask)
+                update(st, f * valid.unsqueeze(-1), ids, valid, torch.arange(i * len(ids), (i + 1) * len(ids)), x,
+                       rt.sae.decode(f))
+        best_h = min(best_h, time.perf_counter() - t)
+    return {"tokens": n, "d_sae": rt.d_sae, "forward_tok_s": n / best_fwd, "harvest_tok_s": n / best_h,
+            "overhead": best_h / best_fwd - 1}
+
+
+def memory_child(args) -> None:
+    from pipelines.build import BuildConfig, harvest
+    from pipelines.corpus import CorpusSpec
+    from pipelines.runtime import load_runtime
+    from pipelines.saes import SaeSource
+
+    rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = BuildConfig(model=args.model, sae=SaeSource.parse(args.sae), corpus=CorpusSpec(args.corpus),
+                      max_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
+                      progress=False)
+    st = harvest(rt, cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tokens": st.n_tokens, "rss_after_load_mb": base / 1024, "peak_rss_mb": peak / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--tokens", type=int, default=20_000)
+    p.add_argument("--context-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default=None)
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    r = throughput(args)
+    print(f"| tokens | d_sae | forward to hook tok/s | harvest tok/s | harvest overhead |")
+    print("|---|---|---|---|---|")
+    print(f"| {r['tokens']:,} | {r['d_sae']} | {r['forward_tok_s']:,.0f} | {r['harvest_tok_s']:,.0f} | {r['overhead']:+.1%} |")
+    print("\n| harvest tokens | RSS after model load (MB) | peak RSS (MB) |\n|---|---|---|")
+    for n in (args.tokens, 2 * args.tokens):
+        cmd = [sys.executable, __file__, "--memory-child", "--model", args.model, "--sae", args.sae, "--corpus",
+               args.corpus, "--tokens", str(n), "--context-size", str(args.context_size), "--batch-size",
+               str(args.batch_size)] + (["--device", args.device] if args.device else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        m = json.loads(out)
+        print(f"| {m['tokens']:,} | {m['rss_after_load_mb']:,.0f} | {m['peak_rss_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
