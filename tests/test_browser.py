@@ -13,7 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import dashboard_fixtures as fx
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from tests import dashboard_fixtures as fx
+except ImportError:
+    import dashboard_fixtures as fx
 import pytest
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
@@ -128,6 +131,16 @@ def test_browser_search_and_feature_page(server, tmp_path):
             page.get_by_text(f"#{nb} · cos", exact=False).first.click()
             page.get_by_role("heading", name=f"Feature {nb}").wait_for(timeout=30_000)
             page.wait_for_url(f"**feature={nb}**", timeout=10_000)  # the URL follows (shareable)
+
+            # the map: clicking a point opens that feature's page (300 points: SVG marks we can click)
+            page.goto(f"{base}/map?sae={fx.SAE_ID}", wait_until="domcontentloaded")
+            mark = page.locator(".vega-embed .mark-symbol path").nth(7)
+            mark.wait_for(timeout=30_000)
+            shot(page, tmp_path, "browser_map")
+            mark.click(force=True)
+            page.wait_for_url("**/feature?**", timeout=20_000)
+            page.get_by_role("heading", name="Feature ").first.wait_for(timeout=30_000)
+            assert "feature=" in page.url
 
             # hostile corpus/label text is shown as text, never run
             page.goto(f"{base}/feature?sae={fx.SAE_ID}&feature={fx.HOSTILE_FEATURE}", wait_until="domcontentloaded")

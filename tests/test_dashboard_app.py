@@ -10,7 +10,10 @@ import re
 import subprocess
 import sys
 
-import dashboard_fixtures as fx
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from tests import dashboard_fixtures as fx
+except ImportError:
+    import dashboard_fixtures as fx
 import duckdb
 import pyarrow as pa
 import pytest

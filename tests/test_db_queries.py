@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
-import dashboard_fixtures as fx
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from tests import dashboard_fixtures as fx
+except ImportError:
+    import dashboard_fixtures as fx
 import duckdb
 import numpy as np
 import pytest
