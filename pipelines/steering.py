@@ -567,8 +567,30 @@ class _StepHook:
         self.start = 0
         self.chunk: torch.Tensor = torch.zeros(1, 0, dtype=torch.long)
         self.halt = False
-        self.before: list[torch.Tensor] = []  # per generated token: [n] activation before the edit
-        self.after: list[torch.Tensor] = []  # per generated token: [n] activation after the edit
+        self.pre_x: list[torch.Tensor] = []  # per generated token: [d_in] activation arriving at the hook
+        self.post_x: list[torch.Tensor | None] = []  # per generated token: [d_in] edited activation (None: unedited)
+
+    @torch.no_grad()
+    def finalize(self, n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded features' activations on the first ``n`` generated tokens: ``(before, after)``, each
+        ``[n, n_features]`` float32 on CPU; before = ``encode(x)``, after = ``encode(x_edited)``."""
+        assert self.record_features is not None
+        feats = self.record_features
+        k = int(feats.numel())
+        n = min(n, len(self.pre_x))
+        if n == 0:
+            return torch.zeros(0, k), torch.zeros(0, k)
+
+        def enc(rows: list[torch.Tensor]) -> torch.Tensor:
+            parts = [self.encode(torch.stack(rows[i:i + chunk]))[:, feats] for i in range(0, len(rows), chunk)]
+            return torch.cat(parts).float().cpu()
+
+        before = enc(self.pre_x[:n])
+        after = before.clone()
+        edited = [i for i in range(n) if self.post_x[i] is not None]
+        if edited:
+            after[edited] = enc([self.post_x[i] for i in edited])  # type: ignore[misc]
+        return before, after
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         w = self.sae.W_dec
@@ -576,7 +598,7 @@ class _StepHook:
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         L = act.shape[1]
-        rec_lo = self.record_from + len(self.before)
+        rec_lo = self.record_from + len(self.pre_x)
         plan = self.plan if self.plan is not None and self.plan.features.numel() else None
         if L == 1:  # decode step: plain Python ints, no position tensors
             p = self.start
@@ -595,25 +617,19 @@ class _StepHook:
                 r = (pos >= rec_lo).nonzero().flatten()
                 rec_idx = r if r.numel() else None
         out = None
-        f_sel = None
         if edit:
             assert plan is not None
-            # one encode serves both the clamp and the recording (record features = plan features)
-            f = self._encode(act) if (rec_idx is not None or plan.needs_encode) else None
-            out, f_sel = steer_activations(self.sae, act, plan, mask, f=f)
+            f = self._encode(act) if plan.needs_encode else None
+            out, _ = steer_activations(self.sae, act, plan, mask, f=f)
         if rec_idx is not None:
-            assert self.record_features is not None
-            feats = self.record_features
-            if f_sel is not None:
-                before = f_sel[:, rec_idx]
-                after = before if out is None else self._encode(out[:, rec_idx])[..., feats]
-            elif out is None:
-                before = after = self._encode(act[:, rec_idx])[..., feats]
-            else:  # add-only edit: one encode of [before; after]
-                both = self._encode(torch.cat([act[:, rec_idx], out[:, rec_idx]], 0))[..., feats]
-                before, after = both[:1], both[1:]
-            self.before.extend(before[0].float().cpu())
-            self.after.extend(after[0].float().cpu())
+            # keep the activations; finalize() encodes them all at once (same values, far cheaper per token)
+            w = self.sae.W_dec
+            pre = act[0, rec_idx].detach().to(device=w.device, dtype=w.dtype).clone()
+            self.pre_x.extend(pre)
+            if out is None:
+                self.post_x.extend([None] * pre.shape[0])
+            else:
+                self.post_x.extend(out[0, rec_idx].detach().to(device=w.device, dtype=w.dtype).clone())
         if self.halt:
             raise _Halt()
         return out
@@ -629,7 +645,8 @@ class GenerationResult:
     text: str = ""
     finish: str = ""  # 'eos' | 'length' | 'closed' | 'error'
     features: list[int] = field(default_factory=list)
-    acts_before: torch.Tensor | None = None  # [n_generated, n_features] before the edit (in the steered run)
+    # [n_generated, n_features], filled when the stream finishes or is closed (None while running / on error)
+    acts_before: torch.Tensor | None = None  # before the edit (in the steered run)
     acts_after: torch.Tensor | None = None  # [n_generated, n_features] after the edit
     notes: list[str] = field(default_factory=list)
 
@@ -808,7 +825,7 @@ class GenerationStream:
                 yield res.text[_common_prefix(shown, res.text):]
             # activation on the last generated token: one more pass, stopped at the hook
             hook = self._hook
-            if hook is not None and hook.record_features is not None and len(hook.before) < len(res.token_ids):
+            if hook is not None and hook.record_features is not None and len(hook.pre_x) < len(res.token_ids):
                 last = torch.tensor([[all_ids[-1]]]) if incremental else torch.tensor([all_ids])
                 try:
                     self._forward(last, len(all_ids) - 1 if incremental else 0, cache, halt=True)
@@ -822,11 +839,8 @@ class GenerationStream:
             raise
         finally:
             hook = self._hook
-            if hook is not None and hook.record_features is not None:
-                n = min(len(hook.before), len(res.token_ids))
-                k = int(hook.record_features.numel())
-                res.acts_before = torch.stack(hook.before[:n]) if n else torch.zeros(0, k)
-                res.acts_after = torch.stack(hook.after[:n]) if n else torch.zeros(0, k)
+            if hook is not None and hook.record_features is not None and res.finish != "error":
+                res.acts_before, res.acts_after = hook.finalize(len(res.token_ids))
 
 
 def generate(

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STORIES_MODEL, TINY_TEXT, require_shared
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.conftest import STORIES_MODEL, TINY_TEXT, require_shared
+except ImportError:
+    from conftest import STORIES_MODEL, TINY_TEXT, require_shared
 
 from pipelines import steering
 from pipelines.steering import (
@@ -506,7 +510,10 @@ def test_chat_template_applied_without_doubling_bos(tiny_runtime, monkeypatch):
 @pytest.fixture(scope="module")
 def stories_runtime(tmp_path_factory):
     require_shared(STORIES_MODEL)
-    from conftest import TINYSTORIES
+    try:
+        from tests.conftest import TINYSTORIES
+    except ImportError:
+        from conftest import TINYSTORIES
 
     require_shared(TINYSTORIES)
     import importlib.util

@@ -11,7 +11,11 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from conftest import TINY_HOOK, TINY_TEXT
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.conftest import TINY_HOOK, TINY_TEXT
+except ImportError:
+    from conftest import TINY_HOOK, TINY_TEXT
 
 from db.presets import (
     PresetError,

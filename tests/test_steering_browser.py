@@ -14,7 +14,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_steering_app import SAE_ID, build_db, live_feature
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.test_steering_app import SAE_ID, build_db, live_feature
+except ImportError:
+    from test_steering_app import SAE_ID, build_db, live_feature
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
