@@ -335,3 +335,52 @@ def test_page_preset_switches_to_its_sae(app, db_copy):
     assert at.selectbox(key="sae").value == SAE_ID
     assert at.multiselect(key="steer_features").value == [5]
     assert at.text_area(key="steer_prompt").value == "The cat"
+
+
+# ---- the database the real build pipeline writes (lead's tiny_db fixture) ---------------------------------
+@pytest.fixture()
+def pipeline_db(tiny_db, tmp_path) -> tuple[Path, str, int]:
+    """A private copy of ``tiny_db`` (presets get written), its SAE id and its strongest live feature."""
+    p = tmp_path / "pipeline.duckdb"
+    p.write_bytes(Path(tiny_db).read_bytes())
+    con = duckdb.connect(str(p), read_only=True)
+    try:
+        sae_id = con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()[0][0]
+        f = con.execute("SELECT feature FROM features WHERE sae_id = ? AND NOT dead ORDER BY max_act DESC",
+                        [sae_id]).fetchall()[0][0]
+    finally:
+        con.close()
+    return p, str(sae_id), int(f)
+
+
+def test_cli_on_a_pipeline_built_database(pipeline_db, capsys):
+    db, sae_id, f = pipeline_db
+    rc = cli(["steer", "--db", str(db), "--sae", sae_id, "--prompt", "The cat", "--feature", f"{f}=add:4",
+              "--feature", f"{(f + 1) % 64}=clamp:0", "--max-new-tokens", "6", "--save-preset", "pipe"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "=== baseline ===" in captured.out and "=== steered:" in captured.out
+    store = Store(db, read_only=True)
+    try:
+        assert load_preset(store, "pipe")[0] == sae_id
+    finally:
+        store.close()
+
+
+def test_page_on_a_pipeline_built_database(pipeline_db, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    db, sae_id, f = pipeline_db
+    monkeypatch.setenv("FEATUREDICT_DB", str(db))
+    at = AppTest.from_file(str(PAGE), default_timeout=120)
+    at.query_params["sae"] = sae_id
+    at.query_params["feature"] = str(f)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="steer_features").value == [f]
+    at.number_input(key="steer_n").set_value(6)
+    at.button(key="steer_run").click().run()
+    assert not at.exception, at.exception
+    assert not errors(at), errors(at)
+    res = at.session_state["steer_result"]
+    assert res["steered"] and len(res["acts_before"]) == len(res["steered_tokens"])
