@@ -228,6 +228,25 @@ def update(
     _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos)
 
 
+def _select(
+    keys_a: torch.Tensor, keys_b: torch.Tensor, descending: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the best ``Ka`` keys of the union of two lists, on keys only (payload is gathered lazily).
+
+    keys_a: [N, Ka], keys_b: [N, Kb] -> (keys [N, Ka], from_a [N, Ka] bool, ia, ib): slot j holds
+    ``a[ia[j]]`` where ``from_a[j]`` else ``b[ib[j]]``. Stable sort: ties keep list position (a first).
+    """
+    ka = keys_a.shape[1]
+    cat = torch.cat([keys_a, keys_b], dim=1)
+    order = torch.sort(cat, dim=1, descending=descending, stable=True).indices[:, :ka]
+    return cat.gather(1, order), order < ka, order.clamp(max=ka - 1), (order - ka).clamp(min=0)
+
+
+def _where(from_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m = from_a.reshape(*from_a.shape, *([1] * (a.dim() - from_a.dim())))
+    return torch.where(m, a, b)
+
+
 def _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     K = state.top_val.shape[1]
     cand = seq_max.T  # [F, B]
@@ -235,21 +254,14 @@ def _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
     if aff.numel() == 0:
         return
-    new_val = torch.where(better[aff], cand[aff], -torch.inf)  # [A, B]
-    B = new_val.shape[1]
-    b_idx = torch.arange(B).expand(aff.numel(), B)
-    new_ctx = ctx_ids[b_idx]
-    new_pos = seq_pos.T[aff]
-    new_tok = tokens[b_idx].to(torch.int32)  # [A, B, T]
-    new_act = feats[b_idx, :, aff[:, None]]  # [A, B, T]
-    keys, (ctx, pos, tok, act) = _merge_rows(
-        state.top_val[aff], new_val,
-        [state.top_ctx[aff], state.top_pos[aff], state.top_tok[aff], state.top_act[aff]],
-        [new_ctx, new_pos, new_tok, new_act],
-        descending=True,
-    )
-    state.top_val[aff], state.top_ctx[aff], state.top_pos[aff] = keys, ctx, pos
-    state.top_tok[aff], state.top_act[aff] = tok, act
+    new_val = torch.where(better[aff], cand[aff], -torch.inf)  # [A, B]: column = batch index
+    keys, from_a, ia, ib = _select(state.top_val[aff], new_val, descending=True)
+    rows = aff[:, None]
+    state.top_ctx[aff] = _where(from_a, state.top_ctx[rows, ia], ctx_ids[ib])
+    state.top_pos[aff] = _where(from_a, state.top_pos[rows, ia], seq_pos[ib, rows])
+    state.top_tok[aff] = _where(from_a, state.top_tok[rows, ia], tokens[ib].to(torch.int32))
+    state.top_act[aff] = _where(from_a, state.top_act[rows, ia], feats[ib, :, rows])
+    state.top_val[aff] = keys
 
 
 def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
@@ -291,11 +303,14 @@ def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     nact[row, rank] = feats[b, :, f]
     fk, fv, fc, fp = (t.view(-1, S) for t in (state.smp_key, state.smp_val, state.smp_ctx, state.smp_pos))
     ftok, fact = state.smp_tok.view(-1, S, T), state.smp_act.view(-1, S, T)
-    keys, (val, ctx, pos, tok, act) = _merge_rows(
-        fk[uslot], nk, [fv[uslot], fc[uslot], fp[uslot], ftok[uslot], fact[uslot]],
-        [nv, nc, npos, ntok, nact], descending=False,
-    )
-    fk[uslot], fv[uslot], fc[uslot], fp[uslot], ftok[uslot], fact[uslot] = keys, val, ctx, pos, tok, act
+    keys, from_a, ia, ib = _select(fk[uslot], nk, descending=False)
+    rows, nrows = uslot[:, None], torch.arange(U)[:, None]
+    fv[uslot] = _where(from_a, fv[rows, ia], nv[nrows, ib])
+    fc[uslot] = _where(from_a, fc[rows, ia], nc[nrows, ib])
+    fp[uslot] = _where(from_a, fp[rows, ia], npos[nrows, ib])
+    ftok[uslot] = _where(from_a, ftok[rows, ia], ntok[nrows, ib])
+    fact[uslot] = _where(from_a, fact[rows, ia], nact[nrows, ib])
+    fk[uslot] = keys
 
 
 # ---- merging shard states -------------------------------------------------------------------------------
