@@ -26,6 +26,12 @@ class Reader(Protocol):
     def rows(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]: ...
 
 
+def top_tokens(n: int) -> str:
+    """SQL for the first ``n`` max-activating tokens of feature row ``f``, trimmed, joined by ' · ' (a constant
+    expression; ``n`` is an int from code). Indexed ``concat_ws`` is ~3x cheaper than a list lambda at 65k rows."""
+    return "concat_ws(' · ', " + ", ".join(f"nullif(trim(f.max_tokens[{i}]), '')" for i in range(1, int(n) + 1)) + ")"
+
+
 # ----------------------------------------------------------------------------------------------- SAEs
 
 SAE_COLUMNS = (
@@ -131,8 +137,8 @@ def features_by_ids(db: Reader, sae_id: str, ids: Sequence[int]) -> pd.DataFrame
     if not ids:
         return pd.DataFrame(columns=["feature", "label", "tags", "density", "max_act", "mean_act", "top_tokens"])
     df = db.df(
-        """SELECT f.feature, l.label, l.tags, f.density, f.max_act, f.mean_act,
-                  array_to_string(f.max_tokens[1:5], ' ·') AS top_tokens
+        f"""SELECT f.feature, l.label, l.tags, f.density, f.max_act, f.mean_act,
+                  {top_tokens(5)} AS top_tokens
            FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
            WHERE f.sae_id = ? AND f.feature IN (SELECT unnest(?::INTEGER[]))""",
         [sae_id, ids],
@@ -145,12 +151,12 @@ def neighbours(db: Reader, sae_id: str, feature_id: int) -> pd.DataFrame:
     """Decoder-cosine neighbours of one feature, most similar first: columns feature, cos, label, density,
     max_act, top_tokens."""
     return db.df(
-        """WITH nb AS (
+        f"""WITH nb AS (
                SELECT unnest(neighbours) AS feature, unnest(neighbour_cos) AS cos,
                       generate_subscripts(neighbours, 1) AS i
                FROM features WHERE sae_id = ? AND feature = ?)
            SELECT nb.feature, nb.cos, l.label, f.density, f.max_act,
-                  array_to_string(f.max_tokens[1:4], ' ·') AS top_tokens
+                  {top_tokens(4)} AS top_tokens
            FROM nb LEFT JOIN features f ON f.sae_id = ? AND f.feature = nb.feature
                    LEFT JOIN labels l ON l.sae_id = ? AND l.feature = nb.feature
            ORDER BY nb.i""",
@@ -179,9 +185,9 @@ def map_points(db: Reader, sae_id: str) -> pd.DataFrame:
     """All features with a UMAP position, compact for a scatter of 65k+ points: columns feature (int32),
     x, y (float32), log10_density (float32; -9 for dead), label, tag (first tag), top_tokens (str)."""
     df = db.df(
-        """SELECT f.feature, f.umap_x AS x, f.umap_y AS y,
+        f"""SELECT f.feature, f.umap_x AS x, f.umap_y AS y,
                   CASE WHEN f.density > 0 THEN log10(f.density) ELSE -9 END AS log10_density,
-                  l.label, l.tags[1] AS tag, array_to_string(f.max_tokens[1:3], ' ·') AS top_tokens
+                  l.label, l.tags[1] AS tag, {top_tokens(3)} AS top_tokens
            FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
            WHERE f.sae_id = ? AND f.umap_x IS NOT NULL AND f.umap_y IS NOT NULL
            ORDER BY f.feature""",
@@ -227,8 +233,8 @@ def list_members(db: Reader, list_name: str) -> pd.DataFrame:
     """Members of one list, oldest first: columns sae_id, feature, note, added_at, label, tags, density,
     max_act, top_tokens."""
     return db.df(
-        """SELECT m.sae_id, m.feature, m.note, m.added_at, l.label, l.tags, f.density, f.max_act,
-                  array_to_string(f.max_tokens[1:5], ' ·') AS top_tokens
+        f"""SELECT m.sae_id, m.feature, m.note, m.added_at, l.label, l.tags, f.density, f.max_act,
+                  {top_tokens(5)} AS top_tokens
            FROM lists m
            LEFT JOIN features f ON f.sae_id = m.sae_id AND f.feature = m.feature
            LEFT JOIN labels l ON l.sae_id = m.sae_id AND l.feature = m.feature
@@ -346,7 +352,7 @@ def search(
         sql = f"""
             WITH base AS (
                 SELECT f.feature, l.label, l.tags, f.density, f.max_act, f.search_text,
-                       array_to_string(f.max_tokens[1:5], ' ·') AS top_tokens, {select_fields}
+                       {top_tokens(5)} AS top_tokens, {select_fields}
                 FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
                 WHERE {' AND '.join(where)}),
             hits AS (SELECT * FROM base WHERE ({' AND '.join(term_match)}){id_clause})
@@ -361,15 +367,15 @@ def search(
         sql = f"""
             SELECT f.feature, {'CASE WHEN f.feature = ? THEN 1000.0 ELSE 0.0 END' if fid is not None else '0.0'} AS score,
                    l.label, l.tags, f.density, f.max_act,
-                   array_to_string(f.max_tokens[1:5], ' ·') AS top_tokens, '' AS matched, f.search_text
+                   {top_tokens(5)} AS top_tokens, '' AS matched, f.search_text
             FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
             WHERE {' AND '.join(where)} ORDER BY score DESC, f.max_act DESC, f.feature LIMIT ?"""
         df = db.df(sql, ([fid] if fid is not None else []) + params + [int(limit)])
     if fid is not None and (df.empty or int(df["feature"].iloc[0]) != fid):
         # The id may be filtered out above; show it anyway when it exists (it was asked for by id).
         direct = db.df(
-            """SELECT f.feature, 1000.0 AS score, l.label, l.tags, f.density, f.max_act,
-                      array_to_string(f.max_tokens[1:5], ' ·') AS top_tokens, 'id' AS matched, f.search_text
+            f"""SELECT f.feature, 1000.0 AS score, l.label, l.tags, f.density, f.max_act,
+                      {top_tokens(5)} AS top_tokens, 'id' AS matched, f.search_text
                FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
                WHERE f.sae_id = ? AND f.feature = ?""",
             [sae_id, fid],
