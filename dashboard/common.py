@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,8 @@ def db_path() -> Path:
     return Path(args.db or os.environ.get("FEATUREDICT_DB") or DEFAULT_DB).expanduser()
 
 
-@st.cache_resource(show_spinner=False)
-def _open_store(path: str, file_id: tuple[int, int]) -> Store:
-    # (device, inode) in the key: a rebuild that swaps a new file in gets a new Store on the next run, while
-    # our own label/list writes (same file, new mtime) keep the one Store and so the one writer lock.
-    return Store(path)
+_STORES: dict[str, tuple[tuple[int, int], Store]] = {}
+_STORES_LOCK = threading.Lock()
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -59,6 +57,30 @@ def _file_id(path: Path) -> tuple[int, int]:
         return (0, 0)
     s = path.stat()
     return (int(s.st_dev), int(s.st_ino))
+
+
+def open_store(path: str | Path) -> Store:
+    """The process-wide Store of ``path`` (raises ``DatabaseError``).
+
+    Keyed by the file's (device, inode): our own label/list writes keep the one Store (and so the one writer
+    lock); a rebuilt file renamed over the old one gets a new Store, after the old one is closed (DuckDB
+    hands a new connection to the *cached* old instance while any connection to that path is open).
+    """
+    p = Path(path)
+    key, fid = str(p), _file_id(p)
+    with _STORES_LOCK:
+        cur = _STORES.get(key)
+        if cur is not None and cur[0] == fid:
+            return cur[1]
+        if cur is not None:
+            _STORES.pop(key)
+            try:
+                cur[1].close()
+            except Exception:  # noqa: BLE001 - already closed / in use: the new open still proceeds
+                log.warning("closing the previous connection to %s failed", key, exc_info=True)
+        store = Store(p)
+        _STORES[key] = (fid, store)
+        return store
 
 
 def ensure_navigation() -> None:
@@ -87,7 +109,7 @@ def get_store() -> Store:
     ensure_navigation()
     path = db_path()
     try:
-        return _open_store(str(path), _file_id(path))
+        return open_store(path)
     except DatabaseError as e:
         st.error(md(str(e)))
         st.stop()

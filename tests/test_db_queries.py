@@ -217,3 +217,19 @@ def test_synthetic_generator_shapes(store):
     assert all(n == 20 for _, n in rows)
     dens = np.array([r[0] for r in store.rows("SELECT density FROM features WHERE density > 0")])
     assert 1e-5 < np.median(dens) < 1e-2
+
+
+def test_open_store_follows_a_rebuilt_file(synth_db, tmp_path):
+    """A new file renamed over the served one is picked up; writes to the same file keep the same Store."""
+    import os
+
+    from dashboard.common import open_store
+
+    s1 = open_store(synth_db)
+    writes.add_to_list(s1, "x", SAE_ID, 1)
+    assert open_store(synth_db) is s1
+    new = fx.make_synth_db(tmp_path / "rebuilt.duckdb", n_features=40, seed=5)
+    os.replace(new, synth_db)
+    s2 = open_store(synth_db)
+    assert s2 is not s1 and q.feature_count(s2, SAE_ID) == 40
+    s2.close()
