@@ -83,7 +83,10 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     work = Path(tempfile.mkdtemp(prefix="featuredict-train-"))
     steps = max(1, cfg.training_tokens // cfg.batch_tokens)
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, dtype="float32", device=device),
+        # Inputs scaled to norm sqrt(d_in) while training (sae-lens folds the factor into the saved weights):
+        # residual streams such as SmolLM2's have large-norm outliers that otherwise blow up training.
+        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, dtype="float32", device=device,
+                                  normalize_activations="expected_average_only_in"),
         model_name=path,
         model_class_name="AutoModelForCausalLM",
         hook_name=cfg.hook,
@@ -107,6 +110,7 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         n_checkpoints=0,
         verbose=progress,
         n_batches_for_norm_estimate=10,
+        exclude_special_tokens=True,  # BOS/pad are excluded from every statistic at harvest time too
     )
     t0 = time.perf_counter()
     logging.getLogger("sae_lens").setLevel(logging.WARNING)
