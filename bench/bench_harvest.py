@@ -98,7 +98,7 @@ def main() -> None:
         memory_child(args)
         return
     r = throughput(args)
-    print(f"| tokens | d_sae | forward to hook tok/s | harvest tok/s | harvest overhead |")
+    print("| tokens | d_sae | forward to hook tok/s | harvest tok/s | harvest overhead |")
     print("|---|---|---|---|---|")
     print(f"| {r['tokens']:,} | {r['d_sae']} | {r['forward_tok_s']:,.0f} | {r['harvest_tok_s']:,.0f} | {r['overhead']:+.1%} |")
     print("\n| harvest tokens | RSS after model load (MB) | peak RSS (MB) |\n|---|---|---|")

@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -392,7 +392,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         "dead_fraction": state.dead_fraction(),
         "hist_edges": list(cfg.harvest.hist_edges()),
         "build_seconds": seconds,
-        "built_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "built_at": datetime.now(UTC).replace(tzinfo=None),
         "tool_version": __version__,
         "config_json": json.dumps(config, default=str),
     }

@@ -17,7 +17,6 @@ from .hooks import HookSite
 from .models import LoadedModel, is_transformer_lens_hook, load_model
 from .saes import SaeSource, load_sae, sae_metadata
 
-
 _TOKEN_CACHE: dict[int, dict[int, str]] = {}
 
 

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.harvest import HarvestConfig, HarvestState, choose_bands, from_state_dict, hash_key, merge, state_dict, update
+from pipelines.harvest import (
+    HarvestConfig,
+    HarvestState,
+    choose_bands,
+    from_state_dict,
+    hash_key,
+    merge,
+    state_dict,
+    update,
+)
 
 N, T, F, D = 37, 12, 9, 5
 CFG = HarvestConfig(top_k=4, samples_per_band=3, band_lo_exp=-3, band_hi_exp=3)
