@@ -57,7 +57,7 @@ def throughput(args) -> dict:
             for i, (ids, mask) in enumerate(batches):
                 x = rt.hook_acts(ids, mask)
                 f = rt.sae.encode(x)
-                valid = rt.valid_mask(ids, mask)
+                valid = rt.valid_mask(ids, mask, x)
                 update(st, f * valid.unsqueeze(-1), ids, valid, torch.arange(i * len(ids), (i + 1) * len(ids)), x,
                        rt.sae.decode(f))
         best_h = min(best_h, time.perf_counter() - t)

@@ -53,6 +53,7 @@ class BuildConfig:
     n_logits: int = 10
     n_neighbours: int = 10
     umap: bool = True
+    outlier_norm_ratio: float = 10.0  # see Runtime.outlier_norm_ratio; 0 disables
     device: str | None = None
     dtype: str = "float32"
     corpus_description: str | None = None
@@ -99,7 +100,7 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
             x = rt.hook_acts(ids, mask)
             f = rt.sae.encode(x)
             recon = rt.sae.decode(f)
-            valid = rt.valid_mask(ids, mask)
+            valid = rt.valid_mask(ids, mask, x)
             f = f * valid.to(f.device).unsqueeze(-1)
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
@@ -356,6 +357,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         raise ValueError("--max-tokens must be positive")
     if rt is None:
         rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
+    rt.outlier_norm_ratio = cfg.outlier_norm_ratio
     hook = rt.site.hook_name
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
     state = harvest(rt, cfg)

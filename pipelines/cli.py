@@ -69,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model=args.model, sae=source, corpus=_corpus(args), db=args.db, sae_name=args.name, hook=args.hook,
         context_size=args.context_size, max_tokens=args.max_tokens, batch_size=args.batch_size,
         harvest=HarvestConfig(top_k=args.top_k, samples_per_band=args.interval_samples),
-        umap=not args.no_umap, device=args.device, dtype=args.dtype,
+        umap=not args.no_umap, device=args.device, dtype=args.dtype, outlier_norm_ratio=args.outlier_norm_ratio,
     )
     r = build(cfg)
     print(r.summary())
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", type=int, default=20, help="top activating contexts kept per feature (default 20)")
     b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
+    b.add_argument("--outlier-norm-ratio", type=float, default=10.0,
+                   help="exclude positions whose activation norm is > this x their context's median, like BOS "
+                        "(attention-sink 'massive activations'); 0 disables (default 10)")
     b.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     b.add_argument("--dtype", default="float32", help="model dtype: float32 / bfloat16 / float16")
     b.set_defaults(func=cmd_build)

@@ -36,6 +36,17 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     return out
 
 
+def norm_outliers(x: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``[batch, pos]`` bool: valid positions whose ``||x||`` exceeds ``ratio`` x their context's median norm.
+
+    Per context (not per batch), so re-running one stored context reproduces the mask exactly.
+    """
+    norms = x.detach().float().norm(dim=-1).cpu()
+    v = valid.cpu()
+    med = torch.nanmedian(torch.where(v, norms, torch.nan), dim=1).values  # [batch]
+    return v & (norms > ratio * med.unsqueeze(1))
+
+
 @dataclass
 class Runtime:
     loaded: LoadedModel
@@ -44,6 +55,10 @@ class Runtime:
     source: SaeSource
     prepend_bos: bool = True
     context_size: int = 128
+    # Positions whose hook-activation norm exceeds this multiple of their context's median norm are excluded
+    # from statistics like BOS ("massive activations" at attention-sink positions; SmolLM2 has ~50x outliers
+    # on some first tokens). 0 disables.
+    outlier_norm_ratio: float = 10.0
 
     @property
     def tokenizer(self) -> Any:
@@ -77,13 +92,20 @@ class Runtime:
         """Each token as display text, keeping its leading space (sentencepiece '▁' pieces included)."""
         return token_strings(self.tokenizer, ids)
 
-    def valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[batch, pos]`` bool: True where the token counts in statistics (not BOS/pad)."""
+    def valid_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[batch, pos]`` bool: True where the token counts in statistics (not BOS/pad, not a norm outlier).
+
+        Norm outliers are only detected when the hook activations ``x`` ``[batch, pos, d_in]`` are given.
+        """
         mask = torch.ones_like(input_ids, dtype=torch.bool)
         for sid in self.special_ids():
             mask &= input_ids != sid
         if attention_mask is not None:
             mask &= attention_mask.bool()
+        if x is not None and self.outlier_norm_ratio > 0:
+            mask &= ~norm_outliers(x, mask, self.outlier_norm_ratio)
         return mask
 
     def check_width(self, d_in: int) -> Runtime:
@@ -108,7 +130,7 @@ class Runtime:
         """SAE feature activations ``[batch, pos, d_sae]``; zero on BOS/pad positions."""
         x = self.hook_acts(input_ids, attention_mask)
         f = self.sae.encode(x.to(self.sae.device))
-        return f * self.valid_mask(input_ids, attention_mask).to(f.device).unsqueeze(-1)
+        return f * self.valid_mask(input_ids, attention_mask, x).to(f.device).unsqueeze(-1)
 
 
 def load_runtime(
@@ -161,6 +183,10 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
         dtype=row.get("dtype") or "float32", model_kwargs=kwargs,
     )
     rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
+    try:
+        rt.outlier_norm_ratio = float(json.loads(row.get("config_json") or "{}").get("outlier_norm_ratio", 10.0))
+    except (TypeError, ValueError):
+        pass
     rt.context_size = int(row.get("context_size") or rt.context_size)
     return rt
 

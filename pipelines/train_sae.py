@@ -155,7 +155,7 @@ def evaluate(cfg: TrainConfig, sae_dir: Path, max_tokens: int = 8192) -> tuple[f
                                     cfg.context_size, pad):
         x = rt.hook_acts(ids, mask)
         f = rt.sae.encode(x)
-        valid = rt.valid_mask(ids, mask)
+        valid = rt.valid_mask(ids, mask, x)
         update(st, f * valid.unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f))
         ctx += len(ids)
         if st.n_tokens >= max_tokens:

@@ -70,3 +70,32 @@ def test_interventions_are_per_thread(tiny_runtime):
     assert torch.allclose(results["b"], base, atol=1e-5)
     assert not torch.allclose(results["a"], base, atol=1e-3)
     assert not site.active
+
+
+def test_norm_outliers_are_per_context_and_excluded():
+    from pipelines.runtime import norm_outliers
+
+    x = torch.ones(2, 6, 4)
+    x[0, 1] *= 50  # a "massive activation" in context 0
+    x[1] *= 100  # context 1 is uniformly large: nothing is an outlier relative to itself
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[:, 0] = False  # BOS
+    out = norm_outliers(x, valid, 10.0)
+    assert out.tolist() == [[False, True, False, False, False, False], [False] * 6]
+    assert not norm_outliers(x, valid, 100.0).any()
+
+
+def test_feature_acts_zero_at_norm_outliers(tiny_runtime, monkeypatch):
+    ids = tiny_runtime.tokenize("The cat sat on the mat")
+    real = tiny_runtime.site.activations
+
+    def boosted(input_ids, attention_mask=None):
+        a = real(input_ids, attention_mask).clone()
+        a[:, 2] *= 1000
+        return a
+
+    monkeypatch.setattr(tiny_runtime.site, "activations", boosted)
+    f = tiny_runtime.feature_acts(ids)
+    assert torch.all(f[0, 2] == 0) and (f[0, 3:] > 0).any()
+    monkeypatch.setattr(tiny_runtime, "outlier_norm_ratio", 0.0)
+    assert (tiny_runtime.feature_acts(ids)[0, 2] > 0).any()
