@@ -249,9 +249,14 @@ def _search_text(ex: pd.DataFrame, d_sae: int, pos_tokens: list[list[str]]) -> l
 def feature_frames(rt: Runtime, state: HarvestState, cfg: BuildConfig, sae_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
+    say = print if cfg.progress else (lambda *a, **k: None)
+    say(f"logit effects and decoder-cosine neighbours of {F:,} features...", flush=True)
     pv, pi, nv, ni = logit_effects(w_dec, unembedding(rt).cpu(), cfg.n_logits)
     nc, nidx = decoder_neighbours(w_dec, cfg.n_neighbours)
+    if cfg.umap:
+        say(f"UMAP layout of {F:,} decoder vectors (cosine; ~1 min for 4,608 on 2 cores)...", flush=True)
     layout = umap_layout(w_dec) if cfg.umap else None
+    say("writing examples and features...", flush=True)
     tok = rt.tokenizer
     pos_tokens = [token_strings(tok, r) for r in pi.tolist()]
     neg_tokens = [token_strings(tok, r) for r in ni.tolist()]
