@@ -38,13 +38,10 @@ class PromptResult:
 
 def run_prompt(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> PromptResult:
     """Tokenize ``text`` (BOS per the SAE), run to the hook and encode: a sparse ``PromptResult``."""
-    import torch
 
     full = runtime.tokenize(text)
     ids = full[:, :max_len]
-    with torch.no_grad():
-        acts = runtime.feature_acts(ids)[0].float().cpu().numpy()  # [pos, d_sae]
-    valid = runtime.valid_mask(ids)[0].cpu().numpy().astype(bool)
+    acts, valid = _acts_and_valid(runtime, ids)
     p, f = np.nonzero(acts)
     return PromptResult(
         tokens=runtime.token_strings(ids[0].tolist()), valid=valid, pos=p.astype(np.int32),
@@ -55,12 +52,9 @@ def run_prompt(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> PromptResu
 
 def dense_valid_acts(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> np.ndarray:
     """Activations on the valid (non-BOS/pad) tokens of ``text``: ``[n_valid, d_sae]`` float32."""
-    import torch
 
     ids = runtime.tokenize(text)[:, :max_len]
-    with torch.no_grad():
-        acts = runtime.feature_acts(ids)[0].float().cpu().numpy()
-    valid = runtime.valid_mask(ids)[0].cpu().numpy().astype(bool)
+    acts, valid = _acts_and_valid(runtime, ids)
     return acts[valid]
 
 
@@ -102,3 +96,18 @@ def feature_over_tokens(res: PromptResult, feature: int) -> np.ndarray:
     m = res.feat == int(feature)
     out[res.pos[m]] = res.val[m]
     return out
+
+
+def _acts_and_valid(runtime: Any, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``[pos, d_sae]`` activations and ``[pos]`` valid mask from one pass, so they always agree.
+
+    The mask excludes BOS/pad and attention-sink norm outliers exactly as the build does.
+    """
+    import torch
+
+    with torch.no_grad():
+        x = runtime.hook_acts(ids)
+        f = runtime.sae.encode(x.to(runtime.sae.device))
+        valid = runtime.valid_mask(ids, None, x)
+        acts = (f * valid.to(f.device).unsqueeze(-1))[0].float().cpu().numpy()
+    return acts, valid[0].cpu().numpy().astype(bool)

@@ -44,7 +44,7 @@ def norm_outliers(x: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.T
     norms = x.detach().float().norm(dim=-1).cpu()
     v = valid.cpu()
     med = torch.nanmedian(torch.where(v, norms, torch.nan), dim=1).values  # [batch]
-    return v & (norms > ratio * med.unsqueeze(1))
+    return (v & (norms > ratio * med.unsqueeze(1))).to(valid.device)
 
 
 @dataclass

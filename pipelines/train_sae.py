@@ -156,7 +156,8 @@ def evaluate(cfg: TrainConfig, sae_dir: Path, max_tokens: int = 8192) -> tuple[f
         x = rt.hook_acts(ids, mask)
         f = rt.sae.encode(x)
         valid = rt.valid_mask(ids, mask, x)
-        update(st, f * valid.unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f))
+        update(st, f * valid.to(f.device).unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x,
+               rt.sae.decode(f))
         ctx += len(ids)
         if st.n_tokens >= max_tokens:
             break
