@@ -107,10 +107,10 @@ def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
     if res.acts_before is None or not res.features or not len(res.token_ids):
         return
     toks = rt.token_strings(res.token_ids)
-    head = "".join(f" | f{f:>6} before  after" for f in res.features)
+    head = "".join(f" | {'#' + str(f) + ' before':>14} {'after':>7}" for f in res.features)
     out.write(f"steered features' activations on the generated tokens (before / after the edit):\n{'token':>14}{head}\n")
     for t, (b, a) in enumerate(zip(res.acts_before.tolist(), res.acts_after.tolist(), strict=True)):
-        cells = "".join(f" | {x:>14.3f} {y:>6.3f}" for x, y in zip(b, a, strict=True))
+        cells = "".join(f" | {x:>14.3f} {y:>7.3f}" for x, y in zip(b, a, strict=True))
         out.write(f"{toks[t]!r:>14}{cells}\n")
 
 
