@@ -185,6 +185,8 @@ def generate_texts(target_tokens: int, batch_size: int = 32, max_new_tokens: int
                     bar.update(k)
             if n_tokens >= target_tokens:
                 break
+    bar.total = max(bar.total, bar.n)  # the last batch may overshoot the target
+    bar.refresh()
     bar.close()
     return docs
 
