@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         ("feature id lookup ('#123')", lambda: q.search(store, sae, f"#{nxt()}")),
         ("map points (all features, cached in the app)", lambda: q.map_points(store, sae)),
     ]
-    print(f"Database: `{args.db}` — SAE `{sae}`: {n_feat:,} features, {n_ex:,} example rows x {ctx} tokens "
-          f"({Path(args.db).stat().st_size / 2**20:,.0f} MiB); {args.repeats} timed calls each.\n")
+    print(
+        f"Database: `{args.db}` — SAE `{sae}`: {n_feat:,} features, {n_ex:,} example rows x {ctx} tokens "
+        f"({Path(args.db).stat().st_size / 2**20:,.0f} MiB); {args.repeats} timed calls each.\n"
+    )
     print("| query | p50 ms | p95 ms | max ms |")
     print("|---|---:|---:|---:|")
     for name, fn in rows:

@@ -27,8 +27,9 @@ def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
     tok = rt.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     batches, n = [], 0
-    for ids, mask in batch_contexts(iter_contexts(iter_documents(CorpusSpec(corpus)), tok, context_size),
-                                    batch_size, context_size, pad):
+    for ids, mask in batch_contexts(
+        iter_contexts(iter_documents(CorpusSpec(corpus)), tok, context_size), batch_size, context_size, pad
+    ):
         batches.append((ids, mask))
         n += int(mask.sum())
         if n >= tokens:
@@ -58,11 +59,23 @@ def throughput(args) -> dict:
                 x = rt.hook_acts(ids, mask)
                 f = rt.sae.encode(x)
                 valid = rt.valid_mask(ids, mask, x)
-                update(st, f * valid.unsqueeze(-1), ids, valid, torch.arange(i * len(ids), (i + 1) * len(ids)), x,
-                       rt.sae.decode(f))
+                update(
+                    st,
+                    f * valid.unsqueeze(-1),
+                    ids,
+                    valid,
+                    torch.arange(i * len(ids), (i + 1) * len(ids)),
+                    x,
+                    rt.sae.decode(f),
+                )
         best_h = min(best_h, time.perf_counter() - t)
-    return {"tokens": n, "d_sae": rt.d_sae, "forward_tok_s": n / best_fwd, "harvest_tok_s": n / best_h,
-            "overhead": best_h / best_fwd - 1}
+    return {
+        "tokens": n,
+        "d_sae": rt.d_sae,
+        "forward_tok_s": n / best_fwd,
+        "harvest_tok_s": n / best_h,
+        "overhead": best_h / best_fwd - 1,
+    }
 
 
 def memory_child(args) -> None:
@@ -73,9 +86,15 @@ def memory_child(args) -> None:
 
     rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = BuildConfig(model=args.model, sae=SaeSource.parse(args.sae), corpus=CorpusSpec(args.corpus),
-                      max_tokens=args.tokens, context_size=args.context_size, batch_size=args.batch_size,
-                      progress=False)
+    cfg = BuildConfig(
+        model=args.model,
+        sae=SaeSource.parse(args.sae),
+        corpus=CorpusSpec(args.corpus),
+        max_tokens=args.tokens,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        progress=False,
+    )
     st = harvest(rt, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"tokens": st.n_tokens, "rss_after_load_mb": base / 1024, "peak_rss_mb": peak / 1024}))
@@ -100,12 +119,28 @@ def main() -> None:
     r = throughput(args)
     print("| tokens | d_sae | forward to hook tok/s | harvest tok/s | harvest overhead |")
     print("|---|---|---|---|---|")
-    print(f"| {r['tokens']:,} | {r['d_sae']} | {r['forward_tok_s']:,.0f} | {r['harvest_tok_s']:,.0f} | {r['overhead']:+.1%} |")
+    print(
+        f"| {r['tokens']:,} | {r['d_sae']} | {r['forward_tok_s']:,.0f} | {r['harvest_tok_s']:,.0f} | {r['overhead']:+.1%} |"
+    )
     print("\n| harvest tokens | RSS after model load (MB) | peak RSS (MB) |\n|---|---|---|")
     for n in (args.tokens, 2 * args.tokens):
-        cmd = [sys.executable, __file__, "--memory-child", "--model", args.model, "--sae", args.sae, "--corpus",
-               args.corpus, "--tokens", str(n), "--context-size", str(args.context_size), "--batch-size",
-               str(args.batch_size)] + (["--device", args.device] if args.device else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            "--model",
+            args.model,
+            "--sae",
+            args.sae,
+            "--corpus",
+            args.corpus,
+            "--tokens",
+            str(n),
+            "--context-size",
+            str(args.context_size),
+            "--batch-size",
+            str(args.batch_size),
+        ] + (["--device", args.device] if args.device else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         m = json.loads(out)
         print(f"| {m['tokens']:,} | {m['rss_after_load_mb']:,.0f} | {m['peak_rss_mb']:,.0f} |")

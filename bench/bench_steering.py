@@ -108,8 +108,7 @@ def stories_sae() -> Path:
         return out
     texts = [t.strip() for t in TINYSTORIES.read_text(encoding="utf-8").split("<|endoftext|>") if t.strip()]
     print(f"training a quick TopK SAE on stories260K model.layers.2 -> {out}", flush=True)
-    return train_quick_sae(str(STORIES), "model.layers.2", texts, out, d_in=64, d_sae=512, k=8,
-                           training_tokens=200_000)
+    return train_quick_sae(str(STORIES), "model.layers.2", texts, out, d_in=64, d_sae=512, k=8, training_tokens=200_000)
 
 
 def smollm2_sae() -> Path:
@@ -121,8 +120,9 @@ def smollm2_sae() -> Path:
     folder = smollm2_folder()
     lines = [ln.strip() for ln in WEB.read_text(encoding="utf-8").splitlines() if ln.strip()]
     print(f"training a quick TopK SAE on smollm2-135m model.layers.15 -> {out} (about 2 min)", flush=True)
-    return train_quick_sae(str(folder), "model.layers.15", lines, out, d_in=576, d_sae=4608, k=32,
-                           training_tokens=60_000)
+    return train_quick_sae(
+        str(folder), "model.layers.15", lines, out, d_in=576, d_sae=4608, k=32, training_tokens=60_000
+    )
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -168,12 +168,17 @@ def time_generation(rt: Any, config: Any, max_acts: dict[int, float], repeats: i
     }
 
 
-def bench_one(name: str, rt: Any, prompt: str, max_new_tokens: int, repeats: int,
-              max_acts: dict[int, float] | None = None) -> dict[str, Any]:
+def bench_one(
+    name: str, rt: Any, prompt: str, max_new_tokens: int, repeats: int, max_acts: dict[int, float] | None = None
+) -> dict[str, Any]:
     from pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig, prompt_ids
 
-    base = SteeringConfig(prompt=prompt, edits=(), chat_template=rt.loaded.is_chat,
-                          generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0))
+    base = SteeringConfig(
+        prompt=prompt,
+        edits=(),
+        chat_template=rt.loaded.is_chat,
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
     ids = prompt_ids(rt, base)
     f_clamp, f_add, mx = pick_features(rt, ids)
     acts = dict(max_acts or {})
@@ -187,15 +192,21 @@ def bench_one(name: str, rt: Any, prompt: str, max_new_tokens: int, repeats: int
     )
     torch.manual_seed(0)
     out = time_generation(rt, cfg, acts, repeats)
-    out.update(model=name, hook=rt.site.hook_name, d_sae=rt.d_sae, prompt_tokens=int(ids.shape[1]),
-               edits=[e.__dict__ for e in cfg.edits])
+    out.update(
+        model=name,
+        hook=rt.site.hook_name,
+        d_sae=rt.d_sae,
+        prompt_tokens=int(ids.shape[1]),
+        edits=[e.__dict__ for e in cfg.edits],
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["stories260k", "smollm2-135m"],
-                   choices=["stories260k", "smollm2-135m"])
+    p.add_argument(
+        "--models", nargs="+", default=["stories260k", "smollm2-135m"], choices=["stories260k", "smollm2-135m"]
+    )
     p.add_argument("--db", default=None, help="featuredict database holding the smollm2 SAE (optional)")
     p.add_argument("--sae-id", default=None, help="sae_id in --db to use for smollm2-135m")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -215,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping stories260k: {STORIES} is absent")
         else:
             rt = load_runtime(str(STORIES), SaeSource(kind="folder", path=str(stories_sae())), device="cpu")
-            results.append({**bench_one("stories260k", rt, "Once upon a time", args.max_new_tokens,
-                                        args.repeats), "sae": "quick TopK SAE trained by this bench"})
+            results.append(
+                {
+                    **bench_one("stories260k", rt, "Once upon a time", args.max_new_tokens, args.repeats),
+                    "sae": "quick TopK SAE trained by this bench",
+                }
+            )
     if "smollm2-135m" in args.models:
         max_acts: dict[int, float] = {}
         if args.db:
@@ -234,15 +249,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rt = load_runtime("smollm2-135m", SaeSource(kind="folder", path=str(smollm2_sae())), device="cpu")
             sae_desc = "quick TopK SAE trained by this bench (no demo database given)"
-        results.append({**bench_one("smollm2-135m", rt, "Write a short story about a dragon.",
-                                    args.max_new_tokens, args.repeats, max_acts), "sae": sae_desc})
+        results.append(
+            {
+                **bench_one(
+                    "smollm2-135m",
+                    rt,
+                    "Write a short story about a dragon.",
+                    args.max_new_tokens,
+                    args.repeats,
+                    max_acts,
+                ),
+                "sae": sae_desc,
+            }
+        )
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     for r in results:
-        print(f"{r['model']:>14} {r['hook']} d_sae={r['d_sae']} prompt={r['prompt_tokens']} tok, "
-              f"{r['tokens']['steered']} new tok, median of {args.repeats}: unsteered {r['unsteered_tok_s']:.1f} tok/s"
-              f" | steered {r['steered_tok_s']:.1f} tok/s (ratio {r['ratio']:.3f})"
-              f" | steered+record {r['steered_record_tok_s']:.1f} tok/s (ratio {r['ratio_record']:.3f})")
+        print(
+            f"{r['model']:>14} {r['hook']} d_sae={r['d_sae']} prompt={r['prompt_tokens']} tok, "
+            f"{r['tokens']['steered']} new tok, median of {args.repeats}: unsteered {r['unsteered_tok_s']:.1f} tok/s"
+            f" | steered {r['steered_tok_s']:.1f} tok/s (ratio {r['ratio']:.3f})"
+            f" | steered+record {r['steered_record_tok_s']:.1f} tok/s (ratio {r['ratio_record']:.3f})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

@@ -80,29 +80,34 @@ def _lognormal_densities(n: int, n_tokens: int, rng: np.random.Generator) -> tup
 
 
 def _features_table(
-    n: int, d_in: int, n_tokens: int, hist_edges: np.ndarray, vocab: np.ndarray, theme: np.ndarray,
+    n: int,
+    d_in: int,
+    n_tokens: int,
+    hist_edges: np.ndarray,
+    vocab: np.ndarray,
+    theme: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """The ``features`` rows as an Arrow table, plus arrays the examples need (shapes in comments)."""
     n_clusters = max(1, n // 128)
-    cluster = rng.integers(0, n_clusters, size=n)                       # [n]
-    density, fire = _lognormal_densities(n, n_tokens, rng)              # [n], [n]
+    cluster = rng.integers(0, n_clusters, size=n)  # [n]
+    density, fire = _lognormal_densities(n, n_tokens, rng)  # [n], [n]
     dead = fire == 0
-    max_act = rng.lognormal(1.5, 0.6, size=n).astype(np.float32)        # [n]
+    max_act = rng.lognormal(1.5, 0.6, size=n).astype(np.float32)  # [n]
     max_act[dead] = 0.0
     mean_act = (max_act * rng.uniform(0.15, 0.4, size=n)).astype(np.float32)
 
     # Histogram: firing counts spread as a log-normal bump around mean_act over the log-spaced bins.
-    centres = np.sqrt(hist_edges[:-1] * hist_edges[1:])                # [B]
+    centres = np.sqrt(hist_edges[:-1] * hist_edges[1:])  # [B]
     z = (np.log(centres)[None, :] - np.log(np.maximum(mean_act, 1e-6))[:, None]) / 0.7
     w = np.exp(-0.5 * z**2) * (centres[None, :] <= max_act[:, None] * 1.05)
     w = w / np.maximum(w.sum(1, keepdims=True), 1e-12)
-    hist = np.floor(w * fire[:, None]).astype(np.int64)                  # [n, B]
+    hist = np.floor(w * fire[:, None]).astype(np.int64)  # [n, B]
 
     # Decoders: cluster centre + noise, unit norm. Neighbours: best of 32 same-cluster candidates.
     centres_d = rng.normal(size=(n_clusters, d_in)).astype(np.float32)
     dec = centres_d[cluster] + 0.8 * rng.normal(size=(n, d_in)).astype(np.float32)
-    dec /= np.linalg.norm(dec, axis=1, keepdims=True)                   # [n, d_in]
+    dec /= np.linalg.norm(dec, axis=1, keepdims=True)  # [n, d_in]
     order = np.argsort(cluster, kind="stable")
     starts = np.searchsorted(cluster[order], np.arange(n_clusters))
     counts = np.bincount(cluster, minlength=n_clusters)
@@ -114,9 +119,9 @@ def _features_table(
         c = cluster[idx]
         r0 = rng.integers(0, np.maximum(counts[c], 1))[:, None]
         pick = starts[c][:, None] + (r0 + np.arange(n_cand)[None, :]) % np.maximum(counts[c], 1)[:, None]
-        cand = order[pick]                                               # [b, n_cand]
+        cand = order[pick]  # [b, n_cand]
         cand = np.where(cand == idx[:, None], (cand + 1) % n, cand)
-        cos = np.einsum("bd,bkd->bk", dec[idx], dec[cand])               # [b, n_cand]
+        cos = np.einsum("bd,bkd->bk", dec[idx], dec[cand])  # [b, n_cand]
         dup = ((cand[:, :, None] == cand[:, None, :]) & np.tri(n_cand, k=-1, dtype=bool)[None]).any(2)
         cos[dup | (cand == idx[:, None])] = -np.inf
         top = np.argsort(-cos, axis=1)[:, :k_nb]
@@ -130,7 +135,7 @@ def _features_table(
     # Theme words: 4 per cluster from THEME_WORDS, plus a per-feature pseudo-word.
     cl_words = theme[rng.integers(0, len(theme), size=(n_clusters, 4))]  # [n_clusters, 4] vocab ids
     own = np.arange(n) % (len(vocab) - len(theme) - len(COMMON_WORDS)) + len(theme) + len(COMMON_WORDS)
-    feat_words = np.concatenate([cl_words[cluster], own[:, None]], 1)    # [n, 5] vocab ids
+    feat_words = np.concatenate([cl_words[cluster], own[:, None]], 1)  # [n, 5] vocab ids
     pos_ids = np.concatenate([feat_words, rng.integers(0, len(vocab), size=(n, 5))], 1)  # [n, 10]
     neg_ids = rng.integers(0, len(vocab), size=(n, 10))
     pos_vals = -np.sort(-rng.uniform(0.2, 1.5, size=(n, 10)), 1).astype(np.float32)
@@ -144,33 +149,42 @@ def _features_table(
         off = pa.array(np.arange(0, vals.size + 1, vals.shape[1], dtype=np.int32))
         return pa.ListArray.from_arrays(off, pa.array(vals.ravel(), typ))
 
-    tbl = pa.table({
-        "sae_id": pa.array([SAE_ID] * n, pa.string()),
-        "feature": pa.array(np.arange(n, dtype=np.int32)),
-        "max_act": pa.array(max_act),
-        "fire_count": pa.array(fire),
-        "density": pa.array(density),
-        "mean_act": pa.array(np.where(dead, np.nan, mean_act).astype(np.float32), from_pandas=True),
-        "dead": pa.array(dead),
-        "hist_counts": num_lists(hist, pa.int64()),
-        "pos_tokens": str_lists(pos_ids),
-        "pos_values": num_lists(pos_vals, pa.float32()),
-        "neg_tokens": str_lists(neg_ids),
-        "neg_values": num_lists(neg_vals, pa.float32()),
-        "decoder": num_lists(dec, pa.float32()),
-        "decoder_norm": pa.array(np.ones(n, dtype=np.float32)),
-        "neighbours": num_lists(neigh, pa.int32()),
-        "neighbour_cos": num_lists(ncos, pa.float32()),
-        "umap_x": pa.array(umap[:, 0].astype(np.float32)),
-        "umap_y": pa.array(umap[:, 1].astype(np.float32)),
-    })
+    tbl = pa.table(
+        {
+            "sae_id": pa.array([SAE_ID] * n, pa.string()),
+            "feature": pa.array(np.arange(n, dtype=np.int32)),
+            "max_act": pa.array(max_act),
+            "fire_count": pa.array(fire),
+            "density": pa.array(density),
+            "mean_act": pa.array(np.where(dead, np.nan, mean_act).astype(np.float32), from_pandas=True),
+            "dead": pa.array(dead),
+            "hist_counts": num_lists(hist, pa.int64()),
+            "pos_tokens": str_lists(pos_ids),
+            "pos_values": num_lists(pos_vals, pa.float32()),
+            "neg_tokens": str_lists(neg_ids),
+            "neg_values": num_lists(neg_vals, pa.float32()),
+            "decoder": num_lists(dec, pa.float32()),
+            "decoder_norm": pa.array(np.ones(n, dtype=np.float32)),
+            "neighbours": num_lists(neigh, pa.int32()),
+            "neighbour_cos": num_lists(ncos, pa.float32()),
+            "umap_x": pa.array(umap[:, 0].astype(np.float32)),
+            "umap_y": pa.array(umap[:, 1].astype(np.float32)),
+        }
+    )
     extra = {"max_act": max_act, "dead": dead, "feat_words": feat_words, "pos_ids": pos_ids}
     return tbl, extra
 
 
 def _examples_chunk(
-    feats: np.ndarray, max_act: np.ndarray, feat_words: np.ndarray, vocab_size: int, n_top: int,
-    n_bands: int, per_band: int, ctx_len: int, rng: np.random.Generator,
+    feats: np.ndarray,
+    max_act: np.ndarray,
+    feat_words: np.ndarray,
+    vocab_size: int,
+    n_top: int,
+    n_bands: int,
+    per_band: int,
+    ctx_len: int,
+    rng: np.random.Generator,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Example rows for live features ``feats [f]`` (R = f * (n_top + n_bands * per_band) rows).
 
@@ -178,9 +192,9 @@ def _examples_chunk(
     float32); token_ids is ``[R, ctx_len]`` int32 vocab ids (position 0 = BOS).
     """
     per_feat = n_top + n_bands * per_band
-    f = np.repeat(feats, per_feat)                                       # [R]
+    f = np.repeat(feats, per_feat)  # [R]
     r = len(f)
-    slot = np.tile(np.arange(per_feat), len(feats))                      # [R]
+    slot = np.tile(np.arange(per_feat), len(feats))  # [R]
     is_top = slot < n_top
     band = np.where(is_top, 0, (slot - n_top) // max(per_band, 1))
     rank = np.where(is_top, slot, (slot - n_top) % max(per_band, 1))
@@ -198,9 +212,9 @@ def _examples_chunk(
 
     # Zipf-ish background tokens; the feature's theme words around the max position.
     ids = (rng.zipf(1.3, size=(r, ctx_len)) - 1) % (vocab_size - 1) + 1  # never BOS (id 0)
-    ids[:, 0] = 0                                                        # BOS
+    ids[:, 0] = 0  # BOS
     max_pos = rng.integers(4, ctx_len - 2, size=r)
-    local = feat_words[f]                                                # [R, 5]
+    local = feat_words[f]  # [R, 5]
     rows = np.arange(r)
     ids[rows, max_pos] = local[rows, rng.integers(0, local.shape[1], size=r)]
     ids[rows, max_pos - 1] = local[rows, rng.integers(0, local.shape[1], size=r)]
@@ -212,9 +226,16 @@ def _examples_chunk(
     acts[rows, max_pos] = ex_max
     acts[:, 0] = 0.0
     cols = {
-        "f": f, "kind_top": is_top, "band": band.astype(np.int32), "band_lo": band_lo, "band_hi": band_hi,
-        "rank": rank.astype(np.int32), "context_id": rng.integers(0, 10**7, size=r).astype(np.int64),
-        "max_act": ex_max, "max_pos": max_pos.astype(np.int32), "acts": acts,
+        "f": f,
+        "kind_top": is_top,
+        "band": band.astype(np.int32),
+        "band_lo": band_lo,
+        "band_hi": band_hi,
+        "rank": rank.astype(np.int32),
+        "context_id": rng.integers(0, 10**7, size=r).astype(np.int64),
+        "max_act": ex_max,
+        "max_pos": max_pos.astype(np.int32),
+        "acts": acts,
     }
     return cols, ids.astype(np.int32)
 
@@ -257,10 +278,31 @@ def build_synthetic_db(
            architecture, d_in, d_sae, context_size, prepend_bos, corpus, n_tokens, n_contexts, fve, l0,
            dead_fraction, hist_edges, build_seconds, built_at, tool_version, config_json)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?, ?)""",
-        [SAE_ID, "synthetic (no model: made-up data for tests and benchmarks)", "synthetic", "{}", "float32",
-         json.dumps({"kind": "folder", "path": "synthetic"}), "synthetic.hook", "hf_module", "synthetic",
-         d_in, n_features, ctx_len, True, "synthetic", n_tokens, n_contexts, 0.0, 0.0, 0.0,
-         hist_edges.tolist(), 0.0, "synthetic", json.dumps({"synthetic": True, "seed": seed})],
+        [
+            SAE_ID,
+            "synthetic (no model: made-up data for tests and benchmarks)",
+            "synthetic",
+            "{}",
+            "float32",
+            json.dumps({"kind": "folder", "path": "synthetic"}),
+            "synthetic.hook",
+            "hf_module",
+            "synthetic",
+            d_in,
+            n_features,
+            ctx_len,
+            True,
+            "synthetic",
+            n_tokens,
+            n_contexts,
+            0.0,
+            0.0,
+            0.0,
+            hist_edges.tolist(),
+            0.0,
+            "synthetic",
+            json.dumps({"synthetic": True, "seed": seed}),
+        ],
     )
 
     ftbl, extra = _features_table(n_features, d_in, n_tokens, hist_edges, vocab, theme, rng)
@@ -272,36 +314,38 @@ def build_synthetic_db(
     max_tokens: list[list[str] | None] = [None] * n_features
     live = np.flatnonzero(~dead)
     for lo in range(0, len(live), chunk):
-        feats = live[lo:lo + chunk]
+        feats = live[lo : lo + chunk]
         cols, ids = _examples_chunk(feats, max_act, feat_words, len(vocab), n_top, n_bands, per_band, ctx_len, rng)
         r = len(cols["f"])
         off = pa.array(np.arange(0, r * ctx_len + 1, ctx_len, dtype=np.int32))
         tokens = pa.ListArray.from_arrays(off, vocab_arr.take(pa.array(ids.ravel())))
-        batch = pa.table({
-            "sae_id": pa.array([SAE_ID] * r, pa.string()),
-            "feature": pa.array(cols["f"].astype(np.int32)),
-            "kind": pa.array(np.where(cols["kind_top"], "top", "interval").tolist(), pa.string()),
-            "band": pa.array(cols["band"]),
-            "band_lo": pa.array(cols["band_lo"], from_pandas=True),
-            "band_hi": pa.array(cols["band_hi"], from_pandas=True),
-            "rank": pa.array(cols["rank"]),
-            "context_id": pa.array(cols["context_id"]),
-            "max_act": pa.array(cols["max_act"]),
-            "max_pos": pa.array(cols["max_pos"]),
-            "token_ids": pa.ListArray.from_arrays(off, pa.array(ids.ravel())),
-            "tokens": tokens,
-            "acts": pa.ListArray.from_arrays(off, pa.array(cols["acts"].ravel())),
-        })
+        batch = pa.table(
+            {
+                "sae_id": pa.array([SAE_ID] * r, pa.string()),
+                "feature": pa.array(cols["f"].astype(np.int32)),
+                "kind": pa.array(np.where(cols["kind_top"], "top", "interval").tolist(), pa.string()),
+                "band": pa.array(cols["band"]),
+                "band_lo": pa.array(cols["band_lo"], from_pandas=True),
+                "band_hi": pa.array(cols["band_hi"], from_pandas=True),
+                "rank": pa.array(cols["rank"]),
+                "context_id": pa.array(cols["context_id"]),
+                "max_act": pa.array(cols["max_act"]),
+                "max_pos": pa.array(cols["max_pos"]),
+                "token_ids": pa.ListArray.from_arrays(off, pa.array(ids.ravel())),
+                "tokens": tokens,
+                "acts": pa.ListArray.from_arrays(off, pa.array(cols["acts"].ravel())),
+            }
+        )
         con.register("ex_batch", batch)
         con.execute("INSERT INTO examples SELECT * FROM ex_batch")
         con.unregister("ex_batch")
         # search text: tokens max_pos-3 .. max_pos+2 of each top example, then the promoted tokens.
         top = cols["kind_top"]
         per = n_top
-        mp = cols["max_pos"][top].reshape(-1, per)                      # [f, n_top]
+        mp = cols["max_pos"][top].reshape(-1, per)  # [f, n_top]
         tid = ids[top].reshape(len(feats), per, ctx_len)
         win = np.clip(mp[:, :, None] + np.arange(-3, 3)[None, None, :], 1, ctx_len - 1)
-        wid = np.take_along_axis(tid, win, 2)                             # [f, n_top, 6]
+        wid = np.take_along_axis(tid, win, 2)  # [f, n_top, 6]
         wtxt = vocab[wid]
         mtok = vocab[np.take_along_axis(tid, mp[:, :, None], 2)[:, :, 0]]
         for j, fe in enumerate(feats):
@@ -323,22 +367,32 @@ def build_synthetic_db(
     if n_lab:
         tags_pool = ["deception", "bio", "finance", "code", "syntax", "safety", "food", "nature"]
         lab_feats = rng.choice(live, size=min(n_lab, len(live)), replace=False)
-        labels = pa.table({
-            "sae_id": pa.array([SAE_ID] * len(lab_feats)),
-            "feature": pa.array(lab_feats.astype(np.int32)),
-            "label": pa.array([f"synthetic: {vocab[feat_words[f, 0]].strip()} / {vocab[feat_words[f, 1]].strip()}"
-                               for f in lab_feats]),
-            "tags": pa.array([[tags_pool[(int(f) * 7) % len(tags_pool)]] for f in lab_feats], pa.list_(pa.string())),
-            "notes": pa.array(["made-up label from bench/synth_db.py"] * len(lab_feats)),
-            "author": pa.array(["synthetic-generator"] * len(lab_feats)),
-        })
+        labels = pa.table(
+            {
+                "sae_id": pa.array([SAE_ID] * len(lab_feats)),
+                "feature": pa.array(lab_feats.astype(np.int32)),
+                "label": pa.array(
+                    [
+                        f"synthetic: {vocab[feat_words[f, 0]].strip()} / {vocab[feat_words[f, 1]].strip()}"
+                        for f in lab_feats
+                    ]
+                ),
+                "tags": pa.array(
+                    [[tags_pool[(int(f) * 7) % len(tags_pool)]] for f in lab_feats], pa.list_(pa.string())
+                ),
+                "notes": pa.array(["made-up label from bench/synth_db.py"] * len(lab_feats)),
+                "author": pa.array(["synthetic-generator"] * len(lab_feats)),
+            }
+        )
         con.register("lab_tbl", labels)
         con.execute("INSERT INTO labels SELECT *, now() FROM lab_tbl")
         con.unregister("lab_tbl")
     # Statistics consistent with the made-up data: L0 = expected active features per token = sum of
     # densities; FVE is unknown without a model (NULL).
-    con.execute("UPDATE saes SET l0 = ?, dead_fraction = ?, fve = NULL WHERE sae_id = ?",
-                [float(ftbl.column("density").to_numpy().sum()), float(dead.mean()), SAE_ID])
+    con.execute(
+        "UPDATE saes SET l0 = ?, dead_fraction = ?, fve = NULL WHERE sae_id = ?",
+        [float(ftbl.column("density").to_numpy().sum()), float(dead.mean()), SAE_ID],
+    )
     con.execute("CHECKPOINT")
     con.close()
     if verbose:
@@ -358,8 +412,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    build_synthetic_db(args.out, args.features, args.top, args.ctx, args.bands, args.per_band, args.d_in,
-                       args.labels, args.seed, verbose=True)
+    build_synthetic_db(
+        args.out,
+        args.features,
+        args.top,
+        args.ctx,
+        args.bands,
+        args.per_band,
+        args.d_in,
+        args.labels,
+        args.seed,
+        verbose=True,
+    )
     return 0
 
 

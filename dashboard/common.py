@@ -144,6 +144,7 @@ def pick_sae(store: Store, key: str = "sae") -> str:
 
 # ------------------------------------------------------------------------------------------ URL state
 
+
 def qp_int(name: str) -> int | None:
     """An integer query parameter, or None when absent or not an integer."""
     raw = st.query_params.get(name)
@@ -204,7 +205,9 @@ def url(page: str, **params: Any) -> str:
 def feature_link(sae_id: str, feature: int, label: str | None = None, icon: str | None = None) -> None:
     """A ``st.page_link`` to a feature page."""
     st.page_link(
-        page_file("feature"), label=label or f"Feature {feature}", icon=icon,
+        page_file("feature"),
+        label=label or f"Feature {feature}",
+        icon=icon,
         query_params={"sae": sae_id, "feature": str(int(feature))},
     )
 
@@ -215,6 +218,7 @@ def go_feature(sae_id: str, feature: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- errors
+
 
 def first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
@@ -237,6 +241,7 @@ def guarded(context: str, fn: Callable[[], Any]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- runtime
+
 
 def get_runtime(sae_row: dict[str, Any]) -> Any:
     """The model + SAE that built ``sae_row`` (loaded once per process, shared by all sessions).

@@ -91,10 +91,18 @@ def concept_scores(
     lift = np.log2((mass_pos + eps) / (mass_neg + eps))
     score = coverage * lift * penalty
     score[coverage == 0] = 0.0
-    df = pd.DataFrame({
-        "feature": np.arange(d_sae), "score": score, "lift": lift, "coverage": coverage,
-        "neg_coverage": neg_cov, "mass_pos": mass_pos, "mass_neg": mass_neg, "max_on_examples": peak,
-    })
+    df = pd.DataFrame(
+        {
+            "feature": np.arange(d_sae),
+            "score": score,
+            "lift": lift,
+            "coverage": coverage,
+            "neg_coverage": neg_cov,
+            "mass_pos": mass_pos,
+            "mass_neg": mass_neg,
+            "max_on_examples": peak,
+        }
+    )
     df = df[df["score"] > 0].sort_values(["score", "mass_pos"], ascending=False, kind="stable")
     return df.head(top).reset_index(drop=True)
 

@@ -13,8 +13,20 @@ import pandas as pd
 
 NONE, OTHER = "(none)", "(other label)"
 GREY = "#d9d9d9"
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
-           "#17becf", "#bcbd22", "#8c564b")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#17becf",
+    "#bcbd22",
+    "#8c564b",
+)
 
 
 def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Color]:
@@ -38,13 +50,17 @@ def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Colo
         domain = [NONE, *others]
         out["group"] = pd.Categorical(group, categories=domain)
         out = out.sort_values("group", kind="stable")  # untagged drawn first, underneath the rest
-        enc = alt.Color("group:N", title=colour_by, scale=alt.Scale(
-            domain=domain, range=[GREY, *[PALETTE[i % len(PALETTE)] for i in range(len(others))]]))
+        enc = alt.Color(
+            "group:N",
+            title=colour_by,
+            scale=alt.Scale(domain=domain, range=[GREY, *[PALETTE[i % len(PALETTE)] for i in range(len(others))]]),
+        )
     else:
         live = df.loc[df["log10_density"] > -9, "log10_density"]
         dom = [float(live.min()), float(live.max())] if len(live) else [-9.0, 0.0]
-        enc = alt.Color("log10_density:Q", title="log10 density",
-                        scale=alt.Scale(scheme="viridis", domain=dom, clamp=True))
+        enc = alt.Color(
+            "log10_density:Q", title="log10 density", scale=alt.Scale(scheme="viridis", domain=dom, clamp=True)
+        )
     return out, enc
 
 
@@ -58,9 +74,12 @@ def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: st
             x=alt.X("x:Q", axis=None, scale=alt.Scale(zero=False)),
             y=alt.Y("y:Q", axis=None, scale=alt.Scale(zero=False)),
             color=enc,
-            tooltip=[alt.Tooltip("feature:Q", title="feature"), alt.Tooltip("label:N", title="label"),
-                     alt.Tooltip("top_tokens:N", title="top tokens"),
-                     alt.Tooltip("log10_density:Q", title="log10 density", format=".2f")],
+            tooltip=[
+                alt.Tooltip("feature:Q", title="feature"),
+                alt.Tooltip("label:N", title="label"),
+                alt.Tooltip("top_tokens:N", title="top tokens"),
+                alt.Tooltip("log10_density:Q", title="log10 density", format=".2f"),
+            ],
         )
         .add_params(pick)
         .properties(height=height)

@@ -44,8 +44,12 @@ def run_prompt(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> PromptResu
     acts, valid = _acts_and_valid(runtime, ids)
     p, f = np.nonzero(acts)
     return PromptResult(
-        tokens=runtime.token_strings(ids[0].tolist()), valid=valid, pos=p.astype(np.int32),
-        feat=f.astype(np.int32), val=acts[p, f].astype(np.float32), d_sae=int(acts.shape[1]),
+        tokens=runtime.token_strings(ids[0].tolist()),
+        valid=valid,
+        pos=p.astype(np.int32),
+        feat=f.astype(np.int32),
+        val=acts[p, f].astype(np.float32),
+        d_sae=int(acts.shape[1]),
         truncated=full.shape[1] > max_len,
     )
 
@@ -59,8 +63,10 @@ def dense_valid_acts(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> np.n
 
 
 def whole_text_features(
-    res: PromptResult, max_act: np.ndarray | None = None,
-    rank_by: Literal["max", "relative", "total"] = "max", top: int = 50,
+    res: PromptResult,
+    max_act: np.ndarray | None = None,
+    rank_by: Literal["max", "relative", "total"] = "max",
+    top: int = 50,
 ) -> pd.DataFrame:
     """Features most active over the whole text: columns feature, max_here, relative (max_here / the
     feature's corpus max_act, NaN without it), total, n_tokens, argmax_pos. ``[<=top]`` rows."""
@@ -69,10 +75,14 @@ def whole_text_features(
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame({"feature": res.feat, "val": res.val, "pos": res.pos})
     g = df.groupby("feature")
-    out = pd.DataFrame({
-        "max_here": g["val"].max(), "total": g["val"].sum(), "n_tokens": g["val"].size(),
-        "argmax_pos": df.loc[g["val"].idxmax(), ["feature", "pos"]].set_index("feature")["pos"],
-    }).reset_index()
+    out = pd.DataFrame(
+        {
+            "max_here": g["val"].max(),
+            "total": g["val"].sum(),
+            "n_tokens": g["val"].size(),
+            "argmax_pos": df.loc[g["val"].idxmax(), ["feature", "pos"]].set_index("feature")["pos"],
+        }
+    ).reset_index()
     if max_act is not None:
         m = np.asarray(max_act, dtype=np.float64)[out["feature"].to_numpy()]
         out["relative"] = np.where(m > 0, out["max_here"] / np.where(m > 0, m, 1.0), np.nan)

@@ -77,12 +77,14 @@ def context_html(
     return f'<div style="{CONTEXT_CSS}">{"".join(parts)}</div>'
 
 
-def contexts_html(rows: Sequence[tuple[Sequence[str], Sequence[float], int, float]], scale: float,
-                  window: tuple[int, int] | None = None) -> str:
+def contexts_html(
+    rows: Sequence[tuple[Sequence[str], Sequence[float], int, float]],
+    scale: float,
+    window: tuple[int, int] | None = None,
+) -> str:
     """Several contexts: ``rows`` of (tokens, acts, max_pos, max_act); each prefixed by its max act."""
     return "".join(
-        context_html(t, a, scale, max_pos=int(mp), window=window, prefix=f"{float(ma):7.2f}  ")
-        for t, a, mp, ma in rows
+        context_html(t, a, scale, max_pos=int(mp), window=window, prefix=f"{float(ma):7.2f}  ") for t, a, mp, ma in rows
     )
 
 
@@ -97,8 +99,11 @@ def md(text: object) -> str:
     s = html.escape("" if text is None else str(text), quote=False)
     s = _MD_SPECIAL.sub(r"\\\1", s)
     return _MD_LINE_START.sub(
-        lambda m: m.group(1) + (m.group(2)[:-1] + "\\" + m.group(2)[-1] if m.group(2)[0].isdigit()
-                                else "\\" + m.group(2)), s)
+        lambda m: (
+            m.group(1) + (m.group(2)[:-1] + "\\" + m.group(2)[-1] if m.group(2)[0].isdigit() else "\\" + m.group(2))
+        ),
+        s,
+    )
 
 
 def escape_text(text: str | None) -> str:

@@ -16,10 +16,16 @@ APP = Path(__file__).resolve().parent / "app.py"
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand (``--db``, ``--port``, ``--headless``) with ``func=run``."""
-    p = subparsers.add_parser("serve", help="open the feature-dictionary dashboard in a browser",
-                              description="Serve the featuredict dashboard (Streamlit) on a database.")
-    p.add_argument("--db", default=os.environ.get("FEATUREDICT_DB", "featuredict.duckdb"),
-                   help="DuckDB file written by `featuredict build` (default: $FEATUREDICT_DB or featuredict.duckdb)")
+    p = subparsers.add_parser(
+        "serve",
+        help="open the feature-dictionary dashboard in a browser",
+        description="Serve the featuredict dashboard (Streamlit) on a database.",
+    )
+    p.add_argument(
+        "--db",
+        default=os.environ.get("FEATUREDICT_DB", "featuredict.duckdb"),
+        help="DuckDB file written by `featuredict build` (default: $FEATUREDICT_DB or featuredict.duckdb)",
+    )
     p.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
     p.add_argument("--address", default=None, help="address to bind (Streamlit's default when omitted)")
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
@@ -29,12 +35,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def streamlit_argv(args: argparse.Namespace) -> list[str]:
     """The full command line ``run`` executes."""
-    argv = [sys.executable, "-m", "streamlit", "run", str(APP),
-            "--server.port", str(int(args.port)),
-            "--server.headless", "true" if getattr(args, "headless", False) else "false",
-            "--client.showErrorDetails", "none",
-            "--client.toolbarMode", "minimal",
-            "--browser.gatherUsageStats", "false"]
+    argv = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(int(args.port)),
+        "--server.headless",
+        "true" if getattr(args, "headless", False) else "false",
+        "--client.showErrorDetails",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     if getattr(args, "address", None):
         argv += ["--server.address", str(args.address)]
     return [*argv, "--", "--db", str(Path(args.db).expanduser().resolve())]
@@ -44,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     """Check the database path, then exec streamlit (does not return on success)."""
     db = Path(args.db).expanduser()
     if not db.exists():
-        print(f"featuredict serve: no database at {db}. Build one with `featuredict build` or `featuredict demo`.",
-              file=sys.stderr)
+        print(
+            f"featuredict serve: no database at {db}. Build one with `featuredict build` or `featuredict demo`.",
+            file=sys.stderr,
+        )
         return 2
     argv = streamlit_argv(args)
     sys.stdout.flush()

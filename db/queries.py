@@ -181,6 +181,7 @@ def feature_baselines(db: Reader, sae_id: str, d_sae: int) -> dict[str, np.ndarr
 
 # ------------------------------------------------------------------------------------------------ map
 
+
 def map_points(db: Reader, sae_id: str) -> pd.DataFrame:
     """All features with a UMAP position, compact for a scatter of 65k+ points: columns feature (int32),
     x, y (float32), log10_density (float32; -9 for dead), label, tag (first tag), top_tokens (str)."""
@@ -197,6 +198,7 @@ def map_points(db: Reader, sae_id: str) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------------------------- labels
+
 
 def label(db: Reader, sae_id: str, feature_id: int) -> dict[str, Any] | None:
     """The ``labels`` row of one feature as a dict (tags as a list), or None."""
@@ -222,11 +224,10 @@ def all_tags(db: Reader, sae_id: str | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- lists
 
+
 def list_names(db: Reader) -> pd.DataFrame:
     """Saved lists: columns list_name, n (features), last_added."""
-    return db.df(
-        "SELECT list_name, count(*) AS n, max(added_at) AS last_added FROM lists GROUP BY 1 ORDER BY 1"
-    )
+    return db.df("SELECT list_name, count(*) AS n, max(added_at) AS last_added FROM lists GROUP BY 1 ORDER BY 1")
 
 
 def list_members(db: Reader, list_name: str) -> pd.DataFrame:
@@ -251,6 +252,7 @@ def lists_of_feature(db: Reader, sae_id: str, feature_id: int) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- search
+
 
 @dataclass(frozen=True)
 class SearchFilters:
@@ -292,9 +294,7 @@ def feature_id_in_query(query: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def search(
-    db: Reader, sae_id: str, query: str, filters: SearchFilters | None = None, limit: int = 50
-) -> pd.DataFrame:
+def search(db: Reader, sae_id: str, query: str, filters: SearchFilters | None = None, limit: int = 50) -> pd.DataFrame:
     """Ranked text search over one SAE's features.
 
     Every term must match at least one field; score = sum over terms of field weights (label 12, tags 10,
@@ -344,9 +344,7 @@ def search(
             score_parts.append("ln(1 + (length(t_context) - length(replace(t_context, ?, ''))) / ?)")
             score_params += [t, len(t)]
         for name, _, _ in _FIELDS:
-            matched_parts.append(
-                f"CASE WHEN {' OR '.join(f'contains(t_{name}, ?)' for _ in terms)} THEN '{name}' END"
-            )
+            matched_parts.append(f"CASE WHEN {' OR '.join(f'contains(t_{name}, ?)' for _ in terms)} THEN '{name}' END")
             matched_params += terms
         id_clause = " OR feature = ?" if fid is not None else ""
         sql = f"""
@@ -354,22 +352,22 @@ def search(
                 SELECT f.feature, l.label, l.tags, f.density, f.max_act, f.search_text,
                        {top_tokens(5)} AS top_tokens, {select_fields}
                 FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
-                WHERE {' AND '.join(where)}),
-            hits AS (SELECT * FROM base WHERE ({' AND '.join(term_match)}){id_clause})
-            SELECT feature, ({' + '.join(score_parts)}) {'+ CASE WHEN feature = ? THEN 1000 ELSE 0 END' if fid is not None else ''} AS score,
+                WHERE {" AND ".join(where)}),
+            hits AS (SELECT * FROM base WHERE ({" AND ".join(term_match)}){id_clause})
+            SELECT feature, ({" + ".join(score_parts)}) {"+ CASE WHEN feature = ? THEN 1000 ELSE 0 END" if fid is not None else ""} AS score,
                    label, tags, density, max_act, top_tokens,
-                   concat_ws(', ', {', '.join(matched_parts)}) AS matched, search_text
+                   concat_ws(', ', {", ".join(matched_parts)}) AS matched, search_text
             FROM hits ORDER BY score DESC, max_act DESC, feature LIMIT ?"""
         all_params = params + term_params + ([fid] if fid is not None else []) + score_params
         all_params += ([fid] if fid is not None else []) + matched_params + [int(limit)]
         df = db.df(sql, all_params)
     else:
         sql = f"""
-            SELECT f.feature, {'CASE WHEN f.feature = ? THEN 1000.0 ELSE 0.0 END' if fid is not None else '0.0'} AS score,
+            SELECT f.feature, {"CASE WHEN f.feature = ? THEN 1000.0 ELSE 0.0 END" if fid is not None else "0.0"} AS score,
                    l.label, l.tags, f.density, f.max_act,
                    {top_tokens(5)} AS top_tokens, '' AS matched, f.search_text
             FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
-            WHERE {' AND '.join(where)} ORDER BY score DESC, f.max_act DESC, f.feature LIMIT ?"""
+            WHERE {" AND ".join(where)} ORDER BY score DESC, f.max_act DESC, f.feature LIMIT ?"""
         df = db.df(sql, ([fid] if fid is not None else []) + params + [int(limit)])
     if fid is not None and (df.empty or int(df["feature"].iloc[0]) != fid):
         # The id may be filtered out above; show it anyway when it exists (it was asked for by id).
@@ -403,6 +401,7 @@ def snippet(text: str | None, terms: Sequence[str], width: int = 90) -> str:
 
 # ----------------------------------------------------------------------------------------------- utils
 
+
 def _row_dict(row: pd.Series) -> dict[str, Any]:
     """A DataFrame row as a dict with numpy scalars turned into Python ones and NaN/NaT into None."""
     out: dict[str, Any] = {}
@@ -411,5 +410,7 @@ def _row_dict(row: pd.Series) -> dict[str, Any]:
             out[str(k)] = v.tolist()
         else:
             v = v.item() if isinstance(v, np.generic) else v
-            out[str(k)] = None if v is pd.NaT or v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v)) else v
+            out[str(k)] = (
+                None if v is pd.NaT or v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v)) else v
+            )
     return out

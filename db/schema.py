@@ -157,9 +157,7 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
     """The file's schema version, or None when it has no featuredict metadata."""
-    has_meta = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
-    ).fetchone()
+    has_meta = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()
     if not has_meta or has_meta[0] == 0:
         return None
     row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -170,7 +168,9 @@ def check_version(con: duckdb.DuckDBPyConnection, path: str | Path) -> None:
     """Raise DatabaseError unless the file holds featuredict tables of this schema version."""
     version = schema_version(con)
     if version is None:
-        raise DatabaseError(f"{path} is not a featuredict database (no meta table). Build one with `featuredict build`.")
+        raise DatabaseError(
+            f"{path} is not a featuredict database (no meta table). Build one with `featuredict build`."
+        )
     if version != SCHEMA_VERSION:
         raise DatabaseError(
             f"{path} has schema version {version}, this featuredict reads version {SCHEMA_VERSION}. "

@@ -112,10 +112,13 @@ def save_label_edit(
     if (_text(notes) or None) != (before.get("notes") or None):
         kwargs["notes"] = notes
     return update_label(
-        store, sae_id, feature,
+        store,
+        sae_id,
+        feature,
         add_tags=[t for t in new_tags if t not in old_tags],
         remove_tags=[t for t in old_tags if t not in new_tags],
-        author=author, **kwargs,
+        author=author,
+        **kwargs,
     )
 
 
@@ -158,20 +161,25 @@ def add_to_list(
 
 
 def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int) -> None:
-    store.write(lambda cur: cur.execute(
-        "DELETE FROM lists WHERE list_name = ? AND sae_id = ? AND feature = ?", [list_name, sae_id, int(feature)]
-    ))
+    store.write(
+        lambda cur: cur.execute(
+            "DELETE FROM lists WHERE list_name = ? AND sae_id = ? AND feature = ?", [list_name, sae_id, int(feature)]
+        )
+    )
 
 
 def set_list_note(store: Store, list_name: str, sae_id: str, feature: int, note: str | None) -> None:
-    store.write(lambda cur: cur.execute(
-        "UPDATE lists SET note = ? WHERE list_name = ? AND sae_id = ? AND feature = ?",
-        [_text(note), list_name, sae_id, int(feature)],
-    ))
+    store.write(
+        lambda cur: cur.execute(
+            "UPDATE lists SET note = ? WHERE list_name = ? AND sae_id = ? AND feature = ?",
+            [_text(note), list_name, sae_id, int(feature)],
+        )
+    )
 
 
 def delete_list(store: Store, list_name: str) -> int:
     """Delete a whole list; returns how many members it had."""
+
     def fn(cur: duckdb.DuckDBPyConnection) -> int:
         n = cur.execute("SELECT count(*) FROM lists WHERE list_name = ?", [list_name]).fetchone()[0]
         cur.execute("DELETE FROM lists WHERE list_name = ?", [list_name])

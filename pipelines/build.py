@@ -200,9 +200,24 @@ def _example_rows(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cfg = state.cfg
     edges = cfg.band_edges()
-    rows: dict[str, list[Any]] = {k: [] for k in (
-        "sae_id", "feature", "kind", "band", "band_lo", "band_hi", "rank", "context_id", "max_act", "max_pos",
-        "token_ids", "tokens", "acts")}
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "sae_id",
+            "feature",
+            "kind",
+            "band",
+            "band_lo",
+            "band_hi",
+            "rank",
+            "context_id",
+            "max_act",
+            "max_pos",
+            "token_ids",
+            "tokens",
+            "acts",
+        )
+    }
     max_tokens: list[list[str]] = [[] for _ in range(state.d_sae)]
 
     def add(f: int, kind: str, band: int, lo, hi, rank: int, ctx: int, val: float, pos: int, ids_t, acts_t):
@@ -210,9 +225,21 @@ def _example_rows(
         n = _trim(ids, pad)
         ids = ids[:n]
         strs = token_strings(tok, ids)
-        for k, v in (("sae_id", sae_id), ("feature", f), ("kind", kind), ("band", band), ("band_lo", lo),
-                     ("band_hi", hi), ("rank", rank), ("context_id", ctx), ("max_act", val), ("max_pos", pos),
-                     ("token_ids", ids), ("tokens", strs), ("acts", acts_t[:n].tolist())):
+        for k, v in (
+            ("sae_id", sae_id),
+            ("feature", f),
+            ("kind", kind),
+            ("band", band),
+            ("band_lo", lo),
+            ("band_hi", hi),
+            ("rank", rank),
+            ("context_id", ctx),
+            ("max_act", val),
+            ("max_pos", pos),
+            ("token_ids", ids),
+            ("tokens", strs),
+            ("acts", acts_t[:n].tolist()),
+        ):
             rows[k].append(v)
         if kind == "top":
             max_tokens[f].append(strs[pos] if pos < len(strs) else "")
@@ -223,8 +250,19 @@ def _example_rows(
         for r in range(top_ctx.shape[1]):
             if top_ctx[f, r] < 0:
                 break
-            add(f, "top", 0, None, None, r, int(top_ctx[f, r]), float(state.top_val[f, r]),
-                int(state.top_pos[f, r]), state.top_tok[f, r], state.top_act[f, r])
+            add(
+                f,
+                "top",
+                0,
+                None,
+                None,
+                r,
+                int(top_ctx[f, r]),
+                float(state.top_val[f, r]),
+                int(state.top_pos[f, r]),
+                state.top_tok[f, r],
+                state.top_act[f, r],
+            )
         populated = [b for b in range(cfg.n_bands) if smp_ctx[f, b, 0] >= 0]
         for b in choose_bands(populated, n_bands_show):
             lo = 0.0 if b == 0 else float(edges[b])
@@ -232,8 +270,19 @@ def _example_rows(
             for r in range(smp_ctx.shape[2]):
                 if smp_ctx[f, b, r] < 0:
                     break
-                add(f, "interval", b, lo, hi, r, int(smp_ctx[f, b, r]), float(state.smp_val[f, b, r]),
-                    int(state.smp_pos[f, b, r]), state.smp_tok[f, b, r], state.smp_act[f, b, r])
+                add(
+                    f,
+                    "interval",
+                    b,
+                    lo,
+                    hi,
+                    r,
+                    int(smp_ctx[f, b, r]),
+                    float(state.smp_val[f, b, r]),
+                    int(state.smp_pos[f, b, r]),
+                    state.smp_tok[f, b, r],
+                    state.smp_act[f, b, r],
+                )
     return pd.DataFrame(rows), max_tokens
 
 
@@ -246,7 +295,9 @@ def _search_text(ex: pd.DataFrame, d_sae: int, pos_tokens: list[list[str]]) -> l
     return [" | ".join(p + [" ".join(t.strip() for t in pos_tokens[f])]) for f, p in enumerate(parts)]
 
 
-def feature_frames(rt: Runtime, state: HarvestState, cfg: BuildConfig, sae_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def feature_frames(
+    rt: Runtime, state: HarvestState, cfg: BuildConfig, sae_id: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
@@ -262,28 +313,30 @@ def feature_frames(rt: Runtime, state: HarvestState, cfg: BuildConfig, sae_id: s
     neg_tokens = [token_strings(tok, r) for r in ni.tolist()]
     ex, max_tokens = _example_rows(sae_id, rt, state, cfg.n_interval_bands)
     mean = state.mean_act()
-    feats = pd.DataFrame({
-        "sae_id": sae_id,
-        "feature": np.arange(F, dtype=np.int32),
-        "max_act": state.max_act.numpy().astype(np.float32),
-        "fire_count": state.fire_count.numpy(),
-        "density": state.density().numpy(),
-        "mean_act": [None if np.isnan(m) else float(m) for m in mean.numpy()],
-        "dead": (state.fire_count == 0).numpy(),
-        "hist_counts": list(state.hist.numpy()),
-        "pos_tokens": pos_tokens,
-        "pos_values": list(pv.numpy()),
-        "neg_tokens": neg_tokens,
-        "neg_values": list(nv.numpy()),
-        "decoder": list(w_dec.numpy()),
-        "decoder_norm": w_dec.norm(dim=1).numpy(),
-        "neighbours": list(nidx.numpy().astype(np.int32)),
-        "neighbour_cos": list(nc.numpy()),
-        "umap_x": layout[:, 0] if layout is not None else None,
-        "umap_y": layout[:, 1] if layout is not None else None,
-        "max_tokens": max_tokens,
-        "search_text": _search_text(ex, F, pos_tokens),
-    })
+    feats = pd.DataFrame(
+        {
+            "sae_id": sae_id,
+            "feature": np.arange(F, dtype=np.int32),
+            "max_act": state.max_act.numpy().astype(np.float32),
+            "fire_count": state.fire_count.numpy(),
+            "density": state.density().numpy(),
+            "mean_act": [None if np.isnan(m) else float(m) for m in mean.numpy()],
+            "dead": (state.fire_count == 0).numpy(),
+            "hist_counts": list(state.hist.numpy()),
+            "pos_tokens": pos_tokens,
+            "pos_values": list(pv.numpy()),
+            "neg_tokens": neg_tokens,
+            "neg_values": list(nv.numpy()),
+            "decoder": list(w_dec.numpy()),
+            "decoder_norm": w_dec.norm(dim=1).numpy(),
+            "neighbours": list(nidx.numpy().astype(np.int32)),
+            "neighbour_cos": list(nc.numpy()),
+            "umap_x": layout[:, 0] if layout is not None else None,
+            "umap_y": layout[:, 1] if layout is not None else None,
+            "max_tokens": max_tokens,
+            "search_text": _search_text(ex, F, pos_tokens),
+        }
+    )
     return feats, ex
 
 
@@ -368,8 +421,10 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
     state = harvest(rt, cfg)
     fve = state.fve()
     if not np.isnan(fve) and fve < FVE_WARN:
-        msg = (f"WARNING: reconstruction FVE is {fve:.3f} (< {FVE_WARN}): activations are probably not taken where "
-               f"the SAE was trained (hook {hook}, model {cfg.model}). Feature statistics may be meaningless.")
+        msg = (
+            f"WARNING: reconstruction FVE is {fve:.3f} (< {FVE_WARN}): activations are probably not taken where "
+            f"the SAE was trained (hook {hook}, model {cfg.model}). Feature statistics may be meaningless."
+        )
         warnings.warn(msg, stacklevel=2)
         print("\n" + "!" * 80 + "\n" + msg + "\n" + "!" * 80)
     feats, ex = feature_frames(rt, state, cfg, sae_id)
@@ -405,5 +460,15 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
     }
     write_database(Path(cfg.db), row, feats, ex)
     hs = getattr(state, "harvest_seconds", seconds)
-    return BuildResult(Path(cfg.db), sae_id, state.n_tokens, state.n_contexts, rt.d_sae, fve, state.l0(),
-                       state.dead_fraction(), time.perf_counter() - t0, state.n_tokens / max(hs, 1e-9))
+    return BuildResult(
+        Path(cfg.db),
+        sae_id,
+        state.n_tokens,
+        state.n_contexts,
+        rt.d_sae,
+        fve,
+        state.l0(),
+        state.dead_fraction(),
+        time.perf_counter() - t0,
+        state.n_tokens / max(hs, 1e-9),
+    )

@@ -28,11 +28,17 @@ def _expected() -> tuple[type[BaseException], ...]:
 
 
 def _corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--corpus", required=required,
-                   help="a .txt / .jsonl / .parquet file, or a Hugging Face dataset name (streamed; needs network)")
+    p.add_argument(
+        "--corpus",
+        required=required,
+        help="a .txt / .jsonl / .parquet file, or a Hugging Face dataset name (streamed; needs network)",
+    )
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows (default: text)")
-    p.add_argument("--separator", default="<|endoftext|>",
-                   help="document separator for .txt: a string, 'blank' (blank lines) or 'line' (default: <|endoftext|>)")
+    p.add_argument(
+        "--separator",
+        default="<|endoftext|>",
+        help="document separator for .txt: a string, 'blank' (blank lines) or 'line' (default: <|endoftext|>)",
+    )
     p.add_argument("--split", default="train", help="HF dataset split (default: train)")
 
 
@@ -45,12 +51,25 @@ def _corpus(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train_sae import TrainConfig, train_sae
 
-    cfg = TrainConfig(model=args.model, corpus=_corpus(args), out=args.out, hook=args.hook, d_sae=args.d_sae,
-                      k=args.k, training_tokens=args.tokens, context_size=args.context_size,
-                      batch_tokens=args.batch_tokens, lr=args.lr, device=args.device, seed=args.seed)
+    cfg = TrainConfig(
+        model=args.model,
+        corpus=_corpus(args),
+        out=args.out,
+        hook=args.hook,
+        d_sae=args.d_sae,
+        k=args.k,
+        training_tokens=args.tokens,
+        context_size=args.context_size,
+        batch_tokens=args.batch_tokens,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+    )
     r = train_sae(cfg)
-    print(f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
-          f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s)")
+    print(
+        f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
+        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s)"
+    )
     print(f"FVE={r.fve:.3f}  L0={r.l0:.1f}  dead={r.dead_fraction:.1%}  -> {r.out}")
     return 0
 
@@ -66,10 +85,20 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ValueError("give --sae FOLDER_OR_RELEASE:ID, or --sae-release with --sae-id")
         source = SaeSource.parse(args.sae)
     cfg = BuildConfig(
-        model=args.model, sae=source, corpus=_corpus(args), db=args.db, sae_name=args.name, hook=args.hook,
-        context_size=args.context_size, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        model=args.model,
+        sae=source,
+        corpus=_corpus(args),
+        db=args.db,
+        sae_name=args.name,
+        hook=args.hook,
+        context_size=args.context_size,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
         harvest=HarvestConfig(top_k=args.top_k, samples_per_band=args.interval_samples),
-        umap=not args.no_umap, device=args.device, dtype=args.dtype, outlier_norm_ratio=args.outlier_norm_ratio,
+        umap=not args.no_umap,
+        device=args.device,
+        dtype=args.dtype,
+        outlier_norm_ratio=args.outlier_norm_ratio,
     )
     r = build(cfg)
     print(r.summary())
@@ -80,9 +109,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(db=args.db, corpus=args.corpus, tokens=args.tokens, train_tokens=args.train_tokens,
-                               d_sae=args.d_sae, k=args.k, layer=args.layer, force=args.force,
-                               gen_tokens=args.gen_tokens))
+    return run_demo(
+        DemoConfig(
+            db=args.db,
+            corpus=args.corpus,
+            tokens=args.tokens,
+            train_tokens=args.train_tokens,
+            d_sae=args.d_sae,
+            k=args.k,
+            layer=args.layer,
+            force=args.force,
+            gen_tokens=args.gen_tokens,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder or HF id")
     _corpus_args(t)
     t.add_argument("--out", required=True, help="output folder (sae-lens format)")
-    t.add_argument("--hook", default="model.layers.15", help="HF module name whose output is read (default: model.layers.15)")
+    t.add_argument(
+        "--hook", default="model.layers.15", help="HF module name whose output is read (default: model.layers.15)"
+    )
     t.add_argument("--d-sae", type=int, default=4608)
     t.add_argument("--k", type=int, default=32, help="TopK k (default 32)")
     t.add_argument("--tokens", type=int, default=100_000, help="training tokens (default 100k)")
@@ -107,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="harvest feature statistics into a DuckDB feature dictionary")
-    b.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder, HF id, or TransformerLens name (gpt2)")
+    b.add_argument(
+        "--model", required=True, help="preset (smollm2-135m), local HF folder, HF id, or TransformerLens name (gpt2)"
+    )
     b.add_argument("--sae", help="a local sae-lens folder or RELEASE:SAE_ID from the sae-lens registry")
     b.add_argument("--sae-release", help="sae-lens registry release (e.g. gpt2-small-res-jb)")
     b.add_argument("--sae-id", help="SAE id within the release (e.g. blocks.8.hook_resid_pre)")
@@ -121,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", type=int, default=20, help="top activating contexts kept per feature (default 20)")
     b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
-    b.add_argument("--outlier-norm-ratio", type=float, default=10.0,
-                   help="exclude positions whose activation norm is > this x their context's median, like BOS "
-                        "(attention-sink 'massive activations'); 0 disables (default 10)")
+    b.add_argument(
+        "--outlier-norm-ratio",
+        type=float,
+        default=10.0,
+        help="exclude positions whose activation norm is > this x their context's median, like BOS "
+        "(attention-sink 'massive activations'); 0 disables (default 10)",
+    )
     b.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     b.add_argument("--dtype", default="float32", help="model dtype: float32 / bfloat16 / float16")
     b.set_defaults(func=cmd_build)
@@ -135,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-tokens", type=int, default=80_000, help="SAE training tokens (default 80k)")
     d.add_argument("--d-sae", type=int, default=4608)
     d.add_argument("--k", type=int, default=32)
-    d.add_argument("--gen-tokens", type=int, default=6_000, help="model-written part of the built-in corpus (default 6k)")
+    d.add_argument(
+        "--gen-tokens", type=int, default=6_000, help="model-written part of the built-in corpus (default 6k)"
+    )
     d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
     d.add_argument("--force", action="store_true", help="redo every step even where cached")
     d.set_defaults(func=cmd_demo)

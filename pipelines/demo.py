@@ -169,13 +169,16 @@ def generate_texts(target_tokens: int, batch_size: int = 32, max_new_tokens: int
     while n_tokens < target_tokens:
         for i in range(0, len(DEMO_PROMPTS), batch_size):
             prompts = DEMO_PROMPTS[i : i + batch_size]
-            chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in prompts]
+            chats = [
+                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
             enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
             with torch.no_grad():
-                gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9,
-                                        top_p=0.95, pad_token_id=pad)
-            new = gen[:, enc["input_ids"].shape[1]:]
+                gen = lm.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9, top_p=0.95, pad_token_id=pad
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
             for p, row in zip(prompts, new, strict=True):
                 text = tok.decode(row, skip_special_tokens=True).strip()
                 if text:
@@ -221,18 +224,41 @@ def run_demo(cfg: DemoConfig) -> int:
     sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
     if cfg.force or not (sae_dir / "cfg.json").exists():
         print(f"[3/4] training a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) on {hook} for {cfg.train_tokens:,} tokens")
-        r = train_sae(TrainConfig(model=SMOLLM2_PRESET, corpus=spec, out=str(sae_dir), hook=hook, d_sae=cfg.d_sae,
-                                  k=cfg.k, training_tokens=cfg.train_tokens, context_size=128))
+        r = train_sae(
+            TrainConfig(
+                model=SMOLLM2_PRESET,
+                corpus=spec,
+                out=str(sae_dir),
+                hook=hook,
+                d_sae=cfg.d_sae,
+                k=cfg.k,
+                training_tokens=cfg.train_tokens,
+                context_size=128,
+            )
+        )
         print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
-        (sae_dir / "featuredict_train.json").write_text(json.dumps(
-            {"fve": r.fve, "l0": r.l0, "dead_fraction": r.dead_fraction, "seconds": r.seconds}))
+        (sae_dir / "featuredict_train.json").write_text(
+            json.dumps({"fve": r.fve, "l0": r.l0, "dead_fraction": r.dead_fraction, "seconds": r.seconds})
+        )
     else:
         print(f"[3/4] SAE: cached at {sae_dir}")
     print(f"[4/4] harvesting {cfg.tokens:,} tokens into {db}")
-    res = build(BuildConfig(model=SMOLLM2_PRESET, sae=SaeSource(kind="folder", path=str(sae_dir)), corpus=spec,
-                            db=str(db), sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}", context_size=64,
-                            max_tokens=cfg.tokens, batch_size=16, corpus_description=corpus_desc))
+    res = build(
+        BuildConfig(
+            model=SMOLLM2_PRESET,
+            sae=SaeSource(kind="folder", path=str(sae_dir)),
+            corpus=spec,
+            db=str(db),
+            sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}",
+            context_size=64,
+            max_tokens=cfg.tokens,
+            batch_size=16,
+            corpus_description=corpus_desc,
+        )
+    )
     print(res.summary())
-    print(f"demo done in {(time.perf_counter() - t0) / 60:.1f} min. Open the dashboard with:\n"
-          f"  featuredict serve --db {db}")
+    print(
+        f"demo done in {(time.perf_counter() - t0) / 60:.1f} min. Open the dashboard with:\n"
+        f"  featuredict serve --db {db}"
+    )
     return 0

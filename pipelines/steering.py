@@ -281,12 +281,16 @@ def validate_config(
                     f"feature {e.feature}: clamp value {v:g} is absurd{extra}; keep |value| <= {limit:.4g}"
                 )
     g = config.generation
-    if isinstance(g.max_new_tokens, bool) or not isinstance(g.max_new_tokens, int) or not (
-        1 <= g.max_new_tokens <= MAX_NEW_TOKENS
+    if (
+        isinstance(g.max_new_tokens, bool)
+        or not isinstance(g.max_new_tokens, int)
+        or not (1 <= g.max_new_tokens <= MAX_NEW_TOKENS)
     ):
         raise SteeringInputError(f"max new tokens must be an integer in 1..{MAX_NEW_TOKENS}, not {g.max_new_tokens!r}")
-    if not isinstance(g.temperature, int | float) or not math.isfinite(g.temperature) or not (
-        0 <= g.temperature <= MAX_TEMPERATURE
+    if (
+        not isinstance(g.temperature, int | float)
+        or not math.isfinite(g.temperature)
+        or not (0 <= g.temperature <= MAX_TEMPERATURE)
     ):
         raise SteeringInputError(f"temperature must be in 0..{MAX_TEMPERATURE:g} (0 = greedy), not {g.temperature!r}")
     if not isinstance(g.top_p, int | float) or not math.isfinite(g.top_p) or not (0 < g.top_p <= 1):
@@ -327,8 +331,10 @@ def check_steerable(sae: Any) -> None:
     arch = str(arch_attr() if callable(arch_attr) else arch_attr)
     d_in = int(sae.cfg.d_in)
     if "transcoder" in arch.lower() or tuple(sae.W_dec.shape[-1:]) != (d_in,):
-        raise SteeringInputError(f"this SAE ({arch or type(sae).__name__}) writes to a different site than it reads; "
-                                 "steering needs an SAE that reconstructs its own input")
+        raise SteeringInputError(
+            f"this SAE ({arch or type(sae).__name__}) writes to a different site than it reads; "
+            "steering needs an SAE that reconstructs its own input"
+        )
     if getattr(sae.cfg, "reshape_activations", "none") not in (None, "none"):
         raise SteeringInputError("steering supports SAEs on [batch, pos, d_in] activations (not hook_z reshaping)")
 
@@ -416,8 +422,9 @@ class EditPlan:
         sets(self, "add_delta", vals[..., apos] @ self.directions[apos] if apos.numel() else None)
 
     @classmethod
-    def build(cls, sae: Any, edits: tuple[FeatureEdit, ...] | list[FeatureEdit],
-              max_acts: Mapping[int, float] | None = None) -> EditPlan:
+    def build(
+        cls, sae: Any, edits: tuple[FeatureEdit, ...] | list[FeatureEdit], max_acts: Mapping[int, float] | None = None
+    ) -> EditPlan:
         """Tensors for ``edits``; ``add`` values are multiplied by ``max_acts[feature]``."""
         dev, dt = sae.W_dec.device, sae.W_dec.dtype
         feats = torch.tensor([e.feature for e in edits], dtype=torch.long, device=dev)
@@ -555,8 +562,15 @@ class _StepHook:
     before each forward pass; ``act`` arrives as ``[1, L, d_in]``.
     """
 
-    def __init__(self, sae: Any, plan: EditPlan | None, edit_from: int, special: set[int],
-                 record_features: torch.Tensor | None, record_from: int):
+    def __init__(
+        self,
+        sae: Any,
+        plan: EditPlan | None,
+        edit_from: int,
+        special: set[int],
+        record_features: torch.Tensor | None,
+        record_from: int,
+    ):
         self.sae = sae
         self.encode = fast_encoder(sae)
         self.plan = plan
@@ -582,7 +596,7 @@ class _StepHook:
             return torch.zeros(0, k), torch.zeros(0, k)
 
         def enc(rows: list[torch.Tensor]) -> torch.Tensor:
-            parts = [self.encode(torch.stack(rows[i:i + chunk]))[:, feats] for i in range(0, len(rows), chunk)]
+            parts = [self.encode(torch.stack(rows[i : i + chunk]))[:, feats] for i in range(0, len(rows), chunk)]
             return torch.cat(parts).float().cpu()
 
         before = enc(self.pre_x[:n])
@@ -734,8 +748,9 @@ class GenerationStream:
         self.steer = steer
         self.stop_at_eos = stop_at_eos
         feats = [e.feature for e in config.edits]
-        self.result = GenerationResult(steered=steer, prompt_ids=ids[0].tolist(), features=feats,
-                                       notes=list(notes or []))
+        self.result = GenerationResult(
+            steered=steer, prompt_ids=ids[0].tolist(), features=feats, notes=list(notes or [])
+        )
         n_prompt = int(ids.shape[1])
         plan = EditPlan.build(rt.sae, config.edits, max_acts) if steer and config.edits else None
         want_rec = record and bool(feats)
@@ -807,7 +822,7 @@ class GenerationStream:
                 res.token_ids.append(nxt)
                 text = _decode(tok, res.token_ids)
                 if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
-                    piece = text[_common_prefix(shown, text):]
+                    piece = text[_common_prefix(shown, text) :]
                     shown = text
                     res.text = text
                     if piece:
@@ -821,8 +836,8 @@ class GenerationStream:
                 else:
                     logits, _ = self._forward(torch.tensor([all_ids]), 0, None)
             res.text = _decode(tok, res.token_ids)
-            if res.text != shown and res.text[_common_prefix(shown, res.text):]:
-                yield res.text[_common_prefix(shown, res.text):]
+            if res.text != shown and res.text[_common_prefix(shown, res.text) :]:
+                yield res.text[_common_prefix(shown, res.text) :]
             # activation on the last generated token: one more pass, stopped at the hook
             hook = self._hook
             if hook is not None and hook.record_features is not None and len(hook.pre_x) < len(res.token_ids):

@@ -85,8 +85,14 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     runner_cfg = LanguageModelSAERunnerConfig(
         # Inputs scaled to norm sqrt(d_in) while training (sae-lens folds the factor into the saved weights):
         # residual streams such as SmolLM2's have large-norm outliers that otherwise blow up training.
-        sae=TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, dtype="float32", device=device,
-                                  normalize_activations="expected_average_only_in"),
+        sae=TopKTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=cfg.d_sae,
+            k=cfg.k,
+            dtype="float32",
+            device=device,
+            normalize_activations="expected_average_only_in",
+        ),
         model_name=path,
         model_class_name="AutoModelForCausalLM",
         hook_name=cfg.hook,
@@ -149,15 +155,19 @@ def evaluate(cfg: TrainConfig, sae_dir: Path, max_tokens: int = 8192) -> tuple[f
     rt = load_runtime(cfg.model, SaeSource(kind="folder", path=str(sae_dir)), device=cfg.device)
     tok = rt.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    st = HarvestState.empty(HarvestConfig(top_k=1, samples_per_band=0), rt.d_sae, cfg.context_size, int(rt.sae.cfg.d_in))
+    st = HarvestState.empty(
+        HarvestConfig(top_k=1, samples_per_band=0), rt.d_sae, cfg.context_size, int(rt.sae.cfg.d_in)
+    )
     ctx = 0
-    for ids, mask in batch_contexts(iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size), 8,
-                                    cfg.context_size, pad):
+    for ids, mask in batch_contexts(
+        iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size), 8, cfg.context_size, pad
+    ):
         x = rt.hook_acts(ids, mask)
         f = rt.sae.encode(x)
         valid = rt.valid_mask(ids, mask, x)
-        update(st, f * valid.to(f.device).unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x,
-               rt.sae.decode(f))
+        update(
+            st, f * valid.to(f.device).unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f)
+        )
         ctx += len(ids)
         if st.n_tokens >= max_tokens:
             break

@@ -161,6 +161,8 @@ def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw
 
 
 @pytest.fixture(scope="session")
-def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path) -> Path:
+def tiny_db(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path
+) -> Path:
     """A DuckDB feature dictionary built by the real pipeline from the tiny model + SAE (session-wide, read it only)."""
     return build_tiny_db(tmp_path_factory.mktemp("db") / "tiny.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus)

@@ -58,7 +58,9 @@ def inject_hostile(path: Path, feature: int = HOSTILE_FEATURE) -> None:
             "INSERT INTO labels VALUES (?, ?, ?, [?], ?, ?, now())",
             [SAE_ID, feature, f"evil {HOSTILE_SCRIPT}", HOSTILE_IMG, f"note {HOSTILE_IMG}", HOSTILE_SCRIPT],
         )
-        con.execute("INSERT INTO lists VALUES (?, ?, ?, ?, now())", [f"list {HOSTILE_SCRIPT}", SAE_ID, feature, HOSTILE_IMG])
+        con.execute(
+            "INSERT INTO lists VALUES (?, ?, ?, ?, now())", [f"list {HOSTILE_SCRIPT}", SAE_ID, feature, HOSTILE_IMG]
+        )
     finally:
         con.close()
 
@@ -71,8 +73,13 @@ def point_at_tiny_model(path: Path, model_dir: Path, sae_dir: Path, d_in: int = 
             """UPDATE saes SET model_spec = ?, model_name = 'tiny test model (random weights)', sae_source = ?,
                    hook_name = ?, hook_kind = 'hf_module', d_in = ?, context_size = 32, prepend_bos = true
                WHERE sae_id = ?""",
-            [str(model_dir), json.dumps({"kind": "folder", "path": str(sae_dir), "release": None, "sae_id": None}),
-             TINY_HOOK, d_in, SAE_ID],
+            [
+                str(model_dir),
+                json.dumps({"kind": "folder", "path": str(sae_dir), "release": None, "sae_id": None}),
+                TINY_HOOK,
+                d_in,
+                SAE_ID,
+            ],
         )
     finally:
         con.close()
@@ -100,8 +107,17 @@ def synth_db(synth_db_master: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def big_map_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """65,536 synthetic features with minimal examples (1 short top context each): for the map's row count."""
-    return make_synth_db(tmp_path_factory.mktemp("bigmap") / "big.duckdb", n_features=65536, n_top=1,
-                         ctx_len=8, n_bands=0, per_band=0, d_in=8, n_labels=500, seed=2)
+    return make_synth_db(
+        tmp_path_factory.mktemp("bigmap") / "big.duckdb",
+        n_features=65536,
+        n_top=1,
+        ctx_len=8,
+        n_bands=0,
+        per_band=0,
+        d_in=8,
+        n_labels=500,
+        seed=2,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,23 @@ except ImportError:
     import dashboard_fixtures as fx
 import pytest
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
-                 if p and Path(p).exists()), None)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM = next(
+    (
+        p
+        for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+        if p and Path(p).exists()
+    ),
+    None,
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENS = Path("/tmp/fd/screens")
 synth_db_master = fx.synth_db_master
 
@@ -55,9 +68,29 @@ def server(synth_db_master, tmp_path):
     port = free_port()
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", fx.APP, "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--client.showErrorDetails", "none", "--", "--db", str(db)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=fx.ROOT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            fx.APP,
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--client.showErrorDetails",
+            "none",
+            "--",
+            "--db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=fx.ROOT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -94,8 +127,10 @@ def test_browser_search_and_feature_page(server, tmp_path):
     from db.store import Store
 
     s = Store(db, read_only=True)
-    word = min((t.strip() for t in q.feature(s, fx.SAE_ID, 7)["max_tokens"]),
-               key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0])
+    word = min(
+        (t.strip() for t in q.feature(s, fx.SAE_ID, 7)["max_tokens"]),
+        key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0],
+    )
     nb = int(q.feature(s, fx.SAE_ID, 7)["neighbours"][0])
     s.close()
 

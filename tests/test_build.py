@@ -61,7 +61,9 @@ def test_stored_activations_are_truthful(tiny_db: Path, tiny_runtime):
 
 
 def test_logit_effects_and_neighbours_match_brute_force(tiny_db: Path, tiny_runtime):
-    feats = _q(tiny_db, "SELECT feature, pos_values, neg_values, neighbours, neighbour_cos FROM features ORDER BY feature")
+    feats = _q(
+        tiny_db, "SELECT feature, pos_values, neg_values, neighbours, neighbour_cos FROM features ORDER BY feature"
+    )
     w_dec = tiny_runtime.sae.W_dec.detach().float()
     model = tiny_runtime.loaded.model
     logits = (w_dec * model.model.norm.weight) @ model.lm_head.weight.T  # [d_sae, vocab]
@@ -69,10 +71,15 @@ def test_logit_effects_and_neighbours_match_brute_force(tiny_db: Path, tiny_runt
     cos = w @ w.T
     cos.fill_diagonal_(-2)
     for _, f in feats.iterrows():
-        torch.testing.assert_close(torch.tensor(list(f.pos_values)), logits[f.feature].topk(10).values, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(list(f.neg_values)),
-                                   logits[f.feature].topk(10, largest=False).values, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(torch.tensor(list(f.neighbour_cos)), cos[f.feature].topk(10).values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(list(f.pos_values)), logits[f.feature].topk(10).values, atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            torch.tensor(list(f.neg_values)), logits[f.feature].topk(10, largest=False).values, atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            torch.tensor(list(f.neighbour_cos)), cos[f.feature].topk(10).values, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_rebuild_keeps_labels_and_other_saes_and_failure_leaves_db_intact(
@@ -105,9 +112,14 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tin
     base = ["build", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--db", str(tmp_path / "x.duckdb")]
     cases = [
         (base + ["--corpus", str(tmp_path / "missing.txt")], "does not exist"),
-        (["build", "--model", str(tiny_model_dir), "--sae", str(tmp_path / "nosae"), "--corpus", str(tiny_corpus)],
-         "neither an existing sae-lens folder"),
-        (["build", "--model", str(tmp_path), "--sae", str(tiny_sae_dir), "--corpus", str(tiny_corpus)], "no config.json"),
+        (
+            ["build", "--model", str(tiny_model_dir), "--sae", str(tmp_path / "nosae"), "--corpus", str(tiny_corpus)],
+            "neither an existing sae-lens folder",
+        ),
+        (
+            ["build", "--model", str(tmp_path), "--sae", str(tiny_sae_dir), "--corpus", str(tiny_corpus)],
+            "no config.json",
+        ),
         (base + ["--corpus", str(tiny_corpus), "--context-size", "2"], "context-size"),
     ]
     for argv, needle in cases:
@@ -120,8 +132,24 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tin
 
 def test_cli_build_and_wrong_hook_warns(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, capsys):
     db = tmp_path / "cli.duckdb"
-    rc = main(["build", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--corpus", str(tiny_corpus),
-               "--db", str(db), "--max-tokens", "600", "--context-size", "16", "--no-umap"])
+    rc = main(
+        [
+            "build",
+            "--model",
+            str(tiny_model_dir),
+            "--sae",
+            str(tiny_sae_dir),
+            "--corpus",
+            str(tiny_corpus),
+            "--db",
+            str(db),
+            "--max-tokens",
+            "600",
+            "--context-size",
+            "16",
+            "--no-umap",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "FVE=" in out and "featuredict serve --db" in out
@@ -163,12 +191,34 @@ def test_stories260k_end_to_end(tmp_path: Path):
     small = tmp_path / "stories.txt"
     small.write_text(corpus.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
     spec = CorpusSpec(str(small))
-    tr = train_sae(TrainConfig(model=str(model), corpus=spec, out=str(tmp_path / "sae"), hook="model.layers.2",
-                               d_sae=256, k=8, training_tokens=60_000, context_size=128, device="cpu"), progress=False)
+    tr = train_sae(
+        TrainConfig(
+            model=str(model),
+            corpus=spec,
+            out=str(tmp_path / "sae"),
+            hook="model.layers.2",
+            d_sae=256,
+            k=8,
+            training_tokens=60_000,
+            context_size=128,
+            device="cpu",
+        ),
+        progress=False,
+    )
     assert tr.fve > 0.3 and tr.l0 == pytest.approx(8, abs=0.01)
     db = tmp_path / "stories.duckdb"
-    res = build(BuildConfig(model=str(model), sae=SaeSource(kind="folder", path=str(tr.out)), corpus=spec, db=str(db),
-                            max_tokens=20_000, umap=False, progress=False, device="cpu"))
+    res = build(
+        BuildConfig(
+            model=str(model),
+            sae=SaeSource(kind="folder", path=str(tr.out)),
+            corpus=spec,
+            db=str(db),
+            max_tokens=20_000,
+            umap=False,
+            progress=False,
+            device="cpu",
+        )
+    )
     assert res.n_tokens >= 20_000 and res.fve > 0.3
     ex = _q(db, "SELECT feature, token_ids, tokens, acts FROM examples WHERE kind='top' AND rank=0 LIMIT 30")
     rt = load_runtime(str(model), SaeSource(kind="folder", path=str(tr.out)), device="cpu")

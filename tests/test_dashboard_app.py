@@ -27,7 +27,11 @@ from db.store import Store
 
 SAE_ID = fx.SAE_ID
 synth_db_master, synth_db, big_map_db, model_db_master = (
-    fx.synth_db_master, fx.synth_db, fx.big_map_db, fx.model_db_master)
+    fx.synth_db_master,
+    fx.synth_db,
+    fx.big_map_db,
+    fx.model_db_master,
+)
 
 
 def open_app(monkeypatch, db, page: str | None = None, **params: str) -> AppTest:
@@ -81,6 +85,7 @@ def model_db(model_db_master, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- overview
 
+
 def test_overview(monkeypatch, synth_db):
     at = open_app(monkeypatch, synth_db)
     assert_clean(at)
@@ -95,6 +100,7 @@ def test_overview(monkeypatch, synth_db):
 
 
 # ----------------------------------------------------------------------------------------------- feature
+
 
 def test_feature_page_content(monkeypatch, synth_db):
     s = Store(synth_db)
@@ -174,10 +180,13 @@ def test_feature_navigation_and_bad_ids(monkeypatch, synth_db):
 
 # ------------------------------------------------------------------------------------------------ search
 
+
 def test_search_finds_feature_by_context_word(monkeypatch, synth_db):
     s = Store(synth_db)
-    word = min((t.strip() for t in q.feature(s, SAE_ID, 7)["max_tokens"]),
-               key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0])
+    word = min(
+        (t.strip() for t in q.feature(s, SAE_ID, 7)["max_tokens"]),
+        key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0],
+    )
     at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query=word)
     assert_clean(at)
     res = frame(at, "search_results")
@@ -238,7 +247,8 @@ def test_search_by_prompt_runs_model(monkeypatch, model_db):
 def test_search_by_concept(monkeypatch, model_db):
     at = open_app(monkeypatch, model_db, "search", sae=SAE_ID, mode="concept")
     widget(at.text_area, "Examples of the concept (blank line between texts, or one per line)").set_value(
-        "Never share your password with anyone.\nSend your bank login to verify your account urgently.")
+        "Never share your password with anyone.\nSend your bank login to verify your account urgently."
+    )
     widget(at.text_area, "Counter-examples (optional)").set_value("The cat played in the garden.")
     widget(at.button, "Find features").click()
     at.run()
@@ -249,6 +259,7 @@ def test_search_by_concept(monkeypatch, model_db):
 
 
 # --------------------------------------------------------------------------------------------------- map
+
 
 def chart_rows(chart) -> list[int]:
     return [pa.ipc.open_stream(d.data.data).read_all().num_rows for d in chart.proto.datasets]
@@ -271,6 +282,7 @@ def test_map_draws_65536_features(monkeypatch, big_map_db, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- lists
+
 
 def test_lists_page(monkeypatch, synth_db):
     s = Store(synth_db)
@@ -301,6 +313,7 @@ def test_lists_empty(monkeypatch, synth_db):
 
 
 # --------------------------------------------------------------------------------------- broken databases
+
 
 @pytest.mark.parametrize("page", [None, "feature", "search", "map", "lists"])
 def test_missing_database_message(monkeypatch, tmp_path, page):
@@ -343,9 +356,14 @@ def test_wrong_version_message(monkeypatch, synth_db):
 def test_locked_database_message(monkeypatch, tmp_path, synth_db_master):
     db = fx.copy_db(synth_db_master, tmp_path / "locked.duckdb")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ok', flush=True); "
-         "time.sleep(60)", str(db)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ok', flush=True); time.sleep(60)",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ok"
@@ -387,6 +405,7 @@ def test_page_failure_is_one_line_not_traceback(monkeypatch, synth_db):
 
 # ------------------------------------------------------------------------------ the pipeline-built database
 
+
 @pytest.fixture
 def real_db(request, tmp_path):
     try:
@@ -414,8 +433,9 @@ def test_real_db_pages(monkeypatch, real_db):
         at = open_app(monkeypatch, real_db, "search", sae=sae_id, query=word)
         assert_clean(at)
         assert fid in frame(at, "search_results")["feature"].tolist()
-    at = open_app(monkeypatch, real_db, "search", sae=sae_id, mode="prompt",
-                  query="Once upon a time there was a little cat.")
+    at = open_app(
+        monkeypatch, real_db, "search", sae=sae_id, mode="prompt", query="Once upon a time there was a little cat."
+    )
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
     assert len(frame(at, "prompt_whole")) > 0
@@ -423,7 +443,6 @@ def test_real_db_pages(monkeypatch, real_db):
     assert_clean(at)
     at = open_app(monkeypatch, real_db, "lists", sae=sae_id)
     assert_clean(at)
-
 
 
 def test_two_saes_in_one_file(monkeypatch, synth_db):

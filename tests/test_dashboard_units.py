@@ -26,7 +26,11 @@ def acts(n_pos: int, fire: dict[int, float]) -> np.ndarray:
 def test_concept_prefers_feature_specific_to_examples():
     # f0: fires only on examples; f1: fires everywhere equally; f2: only on counter-examples;
     # f3: on examples but also strongly on counter-examples; f4: on one of three examples.
-    ex = [acts(5, {0: 2.0, 1: 1.0, 3: 1.0}), acts(7, {0: 1.5, 1: 1.0, 3: 1.0, 4: 3.0}), acts(4, {0: 1.0, 1: 1.0, 3: 1.0})]
+    ex = [
+        acts(5, {0: 2.0, 1: 1.0, 3: 1.0}),
+        acts(7, {0: 1.5, 1: 1.0, 3: 1.0, 4: 3.0}),
+        acts(4, {0: 1.0, 1: 1.0, 3: 1.0}),
+    ]
     ce = [acts(6, {1: 1.0, 2: 2.0, 3: 1.0}), acts(5, {1: 1.0, 3: 0.9})]
     base = dict(density=np.full(D, 0.01), mean_act=np.ones(D), max_act=np.full(D, 2.0))
     df = concept.concept_scores(ex, ce, **base)
@@ -51,8 +55,9 @@ def test_concept_corpus_baseline_penalises_dense_features():
 def test_concept_normalises_by_feature_max():
     # f0 fires at 1.0 of a max of 1 (saturated); f1 fires at 1.0 of a max of 100 (barely): f0 must win.
     ex = [acts(3, {0: 1.0, 1: 1.0})]
-    df = concept.concept_scores(ex, None, density=np.full(D, 1e-3), mean_act=np.full(D, 0.5),
-                                max_act=np.array([1.0, 100.0, 1, 1, 1, 1]))
+    df = concept.concept_scores(
+        ex, None, density=np.full(D, 1e-3), mean_act=np.full(D, 0.5), max_act=np.array([1.0, 100.0, 1, 1, 1, 1])
+    )
     assert df["feature"].iloc[0] == 0
 
 
@@ -86,7 +91,7 @@ def test_context_html_escapes_and_highlights():
 def test_context_window():
     toks = [f" t{i}" for i in range(40)]
     out = render.context_html(toks, np.ones(40), 1.0, max_pos=20, window=(3, 2), skip_first=False)
-    assert out.count("<span style=\"background") == 6 and " t17" in out and " t16" not in out
+    assert out.count('<span style="background') == 6 and " t17" in out and " t16" not in out
     assert out.count("…") == 2
 
 
@@ -109,11 +114,17 @@ def test_prompt_run_and_tables(tiny_runtime):
 def test_map_chart_carries_all_65536_points():
     n = 65536
     rng = np.random.default_rng(0)
-    pts = pd.DataFrame({
-        "feature": np.arange(n, dtype=np.int32), "x": rng.normal(size=n).astype(np.float32),
-        "y": rng.normal(size=n).astype(np.float32), "log10_density": rng.uniform(-6, -1, n).astype(np.float32),
-        "label": [None] * n, "tag": [None] * n, "top_tokens": ["a · b"] * n,
-    })
+    pts = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int32),
+            "x": rng.normal(size=n).astype(np.float32),
+            "y": rng.normal(size=n).astype(np.float32),
+            "log10_density": rng.uniform(-6, -1, n).astype(np.float32),
+            "label": [None] * n,
+            "tag": [None] * n,
+            "top_tokens": ["a · b"] * n,
+        }
+    )
     from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
 
     for colour in ("density", "tag", "label"):
@@ -151,8 +162,13 @@ def test_escape_text():
 def test_concept_feature_dead_in_corpus_uses_its_own_peak():
     # f0 never fired in the corpus (max_act 0) but fires weakly here; f1 is rare and fires at its corpus max.
     ex = [acts(4, {0: 0.5, 1: 2.0})]
-    df = concept.concept_scores(ex, None, density=np.array([0, 1e-4, 0, 0, 0, 0]),
-                                mean_act=np.array([0, 1.0, 0, 0, 0, 0]), max_act=np.array([0, 2.0, 0, 0, 0, 0]))
+    df = concept.concept_scores(
+        ex,
+        None,
+        density=np.array([0, 1e-4, 0, 0, 0, 0]),
+        mean_act=np.array([0, 1.0, 0, 0, 0, 0]),
+        max_act=np.array([0, 2.0, 0, 0, 0, 0]),
+    )
     assert df["feature"].tolist() == [0, 1]
     assert df["mass_pos"].tolist() == pytest.approx([1.0, 1.0])  # both normalised to their own scale
 
@@ -160,6 +176,7 @@ def test_concept_feature_dead_in_corpus_uses_its_own_peak():
 def test_md_escapes_markdown_and_html():
     assert render.md("evil <script>alert(1)</script>") == "evil &lt;script&gt;alert(1)&lt;/script&gt;"
     assert render.md("[x](javascript:alert(1)) *b* :red[r] $x$") == (
-        "\\[x\\](javascript\\:alert(1)) \\*b\\* \\:red\\[r\\] \\$x\\$")
+        "\\[x\\](javascript\\:alert(1)) \\*b\\* \\:red\\[r\\] \\$x\\$"
+    )
     assert render.md("# h\n1. i\n- j") == "\\# h\n1\\. i\n\\- j"
     assert render.md("/tmp/a_b.duckdb") == "/tmp/a\\_b.duckdb" and render.md(None) == ""

@@ -90,8 +90,13 @@ def test_feature_edit_parse():
     assert FeatureEdit.parse(" 17 = add:-0.5 ") == FeatureEdit(17, "add", -0.5)
     assert FeatureEdit.parse("5=clamp:0") == FeatureEdit(5, "clamp", 0.0)
     assert FeatureEdit.parse("9", FeatureEdit(0, "add", 2.0)) == FeatureEdit(9, "add", 2.0)
-    for bad, msg in [("x=1", "not an integer"), ("3=mul:2", "unknown mode"), ("3=abc", "not a number"),
-                     ("3", "has no value"), ("", "empty")]:
+    for bad, msg in [
+        ("x=1", "not an integer"),
+        ("3=mul:2", "unknown mode"),
+        ("3=abc", "not a number"),
+        ("3", "has no value"),
+        ("", "empty"),
+    ]:
         with pytest.raises(SteeringInputError, match=msg):
             FeatureEdit.parse(bad)
 
@@ -281,7 +286,9 @@ def test_clamp_to_zero_moves_logits_against_the_decoder_direction(tiny_runtime):
         plan = EditPlan.build(rt.sae, [FeatureEdit(i, "clamp", 0.0)])
         change = _logits_with(rt, ids, plan)[0, -1] - base
         with torch.no_grad():
-            predicted = model.lm_head.weight @ (model.model.norm.weight * -decoder_directions(rt.sae, torch.tensor([i]))[0])
+            predicted = model.lm_head.weight @ (
+                model.model.norm.weight * -decoder_directions(rt.sae, torch.tensor([i]))[0]
+            )
         cos = torch.nn.functional.cosine_similarity(change, predicted, dim=0)
         assert float(change @ predicted) > 0
         assert cos > 0.9, (text, float(cos))
@@ -292,8 +299,9 @@ def test_clamp_to_zero_moves_logits_against_the_decoder_direction(tiny_runtime):
 
 # ---- generation -------------------------------------------------------------------------------------------
 def cfg_for(prompt: str, edits=(), n: int = 12, **kw) -> SteeringConfig:
-    return SteeringConfig(prompt=prompt, edits=tuple(edits), chat_template=False,
-                          generation=GenerationSettings(max_new_tokens=n, **kw))
+    return SteeringConfig(
+        prompt=prompt, edits=tuple(edits), chat_template=False, generation=GenerationSettings(max_new_tokens=n, **kw)
+    )
 
 
 def test_untouched_steering_generates_the_baseline(tiny_runtime):
@@ -336,8 +344,9 @@ def test_generated_only_leaves_the_prompt_alone(tiny_runtime):
     # the tiny SAE sits on the last layer: the final norm's input is the (edited) hook output
     h = rt.loaded.model.model.norm.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
     try:
-        GenerationStream(rt, SteeringConfig(**{**cfg_for(prompt, edits, n=1).__dict__, "positions": "generated"}),
-                         max_acts=mx).__next__()
+        GenerationStream(
+            rt, SteeringConfig(**{**cfg_for(prompt, edits, n=1).__dict__, "positions": "generated"}), max_acts=mx
+        ).__next__()
     finally:
         h.remove()
     # the hook output at prefill: prompt positions before the last one are untouched, the last one is edited
@@ -444,8 +453,10 @@ def test_two_threads_steer_independently(tiny_runtime, monkeypatch):
     passes) each get their own result, equal to running alone."""
     rt = tiny_runtime
     prompt = "To bake bread, mix"
-    cfgs = {"a": cfg_for(prompt, [FeatureEdit(3, "clamp", 6.0)], n=8),
-            "b": cfg_for(prompt, [FeatureEdit(9, "clamp", 6.0)], n=8)}
+    cfgs = {
+        "a": cfg_for(prompt, [FeatureEdit(3, "clamp", 6.0)], n=8),
+        "b": cfg_for(prompt, [FeatureEdit(9, "clamp", 6.0)], n=8),
+    }
     alone = {k: generate(rt, c, stop_at_eos=False).token_ids for k, c in cfgs.items()}
     assert alone["a"] != alone["b"]
     real = rt.sae.encode
@@ -496,9 +507,13 @@ def test_prompt_too_long_or_empty(tiny_runtime):
 def test_chat_template_applied_without_doubling_bos(tiny_runtime, monkeypatch):
     rt = tiny_runtime
     tok = rt.tokenizer
-    monkeypatch.setattr(tok, "chat_template",
-                        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}[assistant] {% endif %}", raising=False)
+    monkeypatch.setattr(
+        tok,
+        "chat_template",
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}",
+        raising=False,
+    )
     on = prompt_ids(rt, SteeringConfig(prompt="hello", chat_template=True))[0].tolist()
     off = prompt_ids(rt, SteeringConfig(prompt="hello", chat_template=False))[0].tolist()
     assert on[0] == tok.bos_token_id and on[1] != tok.bos_token_id
@@ -526,8 +541,16 @@ def stories_runtime(tmp_path_factory):
     spec.loader.exec_module(bench)
     texts = [t.strip() for t in TINYSTORIES.read_text(encoding="utf-8").split("<|endoftext|>")[:600] if t.strip()]
     torch.manual_seed(0)
-    folder = bench.train_quick_sae(str(STORIES_MODEL), "model.layers.2", texts, tmp_path_factory.mktemp("sae") / "sae",
-                             d_in=64, d_sae=256, k=8, training_tokens=60_000)
+    folder = bench.train_quick_sae(
+        str(STORIES_MODEL),
+        "model.layers.2",
+        texts,
+        tmp_path_factory.mktemp("sae") / "sae",
+        d_in=64,
+        d_sae=256,
+        k=8,
+        training_tokens=60_000,
+    )
     return load_runtime(str(STORIES_MODEL), SaeSource(kind="folder", path=str(folder)), device="cpu")
 
 
@@ -553,6 +576,7 @@ def test_stories260k_trained_topk_sae(stories_runtime):
     # untouched steering reproduces the baseline; clamping the top feature high changes the story
     same = generate(rt, cfg_for("Once upon a time", [FeatureEdit(i, "add", 0.0)], n=20), max_acts={i: 1.0})
     assert same.token_ids == base.token_ids
-    moved = generate(rt, cfg_for("Once upon a time", [FeatureEdit(i, "add", 20.0)], n=20),
-                     max_acts={i: float(f[0, -1, i])})
+    moved = generate(
+        rt, cfg_for("Once upon a time", [FeatureEdit(i, "add", 20.0)], n=20), max_acts={i: float(f[0, -1, i])}
+    )
     assert moved.token_ids != base.token_ids

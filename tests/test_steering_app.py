@@ -49,8 +49,17 @@ def build_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
         "INSERT INTO saes (sae_id, model_spec, model_name, model_kwargs, dtype, sae_source, hook_name, hook_kind, "
         "architecture, d_in, d_sae, context_size, prepend_bos, corpus, n_tokens, n_contexts, hist_edges, built_at) "
         "VALUES (?, ?, 'tiny', '{}', 'float32', ?, ?, 'hf_module', 'topk', 32, ?, 32, true, 'TINY_TEXT', ?, ?, ?, ?)",
-        [SAE_ID, str(model_dir), SaeSource(kind="folder", path=str(sae_dir)).to_json(), TINY_HOOK, rt.d_sae,
-         n_tok, len(TINY_TEXT), [0.01, 0.1, 1.0, 10.0], datetime.now()],
+        [
+            SAE_ID,
+            str(model_dir),
+            SaeSource(kind="folder", path=str(sae_dir)).to_json(),
+            TINY_HOOK,
+            rt.d_sae,
+            n_tok,
+            len(TINY_TEXT),
+            [0.01, 0.1, 1.0, 10.0],
+            datetime.now(),
+        ],
     )
     for i in range(rt.d_sae):
         col = f[:, i]
@@ -60,8 +69,19 @@ def build_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
         con.execute(
             "INSERT INTO features (sae_id, feature, max_act, fire_count, density, mean_act, dead, hist_counts, "
             "pos_tokens, decoder, decoder_norm, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?)",
-            [SAE_ID, i, float(col.max()), fire, fire / n_tok, float(col[col > 0].mean()) if fire else None,
-             fire == 0, rt.token_strings(top), dec.tolist(), float(dec.norm()), f"feature {i}"],
+            [
+                SAE_ID,
+                i,
+                float(col.max()),
+                fire,
+                fire / n_tok,
+                float(col[col > 0].mean()) if fire else None,
+                fire == 0,
+                rt.token_strings(top),
+                dec.tolist(),
+                float(dec.norm()),
+                f"feature {i}",
+            ],
         )
     con.execute("INSERT INTO labels VALUES (?, 3, 'bread and baking', [], '', 'test', now())", [SAE_ID])
     con.close()
@@ -93,8 +113,12 @@ def live_feature(path: Path, rank: int = 0) -> int:
 def test_presets_roundtrip(db_copy):
     store = Store(db_copy)
     try:
-        cfg = SteeringConfig(prompt="hi", edits=(FeatureEdit(3, "add", 1.5),), positions="generated",
-                             generation=GenerationSettings(max_new_tokens=9, temperature=0.5, seed=3))
+        cfg = SteeringConfig(
+            prompt="hi",
+            edits=(FeatureEdit(3, "add", 1.5),),
+            positions="generated",
+            generation=GenerationSettings(max_new_tokens=9, temperature=0.5, seed=3),
+        )
         assert save_preset(store, "  bread boost ", SAE_ID, cfg) == "bread boost"
         assert load_preset(store, "bread boost") == (SAE_ID, cfg)
         with pytest.raises(PresetError, match="already exists"):
@@ -136,8 +160,22 @@ def cli(argv: list[str]) -> int:
 
 def test_cli_prints_baseline_and_steered(db_copy, capsys):
     f = live_feature(db_copy)
-    rc = cli(["steer", "--db", str(db_copy), "--sae", SAE_ID, "--prompt", "Once upon a time",
-              "--feature", f"{f}=add:4", "--max-new-tokens", "8", "--no-chat-template"])
+    rc = cli(
+        [
+            "steer",
+            "--db",
+            str(db_copy),
+            "--sae",
+            SAE_ID,
+            "--prompt",
+            "Once upon a time",
+            "--feature",
+            f"{f}=add:4",
+            "--max-new-tokens",
+            "8",
+            "--no-chat-template",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "=== baseline ===" in out and f"=== steered: {f}=add:4" in out
@@ -149,8 +187,20 @@ def test_cli_prints_baseline_and_steered(db_copy, capsys):
 
 def test_cli_saves_and_replays_a_preset(db_copy, capsys):
     f = live_feature(db_copy, 1)
-    args = ["steer", "--db", str(db_copy), "--prompt", "The river", "--feature", f"{f}=clamp:3",
-            "--max-new-tokens", "6", "--generated-only", "--no-chat-template", "--no-activations"]
+    args = [
+        "steer",
+        "--db",
+        str(db_copy),
+        "--prompt",
+        "The river",
+        "--feature",
+        f"{f}=clamp:3",
+        "--max-new-tokens",
+        "6",
+        "--generated-only",
+        "--no-chat-template",
+        "--no-activations",
+    ]
     assert cli([*args, "--save-preset", "river"]) == 0
     first = capsys.readouterr()
     assert "saved preset 'river'" in first.err
@@ -269,8 +319,15 @@ def test_page_bad_value_shows_error(app, db_copy):
     assert any("prompt is empty" in e for e in errors(at)), errors(at)
 
 
-@pytest.mark.parametrize(("feature", "msg"), [("999", "unknown feature id 999"), ("3=add:nan", "not a finite number"),
-                                              ("3=clamp:1e12", "absurd"), ("x", "not an integer")])
+@pytest.mark.parametrize(
+    ("feature", "msg"),
+    [
+        ("999", "unknown feature id 999"),
+        ("3=add:nan", "not a finite number"),
+        ("3=clamp:1e12", "absurd"),
+        ("x", "not an integer"),
+    ],
+)
 def test_page_bad_url_shows_error(app, feature, msg):
     at = app(sae=SAE_ID, feature=feature).run()
     assert not at.exception, at.exception
@@ -279,8 +336,13 @@ def test_page_bad_url_shows_error(app, feature, msg):
 
 def test_page_loads_a_preset_from_the_url(app, db_copy):
     f = live_feature(db_copy)
-    cfg = SteeringConfig(prompt="She walked to the river", edits=(FeatureEdit(f, "clamp", 2.5),),
-                         positions="generated", chat_template=False, generation=GenerationSettings(max_new_tokens=5))
+    cfg = SteeringConfig(
+        prompt="She walked to the river",
+        edits=(FeatureEdit(f, "clamp", 2.5),),
+        positions="generated",
+        chat_template=False,
+        generation=GenerationSettings(max_new_tokens=5),
+    )
     store = Store(db_copy)
     save_preset(store, "walk", SAE_ID, cfg)
     store.close()
@@ -346,8 +408,9 @@ def pipeline_db(tiny_db, tmp_path) -> tuple[Path, str, int]:
     con = duckdb.connect(str(p), read_only=True)
     try:
         sae_id = con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()[0][0]
-        f = con.execute("SELECT feature FROM features WHERE sae_id = ? AND NOT dead ORDER BY max_act DESC",
-                        [sae_id]).fetchall()[0][0]
+        f = con.execute(
+            "SELECT feature FROM features WHERE sae_id = ? AND NOT dead ORDER BY max_act DESC", [sae_id]
+        ).fetchall()[0][0]
     finally:
         con.close()
     return p, str(sae_id), int(f)
@@ -355,8 +418,25 @@ def pipeline_db(tiny_db, tmp_path) -> tuple[Path, str, int]:
 
 def test_cli_on_a_pipeline_built_database(pipeline_db, capsys):
     db, sae_id, f = pipeline_db
-    rc = cli(["steer", "--db", str(db), "--sae", sae_id, "--prompt", "The cat", "--feature", f"{f}=add:4",
-              "--feature", f"{(f + 1) % 64}=clamp:0", "--max-new-tokens", "6", "--save-preset", "pipe"])
+    rc = cli(
+        [
+            "steer",
+            "--db",
+            str(db),
+            "--sae",
+            sae_id,
+            "--prompt",
+            "The cat",
+            "--feature",
+            f"{f}=add:4",
+            "--feature",
+            f"{(f + 1) % 64}=clamp:0",
+            "--max-new-tokens",
+            "6",
+            "--save-preset",
+            "pipe",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "=== baseline ===" in captured.out and "=== steered:" in captured.out

@@ -86,12 +86,20 @@ m[4].metric("Decoder norm", f"{feat['decoder_norm']:.3f}")
 
 links = st.columns(4)
 if steer_available():
-    links[0].page_link(page_file("steer"), label="Steer with this feature", icon=":material/tune:",
-                       query_params={"sae": sae_id, "feature": str(fid)})
+    links[0].page_link(
+        page_file("steer"),
+        label="Steer with this feature",
+        icon=":material/tune:",
+        query_params={"sae": sae_id, "feature": str(fid)},
+    )
 else:
     links[0].caption("Steering page not installed")
-links[1].page_link(page_file("map"), label="Neighbourhood on the map", icon=":material/scatter_plot:",
-                   query_params={"sae": sae_id, "feature": str(fid)})
+links[1].page_link(
+    page_file("map"),
+    label="Neighbourhood on the map",
+    icon=":material/scatter_plot:",
+    query_params={"sae": sae_id, "feature": str(fid)},
+)
 links[2].page_link(page_file("search"), label="Search", icon=":material/search:", query_params={"sae": sae_id})
 links[3].markdown(f"[Link to this feature]({url('feature', sae=sae_id, feature=fid)})", help="Shareable URL")
 
@@ -110,8 +118,10 @@ with left:
         else:
             rows = list(zip(top["tokens"], top["acts"], top["max_pos"], top["max_act"], strict=True))
             st.html(render.contexts_html(rows, scale, window=window))
-            st.caption("Colour intensity = activation / feature max; hover a token for its activation; "
-                       "the underlined token is the context's max.")
+            st.caption(
+                "Colour intensity = activation / feature max; hover a token for its activation; "
+                "the underlined token is the context's max."
+            )
     except Exception as e:  # noqa: BLE001
         show_error("Could not load top contexts", e)
 
@@ -123,7 +133,9 @@ with left:
         for band, grp in inter.groupby("band", sort=False):
             lo, hi = grp["band_lo"].iloc[0], grp["band_hi"].iloc[0]
             rng = f"[{lo:.3g}, {hi:.3g})" if pd.notna(lo) and pd.notna(hi) else ""
-            with st.expander(f"Band {int(band)}  activation {rng}  · {len(grp)} samples", expanded=band == inter["band"].max()):
+            with st.expander(
+                f"Band {int(band)}  activation {rng}  · {len(grp)} samples", expanded=band == inter["band"].max()
+            ):
                 rows = list(zip(grp["tokens"], grp["acts"], grp["max_pos"], grp["max_act"], strict=True))
                 st.html(render.contexts_html(rows, scale, window=window))
     except Exception as e:  # noqa: BLE001
@@ -138,15 +150,20 @@ with right:
         hdf = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "count": counts})
         hdf = hdf[(hdf["lo"] > 0) & (hdf["count"] > 0)]
         chart = (
-            alt.Chart(hdf).mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
+            alt.Chart(hdf)
+            .mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
             .encode(
                 x=alt.X("lo:Q", scale=alt.Scale(type="log"), title="activation (log-spaced bins)"),
                 x2="hi:Q",
                 y=alt.Y("count:Q", title="tokens"),
                 y2=alt.datum(0),
-                tooltip=[alt.Tooltip("lo:Q", format=".3g", title="from"), alt.Tooltip("hi:Q", format=".3g", title="to"),
-                         alt.Tooltip("count:Q", format=",", title="tokens")],
-            ).properties(height=180)
+                tooltip=[
+                    alt.Tooltip("lo:Q", format=".3g", title="from"),
+                    alt.Tooltip("hi:Q", format=".3g", title="to"),
+                    alt.Tooltip("count:Q", format=",", title="tokens"),
+                ],
+            )
+            .properties(height=180)
         )
         st.altair_chart(chart, width="stretch")
     else:
@@ -154,15 +171,20 @@ with right:
 
     st.subheader("Logit effects")
     lc = st.columns(2)
-    for col, toks_key, vals_key, name in ((lc[0], "pos_tokens", "pos_values", "promoted"),
-                                          (lc[1], "neg_tokens", "neg_values", "suppressed")):
+    for col, toks_key, vals_key, name in (
+        (lc[0], "pos_tokens", "pos_values", "promoted"),
+        (lc[1], "neg_tokens", "neg_values", "suppressed"),
+    ):
         toks = feat[toks_key] or []
         vals = feat[vals_key] or []
         col.caption(name.capitalize())
         if toks:
-            col.dataframe(pd.DataFrame({"token": [render.visible_token(t, mark_spaces=True) for t in toks], "logit": vals}),
-                          hide_index=True, height=min(38 + 35 * len(toks), 300),
-                          column_config={"logit": st.column_config.NumberColumn(format="%.3f")})
+            col.dataframe(
+                pd.DataFrame({"token": [render.visible_token(t, mark_spaces=True) for t in toks], "logit": vals}),
+                hide_index=True,
+                height=min(38 + 35 * len(toks), 300),
+                column_config={"logit": st.column_config.NumberColumn(format="%.3f")},
+            )
 
     st.subheader("Decoder neighbours")
     nb = q.neighbours(store, sae_id, fid)
@@ -170,7 +192,9 @@ with right:
         st.caption("No neighbours stored.")
     for _, r in nb.iterrows():
         name = next((v for v in (r["label"], r["top_tokens"]) if isinstance(v, str) and v), "")
-        feature_link(sae_id, int(r["feature"]), label=f"#{int(r['feature'])} · cos {r['cos']:.2f} · {render.md(name[:60])}")
+        feature_link(
+            sae_id, int(r["feature"]), label=f"#{int(r['feature'])} · cos {r['cos']:.2f} · {render.md(name[:60])}"
+        )
 
     st.subheader("On the map")
     if feat["umap_x"] is None or feat["umap_y"] is None:
@@ -182,12 +206,21 @@ with right:
         nb_ids = set(int(i) for i in (feat["neighbours"] or []))
         hi_pts = pts[pts["feature"].isin(nb_ids)].assign(role="neighbour")
         me = pd.DataFrame({"x": [feat["umap_x"]], "y": [feat["umap_y"]], "feature": [fid], "role": ["this feature"]})
-        layer_bg = alt.Chart(bg).mark_circle(size=6, color="#bbb", opacity=0.5).encode(
-            x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None))
-        layer_nb = alt.Chart(hi_pts).mark_circle(size=40, color="#2980b9").encode(
-            x="x:Q", y="y:Q", tooltip=["feature:Q", "label:N", "top_tokens:N"])
-        layer_me = alt.Chart(me).mark_point(size=160, color="#c0392b", shape="diamond", filled=True).encode(
-            x="x:Q", y="y:Q", tooltip=["feature:Q", "role:N"])
+        layer_bg = (
+            alt.Chart(bg)
+            .mark_circle(size=6, color="#bbb", opacity=0.5)
+            .encode(x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None))
+        )
+        layer_nb = (
+            alt.Chart(hi_pts)
+            .mark_circle(size=40, color="#2980b9")
+            .encode(x="x:Q", y="y:Q", tooltip=["feature:Q", "label:N", "top_tokens:N"])
+        )
+        layer_me = (
+            alt.Chart(me)
+            .mark_point(size=160, color="#c0392b", shape="diamond", filled=True)
+            .encode(x="x:Q", y="y:Q", tooltip=["feature:Q", "role:N"])
+        )
         st.altair_chart((layer_bg + layer_nb + layer_me).properties(height=240), width="stretch")
         st.caption("Red: this feature; blue: its decoder neighbours; grey: a sample of all features.")
 
@@ -197,8 +230,13 @@ with right:
     all_tags = sorted(set(q.all_tags(store)) | set(current["tags"] if current else []))
     with st.form(f"label_form_{sae_id}_{fid}"):
         new_label = st.text_input("Label", value=(current or {}).get("label") or "", max_chars=500)
-        new_tags = st.multiselect("Tags", options=all_tags, default=(current or {}).get("tags") or [],
-                                  accept_new_options=True, help="Pick or type a new tag and press Enter")
+        new_tags = st.multiselect(
+            "Tags",
+            options=all_tags,
+            default=(current or {}).get("tags") or [],
+            accept_new_options=True,
+            help="Pick or type a new tag and press Enter",
+        )
         new_notes = st.text_area("Notes", value=(current or {}).get("notes") or "", height=90)
         author = st.text_input("Your name (optional)", value=st.session_state.get("author", ""))
         saved = st.form_submit_button("Save label", type="primary")
@@ -212,8 +250,10 @@ with right:
         except Exception as e:  # noqa: BLE001
             show_error("Could not save the label", e)
     if current:
-        st.caption(f"Last edited {pd.Timestamp(current['updated_at']):%Y-%m-%d %H:%M}"
-                   + (f" by {render.md(current['author'])}" if current.get("author") else ""))
+        st.caption(
+            f"Last edited {pd.Timestamp(current['updated_at']):%Y-%m-%d %H:%M}"
+            + (f" by {render.md(current['author'])}" if current.get("author") else "")
+        )
 
     # ------------------------------------------------------------------------------------- add to list
     st.subheader("Lists")
@@ -222,8 +262,13 @@ with right:
         st.caption("In: " + ", ".join(render.md(n) for n in member_of))
     names = q.list_names(store)["list_name"].tolist()
     with st.form(f"list_form_{sae_id}_{fid}", clear_on_submit=True):
-        choice = st.selectbox("Add to list", options=names, index=None, placeholder="choose a list, or type a new name",
-                              accept_new_options=True)
+        choice = st.selectbox(
+            "Add to list",
+            options=names,
+            index=None,
+            placeholder="choose a list, or type a new name",
+            accept_new_options=True,
+        )
         list_note = st.text_input("Note for this list entry (optional)")
         add = st.form_submit_button("Add to list")
     if add:
@@ -232,8 +277,11 @@ with right:
                 st.warning("Choose a list or type a new list name.")
             else:
                 n_new = writes.add_to_list(store, choice, sae_id, fid, note=list_note or None)
-                st.session_state["_flash"] = (f"Added feature {fid} to list '{render.md(choice)}'." if n_new
-                                              else f"Feature {fid} was already in list '{render.md(choice)}'.")
+                st.session_state["_flash"] = (
+                    f"Added feature {fid} to list '{render.md(choice)}'."
+                    if n_new
+                    else f"Feature {fid} was already in list '{render.md(choice)}'."
+                )
                 st.rerun()
         except Exception as e:  # noqa: BLE001
             show_error("Could not add to the list", e)

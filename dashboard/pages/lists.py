@@ -32,7 +32,9 @@ with st.sidebar.expander("New list", expanded=lists.empty):
                     st.warning("A list needs at least one feature id.")
                 else:
                     writes.add_to_list(store, new_name, sae_id, ids)
-                    st.session_state["_lists_flash"] = f"Created list '{md(new_name.strip())}' with {len(ids)} features."
+                    st.session_state["_lists_flash"] = (
+                        f"Created list '{md(new_name.strip())}' with {len(ids)} features."
+                    )
                     set_param("list", new_name.strip())
                     st.rerun()
             except ValueError as e:
@@ -41,8 +43,9 @@ with st.sidebar.expander("New list", expanded=lists.empty):
                 show_error("Could not create the list", e)
 
 if lists.empty:
-    st.info("No saved lists yet. Add features to a list from a feature page ('Add to list'), or create one in "
-            "the sidebar.")
+    st.info(
+        "No saved lists yet. Add features to a list from a feature page ('Add to list'), or create one in the sidebar."
+    )
     st.stop()
 
 names = lists["list_name"].tolist()
@@ -57,15 +60,20 @@ set_param("list", name, key="list_pick")
 members = q.list_members(store, name)
 other = members[members["sae_id"] != sae_id]
 if not other.empty:
-    st.caption(f"{len(other)} of its features belong to other SAEs ({md(', '.join(sorted(other['sae_id'].unique())))}).")
+    st.caption(
+        f"{len(other)} of its features belong to other SAEs ({md(', '.join(sorted(other['sae_id'].unique())))})."
+    )
 
 view = members.copy()
-view.insert(0, "open", [url("feature", sae=s, feature=int(f)) for s, f in zip(view["sae_id"], view["feature"], strict=True)])
+view.insert(
+    0, "open", [url("feature", sae=s, feature=int(f)) for s, f in zip(view["sae_id"], view["feature"], strict=True)]
+)
 view["tags"] = [", ".join(as_list(t)) for t in view["tags"]]
 view["label"] = view["label"].fillna("")
 st.dataframe(
     view[["open", "sae_id", "feature", "label", "tags", "note", "density", "max_act", "top_tokens", "added_at"]],
-    hide_index=True, width="stretch",
+    hide_index=True,
+    width="stretch",
     column_config={
         "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
         "feature": st.column_config.NumberColumn(format="%d"),

@@ -22,9 +22,14 @@ if pts.empty:
     st.info("No feature of this SAE has a UMAP position (the build skipped the map).")
     st.stop()
 
-colour = st.radio("Colour by", ["density", "tag", "label"], horizontal=True, key="map_colour",
-                  help="density: log10 of the fraction of tokens a feature fires on; tag: first tag; "
-                       "label: labelled vs not (the most common labels by name)")
+colour = st.radio(
+    "Colour by",
+    ["density", "tag", "label"],
+    horizontal=True,
+    key="map_colour",
+    help="density: log10 of the fraction of tokens a feature fires on; tag: first tag; "
+    "label: labelled vs not (the most common labels by name)",
+)
 
 
 def handle_pick(event: object, name: str) -> None:
@@ -46,8 +51,10 @@ def handle_pick(event: object, name: str) -> None:
 
 frame, enc = plot_frame(pts, colour)
 size = 6 if len(frame) > 20000 else 14 if len(frame) > 2000 else 40
-st.caption(f"{len(frame):,} features. Hover for label and top tokens; click a point to open its feature page; "
-           "scroll to zoom, drag to pan.")
+st.caption(
+    f"{len(frame):,} features. Hover for label and top tokens; click a point to open its feature page; "
+    "scroll to zoom, drag to pan."
+)
 chart = scatter(frame, enc, size, 620, "pick").interactive()
 event = st.altair_chart(chart, width="stretch", on_select="rerun", selection_mode="pick", key="map_all")
 handle_pick(event, "pick")
@@ -69,18 +76,29 @@ d2 = (pts["x"].to_numpy(np.float64) - cx) ** 2 + (pts["y"].to_numpy(np.float64) 
 near = frame.iloc[np.argsort(d2)[:k]].copy()
 feat = q.feature(store, sae_id, centre) or {}
 dec_nb = set(int(i) for i in (feat.get("neighbours") or []))
-near["role"] = np.where(near["feature"] == centre, "centre",
-                        np.where(near["feature"].isin(dec_nb), "decoder neighbour", "nearby on map"))
-role_enc = alt.Color("role:N", title="", scale=alt.Scale(domain=["centre", "decoder neighbour", "nearby on map"],
-                                                          range=["#c0392b", "#2980b9", "#bbbbbb"]))
+near["role"] = np.where(
+    near["feature"] == centre, "centre", np.where(near["feature"].isin(dec_nb), "decoder neighbour", "nearby on map")
+)
+role_enc = alt.Color(
+    "role:N",
+    title="",
+    scale=alt.Scale(domain=["centre", "decoder neighbour", "nearby on map"], range=["#c0392b", "#2980b9", "#bbbbbb"]),
+)
 base = scatter(near, role_enc, 60, 460, "pick_near")
 labels = (
     alt.Chart(near[near["role"] != "nearby on map"])
     .mark_text(align="left", dx=7, fontSize=11)
     .encode(x="x:Q", y="y:Q", text=alt.Text("feature:Q"))
 )
-ev2 = st.altair_chart((base + labels).properties(height=460), width="stretch", on_select="rerun", selection_mode="pick_near",
-                      key="map_near")
-st.caption(f"The {k} features nearest to feature {centre} in UMAP space; red: the centre, blue: its "
-           "decoder-cosine neighbours (they may sit elsewhere on the map). Click one to open it.")
+ev2 = st.altair_chart(
+    (base + labels).properties(height=460),
+    width="stretch",
+    on_select="rerun",
+    selection_mode="pick_near",
+    key="map_near",
+)
+st.caption(
+    f"The {k} features nearest to feature {centre} in UMAP space; red: the centre, blue: its "
+    "decoder-cosine neighbours (they may sit elsewhere on the map). Click one to open it."
+)
 handle_pick(ev2, "pick_near")

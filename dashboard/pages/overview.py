@@ -14,8 +14,10 @@ from db import queries as q
 store = get_store()
 current = pick_sae(store)
 st.title("featuredict")
-st.caption("Browse an SAE feature dictionary: search features, read their top contexts, label them, "
-           "and collect them into lists.")
+st.caption(
+    "Browse an SAE feature dictionary: search features, read their top contexts, label them, "
+    "and collect them into lists."
+)
 
 saes = q.sae_overview(store)
 
@@ -35,20 +37,24 @@ def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
     return "–" if v is None or pd.isna(v) else fmt.format(float(v))
 
 
-table = pd.DataFrame({
-    "SAE": saes["sae_id"],
-    "model": saes["model_name"].fillna(saes["model_spec"]),
-    "hook": saes["hook_name"],
-    "corpus": saes["corpus"],
-    "tokens": saes["n_tokens"],
-    "d_sae": saes["d_sae"],
-    "FVE": saes["fve"],
-    "L0": saes["l0"],
-    "dead": saes["dead_fraction"],
-    "labelled": saes["n_labelled"],
-})
+table = pd.DataFrame(
+    {
+        "SAE": saes["sae_id"],
+        "model": saes["model_name"].fillna(saes["model_spec"]),
+        "hook": saes["hook_name"],
+        "corpus": saes["corpus"],
+        "tokens": saes["n_tokens"],
+        "d_sae": saes["d_sae"],
+        "FVE": saes["fve"],
+        "L0": saes["l0"],
+        "dead": saes["dead_fraction"],
+        "labelled": saes["n_labelled"],
+    }
+)
 st.dataframe(
-    table, hide_index=True, width="stretch",
+    table,
+    hide_index=True,
+    width="stretch",
     column_config={
         "tokens": st.column_config.NumberColumn(format="localized"),
         "FVE": st.column_config.NumberColumn(format="percent"),
@@ -81,19 +87,26 @@ for _, s in saes.iterrows():
         alt.Chart(hist)
         .mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
         .encode(
-            x=alt.X("log10_lo:Q", title="log10(feature density)", bin="binned",
-                    scale=alt.Scale(domain=[float(hist["log10_lo"].min()), float(hist["log10_hi"].max())])),
+            x=alt.X(
+                "log10_lo:Q",
+                title="log10(feature density)",
+                bin="binned",
+                scale=alt.Scale(domain=[float(hist["log10_lo"].min()), float(hist["log10_hi"].max())]),
+            ),
             x2="log10_hi:Q",
             y=alt.Y("count:Q", title="features"),
             y2=alt.datum(0),
-            tooltip=[alt.Tooltip("log10_lo:Q", title="log10 density from", format=".2f"),
-                     alt.Tooltip("log10_hi:Q", title="to", format=".2f"), alt.Tooltip("count:Q", title="features")],
+            tooltip=[
+                alt.Tooltip("log10_lo:Q", title="log10 density from", format=".2f"),
+                alt.Tooltip("log10_hi:Q", title="to", format=".2f"),
+                alt.Tooltip("count:Q", title="features"),
+            ],
         )
         .properties(height=220, title=f"Feature density (fraction of tokens a feature fires on); {n_dead:,} dead")
     )
     st.altair_chart(chart, width="stretch")
     lo, hi = q.density_range(store, sae_id)
-    st.caption(f"Densities range from {fmt_density(10 ** lo)} to {fmt_density(10 ** hi)}.")
+    st.caption(f"Densities range from {fmt_density(10**lo)} to {fmt_density(10**hi)}.")
 
 st.divider()
 c1, c2, c3 = st.columns(3)

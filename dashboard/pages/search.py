@@ -39,14 +39,16 @@ st.title("Search")
 MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
 mode_qp = qp_str("mode", "text")
 sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
-mode = st.radio("Search", list(MODES), format_func=MODES.get, horizontal=True, key="search_mode",
-                label_visibility="collapsed")
+mode = st.radio(
+    "Search", list(MODES), format_func=MODES.get, horizontal=True, key="search_mode", label_visibility="collapsed"
+)
 set_param("mode", None if mode == "text" else mode, key="search_mode")
 
 
 def link_column() -> st.column_config.LinkColumn:
-    return st.column_config.LinkColumn("open", display_text="open ↗", width="small",
-                                       help="Shareable link to the feature page")
+    return st.column_config.LinkColumn(
+        "open", display_text="open ↗", width="small", help="Shareable link to the feature page"
+    )
 
 
 def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -> None:
@@ -62,8 +64,16 @@ def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -
         if col in df:
             df[col] = df[col].fillna("")
     config.update(extra_config or {})
-    event = st.dataframe(df, hide_index=True, width="stretch", column_config=config, key=key,
-                         on_select="rerun", selection_mode="single-row", height=min(36 + 35 * len(df), 740))
+    event = st.dataframe(
+        df,
+        hide_index=True,
+        width="stretch",
+        column_config=config,
+        key=key,
+        on_select="rerun",
+        selection_mode="single-row",
+        height=min(36 + 35 * len(df), 740),
+    )
     rows = event.selection.rows if event is not None else []
     if rows:
         go_feature(sae_id, int(df["feature"].iloc[rows[0]]))
@@ -76,8 +86,11 @@ def labels_for(ids: list[int]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- text
 def text_mode() -> None:
     sync_widget("search_query", "query", qp_str("query"))
-    query = st.text_input("Search features", key="search_query",
-                          placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens")
+    query = st.text_input(
+        "Search features",
+        key="search_query",
+        placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens",
+    )
     set_param("query", query.strip() or None, key="search_query")
     lo, hi = q.density_range(store, sae_id)
     with st.expander("Filters", expanded=False):
@@ -95,11 +108,16 @@ def text_mode() -> None:
     filters = q.SearchFilters(
         min_log10_density=None if dens[0] <= lo_f else dens[0],
         max_log10_density=None if dens[1] >= hi_f else dens[1],
-        min_max_act=min_max_act or None, labelled=labelled, tag=tag, include_dead=include_dead,
+        min_max_act=min_max_act or None,
+        labelled=labelled,
+        tag=tag,
+        include_dead=include_dead,
     )
     if not query.strip() and filters == q.SearchFilters():
-        st.caption("Type words to search, or set filters to list features. Examples: a token seen in contexts "
-                   "(`bread`), a label word, a tag, `#123` for a feature id.")
+        st.caption(
+            "Type words to search, or set filters to list features. Examples: a token seen in contexts "
+            "(`bread`), a label word, a tag, `#123` for a feature id."
+        )
         return
     t0 = time.perf_counter()
     try:
@@ -114,16 +132,22 @@ def text_mode() -> None:
     if res.empty:
         st.info(f"No feature matches {render.md(repr(query))} with these filters.")
         return
-    st.caption(f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
-               "Select a row (or use 'open') to see a feature.")
+    st.caption(
+        f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
+        "Select a row (or use 'open') to see a feature."
+    )
     res = res[["feature", "label", "tags", "top_tokens", "snippet", "matched", "score", "density", "max_act"]]
-    result_table(res, "search_results", {
-        "score": st.column_config.NumberColumn(format="%.1f", width="small"),
-        "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
-        "snippet": st.column_config.TextColumn("context", width="large"),
-        "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
-        "matched": st.column_config.TextColumn("matched in", width="small"),
-    })
+    result_table(
+        res,
+        "search_results",
+        {
+            "score": st.column_config.NumberColumn(format="%.1f", width="small"),
+            "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
+            "snippet": st.column_config.TextColumn("context", width="large"),
+            "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
+            "matched": st.column_config.TextColumn("matched in", width="small"),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------- prompt
@@ -134,13 +158,19 @@ def _prompt_result(_row: dict, key: tuple, text: str) -> prompt.PromptResult:
 
 def prompt_mode() -> None:
     sync_widget("prompt_text", "query", qp_str("query"))
-    text = st.text_area("Text to run through the model", key="prompt_text", height=110,
-                        placeholder="Paste text; the model + SAE run on it (Ctrl+Enter to run).")
+    text = st.text_area(
+        "Text to run through the model",
+        key="prompt_text",
+        height=110,
+        placeholder="Paste text; the model + SAE run on it (Ctrl+Enter to run).",
+    )
     set_param("query", text.strip() or None, key="prompt_text")
     st.button("Run", type="primary", key="prompt_run")
     if not text.strip():
-        st.caption(f"Runs {render.md(info.get('model_name') or info.get('model_spec'))} up to `{info.get('hook_name')}` "
-                   "and encodes with the SAE, then lists the features most active on the text and per token.")
+        st.caption(
+            f"Runs {render.md(info.get('model_name') or info.get('model_spec'))} up to `{info.get('hook_name')}` "
+            "and encodes with the SAE, then lists the features most active on the text and per token."
+        )
         return
     try:
         with st.spinner("Running the model…"):
@@ -152,57 +182,84 @@ def prompt_mode() -> None:
         st.warning(f"Only the first {prompt.MAX_TOKENS} tokens were used.")
     base = cached_baselines(store, sae_id, res.d_sae)
     positions = [i for i in range(res.n_pos) if res.valid[i]]
-    tok = st.pills("Tokens: click one to see the features active on it", positions,
-                   format_func=lambda i: render.visible_token(res.tokens[i], mark_spaces=True), selection_mode="single",
-                   key="prompt_token")
+    tok = st.pills(
+        "Tokens: click one to see the features active on it",
+        positions,
+        format_func=lambda i: render.visible_token(res.tokens[i], mark_spaces=True),
+        selection_mode="single",
+        key="prompt_token",
+    )
     c1, c2 = st.columns([3, 2], gap="large")
     with c1:
         st.subheader("Features on the whole text")
-        rank_by = st.radio("Rank by", ["max", "relative", "total"], horizontal=True, key="prompt_rank",
-                           format_func={"max": "max activation", "relative": "max / feature's corpus max",
-                                        "total": "total activation"}.get)
+        rank_by = st.radio(
+            "Rank by",
+            ["max", "relative", "total"],
+            horizontal=True,
+            key="prompt_rank",
+            format_func={
+                "max": "max activation",
+                "relative": "max / feature's corpus max",
+                "total": "total activation",
+            }.get,
+        )
         whole = prompt.whole_text_features(res, base["max_act"], rank_by=rank_by, top=50)
         if whole.empty:
             st.info("No feature fired on this text.")
             return
         whole = whole.merge(labels_for(whole["feature"].tolist()), on="feature", how="left")
         whole["top token"] = [render.visible_token(res.tokens[int(p)], mark_spaces=True) for p in whole["argmax_pos"]]
-        names = {int(r.feature): (r.label if isinstance(r.label, str) else r.top_tokens or "")
-                 for r in whole.itertuples()}
-        hl = st.selectbox("Highlight the text by feature", list(names), key="prompt_hl",
-                          format_func=lambda f: f"{f} · {names[f]}"[:80])
+        names = {
+            int(r.feature): (r.label if isinstance(r.label, str) else r.top_tokens or "") for r in whole.itertuples()
+        }
+        hl = st.selectbox(
+            "Highlight the text by feature",
+            list(names),
+            key="prompt_hl",
+            format_func=lambda f: f"{f} · {names[f]}"[:80],
+        )
         if hl is not None:
             acts = prompt.feature_over_tokens(res, int(hl))
             scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
             st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts))))
-        result_table(whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token",
-                            "top_tokens"]], "prompt_whole", {
-            "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
-            "relative": st.column_config.NumberColumn("of corpus max", format="percent"),
-            "total": st.column_config.NumberColumn(format="%.2f"),
-            "n_tokens": st.column_config.NumberColumn("tokens", format="%d"),
-            "top_tokens": st.column_config.TextColumn("corpus top tokens"),
-        })
+        result_table(
+            whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token", "top_tokens"]],
+            "prompt_whole",
+            {
+                "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
+                "relative": st.column_config.NumberColumn("of corpus max", format="percent"),
+                "total": st.column_config.NumberColumn(format="%.2f"),
+                "n_tokens": st.column_config.NumberColumn("tokens", format="%d"),
+                "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+            },
+        )
     with c2:
         st.subheader("Per token")
         if tok is None:
             st.caption("Click a token above to see the features active on it.")
         else:
             per = prompt.token_features(res, int(tok), top=25)
-            st.caption(f"Token {int(tok)} {render.md(repr(res.tokens[int(tok)]))}: {int((res.pos == int(tok)).sum())} active "
-                       "features (strongest 25)")
+            st.caption(
+                f"Token {int(tok)} {render.md(repr(res.tokens[int(tok)]))}: {int((res.pos == int(tok)).sum())} active "
+                "features (strongest 25)"
+            )
             if not per.empty:
                 per = per.merge(labels_for(per["feature"].tolist()), on="feature", how="left")
-                result_table(per[["feature", "label", "act", "top_tokens"]], "prompt_token_table", {
-                    "act": st.column_config.NumberColumn(format="%.3f"),
-                    "top_tokens": st.column_config.TextColumn("corpus top tokens"),
-                })
+                result_table(
+                    per[["feature", "label", "act", "top_tokens"]],
+                    "prompt_token_table",
+                    {
+                        "act": st.column_config.NumberColumn(format="%.3f"),
+                        "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+                    },
+                )
 
 
 # ------------------------------------------------------------------------------------------ concept
 @st.cache_data(max_entries=16, show_spinner=False)
-def _concept_rank(_row: dict, _base: dict, key: tuple, examples: tuple[str, ...],
-                  counter: tuple[str, ...]) -> pd.DataFrame:
+def _concept_rank(
+    _row: dict, _base: dict, key: tuple, examples: tuple[str, ...], counter: tuple[str, ...]
+) -> pd.DataFrame:
     rt = get_runtime(_row)
     pos = [prompt.dense_valid_acts(rt, t) for t in examples]
     neg = [prompt.dense_valid_acts(rt, t) for t in counter]
@@ -210,14 +267,17 @@ def _concept_rank(_row: dict, _base: dict, key: tuple, examples: tuple[str, ...]
 
 
 def concept_mode() -> None:
-    st.caption("Paste a few texts that show a concept (e.g. a scam email, a deceptive answer), and optionally "
-               "texts that do not. Features are ranked by coverage × log2 lift: how many examples they fire "
-               "on, times how much more they fire there than on the counter-examples (or, without any, than "
-               "their corpus average: density × mean activation).")
+    st.caption(
+        "Paste a few texts that show a concept (e.g. a scam email, a deceptive answer), and optionally "
+        "texts that do not. Features are ranked by coverage × log2 lift: how many examples they fire "
+        "on, times how much more they fire there than on the counter-examples (or, without any, than "
+        "their corpus average: density × mean activation)."
+    )
     with st.form("concept_form"):
         c1, c2 = st.columns(2)
-        ex = c1.text_area("Examples of the concept (blank line between texts, or one per line)", height=180,
-                          key="concept_examples")
+        ex = c1.text_area(
+            "Examples of the concept (blank line between texts, or one per line)", height=180, key="concept_examples"
+        )
         ce = c2.text_area("Counter-examples (optional)", height=180, key="concept_counter")
         go = st.form_submit_button("Find features", type="primary")
     examples, counter = concept.split_texts(ex), concept.split_texts(ce)
@@ -236,20 +296,25 @@ def concept_mode() -> None:
         st.info("No feature fires more on the examples than on the baseline.")
         return
     ranked = ranked.merge(labels_for(ranked["feature"].tolist()), on="feature", how="left")
-    st.caption(f"{len(examples)} examples, {len(counter)} counter-examples"
-               + ("" if counter else " (baseline: corpus density × mean activation)"))
-    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "top_tokens",
-            "density"]
+    st.caption(
+        f"{len(examples)} examples, {len(counter)} counter-examples"
+        + ("" if counter else " (baseline: corpus density × mean activation)")
+    )
+    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "top_tokens", "density"]
     if not counter:
         cols.remove("neg_coverage")
-    result_table(ranked[cols], "concept_results", {
-        "score": st.column_config.NumberColumn(format="%.2f"),
-        "coverage": st.column_config.NumberColumn("fires on examples", format="percent"),
-        "neg_coverage": st.column_config.NumberColumn("fires on counter", format="percent"),
-        "lift": st.column_config.NumberColumn("log2 lift", format="%.1f"),
-        "max_on_examples": st.column_config.NumberColumn("max act", format="%.2f"),
-        "top_tokens": st.column_config.TextColumn("corpus top tokens"),
-    })
+    result_table(
+        ranked[cols],
+        "concept_results",
+        {
+            "score": st.column_config.NumberColumn(format="%.2f"),
+            "coverage": st.column_config.NumberColumn("fires on examples", format="percent"),
+            "neg_coverage": st.column_config.NumberColumn("fires on counter", format="percent"),
+            "lift": st.column_config.NumberColumn("log2 lift", format="%.1f"),
+            "max_on_examples": st.column_config.NumberColumn("max act", format="%.2f"),
+            "top_tokens": st.column_config.TextColumn("corpus top tokens"),
+        },
+    )
 
 
 {"text": text_mode, "prompt": prompt_mode, "concept": concept_mode}[mode]()

@@ -139,11 +139,19 @@ ss["steer_features"] = [int(f) for f in ss["steer_features"] if int(f) in max_ac
 # ---- prompt ---------------------------------------------------------------------------------------------
 st.text_area("Prompt", key="steer_prompt", height=90)
 opts = st.columns([1, 2])
-opts[0].checkbox("Apply chat template", key="steer_chat",
-                 help="Wrap the prompt as a user turn with the tokenizer's chat template (instruct models such as "
-                      "SmolLM2-135M-Instruct); ignored for models without one.")
-opts[1].radio("Edit positions", ["all", "generated"], key="steer_positions", horizontal=True,
-              format_func=lambda p: "prompt and generated tokens" if p == "all" else "generated tokens only")
+opts[0].checkbox(
+    "Apply chat template",
+    key="steer_chat",
+    help="Wrap the prompt as a user turn with the tokenizer's chat template (instruct models such as "
+    "SmolLM2-135M-Instruct); ignored for models without one.",
+)
+opts[1].radio(
+    "Edit positions",
+    ["all", "generated"],
+    key="steer_positions",
+    horizontal=True,
+    format_func=lambda p: "prompt and generated tokens" if p == "all" else "generated tokens only",
+)
 
 # ---- features -------------------------------------------------------------------------------------------
 st.subheader("Features")
@@ -162,8 +170,13 @@ def _describe(f: int) -> str:
     return f"#{f}" + (f" · {what}" if what else "") + (f" · max {mx:.2f}" if mx is not None else "")
 
 
-st.multiselect("Steered features", options, key="steer_features", format_func=_describe,
-               help="Search above to add features; each gets a mode and a value below.")
+st.multiselect(
+    "Steered features",
+    options,
+    key="steer_features",
+    format_func=_describe,
+    help="Search above to add features; each gets a mode and a value below.",
+)
 
 for f in ss["steer_features"]:
     mx = max_acts.get(int(f), 0.0)
@@ -171,8 +184,9 @@ for f in ss["steer_features"]:
     ss.setdefault(_state_key(f, "value"), float(DEFAULT_EDIT.value))
     c = st.columns([3, 2, 2, 3], vertical_alignment="bottom")
     c[0].markdown(f"**{html.escape(_describe(f))}**")
-    c[1].selectbox("Mode", list(MODE_LABELS), key=_state_key(f, "mode"), format_func=MODE_LABELS.get,
-                   label_visibility="collapsed")
+    c[1].selectbox(
+        "Mode", list(MODE_LABELS), key=_state_key(f, "mode"), format_func=MODE_LABELS.get, label_visibility="collapsed"
+    )
     c[2].number_input("Value", key=_state_key(f, "value"), step=0.5, format="%.3f", label_visibility="collapsed")
     unit = "activation units" if ss[_state_key(f, "mode")] == "clamp" else "x max activation"
     c[3].caption(f"{unit}; max observed activation {mx:.3f}")
@@ -197,8 +211,10 @@ def current_config() -> SteeringConfig:
         positions=str(ss["steer_positions"]),
         chat_template=bool(ss["steer_chat"]),
         generation=GenerationSettings(
-            max_new_tokens=int(ss["steer_n"]), temperature=float(ss["steer_t"]),
-            top_p=float(ss["steer_top_p"]), seed=int(ss["steer_seed"]),
+            max_new_tokens=int(ss["steer_n"]),
+            temperature=float(ss["steer_t"]),
+            top_p=float(ss["steer_top_p"]),
+            seed=int(ss["steer_seed"]),
         ),
     )
 
@@ -226,10 +242,17 @@ def _summary(res: dict[str, Any]) -> pd.DataFrame:
         before = [a[k] for a in res["acts_before"]]
         after = [a[k] for a in res["acts_after"]]
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        out.append({"feature": f, "edit": res["edits"][k], "max_act": max_acts.get(f, float("nan")),
-                    "mean on baseline tokens": mean(base), "mean before edit (steered run)": mean(before),
-                    "mean after edit (steered run)": mean(after),
-                    "tokens firing before edit": sum(1 for x in before if x > 0)})
+        out.append(
+            {
+                "feature": f,
+                "edit": res["edits"][k],
+                "max_act": max_acts.get(f, float("nan")),
+                "mean on baseline tokens": mean(base),
+                "mean before edit (steered run)": mean(before),
+                "mean after edit (steered run)": mean(after),
+                "tokens firing before edit": sum(1 for x in before if x > 0),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -237,9 +260,11 @@ def show_details(res: dict[str, Any]) -> None:
     for n in res["notes"]:
         st.info(n)
     if res["features"] and res["steered_tokens"]:
-        st.markdown("**Steered features on the generated tokens** (measured inside the steered run; *before edit* is "
-                    "the SAE's reading of the activation arriving at the hook, *after edit* re-encodes the edited "
-                    "activation)")
+        st.markdown(
+            "**Steered features on the generated tokens** (measured inside the steered run; *before edit* is "
+            "the SAE's reading of the activation arriving at the hook, *after edit* re-encodes the edited "
+            "activation)"
+        )
         st.dataframe(_summary(res), hide_index=True, width="stretch")
         st.dataframe(_acts_table(res), hide_index=True, width="stretch")
 
@@ -251,10 +276,16 @@ def result_record(config: SteeringConfig, streams: dict[str, Any], tokens: list[
         return t.tolist() if t is not None else []
 
     return {
-        "baseline": base.text, "steered": steer.text, "describe": config.describe(),
-        "features": list(steer.features), "edits": [e.spec() for e in config.edits], "steered_tokens": tokens,
-        "acts_before": rows(steer.acts_before), "acts_after": rows(steer.acts_after),
-        "baseline_acts": rows(base.acts_before), "notes": list(steer.notes),
+        "baseline": base.text,
+        "steered": steer.text,
+        "describe": config.describe(),
+        "features": list(steer.features),
+        "edits": [e.spec() for e in config.edits],
+        "steered_tokens": tokens,
+        "acts_before": rows(steer.acts_before),
+        "acts_after": rows(steer.acts_after),
+        "baseline_acts": rows(base.acts_before),
+        "notes": list(steer.notes),
     }
 
 
@@ -326,8 +357,7 @@ with pc[1]:
     presets = list_presets(store, sae_id)
     names = [p["name"] for p in presets]
     if names:
-        pick = st.selectbox("Saved presets for this SAE", names, key="steer_preset_pick",
-                            format_func=lambda n: n)
+        pick = st.selectbox("Saved presets for this SAE", names, key="steer_preset_pick", format_func=lambda n: n)
         chosen = next(p for p in presets if p["name"] == pick)
         cfg = chosen["config"]
         st.caption(html.escape(cfg.describe() if cfg else "unreadable preset"))
