@@ -110,6 +110,8 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
             bar.update(n)
             if seen >= cfg.max_tokens:
                 break
+    bar.total = max(bar.total, bar.n)  # the last batch may overshoot the token budget
+    bar.refresh()
     bar.close()
     state.harvest_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     if state.n_contexts == 0:

@@ -8,17 +8,25 @@
 - top-k contexts per feature, ranked by the feature's max activation within the context, with the context's
   tokens and the feature's activation on every token;
 - interval samples: per feature and fixed octave band of the context's max activation, a deterministic
-  bottom-s sample by a hash key of (context id, feature) — a "bottom-k sketch";
+  bottom-s sample by a hash key of (context content, feature) — a "bottom-k sketch";
 - reconstruction sums for FVE and L0.
+
+Example lists hold each distinct context window once. Corpora repeat text (boilerplate, licences, documents
+quoted twice), and a top-20 list showing the same window five times wastes most of its rows. Windows are
+identified by a 63-bit hash of their token ids. When two copies meet, in one batch, across batches or in
+``merge``, one entry is kept under the smaller context id. Counts, sums and histograms still count every
+copy: they describe the corpus as it is.
 
 Every part is exactly mergeable: ``merge(update(A), update(B)) == update(A then B)`` for disjoint shards with
 distinct context ids (ties in activation aside), because each part is a sum, a max, or a selection by a total
-order on (value or key) that does not depend on arrival order. Sharding across machines is a wrapper that
+order on (value or key) that does not depend on arrival order, over distinct windows (a duplicate window is
+kept once, under its smallest context id, whichever shard saw it). Sharding across machines is a wrapper that
 runs ``update`` per shard (context ids offset per shard) and folds the states with ``merge``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -60,6 +68,18 @@ def hash_key(ctx: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
+def content_hash(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] token ids -> [B] int64 in [0, 2^63): equal windows get equal hashes (blake2b of the ids)."""
+    rows = np.ascontiguousarray(tokens.detach().cpu().numpy().astype(np.int64))
+    out = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") >> 1 for r in rows]
+    return torch.tensor(out, dtype=torch.int64).reshape(tokens.shape[0])
+
+
+def _dup_in_batch(chash: torch.Tensor, ctx_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the window also occurs in the batch under a smaller context id (that copy is kept)."""
+    return ((chash[:, None] == chash[None, :]) & (ctx_ids[None, :] < ctx_ids[:, None])).any(1)
+
+
 @dataclass
 class HarvestState:
     """Mergeable harvest state. Shapes: F = d_sae, K = top_k, NB = bands, S = samples, T = context, D = d_in."""
@@ -76,12 +96,14 @@ class HarvestState:
     top_pos: torch.Tensor = field(default=None)  # [F, K] int64
     top_tok: torch.Tensor = field(default=None)  # [F, K, T] int32
     top_act: torch.Tensor = field(default=None)  # [F, K, T] float32
+    top_hash: torch.Tensor = field(default=None)  # [F, K] int64 content hash of the window; -1 = empty
     smp_key: torch.Tensor = field(default=None)  # [F, NB, S] int64, ascending; KEY_EMPTY = empty
     smp_val: torch.Tensor = field(default=None)  # [F, NB, S] float32
     smp_ctx: torch.Tensor = field(default=None)  # [F, NB, S] int64
     smp_pos: torch.Tensor = field(default=None)  # [F, NB, S] int64
     smp_tok: torch.Tensor = field(default=None)  # [F, NB, S, T] int32
     smp_act: torch.Tensor = field(default=None)  # [F, NB, S, T] float32
+    smp_hash: torch.Tensor = field(default=None)  # [F, NB, S] int64 content hash; -1 = empty
     sum_x: torch.Tensor = field(default=None)  # [D] float64
     sum_x2: float = 0.0  # sum of squared norms of x
     sse: float = 0.0  # sum of squared reconstruction errors
@@ -102,12 +124,14 @@ class HarvestState:
             top_pos=torch.zeros(F, K, dtype=torch.int64),
             top_tok=torch.zeros(F, K, T, dtype=torch.int32),
             top_act=torch.zeros(F, K, T, dtype=torch.float32),
+            top_hash=torch.full((F, K), -1, dtype=torch.int64),
             smp_key=torch.full((F, NB, S), KEY_EMPTY, dtype=torch.int64),
             smp_val=torch.zeros(F, NB, S, dtype=torch.float32),
             smp_ctx=torch.full((F, NB, S), -1, dtype=torch.int64),
             smp_pos=torch.zeros(F, NB, S, dtype=torch.int64),
             smp_tok=torch.zeros(F, NB, S, T, dtype=torch.int32),
             smp_act=torch.zeros(F, NB, S, T, dtype=torch.float32),
+            smp_hash=torch.full((F, NB, S), -1, dtype=torch.int64),
             sum_x=torch.zeros(d_in, dtype=torch.float64),
         )
 
@@ -227,8 +251,10 @@ def update(
     seq_max, seq_pos = feats.max(dim=1)  # [B, F]
     state.max_act = torch.maximum(state.max_act, seq_max.max(0).values)
 
-    _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos)
-    _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos)
+    chash = content_hash(tokens)
+    dup = _dup_in_batch(chash, ctx_ids)
+    _update_top(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
+    _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
 
 
 def _select(
@@ -250,10 +276,15 @@ def _where(from_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.where(m, a, b)
 
 
-def _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
+def _update_top(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos) -> None:
     K = state.top_val.shape[1]
     cand = seq_max.T  # [F, B]
-    better = (cand > state.top_val[:, K - 1 : K]) & (cand > 0)
+    better = (cand > state.top_val[:, K - 1 : K]) & (cand > 0) & ~dup[None, :]
+    held = state.top_hash[:, :, None] == chash[None, None, :]  # [F, K, B]: the row already holds the window
+    if held.any():  # keep the held entry, under the smaller context id
+        f_i, k_i, b_i = held.nonzero(as_tuple=True)
+        state.top_ctx[f_i, k_i] = torch.minimum(state.top_ctx[f_i, k_i], ctx_ids[b_i])
+        better &= ~held.any(1)
     aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
     if aff.numel() == 0:
         return
@@ -264,23 +295,28 @@ def _update_top(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     state.top_pos[aff] = _where(from_a, state.top_pos[rows, ia], seq_pos[ib, rows])
     state.top_tok[aff] = _where(from_a, state.top_tok[rows, ia], tokens[ib].to(torch.int32))
     state.top_act[aff] = _where(from_a, state.top_act[rows, ia], feats[ib, :, rows])
+    state.top_hash[aff] = _where(from_a, state.top_hash[rows, ia], chash[ib])
     state.top_val[aff] = keys
 
 
-def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
+def _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos) -> None:
     cfg = state.cfg
     NB, S = cfg.n_bands, cfg.samples_per_band
     if S == 0:
         return
-    b, f = (seq_max > 0).nonzero(as_tuple=True)  # candidates (context, feature)
+    b, f = ((seq_max > 0) & ~dup[:, None]).nonzero(as_tuple=True)  # candidates (context, feature)
     if b.numel() == 0:
         return
     v = seq_max[b, f]
     band = (torch.floor(torch.log2(v)).to(torch.int64) - cfg.band_lo_exp).clamp(0, NB - 1)
-    key = hash_key(ctx_ids[b], f)
+    key = hash_key(chash[b], f)
     slot = f * NB + band
-    flat_key = state.smp_key.view(-1, S)
-    keep = key < flat_key[slot, S - 1]
+    flat_key, flat_hash, flat_ctx = state.smp_key.view(-1, S), state.smp_hash.view(-1, S), state.smp_ctx.view(-1, S)
+    held = flat_hash[slot] == chash[b][:, None]  # [n, S]: the slot already holds this window
+    if held.any():
+        c_i, s_i = held.nonzero(as_tuple=True)
+        flat_ctx[slot[c_i], s_i] = torch.minimum(flat_ctx[slot[c_i], s_i], ctx_ids[b[c_i]])
+    keep = (key < flat_key[slot, S - 1]) & ~held.any(1)
     if not keep.any():
         return
     b, f, v, key, slot = b[keep], f[keep], v[keep], key[keep], slot[keep]
@@ -300,11 +336,14 @@ def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     npos = torch.zeros(U, S, dtype=torch.int64)
     ntok = torch.zeros(U, S, T, dtype=torch.int32)
     nact = torch.zeros(U, S, T)
-    nk[row, rank], nv[row, rank], nc[row, rank] = key, v, ctx_ids[b]
+    nh = torch.full((U, S), -1, dtype=torch.int64)
+    nk[row, rank], nv[row, rank], nc[row, rank], nh[row, rank] = key, v, ctx_ids[b], chash[b]
     npos[row, rank] = seq_pos[b, f]
     ntok[row, rank] = tokens[b].to(torch.int32)
     nact[row, rank] = feats[b, :, f]
-    fk, fv, fc, fp = (t.view(-1, S) for t in (state.smp_key, state.smp_val, state.smp_ctx, state.smp_pos))
+    fk, fv, fc, fp, fh = (
+        t.view(-1, S) for t in (state.smp_key, state.smp_val, state.smp_ctx, state.smp_pos, state.smp_hash)
+    )
     ftok, fact = state.smp_tok.view(-1, S, T), state.smp_act.view(-1, S, T)
     keys, from_a, ia, ib = _select(fk[uslot], nk, descending=False)
     rows, nrows = uslot[:, None], torch.arange(U)[:, None]
@@ -313,10 +352,24 @@ def _update_samples(state, feats, tokens, ctx_ids, seq_max, seq_pos) -> None:
     fp[uslot] = _where(from_a, fp[rows, ia], npos[nrows, ib])
     ftok[uslot] = _where(from_a, ftok[rows, ia], ntok[nrows, ib])
     fact[uslot] = _where(from_a, fact[rows, ia], nact[nrows, ib])
+    fh[uslot] = _where(from_a, fh[rows, ia], nh[nrows, ib])
     fk[uslot] = keys
 
 
 # ---- merging shard states -------------------------------------------------------------------------------
+
+
+def _fold_duplicates(
+    hash_a: torch.Tensor, ctx_a: torch.Tensor, hash_b: torch.Tensor, ctx_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of two example lists, [N, Ka] and [N, Kb]: the windows b holds that a's row holds too.
+
+    Returns (a's context ids, each lowered to its b twin's id where that is smaller, [N, Ka];
+    mask over b's entries to drop, [N, Kb]).
+    """
+    same = (hash_a[:, :, None] == hash_b[:, None, :]) & (hash_b[:, None, :] >= 0)  # [N, Ka, Kb]
+    twin = torch.where(same, ctx_b[:, None, :], torch.iinfo(torch.int64).max).amin(2)  # [N, Ka]
+    return torch.minimum(ctx_a, twin), same.any(1)
 
 
 def merge(a: HarvestState, b: HarvestState) -> HarvestState:
@@ -324,22 +377,28 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
     if a.cfg != b.cfg or a.top_tok.shape != b.top_tok.shape:
         raise ValueError("cannot merge harvest states with different configs or shapes")
     F, NB, S, T = a.d_sae, a.cfg.n_bands, a.cfg.samples_per_band, a.top_tok.shape[2]
-    top_val, (top_ctx, top_pos, top_tok, top_act) = _merge_rows(
+    # a window both shards hold is kept once (a's entry, under the smaller context id); b's copy is dropped
+    a_top_ctx, b_dup = _fold_duplicates(a.top_hash, a.top_ctx, b.top_hash, b.top_ctx)
+    top_val, (top_ctx, top_pos, top_tok, top_act, top_hash) = _merge_rows(
         a.top_val,
-        b.top_val,
-        [a.top_ctx, a.top_pos, a.top_tok, a.top_act],
-        [b.top_ctx, b.top_pos, b.top_tok, b.top_act],
+        b.top_val.masked_fill(b_dup, -torch.inf),
+        [a_top_ctx, a.top_pos, a.top_tok, a.top_act, a.top_hash],
+        [b.top_ctx, b.top_pos, b.top_tok, b.top_act, b.top_hash],
         descending=True,
+    )
+    a_smp_ctx, b_dup = _fold_duplicates(
+        a.smp_hash.view(-1, S), a.smp_ctx.view(-1, S), b.smp_hash.view(-1, S), b.smp_ctx.view(-1, S)
     )
     smp_key, smp = _merge_rows(
         a.smp_key.view(-1, S),
-        b.smp_key.view(-1, S),
+        b.smp_key.view(-1, S).masked_fill(b_dup, KEY_EMPTY),
         [
             a.smp_val.view(-1, S),
-            a.smp_ctx.view(-1, S),
+            a_smp_ctx,
             a.smp_pos.view(-1, S),
             a.smp_tok.view(-1, S, T),
             a.smp_act.view(-1, S, T),
+            a.smp_hash.view(-1, S),
         ],
         [
             b.smp_val.view(-1, S),
@@ -347,6 +406,7 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
             b.smp_pos.view(-1, S),
             b.smp_tok.view(-1, S, T),
             b.smp_act.view(-1, S, T),
+            b.smp_hash.view(-1, S),
         ],
         descending=False,
     )
@@ -363,12 +423,14 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         top_pos=top_pos,
         top_tok=top_tok,
         top_act=top_act,
+        top_hash=top_hash,
         smp_key=smp_key.view(F, NB, S),
         smp_val=smp[0].view(F, NB, S),
         smp_ctx=smp[1].view(F, NB, S),
         smp_pos=smp[2].view(F, NB, S),
         smp_tok=smp[3].view(F, NB, S, T),
         smp_act=smp[4].view(F, NB, S, T),
+        smp_hash=smp[5].view(F, NB, S),
         sum_x=a.sum_x + b.sum_x,
         sum_x2=a.sum_x2 + b.sum_x2,
         sse=a.sse + b.sse,

@@ -46,6 +46,10 @@ def test_tiny_db_contents(tiny_db: Path):
     ex = _q(tiny_db, "SELECT * FROM examples")
     assert set(ex.kind) == {"top", "interval"}
     assert (ex.groupby(["feature", "kind", "band"]).size() <= 5).all()
+    # the tiny corpus repeats every document 3 times: each window is listed once per feature and list
+    windows = ex.assign(win=[tuple(t) for t in ex.token_ids]).groupby(["feature", "kind"]).win
+    assert (windows.nunique() == windows.size()).all()
+    assert (windows.size() > windows.nunique().clip(upper=1)).any()  # and lists still hold several windows
 
 
 def test_stored_activations_are_truthful(tiny_db: Path, tiny_runtime):

@@ -10,6 +10,7 @@ from pipelines.harvest import (
     HarvestConfig,
     HarvestState,
     choose_bands,
+    content_hash,
     from_state_dict,
     hash_key,
     merge,
@@ -21,7 +22,12 @@ N, T, F, D = 37, 12, 9, 5
 CFG = HarvestConfig(top_k=4, samples_per_band=3, band_lo_exp=-3, band_hi_exp=3)
 
 
-def _data(seed: int = 0):
+# (copy, original) context pairs for the duplicate-window tests: within one batch, across batches and across
+# every shard split used below, with copies both after and before (smaller index than) the original
+DUPS = [(1, 0), (2, 0), (9, 3), (12, 27), (20, 5), (33, 8), (36, 30), (15, 16)]
+
+
+def _data(seed: int = 0, dups: bool | str = False):
     g = torch.Generator().manual_seed(seed)
     feats = torch.relu(torch.randn(N, T, F, generator=g) * 2 - 1.5)
     valid = torch.ones(N, T, dtype=torch.bool)
@@ -32,8 +38,21 @@ def _data(seed: int = 0):
     tokens = torch.randint(0, 100, (N, T), generator=g)
     x = torch.randn(N, T, D, generator=g)
     recon = x + 0.3 * torch.randn(N, T, D, generator=g)
+    if dups:  # the same window twice: same tokens, so the same activations everywhere
+        for j, i in DUPS:
+            feats[j], tokens[j], valid[j], x[j], recon[j] = feats[i], tokens[i], valid[i], x[i], recon[i]
     ctx = torch.arange(N, dtype=torch.int64) * 7 + 3  # arbitrary unique ids
+    if dups == "descending-ids":  # later copies of a window carry smaller ids: the held entry's id must drop
+        ctx = ctx.flip(0)
     return feats, tokens, valid, ctx, x, recon
+
+
+def _windows(tokens: torch.Tensor, ctx: torch.Tensor) -> list[tuple[int, int]]:
+    """Brute-force dedupe: (representative index, smallest context id) per distinct token window."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(tokens.shape[0]):
+        groups.setdefault(tuple(tokens[i].tolist()), []).append(i)
+    return [(g[0], min(int(ctx[i]) for i in g)) for g in groups.values()]
 
 
 def _run(sl: slice, batch: int = 5, data=None) -> HarvestState:
@@ -66,14 +85,20 @@ def test_counts_hist_density_fve_against_brute_force():
     assert st.l0() == pytest.approx(float(fire.sum() / valid.sum()))
 
 
-def test_topk_against_brute_force():
-    feats, tokens, valid, ctx, _, _ = _data()
-    st = _run(slice(None))
+@pytest.mark.parametrize("dups", [False, True, "descending-ids"])
+def test_topk_against_brute_force(dups):
+    data = _data(dups=dups)
+    feats, tokens, valid, ctx, _, _ = data
+    st = _run(slice(None), data=data)
     seq_max, seq_pos = feats.max(1)
+    wins = _windows(tokens, ctx)
+    assert len(wins) == (N - len(DUPS) if dups else N)
+    min_ctx = dict(wins)
     for f in range(F):
-        order = sorted((i for i in range(N) if seq_max[i, f] > 0), key=lambda i: -float(seq_max[i, f]))[: CFG.top_k]
+        order = [i for i, _ in wins if seq_max[i, f] > 0]
+        order = sorted(order, key=lambda i: -float(seq_max[i, f]))[: CFG.top_k]
         got = [int(c) for c in st.top_ctx[f] if c >= 0]
-        assert got == [int(ctx[i]) for i in order]
+        assert got == [min_ctx[i] for i in order]  # each window once, under its smallest context id
         for r, i in enumerate(order):
             assert float(st.top_val[f, r]) == float(seq_max[i, f])
             assert int(st.top_pos[f, r]) == int(seq_pos[i, f])
@@ -81,32 +106,43 @@ def test_topk_against_brute_force():
             assert torch.equal(st.top_act[f, r], feats[i, :, f])
 
 
-def test_interval_samples_against_brute_force():
-    feats, tokens, valid, ctx, _, _ = _data()
-    st = _run(slice(None))
+@pytest.mark.parametrize("dups", [False, True, "descending-ids"])
+def test_interval_samples_against_brute_force(dups):
+    data = _data(dups=dups)
+    feats, tokens, valid, ctx, _, _ = data
+    st = _run(slice(None), data=data)
     seq_max = feats.max(1).values
+    chash = content_hash(tokens)
     for f in range(F):
         for band in range(CFG.n_bands):
             cands = []
-            for i in range(N):
+            for i, c in _windows(tokens, ctx):
                 v = float(seq_max[i, f])
                 if v <= 0:
                     continue
                 b = min(max(int(np.floor(np.log2(v))) - CFG.band_lo_exp, 0), CFG.n_bands - 1)
                 if b == band:
-                    cands.append((int(hash_key(ctx[i : i + 1], torch.tensor([f]))[0]), i))
-            want = [int(ctx[i]) for _, i in sorted(cands)[: CFG.samples_per_band]]
+                    cands.append((int(hash_key(chash[i : i + 1], torch.tensor([f]))[0]), c, i))
+            want = sorted(cands)[: CFG.samples_per_band]
             got = [int(c) for c in st.smp_ctx[f, band] if c >= 0]
-            assert got == want
-            for r, c in enumerate(got):
-                i = int((ctx == c).nonzero()[0, 0])
+            assert got == [c for _, c, _ in want]
+            for r, (_, _, i) in enumerate(want):
                 assert torch.equal(st.smp_act[f, band, r], feats[i, :, f])
 
 
+def test_content_hash_identifies_windows():
+    t = torch.tensor([[1, 2, 3], [1, 2, 3], [3, 2, 1], [1, 2, 4]])
+    h = content_hash(t)
+    assert h[0] == h[1] and len({int(x) for x in h}) == 3
+    assert bool((h >= 0).all())
+
+
+@pytest.mark.parametrize("dups", [False, True])
 @pytest.mark.parametrize("split", [10, 18, 30])
-def test_merge_of_shards_equals_single_run(split):
-    whole = _run(slice(None))
-    merged = merge(_run(slice(0, split), batch=3), _run(slice(split, None), batch=4))
+def test_merge_of_shards_equals_single_run(split, dups):
+    data = _data(dups=dups)
+    whole = _run(slice(None), data=data)
+    merged = merge(_run(slice(0, split), batch=3, data=data), _run(slice(split, None), batch=4, data=data))
     for name, a in state_dict(whole).items():
         b = getattr(merged, name)
         if name == "cfg":
@@ -123,11 +159,14 @@ def test_merge_of_shards_equals_single_run(split):
             assert a == b, name
 
 
-def test_merge_is_order_independent_and_roundtrips():
-    a, b = _run(slice(0, 20)), _run(slice(20, None))
+@pytest.mark.parametrize("dups", [False, True])
+def test_merge_is_order_independent_and_roundtrips(dups):
+    data = _data(dups=dups)
+    a, b = _run(slice(0, 20), data=data), _run(slice(20, None), data=data)
     ab, ba = merge(a, b), merge(b, a)
     assert torch.equal(ab.top_ctx, ba.top_ctx)
     assert torch.equal(ab.smp_ctx, ba.smp_ctx)
+    assert torch.equal(ab.top_hash, ba.top_hash)
     restored = from_state_dict(state_dict(ab))
     assert torch.equal(restored.top_act, ab.top_act)
 
