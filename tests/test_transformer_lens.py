@@ -1,0 +1,162 @@
+"""The TransformerLens path (SAEs trained on ``blocks.L.hook_*`` names), on a tiny HookedTransformer built here.
+
+Real TL models come from the hub (``HookedTransformer.from_pretrained_no_processing``), which is not reachable
+offline; everything after loading (hook resolution, early stop, interventions, harvest, steering with full
+recompute) is the same code and is tested on a randomly initialised model of the same class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.build import BuildConfig, harvest
+from pipelines.corpus import CorpusSpec
+from pipelines.harvest import HarvestConfig
+from pipelines.hooks import HookSite
+from pipelines.models import LoadedModel, is_transformer_lens_hook
+from pipelines.runtime import Runtime
+from pipelines.saes import SaeSource
+from pipelines.steering import EditPlan, FeatureEdit, GenerationSettings, SteeringConfig, generate, steer_activations
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def tl_runtime(tiny_model_dir: Path) -> Runtime:
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=len(tok),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
+    model = HookedTransformer(cfg, tokenizer=tok).eval()
+    loaded = LoadedModel(
+        model, model.tokenizer, "transformer_lens", "tiny-tl", "tiny-tl", torch.device("cpu"), torch.float32
+    )
+    torch.manual_seed(0)
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=32,
+            d_sae=48,
+            k=4,
+            metadata=SAEMetadata(model_name="tiny-tl", hook_name=HOOK, context_size=32, prepend_bos=True),
+        )
+    )
+    with torch.no_grad():
+        sae.W_dec.normal_(0, 1.0 / 32**0.5)
+        sae.W_enc.copy_(sae.W_dec.T * 2.0)
+        sae.b_enc.zero_()
+    return Runtime(
+        loaded=loaded, sae=sae, site=HookSite(loaded, HOOK), source=SaeSource(kind="folder", path="-"), context_size=32
+    )
+
+
+def _ids(rt: Runtime, text: str = "the cat sat on the mat") -> torch.Tensor:
+    return rt.tokenize(text)
+
+
+def test_hook_names_are_recognised():
+    assert is_transformer_lens_hook(HOOK) and is_transformer_lens_hook("blocks.8.hook_resid_post")
+    assert not is_transformer_lens_hook("model.layers.15")
+
+
+def test_activations_match_run_with_cache_and_stop_at_the_hook(tl_runtime: Runtime):
+    model = tl_runtime.loaded.model
+    ids = _ids(tl_runtime)
+    _, cache = model.run_with_cache(ids)
+    ran_last_block = []
+    handle = model.blocks[1].register_forward_hook(lambda *a: ran_last_block.append(1))
+    try:
+        got = tl_runtime.site.activations(ids)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, cache[HOOK])
+    assert not ran_last_block  # the forward pass stopped at blocks.1's input
+    assert not tl_runtime.site.active and not tl_runtime.site.module._forward_hooks
+
+
+def test_unknown_tl_hook_is_a_clear_error(tl_runtime: Runtime):
+    with pytest.raises(ValueError, match="not a TransformerLens hook point"):
+        HookSite(tl_runtime.loaded, "blocks.9.hook_resid_pre")
+
+
+def test_edit_at_the_hook_changes_logits_like_run_with_hooks(tl_runtime: Runtime):
+    model = tl_runtime.loaded.model
+    ids = _ids(tl_runtime)
+    direction = tl_runtime.W_dec[3].detach()
+
+    def push(act: torch.Tensor) -> torch.Tensor:
+        return act + 5.0 * direction
+
+    got = tl_runtime.site.logits(ids, fn=push)
+    want = model.run_with_hooks(ids, return_type="logits", fwd_hooks=[(HOOK, lambda act, hook: push(act))])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(tl_runtime.site.logits(ids), model(ids, return_type="logits"))  # hook-free again
+    assert not (got - model(ids, return_type="logits")).abs().max() < 1e-3  # the edit did something
+
+
+def test_harvest_on_a_tl_model_stores_truthful_activations(tl_runtime: Runtime, tiny_corpus: Path):
+    cfg = BuildConfig(
+        model="tiny-tl",
+        sae=SaeSource(kind="folder", path="-"),
+        corpus=CorpusSpec(str(tiny_corpus)),
+        db="-",
+        context_size=16,
+        max_tokens=2_000,
+        batch_size=4,
+        harvest=HarvestConfig(top_k=3, samples_per_band=2),
+        device="cpu",
+        progress=False,
+    )
+    state = harvest(tl_runtime, cfg)
+    assert state.n_tokens > 0 and 0 < state.l0() <= 4
+    live = (state.top_ctx[:, 0] >= 0).nonzero().flatten()
+    assert live.numel() > 0
+    for f in live[:5].tolist():
+        toks = state.top_tok[f, 0].long()[None]
+        again = tl_runtime.feature_acts(toks)[0, :, f]
+        torch.testing.assert_close(again, state.top_act[f, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_steering_with_full_recompute(tl_runtime: Runtime):
+    g = GenerationSettings(max_new_tokens=6)
+    base = generate(tl_runtime, SteeringConfig(prompt="the cat", chat_template=False, generation=g), steer=False)
+    same = generate(tl_runtime, SteeringConfig(prompt="the cat", chat_template=False, generation=g), steer=True)
+    assert same.token_ids == base.token_ids  # no feature touched: the baseline, token for token
+    f = int(tl_runtime.feature_acts(_ids(tl_runtime, "the cat"))[0].sum(0).argmax())
+    cfg = SteeringConfig(prompt="the cat", edits=(FeatureEdit(f, "clamp", 40.0),), chat_template=False, generation=g)
+    res = generate(tl_runtime, cfg, steer=True, stop_at_eos=False)
+    assert res.token_ids != base.token_ids  # a clamp at 40 changes this random model's greedy text
+    # the recorded activations are those of the steered run: recompute the whole steered sequence once
+    full = torch.tensor([res.prompt_ids + res.token_ids])
+    plan = EditPlan.build(tl_runtime.sae, cfg.edits, None)
+    mask = torch.ones_like(full, dtype=torch.bool)
+    mask[0, 0] = False  # BOS
+    before, after = [], []
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        new, _ = steer_activations(tl_runtime.sae, a, plan, mask)
+        before.append(tl_runtime.sae.encode(a)[0, :, f])
+        after.append(tl_runtime.sae.encode(new)[0, :, f])
+        return new
+
+    tl_runtime.site.logits(full, fn=fn)
+    n = len(res.prompt_ids)
+    torch.testing.assert_close(res.acts_before[:, 0], before[0][n:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.acts_after[:, 0], after[0][n:], atol=1e-4, rtol=1e-4)
+    assert not tl_runtime.site.active and not tl_runtime.site.module._forward_hooks
