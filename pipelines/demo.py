@@ -16,6 +16,8 @@ Each step caches its result under ``$FEATUREDICT_CACHE/demo`` so a rerun skips f
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +196,12 @@ def generate_texts(target_tokens: int, batch_size: int = 32, max_new_tokens: int
     return docs
 
 
+def _cli_name() -> str:
+    """How the user called us (``.venv/bin/featuredict`` stays that), so the printed command works as is."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return shlex.quote(argv0) if Path(argv0).name == "featuredict" else "featuredict"
+
+
 def run_demo(cfg: DemoConfig) -> int:
     from .build import BuildConfig, build
     from .corpus import CorpusSpec
@@ -259,6 +267,6 @@ def run_demo(cfg: DemoConfig) -> int:
     print(res.summary())
     print(
         f"demo done in {(time.perf_counter() - t0) / 60:.1f} min. Open the dashboard with:\n"
-        f"  featuredict serve --db {db}"
+        f"  {_cli_name()} serve --db {db}"
     )
     return 0
