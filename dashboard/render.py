@@ -109,3 +109,13 @@ def md(text: object) -> str:
 def escape_text(text: str | None) -> str:
     """Plain text for HTML (escaped); None -> ''."""
     return html.escape(text or "", quote=True)
+
+
+def text_block(text: str, style: str) -> str:
+    """Plain text (model output, corpus text) as one escaped ``<div>`` for ``st.markdown(unsafe_allow_html=True)``.
+
+    Line breaks become ``<br>``: a markdown HTML block ends at a blank line, and whatever followed it would be
+    parsed as markdown (``**bold**``, links, remote images) instead of shown as written.
+    """
+    body = html.escape(text).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+    return f'<div style="{html.escape(style)}">{body}</div>'

@@ -13,7 +13,7 @@ from pipelines.steering import SteeringConfig, SteeringInputError
 
 from .store import Store
 
-PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,79}$")
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,79}")
 
 
 class PresetError(ValueError):
@@ -22,7 +22,7 @@ class PresetError(ValueError):
 
 def check_preset_name(name: str) -> str:
     name = (name or "").strip()
-    if not PRESET_NAME.match(name):
+    if not PRESET_NAME.fullmatch(name):
         raise PresetError(
             f"preset name {name!r} is not allowed: use 1-80 letters, digits, spaces, '_', '-' or '.', "
             "starting with a letter or digit"

@@ -265,7 +265,7 @@ def _example_rows(
                 state.top_tok[f, r],
                 state.top_act[f, r],
             )
-        populated = [b for b in range(cfg.n_bands) if smp_ctx[f, b, 0] >= 0]
+        populated = [b for b in range(cfg.n_bands) if smp_ctx.shape[2] and smp_ctx[f, b, 0] >= 0]
         for b in choose_bands(populated, n_bands_show):
             lo = 0.0 if b == 0 else float(edges[b])
             hi = float("inf") if b == cfg.n_bands - 1 else float(edges[b + 1])
@@ -415,6 +415,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         raise ValueError("--context-size must be at least 4")
     if cfg.max_tokens < 1:
         raise ValueError("--max-tokens must be positive")
+    if cfg.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     if rt is None:
         rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
     rt.outlier_norm_ratio = cfg.outlier_norm_ratio

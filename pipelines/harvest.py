@@ -46,6 +46,18 @@ class HarvestConfig:
     hist_hi_exp: float = 10.0
     hist_bins_per_octave: int = 4
 
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top-k must be at least 1 (got {self.top_k})")
+        if self.samples_per_band < 0:
+            raise ValueError(f"interval samples per band must be 0 or more (got {self.samples_per_band})")
+        if (
+            self.band_hi_exp <= self.band_lo_exp
+            or self.hist_hi_exp <= self.hist_lo_exp
+            or self.hist_bins_per_octave < 1
+        ):
+            raise ValueError("harvest bands and histogram need hi > lo and at least 1 bin per octave")
+
     @property
     def n_bands(self) -> int:
         return self.band_hi_exp - self.band_lo_exp
@@ -59,7 +71,10 @@ class HarvestConfig:
 
 
 def hash_key(ctx: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """Deterministic pseudo-random int64 key in [0, 2^31) for (context id, feature); broadcasts."""
+    """Deterministic pseudo-random int64 key in [0, 2^31) for (non-negative id, feature); broadcasts.
+
+    The harvest keys interval samples by (window content hash, feature), so copies of a window share a key.
+    """
     ctx = ctx.to(torch.int64)
     f = feature.to(torch.int64)
     h = ((ctx & _M31) * 0x9E3779B1 + (ctx >> 31) * 0x7FEB352D + f * 0x85EBCA6B + 0x632BE5AB) & _M31
@@ -280,7 +295,9 @@ def _update_top(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos) -> 
     K = state.top_val.shape[1]
     cand = seq_max.T  # [F, B]
     better = (cand > state.top_val[:, K - 1 : K]) & (cand > 0) & ~dup[None, :]
-    held = state.top_hash[:, :, None] == chash[None, None, :]  # [F, K, B]: the row already holds the window
+    # [F, K, B]: the row already holds the window; in-batch copies are skipped (the copy with the batch's
+    # smallest id stands for them, so one write per held cell)
+    held = (state.top_hash[:, :, None] == chash[None, None, :]) & ~dup[None, None, :]
     if held.any():  # keep the held entry, under the smaller context id
         f_i, k_i, b_i = held.nonzero(as_tuple=True)
         state.top_ctx[f_i, k_i] = torch.minimum(state.top_ctx[f_i, k_i], ctx_ids[b_i])
@@ -386,30 +403,10 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         [b.top_ctx, b.top_pos, b.top_tok, b.top_act, b.top_hash],
         descending=True,
     )
-    a_smp_ctx, b_dup = _fold_duplicates(
-        a.smp_hash.view(-1, S), a.smp_ctx.view(-1, S), b.smp_hash.view(-1, S), b.smp_ctx.view(-1, S)
-    )
-    smp_key, smp = _merge_rows(
-        a.smp_key.view(-1, S),
-        b.smp_key.view(-1, S).masked_fill(b_dup, KEY_EMPTY),
-        [
-            a.smp_val.view(-1, S),
-            a_smp_ctx,
-            a.smp_pos.view(-1, S),
-            a.smp_tok.view(-1, S, T),
-            a.smp_act.view(-1, S, T),
-            a.smp_hash.view(-1, S),
-        ],
-        [
-            b.smp_val.view(-1, S),
-            b.smp_ctx.view(-1, S),
-            b.smp_pos.view(-1, S),
-            b.smp_tok.view(-1, S, T),
-            b.smp_act.view(-1, S, T),
-            b.smp_hash.view(-1, S),
-        ],
-        descending=False,
-    )
+    if S == 0:  # no interval samples kept: the (empty) sample tensors stay as they are
+        smp_key, smp = a.smp_key, [a.smp_val, a.smp_ctx, a.smp_pos, a.smp_tok, a.smp_act, a.smp_hash]
+    else:
+        smp_key, smp = _merge_samples(a, b)
     return HarvestState(
         cfg=a.cfg,
         n_tokens=a.n_tokens + b.n_tokens,
@@ -435,6 +432,35 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         sum_x2=a.sum_x2 + b.sum_x2,
         sse=a.sse + b.sse,
         l0_sum=a.l0_sum + b.l0_sum,
+    )
+
+
+def _merge_samples(a: HarvestState, b: HarvestState) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Interval samples of both states, per (feature, band) row: flat key [F*NB, S] and payloads."""
+    S, T = a.cfg.samples_per_band, a.top_tok.shape[2]
+    a_smp_ctx, b_dup = _fold_duplicates(
+        a.smp_hash.view(-1, S), a.smp_ctx.view(-1, S), b.smp_hash.view(-1, S), b.smp_ctx.view(-1, S)
+    )
+    return _merge_rows(
+        a.smp_key.view(-1, S),
+        b.smp_key.view(-1, S).masked_fill(b_dup, KEY_EMPTY),
+        [
+            a.smp_val.view(-1, S),
+            a_smp_ctx,
+            a.smp_pos.view(-1, S),
+            a.smp_tok.view(-1, S, T),
+            a.smp_act.view(-1, S, T),
+            a.smp_hash.view(-1, S),
+        ],
+        [
+            b.smp_val.view(-1, S),
+            b.smp_ctx.view(-1, S),
+            b.smp_pos.view(-1, S),
+            b.smp_tok.view(-1, S, T),
+            b.smp_act.view(-1, S, T),
+            b.smp_hash.view(-1, S),
+        ],
+        descending=False,
     )
 
 

@@ -34,7 +34,13 @@ class ModelLoadError(RuntimeError):
 def pick_device(device: str | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but this machine has no CUDA GPU (use cpu)")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

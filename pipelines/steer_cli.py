@@ -126,7 +126,7 @@ def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``featuredict steer``; 0 on success, 2 on bad input (one line on stderr)."""
-    from db.presets import PresetError, feature_max_acts, load_preset, sae_row, save_preset
+    from db.presets import PresetError, check_preset_name, feature_max_acts, load_preset, sae_row, save_preset
     from db.schema import DatabaseError
     from db.store import Store
 
@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
                 raise _BadInput("give at least one --feature ID=VALUE (or ID=add:VALUE), or a --preset")
             max_acts = feature_max_acts(store, sae_id)
             validate_config(config, int(row["d_sae"]), max_acts)  # before the (slow) model load
+            if args.save_preset:
+                check_preset_name(args.save_preset)
             rt = cached_runtime_from_row(row, device=args.device)
             ids, notes = prepare(rt, config, max_acts)
             if args.save_preset:

@@ -15,6 +15,7 @@ from db.schema import SCHEMA_VERSION
 from pipelines import build as build_mod
 from pipelines.cli import main
 from pipelines.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
+from pipelines.harvest import HarvestConfig
 
 from .conftest import STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
@@ -125,6 +126,10 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tin
             "no config.json",
         ),
         (base + ["--corpus", str(tiny_corpus), "--context-size", "2"], "context-size"),
+        (base + ["--corpus", str(tiny_corpus), "--top-k", "0"], "top-k must be at least 1"),
+        (base + ["--corpus", str(tiny_corpus), "--interval-samples", "-1"], "interval samples"),
+        (base + ["--corpus", str(tiny_corpus), "--batch-size", "0"], "--batch-size"),
+        (base + ["--corpus", str(tiny_corpus), "--device", "bogus"], "unknown device"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2
@@ -232,3 +237,17 @@ def test_stories260k_end_to_end(tmp_path: Path):
     text = "".join(ex.tokens[0])
     assert any(w in text for w in (" the", " a", ".", " to"))  # real English from TinyStories
     shutil.rmtree(tmp_path / "sae")
+
+
+def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    db = build_tiny_db(
+        tmp_path / "s0.duckdb",
+        tiny_model_dir,
+        tiny_sae_dir,
+        tiny_corpus,
+        harvest=HarvestConfig(top_k=3, samples_per_band=0),
+    )
+    kinds = {
+        k for (k,) in duckdb.connect(str(db), read_only=True).execute("SELECT DISTINCT kind FROM examples").fetchall()
+    }
+    assert kinds == {"top"}

@@ -180,3 +180,14 @@ def test_md_escapes_markdown_and_html():
     )
     assert render.md("# h\n1. i\n- j") == "\\# h\n1\\. i\n\\- j"
     assert render.md("/tmp/a_b.duckdb") == "/tmp/a\\_b.duckdb" and render.md(None) == ""
+
+
+def test_text_block_keeps_model_output_literal():
+    from dashboard.render import text_block
+
+    out = text_block(
+        "Intro\n\n**bold** [x](http://e.test) ![i](http://e.test/i.png)\r\n<script>alert(1)</script>", "c: 1"
+    )
+    assert "\n" not in out and "\r" not in out  # no blank line that would end the HTML block
+    assert out.count("<br>") == 3 and "<script>" not in out and "&lt;script&gt;" in out
+    assert out.startswith('<div style="c: 1">') and out.endswith("</div>")

@@ -181,3 +181,30 @@ def test_merge_rejects_mismatched_configs():
 def test_choose_bands_spreads_across_range():
     assert choose_bands([1, 2], 5) == [2, 1]
     assert choose_bands(list(range(10)), 5) == [9, 7, 4, 2, 0]
+
+
+def test_held_window_takes_the_smallest_id_of_several_later_copies():
+    # a window held under id 10, then two copies in one later batch (ids 3 and 7): one entry, under id 3
+    cfg = HarvestConfig(top_k=2, samples_per_band=1)
+    tok = torch.tensor([[5, 6, 7]])
+    act = torch.tensor([[[0.0], [1.0], [0.5]]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    for later in ([3, 7], [7, 3]):
+        st = HarvestState.empty(cfg, 1, 3, 2)
+        update(st, act, tok, valid, torch.tensor([10]))
+        update(st, act.repeat(2, 1, 1), tok.repeat(2, 1), valid.repeat(2, 1), torch.tensor(later))
+        assert st.top_ctx.tolist() == [[3, -1]]
+        assert sorted(int(c) for c in st.smp_ctx.flatten() if c >= 0) == [3]
+
+
+def test_no_interval_samples_and_bad_configs():
+    cfg = HarvestConfig(top_k=2, samples_per_band=0)
+    feats, tokens, valid, ctx, x, recon = _data()
+    a, b = HarvestState.empty(cfg, F, T, D), HarvestState.empty(cfg, F, T, D)
+    update(a, feats[:10], tokens[:10], valid[:10], ctx[:10])
+    update(b, feats[10:], tokens[10:], valid[10:], ctx[10:])
+    m = merge(a, b)
+    assert m.smp_key.shape == (F, cfg.n_bands, 0) and (m.top_ctx >= 0).any()
+    for bad in ({"top_k": 0}, {"top_k": -1}, {"samples_per_band": -1}):
+        with pytest.raises(ValueError):
+            HarvestConfig(**bad)

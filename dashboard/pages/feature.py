@@ -34,7 +34,7 @@ d_sae = int(info.get("d_sae") or q.feature_count(store, sae_id))
 
 fid = qp_int("feature")
 if st.query_params.get("feature") is not None and fid is None:
-    st.error(f"`feature={st.query_params.get('feature')}` in the URL is not a feature id (an integer).")
+    st.error(render.md(f"feature={st.query_params.get('feature')} in the URL is not a feature id (an integer)."))
 
 if fid is not None and not 0 <= fid < d_sae:
     st.error(f"Feature {fid} is not in SAE `{sae_id}` (it has features 0 to {d_sae - 1}).")

@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.common import get_store, pick_sae
+from dashboard.render import md, text_block
 from db.presets import (
     PresetError,
     feature_max_acts,
@@ -50,7 +51,7 @@ store = get_store()
 sae_id = pick_sae(store)
 row = sae_row(store, sae_id)
 if row is None:  # pick_sae only returns ids it read from the table; a concurrent rebuild could drop it
-    st.error(f"SAE {sae_id!r} is not in this database.")
+    st.error(md(f"SAE {sae_id!r} is not in this database."))
     st.stop()
 d_sae = int(row["d_sae"])
 
@@ -121,7 +122,7 @@ if st.session_state.get("_steer_url_sig") != signature:
     else:
         st.session_state.pop("_steer_url_error", None)
 if st.session_state.get("_steer_url_error"):
-    st.error(st.session_state["_steer_url_error"])
+    st.error(md(st.session_state["_steer_url_error"]))
 
 ss = st.session_state
 ss.setdefault("steer_prompt", DEFAULT_PROMPT)
@@ -183,7 +184,7 @@ for f in ss["steer_features"]:
     ss.setdefault(_state_key(f, "mode"), DEFAULT_EDIT.mode)
     ss.setdefault(_state_key(f, "value"), float(DEFAULT_EDIT.value))
     c = st.columns([3, 2, 2, 3], vertical_alignment="bottom")
-    c[0].markdown(f"**{html.escape(_describe(f))}**")
+    c[0].markdown(f"**{md(_describe(f))}**")
     c[1].selectbox(
         "Mode", list(MODE_LABELS), key=_state_key(f, "mode"), format_func=MODE_LABELS.get, label_visibility="collapsed"
     )
@@ -224,7 +225,7 @@ config = current_config()
 
 # ---- run ------------------------------------------------------------------------------------------------
 def _text_box(text: str, cursor: bool = False) -> str:
-    return f'<div style="{TEXT_CSS}">{html.escape(text)}{"▌" if cursor else ""}</div>'
+    return text_block(text + ("▌" if cursor else ""), TEXT_CSS)
 
 
 def _acts_table(res: dict[str, Any]) -> pd.DataFrame:
@@ -310,10 +311,10 @@ if run:
             rt = cached_runtime_from_row(row)
         streams = paired_streams(rt, config, max_acts)
     except SteeringInputError as e:
-        st.error(str(e))
+        st.error(md(e))
     except Exception as e:  # noqa: BLE001 - loading failures: one line, never a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        st.error(f"Cannot steer: {type(e).__name__}: {first}")
+        st.error(md(f"Cannot steer: {type(e).__name__}: {first}"))
     if streams is not None:
         cols = columns_header(config.describe())
         slots = {"baseline": cols[0].empty(), "steered": cols[1].empty()}
@@ -349,9 +350,9 @@ with pc[0]:
             validate_config(config, d_sae, max_acts)
             saved = save_preset(store, name, sae_id, config, overwrite=overwrite)
         except (SteeringInputError, PresetError) as e:
-            st.error(str(e))
+            st.error(md(e))
         else:
-            st.success(f"Saved preset {saved!r}. Share it as:")
+            st.success(md(f"Saved preset {saved!r}. Share it as:"))
             st.code(f"steer?{urlencode({'preset': saved})}", language=None)
 with pc[1]:
     presets = list_presets(store, sae_id)
