@@ -25,6 +25,8 @@ from pathlib import Path
 
 import duckdb
 
+from .filelock import RebuildInProgress, opening
+
 SCHEMA_VERSION = 1
 
 BUILD_TABLES = ("saes", "features", "examples")
@@ -189,7 +191,15 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
     if p.stat().st_size == 0:
         raise DatabaseError(f"{p} is empty (0 bytes). Rebuild it with `featuredict build`.")
     try:
-        con = duckdb.connect(str(p), read_only=read_only)
+        with opening(p):  # not while a build swaps in a new file (its writes would be lost with the old one)
+            con = duckdb.connect(str(p), read_only=read_only)
+    except RebuildInProgress as e:
+        raise DatabaseError(str(e)) from None
+    except duckdb.ConnectionException as e:  # this process already has it open with other settings
+        msg = str(e).splitlines()[0]
+        raise DatabaseError(
+            f"{p} is already open in this process with other settings (read-write vs read-only): {msg}"
+        ) from e
     except duckdb.IOException as e:  # another process holds the write lock
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from db.filelock import replacing
 from db.schema import BUILD_TABLES, USER_TABLES, DatabaseError, check_version, create_schema
 
 from . import __version__
@@ -353,6 +354,13 @@ def write_database(path: Path, sae_row: dict[str, Any], feats: pd.DataFrame, ex:
     for p in (tmp, Path(str(tmp) + ".wal")):
         p.unlink(missing_ok=True)
     sae_id = sae_row["sae_id"]
+    with replacing(path):  # openers and other builds of this file wait out the whole read-write-swap
+        _write_and_swap(path, tmp, sae_id, sae_row, feats, ex)
+
+
+def _write_and_swap(
+    path: Path, tmp: Path, sae_id: str, sae_row: dict[str, Any], feats: pd.DataFrame, ex: pd.DataFrame
+) -> None:
     try:
         con = duckdb.connect(str(tmp))
         try:
@@ -382,6 +390,9 @@ def write_database(path: Path, sae_row: dict[str, Any], feats: pd.DataFrame, ex:
         finally:
             con.close()
         os.replace(tmp, path)
+        # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no longer
+        # matches the new file and would stop it from opening.
+        Path(str(path) + ".wal").unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)

@@ -110,7 +110,50 @@ def test_rebuild_keeps_labels_and_other_saes_and_failure_leaves_db_intact(
     with pytest.raises(RuntimeError):
         build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second")
     assert db.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["d.duckdb"]  # no temp files left behind
+    # no temp files left behind (the advisory lock file stays, as lock files do)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.duckdb", "d.duckdb.lock"]
+
+
+def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
+    tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    import subprocess
+    import sys
+
+    db = build_tiny_db(tmp_path / "w.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
+    root = Path(__file__).resolve().parents[1]
+    crash = (
+        f"import os, sys; sys.path.insert(0, {str(root)!r})\n"
+        "from db.store import Store; from db import writes\n"
+        f"s = Store({str(db)!r}); writes.update_label(s, 'tiny/model.layers.1/64', 5, label='saved before a crash')\n"
+        "os._exit(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash], check=False)
+    assert Path(str(db) + ".wal").exists()  # the dead writer's WAL
+    build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=800)
+    assert not Path(str(db) + ".wal").exists()
+    assert _q(db, "SELECT label FROM labels WHERE feature = 5").label.tolist() == ["saved before a crash"]
+
+
+def test_nobody_opens_the_file_while_a_build_swaps_it(
+    tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
+):
+    from db.schema import DatabaseError
+    from db.store import Store
+
+    db = build_tiny_db(tmp_path / "r.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
+    real_replace, refused = build_mod.os.replace, []
+
+    def dashboard_opens_mid_swap(src, dst):  # a dashboard starting up between the copy and the swap
+        with pytest.raises(DatabaseError, match="a build is replacing") as e:
+            Store(dst)
+        refused.append(str(e.value))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(build_mod.os, "replace", dashboard_opens_mid_swap)
+    build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=800)
+    assert len(refused) == 1
+    Store(db).close()  # and it opens again once the build is done
 
 
 def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, capsys):
