@@ -191,3 +191,33 @@ def test_text_block_keeps_model_output_literal():
     assert "\n" not in out and "\r" not in out  # no blank line that would end the HTML block
     assert out.count("<br>") == 3 and "<script>" not in out and "&lt;script&gt;" in out
     assert out.startswith('<div style="c: 1">') and out.endswith("</div>")
+
+
+def test_csv_export_defuses_spreadsheet_formulas():
+    import io
+    import json
+
+    import pandas as pd
+
+    from dashboard.export import export_list
+
+    members = pd.DataFrame(
+        {
+            "sae_id": ["s"],
+            "feature": [3],
+            "label": ['=HYPERLINK("http://evil","x")'],
+            "tags": [["+cmd", "ok"]],
+            "note": ["@SUM(A1)"],
+            "added_at": [pd.Timestamp("2026-01-01")],
+            "density": [-0.5],
+            "max_act": [1.0],
+            "top_tokens": ["-1 · x"],
+        }
+    )
+    csv_text, json_text = export_list(members, "-=1+1")
+    row = pd.read_csv(io.StringIO(csv_text)).iloc[0]
+    assert row["label"] == '\'=HYPERLINK("http://evil","x")' and row["note"] == "'@SUM(A1)"
+    assert row["tags"] == "'+cmd;ok" and row["list_name"] == "'-=1+1" and row["top_tokens"] == "'-1 · x"
+    assert row["density"] == -0.5 and row["feature"] == 3  # numbers untouched
+    data = json.loads(json_text)  # JSON keeps the text exactly
+    assert data["list_name"] == "-=1+1" and data["features"][0]["label"].startswith("=HYPERLINK")
