@@ -56,7 +56,8 @@ def update_label(
 ) -> dict[str, Any]:
     """Merge an edit into the feature's ``labels`` row (created if absent) and return the row after it.
 
-    ``label`` / ``notes``: set when given (None or blank clears); left as stored when omitted.
+    ``label`` / ``notes``: set when given (None or blank clears); left as stored when omitted. An edit that
+    leaves label, notes and tags all empty deletes the row, so the feature counts as unlabelled again.
     Tags: ``remove_tags`` are taken out and ``add_tags`` appended to the tags stored at commit time.
     Returns dict(label, tags, notes, author, updated_at).
     """
@@ -72,6 +73,9 @@ def update_label(
         new_label = old_label if label is _UNSET else _text(label)
         new_notes = old_notes if notes is _UNSET else _text(notes)
         new_author = _text(author) or old_author
+        if new_label is None and new_notes is None and not tags:  # everything cleared: unlabelled again
+            cur.execute("DELETE FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
+            return {"label": None, "tags": [], "notes": None, "author": None, "updated_at": None}
         cur.execute(
             """INSERT INTO labels (sae_id, feature, label, tags, notes, author, updated_at)
                VALUES (?, ?, ?, ?, ?, ?, now())

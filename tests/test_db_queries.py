@@ -136,6 +136,10 @@ def test_update_label_merges_fields_and_tags(store):
     assert row["author"] == "ann"
     writes.update_label(store, SAE_ID, 20, label="  ")  # blank clears
     assert q.label(store, SAE_ID, 20)["label"] is None
+    labelled = store.rows("SELECT count(*) FROM labels WHERE sae_id = ?", [SAE_ID])[0][0]
+    writes.update_label(store, SAE_ID, 20, notes="", remove_tags=["b", "c"])  # clear everything
+    assert q.label(store, SAE_ID, 20) is None  # unlabelled again, not an empty row
+    assert store.rows("SELECT count(*) FROM labels WHERE sae_id = ?", [SAE_ID])[0][0] == labelled - 1
 
 
 def test_save_label_edit_keeps_concurrent_changes(store):
