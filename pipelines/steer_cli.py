@@ -176,14 +176,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {n}", file=sys.stderr)
     chat = " (chat template applied)" if config.chat_template and getattr(rt.tokenizer, "chat_template", None) else ""
     out.write(f"prompt{chat}: {config.prompt}\n\n=== baseline ===\n")
-    _stream(GenerationStream(rt, config, steer=False, max_acts=max_acts, record=False, ids=ids, notes=notes), out)
-    where = "generated tokens only" if config.positions == "generated" else "prompt and generated tokens"
-    out.write(f"\n=== steered: {config.describe()} ({where}) ===\n")
-    res = _stream(GenerationStream(rt, config, steer=True, max_acts=max_acts, ids=ids, notes=notes), out)
+    try:
+        res = _generate_both(rt, config, max_acts, ids, notes, out)
+    except SteeringInputError as e:  # raised mid-generation, e.g. NaN logits from an edit too large
+        out.write("\n")
+        print(f"featuredict steer: generation stopped: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not args.no_activations:
         out.write("\n")
         _print_acts(res, rt, out)
     return 0
+
+
+def _generate_both(
+    rt: Any, config: SteeringConfig, max_acts: Any, ids: Any, notes: list[str], out: Any
+) -> GenerationResult:
+    """Baseline, then steered, streamed to ``out``; returns the steered result."""
+    _stream(GenerationStream(rt, config, steer=False, max_acts=max_acts, record=False, ids=ids, notes=notes), out)
+    where = "generated tokens only" if config.positions == "generated" else "prompt and generated tokens"
+    out.write(f"\n=== steered: {config.describe()} ({where}) ===\n")
+    return _stream(GenerationStream(rt, config, steer=True, max_acts=max_acts, ids=ids, notes=notes), out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ MAX_CLAMP_MULTIPLE = 100.0  # |v| for clamp, in units of max_act (when max_act >
 MAX_ABS_VALUE = 1e4  # |v| for clamp in activation units, always
 MAX_NEW_TOKENS = 1024
 MAX_TEMPERATURE = 5.0
+MIN_TEMPERATURE = 0.01  # below this, sampling is greedy in all but name and 1/T overflows
 MAX_FEATURES = 32
 NORM_SCALED = ("constant_norm_rescale", "layer_norm")
 
@@ -269,6 +270,8 @@ def validate_config(
                     f"feature {e.feature} never fired on the corpus (max_act {mx:g}), so add (in units of max_act) "
                     "does nothing; use clamp"
                 )
+            if not math.isfinite(mx):
+                raise SteeringInputError(f"feature {e.feature}: its stored max_act {mx:g} is not finite; use clamp")
             if abs(v) > MAX_ADD:
                 raise SteeringInputError(
                     f"feature {e.feature}: add {v:g} x max_act is absurd; keep |value| <= {MAX_ADD:g}"
@@ -291,8 +294,11 @@ def validate_config(
         not isinstance(g.temperature, int | float)
         or not math.isfinite(g.temperature)
         or not (0 <= g.temperature <= MAX_TEMPERATURE)
+        or 0 < g.temperature < MIN_TEMPERATURE
     ):
-        raise SteeringInputError(f"temperature must be in 0..{MAX_TEMPERATURE:g} (0 = greedy), not {g.temperature!r}")
+        raise SteeringInputError(
+            f"temperature must be 0 (greedy) or in {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}, not {g.temperature!r}"
+        )
     if not isinstance(g.top_p, int | float) or not math.isfinite(g.top_p) or not (0 < g.top_p <= 1):
         raise SteeringInputError(f"top-p must be in (0, 1], not {g.top_p!r}")
     if isinstance(g.seed, bool) or not isinstance(g.seed, int) or not (0 <= g.seed < 2**63):
@@ -308,7 +314,8 @@ def decoder_directions(sae: Any, features: torch.Tensor) -> torch.Tensor:
     """
     w = sae.W_dec[features.to(sae.W_dec.device)]
     if bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)):
-        w = w / w.norm(dim=-1, keepdim=True)
+        # a zero decoder row has no direction: it edits nothing (sae-lens would divide by zero there too)
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return w
 
 
@@ -478,8 +485,8 @@ def steer_activations(
     scale = output_scale(sae, xs)
     if scale is not None:
         delta = delta * scale
-    if mask is not None:
-        delta = delta * mask.to(delta.device, delta.dtype).unsqueeze(-1)
+    if mask is not None:  # where(), not a product: masked-out positions stay exact even if delta is not finite
+        delta = torch.where(mask.to(delta.device).unsqueeze(-1), delta, torch.zeros((), dtype=delta.dtype))
     if delta.device != x.device or delta.dtype != x.dtype:
         delta = delta.to(device=x.device, dtype=x.dtype)
     return x + delta, f_sel
@@ -668,6 +675,10 @@ class GenerationResult:
 def _sample(logits: torch.Tensor, g: GenerationSettings, gen: torch.Generator) -> int:
     """Next token from ``[vocab]`` logits: argmax when temperature is 0, else temperature + top-p."""
     logits = logits.float().cpu()
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()) or not bool(torch.isfinite(logits).any()):
+        raise SteeringInputError(
+            "the model produced NaN/inf logits: the edit is too large for this model or dtype; use a smaller value"
+        )
     if g.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / g.temperature, dim=-1)

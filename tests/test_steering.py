@@ -140,6 +140,7 @@ MAX_ACTS = {i: 2.0 for i in range(64)} | {5: 0.0}
         ({"generation": GenerationSettings(max_new_tokens=0)}, "max new tokens"),
         ({"generation": GenerationSettings(temperature=-1.0)}, "temperature"),
         ({"generation": GenerationSettings(temperature=float("nan"))}, "temperature"),
+        ({"generation": GenerationSettings(temperature=1e-300)}, "temperature"),  # 1/T would overflow
         ({"generation": GenerationSettings(top_p=0.0)}, "top-p"),
         ({"generation": GenerationSettings(seed=-3)}, "seed"),
     ],
@@ -213,6 +214,35 @@ def test_mask_limits_the_edit_to_chosen_positions():
         x_new, _ = steer_activations(sae, x, plan, mask)
     assert torch.equal(x_new[0, :3], x[0, :3])
     assert not torch.allclose(x_new[0, 3:], x[0, 3:])
+
+
+def test_add_needs_a_finite_max_act():
+    cfg = SteeringConfig(prompt="x", edits=(FeatureEdit(3, "add", 1.0),))
+    with pytest.raises(SteeringInputError, match="not finite"):
+        validate_config(cfg, 64, {3: float("inf")})
+
+
+def test_zero_decoder_row_edits_nothing_and_masked_positions_stay_exact():
+    sae = make_sae("topk_rescale")
+    with torch.no_grad():
+        sae.W_dec[5].zero_()
+    assert torch.equal(decoder_directions(sae, torch.tensor([5])), torch.zeros(1, 24))
+    x = torch.randn(1, 4, 24)
+    plan = EditPlan.build(sae, [FeatureEdit(5, "clamp", 3.0), FeatureEdit(6, "clamp", 2.0)], None)
+    mask = torch.tensor([[False, True, True, True]])
+    new, _ = steer_activations(sae, x, plan, mask)
+    assert torch.isfinite(new).all() and torch.equal(new[0, 0], x[0, 0])
+
+
+def test_non_finite_logits_stop_generation_with_a_message():
+    from pipelines.steering import _sample
+
+    g = GenerationSettings(temperature=0.7)
+    gen = torch.Generator().manual_seed(0)
+    for bad in (torch.full((10,), float("nan")), torch.tensor([0.0, float("inf"), 1.0])):
+        with pytest.raises(SteeringInputError, match="NaN/inf logits"):
+            _sample(bad, g, gen)
+    assert _sample(torch.tensor([0.0, -float("inf"), 5.0]), g, gen) in (0, 2)  # -inf (a banned token) is fine
 
 
 def test_decoder_directions_follow_rescale():

@@ -320,14 +320,21 @@ if run:
         slots = {"baseline": cols[0].empty(), "steered": cols[1].empty()}
         for slot in slots.values():
             slot.markdown(_text_box("", cursor=True), unsafe_allow_html=True)
-        with closing(interleave(streams)) as events:  # a rerun/stop mid-way closes both streams
-            for name, _piece in events:  # show the stream's whole decoded text so far
-                slots[name].markdown(_text_box(streams[name].result.text, cursor=True), unsafe_allow_html=True)
-        res = result_record(config, streams, rt.token_strings(streams["steered"].result.token_ids))
-        ss["steer_result"] = res
-        for name, slot in slots.items():
-            slot.markdown(_text_box(res[name]), unsafe_allow_html=True)
-        show_details(res)
+        try:
+            with closing(interleave(streams)) as events:  # a rerun/stop mid-way closes both streams
+                for name, _piece in events:  # show the stream's whole decoded text so far
+                    slots[name].markdown(_text_box(streams[name].result.text, cursor=True), unsafe_allow_html=True)
+        except SteeringInputError as e:  # e.g. NaN logits from an edit too large for the model
+            st.error(md(f"Generation stopped: {e}"))
+        except Exception as e:  # noqa: BLE001 - one line, never a traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            st.error(md(f"Generation stopped: {type(e).__name__}: {first}"))
+        else:
+            res = result_record(config, streams, rt.token_strings(streams["steered"].result.token_ids))
+            ss["steer_result"] = res
+            for name, slot in slots.items():
+                slot.markdown(_text_box(res[name]), unsafe_allow_html=True)
+            show_details(res)
 elif "steer_result" in ss:
     res = ss["steer_result"]
     cols = columns_header(res["describe"])
