@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,7 +170,7 @@ def load_runtime(
     ).check_width(d_in)
 
 
-_CACHE: dict[tuple[str, str], Runtime] = {}
+_CACHE: dict[tuple, Runtime] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -186,18 +187,55 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
         model_kwargs=kwargs,
     )
     rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
-    try:
-        rt.outlier_norm_ratio = float(json.loads(row.get("config_json") or "{}").get("outlier_norm_ratio", 10.0))
-    except (TypeError, ValueError):
-        pass
+    rt.outlier_norm_ratio = _outlier_ratio(row)
     rt.context_size = int(row.get("context_size") or rt.context_size)
     return rt
 
 
+def _outlier_ratio(row: dict[str, Any]) -> float:
+    try:
+        return float(json.loads(row.get("config_json") or "{}").get("outlier_norm_ratio", 10.0))
+    except (TypeError, ValueError, AttributeError):
+        return 10.0
+
+
+def _weights_stamp(source: str) -> int | None:
+    """Newest modification time of a local SAE folder's files, so a retrained folder is loaded again."""
+    try:
+        src = SaeSource.from_json(source)
+        if src.kind != "folder" or not src.path:
+            return None
+        return max((f.stat().st_mtime_ns for f in Path(src.path).iterdir() if f.is_file()), default=None)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def runtime_cache_key(row: dict[str, Any], device: str | None = None) -> tuple:
+    """Everything ``runtime_from_row`` reads from the row, plus the device and the SAE folder's file times."""
+    return (
+        row["model_spec"],
+        row["sae_source"],
+        row.get("hook_name"),
+        row.get("dtype") or "float32",
+        row.get("model_kwargs") or "{}",
+        bool(row.get("prepend_bos", True)),
+        int(row.get("context_size") or 0),
+        _outlier_ratio(row),
+        device,
+        _weights_stamp(row["sae_source"]),
+    )
+
+
 def cached_runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
-    """Process-wide cache of runtimes keyed by (model_spec, sae_source): each is loaded once."""
-    key = (row["model_spec"], row["sae_source"])
+    """Process-wide cache of runtimes (each loaded once), keyed by ``runtime_cache_key``.
+
+    A row that differs from a cached one only in settings or in newer SAE weights replaces it, so a rebuilt
+    database or a retrained SAE folder is not served from a stale runtime, and old copies do not pile up.
+    """
+    key = runtime_cache_key(row, device)
     with _CACHE_LOCK:
         if key not in _CACHE:
+            for old in [k for k in _CACHE if k[:2] == key[:2]]:
+                del _CACHE[old]
             _CACHE[key] = runtime_from_row(row, device)
         return _CACHE[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -99,3 +100,35 @@ def test_feature_acts_zero_at_norm_outliers(tiny_runtime, monkeypatch):
     assert torch.all(f[0, 2] == 0) and (f[0, 3:] > 0).any()
     monkeypatch.setattr(tiny_runtime, "outlier_norm_ratio", 0.0)
     assert (tiny_runtime.feature_acts(ids)[0, 2] > 0).any()
+
+
+def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypatch, tiny_model_dir, tiny_sae_dir):
+    import json
+    import shutil
+
+    from pipelines import runtime as rtm
+
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae_dir)
+    loads = []
+    monkeypatch.setattr(rtm, "runtime_from_row", lambda row, device=None: loads.append(dict(row)) or object())
+    monkeypatch.setattr(rtm, "_CACHE", {})
+    row = {
+        "model_spec": str(tiny_model_dir),
+        "sae_source": json.dumps({"kind": "folder", "release": None, "sae_id": None, "path": str(sae_dir)}),
+        "hook_name": "model.layers.1",
+        "dtype": "float32",
+        "model_kwargs": "{}",
+        "prepend_bos": True,
+        "context_size": 32,
+        "config_json": json.dumps({"outlier_norm_ratio": 10.0}),
+    }
+    a = rtm.cached_runtime_from_row(row)
+    assert rtm.cached_runtime_from_row(dict(row)) is a and len(loads) == 1  # loaded once
+    b = rtm.cached_runtime_from_row({**row, "hook_name": "model.layers.0"})
+    assert b is not a and len(loads) == 2  # another hook is another runtime
+    for f in sae_dir.iterdir():  # the folder is retrained in place
+        f.touch()
+        os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
+    c = rtm.cached_runtime_from_row({**row, "hook_name": "model.layers.0"})
+    assert c is not b and len(loads) == 3 and len(rtm._CACHE) == 1  # reloaded; stale copies dropped
