@@ -9,6 +9,7 @@ Statements are constants; values travel as parameters.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -142,12 +143,25 @@ def add_to_list(
     store: Store, list_name: str, sae_id: str, features: int | Sequence[int], note: str | None = None
 ) -> int:
     """Add features (one id or many) to a list, creating it; existing members keep their note and time
-    unless a note is given. Returns how many were new."""
+    unless a note is given. Returns how many were new. Raises ValueError for ids the SAE does not have."""
     name = clean_list_name(list_name)
-    ids = [int(features)] if isinstance(features, int) else [int(f) for f in features]
+    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in features]
     ids = list(dict.fromkeys(ids))
+    if any(not -(2**31) <= f < 2**31 for f in ids):
+        raise ValueError(f"feature ids must be between 0 and 2^31; got {max(ids, key=abs)}")
 
     def fn(cur: duckdb.DuckDBPyConnection) -> int:
+        known = {
+            int(f)
+            for (f,) in cur.execute(
+                "SELECT feature FROM features WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))",
+                [sae_id, ids],
+            ).fetchall()
+        }
+        unknown = [f for f in ids if f not in known]
+        if unknown:
+            shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise ValueError(f"SAE {sae_id} has no feature {shown}")
         before = cur.execute(
             "SELECT count(*) FROM lists WHERE list_name = ? AND sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))",
             [name, sae_id, ids],

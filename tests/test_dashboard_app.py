@@ -305,6 +305,24 @@ def test_lists_page(monkeypatch, synth_db):
     assert q.list_members(s, "deception")["feature"].tolist() == [2, 4, 7, 8]
 
 
+def test_lists_page_opens_the_list_it_created_and_explains_bad_ids(monkeypatch, synth_db):
+    s = Store(synth_db)
+    writes.add_to_list(s, "aaa first", SAE_ID, [1])
+    at = open_app(monkeypatch, synth_db, "lists", sae=SAE_ID)
+    widget(at.sidebar.text_input, "List name").set_value("  my   new list ")
+    widget(at.sidebar.text_input, f"Feature ids of SAE {SAE_ID}").set_value("3, 4")
+    at.sidebar.button[0].click()
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="list_pick").value == "my new list"  # the stored (cleaned) name, not the first list
+    widget(at.text_input, f"Add feature ids of SAE {SAE_ID}").set_value("999999")
+    widget(at.button, "Add").click()
+    at.run()
+    assert_clean(at)
+    assert "has no feature 999999" in at.error[0].value.replace("\\", "")
+    assert q.list_members(s, "my new list")["feature"].tolist() == [3, 4]
+
+
 def test_lists_empty(monkeypatch, synth_db):
     Store(synth_db).write(lambda c: c.execute("DELETE FROM lists"))
     at = open_app(monkeypatch, synth_db, "lists", sae=SAE_ID)

@@ -168,6 +168,17 @@ def test_lists_roundtrip(store):
         writes.add_to_list(store, "   ", SAE_ID, 1)
 
 
+def test_list_adds_check_ids_and_accept_numpy_ints(store):
+    import numpy as np
+
+    assert writes.add_to_list(store, "np", SAE_ID, np.int64(3)) == 1
+    assert writes.add_to_list(store, "np", SAE_ID, np.array([4, 5])) == 2
+    for bad in ([-5], [1_000_000], [10**11]):
+        with pytest.raises(ValueError, match="no feature|between 0 and"):
+            writes.add_to_list(store, "np", SAE_ID, bad)
+    assert q.list_members(store, "np")["feature"].tolist() == [3, 4, 5]  # nothing half-added
+
+
 def test_concurrent_writes_lose_nothing(store):
     """8 threads x 25 writes each: tag additions to one shared feature, list adds, and label upserts."""
     n_threads, n_each = 8, 25
@@ -177,7 +188,7 @@ def test_concurrent_writes_lose_nothing(store):
         try:
             for i in range(n_each):
                 writes.update_label(store, SAE_ID, 30, add_tags=[f"t{t}-{i}"])
-                writes.add_to_list(store, "hammer", SAE_ID, t * 1000 + i)
+                writes.add_to_list(store, "hammer", SAE_ID, t * n_each + i)  # 200 distinct ids of 300
                 writes.update_label(store, SAE_ID, 100 + t, label=f"label {t}-{i}", author=f"w{t}")
                 assert q.label(store, SAE_ID, 30) is not None  # reads interleave with writes
         except BaseException as e:  # noqa: BLE001

@@ -35,10 +35,11 @@ with st.sidebar.expander("New list", expanded=lists.empty):
                     st.session_state["_lists_flash"] = (
                         f"Created list '{md(new_name.strip())}' with {len(ids)} features."
                     )
-                    set_param("list", new_name.strip())
+                    set_param("list", writes.clean_list_name(new_name))
                     st.rerun()
             except ValueError as e:
-                st.error(f"Could not create the list: {md(e)}")
+                why = "feature ids are integers separated by commas or spaces" if "invalid literal" in str(e) else e
+                st.error(f"Could not create the list: {md(why)}")
             except Exception as e:  # noqa: BLE001
                 show_error("Could not create the list", e)
 
@@ -100,8 +101,9 @@ with e1:
                 n_new = writes.add_to_list(store, name, sae_id, ids) if ids else 0
                 st.session_state["_lists_flash"] = f"Added {n_new} features to '{md(name)}'."
                 st.rerun()
-            except ValueError:
-                st.error("Feature ids are integers separated by commas or spaces.")
+            except ValueError as e:
+                bad_syntax = "invalid literal" in str(e)
+                st.error("Feature ids are integers separated by commas or spaces." if bad_syntax else md(e))
             except Exception as e:  # noqa: BLE001
                 show_error("Could not add to the list", e)
     with st.form("remove_members"):
@@ -122,7 +124,7 @@ with e2:
         if st.form_submit_button("Rename") and new.strip() and new.strip() != name:
             try:
                 writes.rename_list(store, name, new)
-                set_param("list", new.strip())  # no key: the next run's sync pushes it into the selector
+                set_param("list", writes.clean_list_name(new))  # no key: the next run's sync updates the selector
                 st.rerun()
             except Exception as e:  # noqa: BLE001
                 show_error("Could not rename", e)
