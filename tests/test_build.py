@@ -294,3 +294,28 @@ def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae
         k for (k,) in duckdb.connect(str(db), read_only=True).execute("SELECT DISTINCT kind FROM examples").fetchall()
     }
     assert kinds == {"top"}
+
+
+def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    import threading
+
+    from db.filelock import replacing
+
+    db = build_tiny_db(tmp_path / "two.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    with replacing(db):  # another build is writing and swapping the file
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(timeout=8)  # long enough to harvest; it must then wait at the swap
+        assert t.is_alive()
+        assert set(_q(db, "SELECT sae_id FROM saes").sae_id) == {"tiny/model.layers.1/64"}  # not swapped yet
+    t.join(timeout=120)
+    assert not t.is_alive() and not errors, errors
+    assert set(_q(db, "SELECT sae_id FROM saes").sae_id) == {"tiny/model.layers.1/64", "second"}
