@@ -486,7 +486,7 @@ def steer_activations(
     if scale is not None:
         delta = delta * scale
     if mask is not None:  # where(), not a product: masked-out positions stay exact even if delta is not finite
-        delta = torch.where(mask.to(delta.device).unsqueeze(-1), delta, torch.zeros((), dtype=delta.dtype))
+        delta = torch.where(mask.to(delta.device).unsqueeze(-1), delta, delta.new_zeros(()))
     if delta.device != x.device or delta.dtype != x.dtype:
         delta = delta.to(device=x.device, dtype=x.dtype)
     return x + delta, f_sel
