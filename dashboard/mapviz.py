@@ -84,3 +84,9 @@ def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: st
         .add_params(pick)
         .properties(height=height)
     )
+
+
+def nearest(frame: pd.DataFrame, cx: float, cy: float, k: int) -> pd.DataFrame:
+    """The ``k`` rows of ``frame`` (any row order, e.g. ``plot_frame``'s) closest to ``(cx, cy)`` on the map."""
+    d2 = (frame["x"].to_numpy(np.float64) - cx) ** 2 + (frame["y"].to_numpy(np.float64) - cy) ** 2
+    return frame.iloc[np.argsort(d2, kind="stable")[:k]].copy()

@@ -221,3 +221,24 @@ def test_csv_export_defuses_spreadsheet_formulas():
     assert row["density"] == -0.5 and row["feature"] == 3  # numbers untouched
     data = json.loads(json_text)  # JSON keeps the text exactly
     assert data["list_name"] == "-=1+1" and data["features"][0]["label"].startswith("=HYPERLINK")
+
+
+@pytest.mark.parametrize("colour_by", ["density", "tag", "label"])
+def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
+    import pandas as pd
+
+    from dashboard.mapviz import nearest, plot_frame
+
+    df = pd.DataFrame(
+        {
+            "feature": range(6),
+            "x": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+            "y": [0.0] * 6,
+            "log10_density": [-2.0] * 6,
+            "label": ["centre", None, None, None, None, None],
+            "tag": ["bio", None, None, None, None, None],  # the tagged point is re-sorted to the end
+            "top_tokens": [""] * 6,
+        }
+    )
+    frame, _ = plot_frame(df, colour_by)
+    assert nearest(frame, 0.0, 0.0, 2)["feature"].tolist() == [0, 1]

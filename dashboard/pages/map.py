@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
 from dashboard.data import cached_map_points
-from dashboard.mapviz import plot_frame, scatter
+from dashboard.mapviz import nearest, plot_frame, scatter
 from db import queries as q
 
 store = get_store()
@@ -71,9 +71,7 @@ row = pts[pts["feature"] == centre]
 if row.empty:
     st.info(f"Feature {centre} has no map position in SAE `{sae_id}`.")
     st.stop()
-cx, cy = float(row["x"].iloc[0]), float(row["y"].iloc[0])
-d2 = (pts["x"].to_numpy(np.float64) - cx) ** 2 + (pts["y"].to_numpy(np.float64) - cy) ** 2
-near = frame.iloc[np.argsort(d2)[:k]].copy()
+near = nearest(frame, float(row["x"].iloc[0]), float(row["y"].iloc[0]), k)
 feat = q.feature(store, sae_id, centre) or {}
 dec_nb = set(int(i) for i in (feat.get("neighbours") or []))
 near["role"] = np.where(
