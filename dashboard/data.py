@@ -10,11 +10,20 @@ from db.store import Store
 
 
 def db_key(store: Store) -> str:
-    """Cache key of a database file: path + inode (a rebuilt file gets new entries)."""
+    """Cache key of a database's built content: path + inode + the newest build time of its SAEs.
+
+    The build time matters because a rebuild swaps in a new file and the filesystem may reuse the old inode;
+    label and list writes do not change it, so they keep the (model-run) caches warm.
+    """
     try:
-        return f"{store.path}:{store.path.stat().st_ino}"
+        ino = store.path.stat().st_ino
     except OSError:
-        return str(store.path)
+        ino = -1
+    try:
+        built = store.rows("SELECT max(built_at) FROM saes")[0][0]
+    except Exception:  # noqa: BLE001 - a key must not fail; the page reports database problems itself
+        built = None
+    return f"{store.path}:{ino}:{built}"
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)

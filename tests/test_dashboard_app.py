@@ -478,3 +478,14 @@ def test_two_saes_in_one_file(monkeypatch, synth_db):
     at.sidebar.selectbox[0].set_value(SAE_ID).run()
     assert_clean(at)
     assert at.query_params["sae"] == SAE_ID and at.get("html")  # now the synthetic SAE's contexts
+
+
+def test_cache_key_changes_with_a_rebuild_not_with_label_writes(synth_db):
+    from dashboard.data import db_key
+
+    s = Store(synth_db)
+    k1 = db_key(s)
+    writes.update_label(s, SAE_ID, 5, label="a label")
+    assert db_key(s) == k1  # label writes keep model-run caches
+    s.write(lambda c: c.execute("UPDATE saes SET built_at = built_at + INTERVAL 1 SECOND"))
+    assert db_key(s) != k1  # a rebuild (new built_at) does not, even if the inode were reused
