@@ -123,20 +123,53 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
 # ---- weight-based statistics ----------------------------------------------------------------------------
 
 
-def unembedding(rt: Runtime) -> torch.Tensor:
-    """``[d_model, vocab]`` unembedding with the final norm's scale folded in (where there is one)."""
+_FINAL_NORM_PATHS = (
+    "model.norm",  # Llama, Mistral, Qwen, Gemma, SmolLM2
+    "transformer.ln_f",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.final_layer_norm",  # Pythia / GPT-NeoX
+    "model.decoder.final_layer_norm",  # OPT
+    "model.final_layernorm",  # Phi
+    "ln_final",  # TransformerLens
+)
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm applied to the residual stream right before the unembedding, or None if none is found."""
+    for path in _FINAL_NORM_PATHS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    norms = [m for _, m in model.named_modules() if "norm" in type(m).__name__.lower()]
+    return norms[-1] if norms else None
+
+
+def unembedding(rt: Runtime) -> tuple[torch.Tensor, bool]:
+    """``([d_model, vocab] unembedding with the final norm's scale folded in, centre)``.
+
+    ``centre`` is True when the final norm is a LayerNorm, which subtracts the mean over ``d_model`` before
+    scaling: decoder directions must then be centred too (RMSNorm does not centre). The norm's 1/rms factor
+    is positive and the same for every token, so it does not change which tokens a direction promotes.
+    """
     model = rt.loaded.model
     if rt.loaded.kind == "transformer_lens":
         w_u = model.W_U.detach().float()
-        ln = getattr(getattr(model, "ln_final", None), "w", None)
     else:
         w_u = model.get_output_embeddings().weight.detach().float().T
-        inner = getattr(model, "model", None)
-        norm = getattr(inner, "norm", None) if inner is not None else None
-        ln = getattr(norm, "weight", None)
-    if ln is not None:
-        w_u = w_u * ln.detach().float()[:, None]
-    return w_u
+    norm = final_norm(model)
+    name = type(norm).__name__.lower() if norm is not None else ""
+    centre = "layernorm" in name and "rms" not in name
+    scale = None
+    if norm is not None:
+        scale = getattr(norm, "weight", None)
+        if scale is None:
+            scale = getattr(norm, "w", None)  # TransformerLens LayerNorm / RMSNorm
+    if isinstance(scale, torch.Tensor) and scale.shape == (w_u.shape[0],):
+        scale = scale.detach().float().to(w_u.device)
+        if type(norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm multiplies by (1 + weight)
+            scale = 1.0 + scale
+        w_u = w_u * scale[:, None]
+    return w_u, centre
 
 
 def logit_effects(
@@ -305,7 +338,9 @@ def feature_frames(
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
     say(f"logit effects and decoder-cosine neighbours of {F:,} features...", flush=True)
-    pv, pi, nv, ni = logit_effects(w_dec, unembedding(rt).cpu(), cfg.n_logits)
+    w_u, centre = unembedding(rt)
+    w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
+    pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
     nc, nidx = decoder_neighbours(w_dec, cfg.n_neighbours)
     if cfg.umap:
         say(f"UMAP layout of {F:,} decoder vectors (cosine; ~1 min for 4,608 on 2 cores)...", flush=True)

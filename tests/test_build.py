@@ -319,3 +319,65 @@ def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_m
     t.join(timeout=120)
     assert not t.is_alive() and not errors, errors
     assert set(_q(db, "SELECT sae_id FROM saes").sae_id) == {"tiny/model.layers.1/64", "second"}
+
+
+def _real_direction_logits(norm, unembed, d: torch.Tensor) -> torch.Tensor:
+    """What a direction adds to the logits through the model's own final norm + unembedding ([n, vocab]):
+    f(c·d) - f(0), with c large so the norm's eps does not matter (and a LayerNorm bias cancels)."""
+    with torch.no_grad():
+        return unembed(norm(1e3 * d)) - unembed(norm(torch.zeros_like(d)))
+
+
+@pytest.mark.parametrize("arch", ["llama-untied", "llama-tied", "gpt2-layernorm", "tl-layernorm"])
+def test_logit_effects_rank_tokens_as_the_model_does(arch):
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d_model, vocab = 32, 300
+    if arch.startswith("llama"):
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=d_model,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                tie_word_embeddings=arch == "llama-tied",
+            )
+        )
+        norm, unembed, kind = model.model.norm, model.lm_head, "hf"
+    elif arch == "gpt2-layernorm":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=1, n_head=4))
+        norm, unembed, kind = model.transformer.ln_f, model.lm_head, "hf"
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(
+            HookedTransformerConfig(
+                n_layers=1,
+                d_model=d_model,
+                n_ctx=16,
+                d_head=8,
+                n_heads=4,
+                d_mlp=64,
+                d_vocab=vocab,
+                act_fn="gelu",
+                normalization_type="LN",
+            )
+        )
+        norm, unembed, kind = model.ln_final, model.unembed, "transformer_lens"
+    with torch.no_grad():  # non-trivial norm weights (and biases), so a missed fold or centring shows
+        for name, p in norm.named_parameters():
+            p.copy_(torch.rand_like(p) * 2 + 0.1 if name in ("weight", "w") else torch.randn_like(p))
+    rt = SimpleNamespace(loaded=SimpleNamespace(model=model, kind=kind))
+    w_u, centre = build_mod.unembedding(rt)
+    assert centre == ("layernorm" in arch)
+    d = torch.randn(20, d_model)
+    ours = (d - d.mean(1, keepdim=True) if centre else d) @ w_u
+    real = _real_direction_logits(norm, unembed, d[:, None, :] if kind == "transformer_lens" else d)
+    real = real.reshape(20, vocab)
+    for i in range(20):
+        assert ours[i].topk(10).indices.tolist() == real[i].topk(10).indices.tolist()
+        assert ours[i].topk(10, largest=False).indices.tolist() == real[i].topk(10, largest=False).indices.tolist()
