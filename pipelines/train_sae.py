@@ -51,14 +51,20 @@ class TrainResult:
     tokens_per_s: float
 
 
-def _dataset(spec: CorpusSpec, max_docs: int | None):
+def _dataset(spec: CorpusSpec, max_docs: int | None, max_chars: int | None = None):
+    """The documents sae-lens trains on, as an in-memory ``datasets.Dataset``.
+
+    Reading stops after ``max_docs`` documents or ``max_chars`` characters, so a streamed Hugging Face dataset
+    is read only as far as training needs (sae-lens cycles over the documents if it needs more tokens).
+    """
     from datasets import Dataset
 
-    docs = []
+    docs, chars = [], 0
     for i, d in enumerate(iter_documents(spec)):
-        if max_docs is not None and i >= max_docs:
+        if (max_docs is not None and i >= max_docs) or (max_chars is not None and chars >= max_chars):
             break
         docs.append(d)
+        chars += len(d)
     if not docs:
         raise ValueError(f"corpus {spec.describe()} has no documents")
     return Dataset.from_dict({"text": docs})
@@ -79,7 +85,8 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         raise ModelLoadError(f"cannot read model config of {cfg.model!r}: {str(e).splitlines()[0]}") from e
     d_in = int(mcfg.hidden_size)
     device = str(pick_device(cfg.device))
-    ds = _dataset(cfg.corpus, cfg.max_docs)
+    # ~4 characters per token in English; read 3x the tokens training needs, then stop
+    ds = _dataset(cfg.corpus, cfg.max_docs, max_chars=12 * cfg.training_tokens)
     work = Path(tempfile.mkdtemp(prefix="featuredict-train-"))
     steps = max(1, cfg.training_tokens // cfg.batch_tokens)
     runner_cfg = LanguageModelSAERunnerConfig(

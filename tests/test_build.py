@@ -381,3 +381,13 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
     for i in range(20):
         assert ours[i].topk(10).indices.tolist() == real[i].topk(10).indices.tolist()
         assert ours[i].topk(10, largest=False).indices.tolist() == real[i].topk(10, largest=False).indices.tolist()
+
+
+def test_train_sae_reads_only_as_much_corpus_as_it_needs(tmp_path: Path):
+    from pipelines.train_sae import _dataset
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(f"document {i} " + "word " * 50 for i in range(2_000)))
+    ds = _dataset(CorpusSpec(str(corpus)), None, max_chars=10_000)
+    assert 30 < len(ds) < 60  # ~260 characters per document
+    assert len(_dataset(CorpusSpec(str(corpus)), 7)) == 7
