@@ -55,7 +55,7 @@ def context_html(
 
     ``tokens [pos]`` (raw strings), ``acts [pos]`` (the feature's activation per token); ``scale`` is the
     activation that gets full colour (the feature's max_act). ``window=(before, after)`` shows only that many
-    tokens around ``max_pos`` (with '…' marks). ``skip_first`` drops position 0 when it is BOS (act 0).
+    tokens around ``max_pos`` (with '…' marks). ``skip_first`` (set it when position 0 is BOS) drops position 0 when its act is 0.
     ``prefix`` is plain text shown first (escaped too).
     """
     toks = list(tokens)
@@ -81,10 +81,13 @@ def contexts_html(
     rows: Sequence[tuple[Sequence[str], Sequence[float], int, float]],
     scale: float,
     window: tuple[int, int] | None = None,
+    skip_first: bool = True,
 ) -> str:
-    """Several contexts: ``rows`` of (tokens, acts, max_pos, max_act); each prefixed by its max act."""
+    """Several contexts: ``rows`` of (tokens, acts, max_pos, max_act); each prefixed by its max act.
+    ``skip_first``: position 0 is BOS (the SAE's ``prepend_bos``), so it is not shown."""
     return "".join(
-        context_html(t, a, scale, max_pos=int(mp), window=window, prefix=f"{float(ma):7.2f}  ") for t, a, mp, ma in rows
+        context_html(t, a, scale, max_pos=int(mp), window=window, skip_first=skip_first, prefix=f"{float(ma):7.2f}  ")
+        for t, a, mp, ma in rows
     )
 
 

@@ -242,3 +242,11 @@ def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
     )
     frame, _ = plot_frame(df, colour_by)
     assert nearest(frame, 0.0, 0.0, 2)["feature"].tolist() == [0, 1]
+
+
+def test_first_token_is_hidden_only_when_it_is_bos():
+    from dashboard.render import contexts_html
+
+    rows = [(["The", " cat", " sat"], [0.0, 2.0, 0.0], 1, 2.0)]
+    assert ">The<" not in contexts_html(rows, 2.0, skip_first=True)  # position 0 is BOS here
+    assert ">The<" in contexts_html(rows, 2.0, skip_first=False)  # an SAE without BOS: a real word

@@ -31,6 +31,7 @@ store = get_store()
 sae_id = pick_sae(store)
 info = q.sae_info(store, sae_id) or {}
 d_sae = int(info.get("d_sae") or q.feature_count(store, sae_id))
+has_bos = bool(info.get("prepend_bos", True))  # stored contexts start with BOS (not shown)
 
 fid = qp_int("feature")
 if st.query_params.get("feature") is not None and fid is None:
@@ -117,7 +118,7 @@ with left:
             st.info("No activating contexts stored for this feature.")
         else:
             rows = list(zip(top["tokens"], top["acts"], top["max_pos"], top["max_act"], strict=True))
-            st.html(render.contexts_html(rows, scale, window=window))
+            st.html(render.contexts_html(rows, scale, window=window, skip_first=has_bos))
             st.caption(
                 "Colour intensity = activation / feature max; hover a token for its activation; "
                 "the underlined token is the context's max."
@@ -137,7 +138,7 @@ with left:
                 f"Band {int(band)}  activation {rng}  · {len(grp)} samples", expanded=band == inter["band"].max()
             ):
                 rows = list(zip(grp["tokens"], grp["acts"], grp["max_pos"], grp["max_act"], strict=True))
-                st.html(render.contexts_html(rows, scale, window=window))
+                st.html(render.contexts_html(rows, scale, window=window, skip_first=has_bos))
     except Exception as e:  # noqa: BLE001
         show_error("Could not load interval samples", e)
 

@@ -221,7 +221,8 @@ def prompt_mode() -> None:
         if hl is not None:
             acts = prompt.feature_over_tokens(res, int(hl))
             scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
-            st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts))))
+            has_bos = bool(info.get("prepend_bos", True))
+            st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts)), skip_first=has_bos))
         result_table(
             whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token", "top_tokens"]],
             "prompt_whole",
