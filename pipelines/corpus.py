@@ -35,11 +35,11 @@ class CorpusSpec:
 
 
 def _txt_docs(path: Path, separator: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a leading byte-order mark is dropped
     if separator == "blank":
         parts = re.split(r"\n\s*\n", text)
     elif separator == "line":
-        parts = text.splitlines()
+        parts = re.split(r"\r\n|\r|\n", text)  # line breaks only (splitlines also splits on \f, U+2028, ...)
     else:
         parts = text.split(separator)
     for p in parts:
@@ -49,7 +49,7 @@ def _txt_docs(path: Path, separator: str) -> Iterator[str]:
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:  # BOM dropped; bad bytes become U+FFFD
         for n, line in enumerate(fh, 1):
             line = line.strip()
             if not line:

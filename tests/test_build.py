@@ -228,6 +228,13 @@ def test_corpus_formats(tmp_path: Path, tiny_runtime):
     ctxs = list(iter_contexts(iter(["word " * 50]), tiny_runtime.tokenizer, 16))
     bos = tiny_runtime.tokenizer.bos_token_id
     assert all(c[0] == bos and len(c) <= 16 for c in ctxs) and len(ctxs) >= 3
+    # byte-order marks, CRLF, invalid UTF-8 and unusual line separators
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffOnce upon\r\na time\u2028still line two\n".encode())
+    assert list(iter_documents(CorpusSpec(str(bom), separator="line"))) == ["Once upon", "a time\u2028still line two"]
+    jb = tmp_path / "bom.jsonl"
+    jb.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n" + b'{"text": "bad \xff byte"}\n')
+    assert list(iter_documents(CorpusSpec(str(jb)))) == ["first", "bad \ufffd byte"]
 
 
 @pytest.mark.shared
