@@ -188,7 +188,8 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
     )
     rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
     rt.outlier_norm_ratio = _outlier_ratio(row)
-    rt.context_size = int(row.get("context_size") or rt.context_size)
+    # rt.context_size stays the SAE's training context (from its config): saes.context_size is the build's
+    # (usually shorter) display window, not what the SAE was trained on
     return rt
 
 
