@@ -105,7 +105,8 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
             f = f * valid.to(f.device).unsqueeze(-1)
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
-            update(state, f, ids, valid, ctx_ids, x, recon)
+            # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
+            update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
             n = int(mask.sum())
             seen += n
             bar.update(n)
@@ -222,7 +223,11 @@ def umap_layout(w_dec: torch.Tensor, seed: int = 0) -> np.ndarray | None:
 # ---- tables ---------------------------------------------------------------------------------------------
 
 
-def _trim(ids: list[int], pad: int | None) -> int:
+PAD_SLOT = -1  # token id stored for padding positions of a harvested window
+
+
+def _trim(ids: list[int], pad: int | None = PAD_SLOT) -> int:
+    """Length of a stored window without its trailing padding."""
     n = len(ids)
     while n > 1 and pad is not None and ids[n - 1] == pad:
         n -= 1
@@ -233,7 +238,7 @@ def _example_rows(
     sae_id: str, rt: Runtime, state: HarvestState, n_bands_show: int
 ) -> tuple[pd.DataFrame, list[list[str]]]:
     tok = rt.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = PAD_SLOT
     cfg = state.cfg
     edges = cfg.band_edges()
     rows: dict[str, list[Any]] = {

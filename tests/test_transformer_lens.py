@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.build import BuildConfig, harvest
+from pipelines.build import PAD_SLOT, BuildConfig, harvest
 from pipelines.corpus import CorpusSpec
 from pipelines.harvest import HarvestConfig
 from pipelines.hooks import HookSite
@@ -128,9 +128,10 @@ def test_harvest_on_a_tl_model_stores_truthful_activations(tl_runtime: Runtime, 
     live = (state.top_ctx[:, 0] >= 0).nonzero().flatten()
     assert live.numel() > 0
     for f in live[:5].tolist():
-        toks = state.top_tok[f, 0].long()[None]
+        n = int((state.top_tok[f, 0] != PAD_SLOT).sum())  # padding is stored as PAD_SLOT, at the end
+        toks = state.top_tok[f, 0, :n].long()[None]
         again = tl_runtime.feature_acts(toks)[0, :, f]
-        torch.testing.assert_close(again, state.top_act[f, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again, state.top_act[f, 0, :n], atol=1e-4, rtol=1e-4)
 
 
 def test_steering_with_full_recompute(tl_runtime: Runtime):
