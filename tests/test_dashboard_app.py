@@ -425,12 +425,9 @@ def test_page_failure_is_one_line_not_traceback(monkeypatch, synth_db):
 
 
 @pytest.fixture
-def real_db(request, tmp_path):
-    try:
-        src = request.getfixturevalue("tiny_db")
-    except pytest.FixtureLookupError:
-        pytest.skip("conftest.py has no tiny_db fixture yet (pipeline-built database)")
-    return fx.copy_db(src, tmp_path / "real.duckdb")
+def real_db(tiny_db, tmp_path):
+    """A copy of the database the real pipeline built from the tiny model (conftest.tiny_db)."""
+    return fx.copy_db(tiny_db, tmp_path / "real.duckdb")
 
 
 def test_real_db_pages(monkeypatch, real_db):
@@ -444,8 +441,8 @@ def test_real_db_pages(monkeypatch, real_db):
     at = open_app(monkeypatch, real_db, "feature", sae=sae_id, feature=str(fid))
     assert_clean(at)
     assert at.title[0].value == f"Feature {fid}"
-    if not top.empty:
-        assert html.escape(top["tokens"].iloc[0][int(top["max_pos"].iloc[0])]) in htmls(at)
+    assert not top.empty  # the most-firing live feature has top contexts
+    assert html.escape(top["tokens"].iloc[0][int(top["max_pos"].iloc[0])]) in htmls(at)
     word = next((t.strip() for t in (q.feature(s, sae_id, fid)["max_tokens"] or []) if t.strip().isalpha()), None)
     if word:
         at = open_app(monkeypatch, real_db, "search", sae=sae_id, query=word)
