@@ -107,7 +107,7 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
             update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
-            n = int(mask.sum())
+            n = int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
             seen += n
             bar.update(n)
             if seen >= cfg.max_tokens:
