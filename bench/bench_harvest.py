@@ -38,6 +38,7 @@ def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
 
 
 def throughput(args) -> dict:
+    from pipelines.build import PAD_SLOT
     from pipelines.harvest import HarvestConfig, HarvestState, update
     from pipelines.runtime import load_runtime
     from pipelines.saes import SaeSource
@@ -62,7 +63,7 @@ def throughput(args) -> dict:
                 update(
                     st,
                     f * valid.unsqueeze(-1),
-                    ids,
+                    ids.masked_fill(~mask.bool(), PAD_SLOT),  # as pipelines.build.harvest stores padding
                     valid,
                     torch.arange(i * len(ids), (i + 1) * len(ids)),
                     x,

@@ -23,8 +23,20 @@ class RebuildInProgress(RuntimeError):
 
 
 def lock_path(path: str | Path) -> Path:
-    p = Path(path)
+    """``<db>.lock`` beside the real file (symlinks resolved, so every name for one file shares one lock)."""
+    p = Path(path).expanduser().resolve()
     return p.with_name(p.name + ".lock")
+
+
+def _flock(fd: int, op: int) -> bool:
+    """``flock``; False where the filesystem cannot lock (NFS without lockd, some FUSE/SMB mounts): no lock then."""
+    try:
+        fcntl.flock(fd, op)
+    except BlockingIOError:
+        raise
+    except OSError:
+        return False
+    return True
 
 
 def _open(path: str | Path) -> int | None:
@@ -41,10 +53,10 @@ def replacing(path: str | Path) -> Iterator[None]:
     try:
         if fd is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"waiting for another build to finish writing {path}...", file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
@@ -58,7 +70,7 @@ def opening(path: str | Path) -> Iterator[None]:
     try:
         if fd is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RebuildInProgress(
                     f"a build is replacing {path} right now; open it again when the build has finished"

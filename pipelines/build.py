@@ -500,7 +500,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         "d_in": int(rt.sae.cfg.d_in),
         "d_sae": rt.d_sae,
         "context_size": cfg.context_size,
-        "prepend_bos": rt.prepend_bos,
+        "prepend_bos": bool(rt.prepend_bos and rt.tokenizer.bos_token_id is not None),  # contexts start with BOS
         "corpus": cfg.corpus_description or cfg.corpus.describe(),
         "n_tokens": state.n_tokens,
         "n_contexts": state.n_contexts,

@@ -220,7 +220,6 @@ def runtime_cache_key(row: dict[str, Any], device: str | None = None) -> tuple:
         row.get("dtype") or "float32",
         row.get("model_kwargs") or "{}",
         bool(row.get("prepend_bos", True)),
-        int(row.get("context_size") or 0),
         _outlier_ratio(row),
         device,
         _weights_stamp(row["sae_source"]),
@@ -230,13 +229,13 @@ def runtime_cache_key(row: dict[str, Any], device: str | None = None) -> tuple:
 def cached_runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
     """Process-wide cache of runtimes (each loaded once), keyed by ``runtime_cache_key``.
 
-    A row that differs from a cached one only in settings or in newer SAE weights replaces it, so a rebuilt
-    database or a retrained SAE folder is not served from a stale runtime, and old copies do not pile up.
+    Rows that differ in settings get their own runtime. One loaded from older files of the same SAE folder
+    (retrained since) is dropped, so a retrained SAE is not served stale and old copies do not pile up.
     """
     key = runtime_cache_key(row, device)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            for old in [k for k in _CACHE if k[:2] == key[:2]]:
+            for old in [k for k in _CACHE if k[:2] == key[:2] and k[-1] != key[-1]]:
                 del _CACHE[old]
             _CACHE[key] = runtime_from_row(row, device)
         return _CACHE[key]

@@ -244,9 +244,14 @@ with right:
     if saved:
         try:
             st.session_state["author"] = author
-            writes.save_label_edit(store, sae_id, fid, current, new_label, new_tags, new_notes, author or None)
+            after = writes.save_label_edit(store, sae_id, fid, current, new_label, new_tags, new_notes, author or None)
             clear_label_caches()
-            st.session_state["_flash"] = f"Saved the label of feature {fid}."
+            cleared = (
+                not (after or {}).get("label") and not (after or {}).get("tags") and not (after or {}).get("notes")
+            )
+            st.session_state["_flash"] = (
+                f"Cleared the label of feature {fid}." if cleared else f"Saved the label of feature {fid}."
+            )
             st.rerun()
         except Exception as e:  # noqa: BLE001
             show_error("Could not save the label", e)
