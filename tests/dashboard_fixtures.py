@@ -7,8 +7,15 @@ Import the fixtures into a test module with ``from tests.dashboard_fixtures impo
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -125,4 +132,77 @@ def model_db_master(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
     """64 synthetic features whose SAE row reloads the real tiny model + SAE (prompt/concept search run)."""
     p = make_synth_db(tmp_path_factory.mktemp("modeldb") / "model.duckdb", n_features=64, seed=3)
     point_at_tiny_model(p, tiny_model_dir, tiny_sae_dir)
+    return p
+
+
+# ---- real-browser tests -----------------------------------------------------------------------------------
+CHROMIUM = next(
+    (
+        p
+        for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+        if p and Path(p).exists()
+    ),
+    None,
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENS = Path("/tmp/fd/screens")  # screenshots are copied here for humans
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError("streamlit did not become healthy")
+
+
+@contextmanager
+def running_app(db: Path, *streamlit_args: str) -> Iterator[str]:
+    """``streamlit run dashboard/app.py -- --db DB`` on a free local port; yields its base URL, stops it after."""
+    port = free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.port", str(port)]
+    cmd += ["--server.address", "127.0.0.1", *streamlit_args, "--", "--db", str(db)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    """Full-page screenshot into the test's tmp dir, copied to SCREENS when that is writable."""
+    p = tmp_path / f"{name}.png"
+    page.screenshot(path=str(p), full_page=True)
+    try:
+        SCREENS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, SCREENS / p.name)
+    except OSError:
+        pass
     return p

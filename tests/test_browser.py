@@ -4,115 +4,23 @@ copied to /tmp/fd/screens/ for humans."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
     from tests import dashboard_fixtures as fx
 except ImportError:
     import dashboard_fixtures as fx
 import pytest
 
-CHROMIUM = next(
-    (
-        p
-        for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
-        if p and Path(p).exists()
-    ),
-    None,
-)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SCREENS = Path("/tmp/fd/screens")
+CHROMIUM, CHROMIUM_ARGS, running_app, shot = fx.CHROMIUM, fx.CHROMIUM_ARGS, fx.running_app, fx.screenshot
 synth_db_master = fx.synth_db_master
 
 pytestmark = pytest.mark.browser
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError("streamlit did not become healthy")
-
-
 @pytest.fixture
 def server(synth_db_master, tmp_path):
     db = fx.copy_db(synth_db_master, tmp_path / "browser.duckdb")
-    port = free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            fx.APP,
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--client.showErrorDetails",
-            "none",
-            "--",
-            "--db",
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=fx.ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc)
+    with running_app(db, "--client.showErrorDetails", "none") as base:
         yield base, db
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def shot(page, tmp_path: Path, name: str) -> Path:
-    p = tmp_path / f"{name}.png"
-    page.screenshot(path=str(p), full_page=True)
-    try:
-        SCREENS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, SCREENS / p.name)
-    except OSError:
-        pass
-    return p
 
 
 def test_browser_search_and_feature_page(server, tmp_path):

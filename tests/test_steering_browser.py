@@ -4,39 +4,18 @@ baseline and steered text side by side. Screenshot copied to /tmp/fd/screens/ste
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 try:  # tests/ as a package or as a plain folder on sys.path
+    from tests import dashboard_fixtures as fx
     from tests.test_steering_app import SAE_ID, build_db, live_feature
 except ImportError:
+    import dashboard_fixtures as fx
     from test_steering_app import SAE_ID, build_db, live_feature
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = next(
-    (
-        p
-        for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
-        if p and Path(p).exists()
-    ),
-    None,
-)
+CHROMIUM = fx.CHROMIUM
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture()
@@ -45,52 +24,8 @@ def server(tmp_path, tiny_runtime, tiny_model_dir, tiny_sae_dir):
         pytest.skip("no system Chromium for the browser test")
     pytest.importorskip("playwright")
     db = build_db(tmp_path / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
-    port = _free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "dashboard" / "app.py"),
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--",
-            "--db",
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
+    with fx.running_app(db) as base:
         yield base, db
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_steer_page_in_a_browser(server, tmp_path):
@@ -116,12 +51,6 @@ def test_steer_page_in_a_browser(server, tmp_path):
             assert base_text.strip() and steered_text.strip() and base_text != steered_text
             assert page.locator("[data-testid='stException']").count() == 0
             page.wait_for_timeout(1500)  # let the data grids paint before the screenshot
-            shot = tmp_path / "steer.png"
-            page.screenshot(path=str(shot), full_page=True)
-            try:
-                Path("/tmp/fd/screens").mkdir(parents=True, exist_ok=True)
-                shutil.copy(shot, "/tmp/fd/screens/steer.png")
-            except OSError:
-                pass
+            fx.screenshot(page, tmp_path, "steer")
         finally:
             browser.close()

@@ -246,9 +246,7 @@ with right:
             st.session_state["author"] = author
             after = writes.save_label_edit(store, sae_id, fid, current, new_label, new_tags, new_notes, author or None)
             clear_label_caches()
-            cleared = (
-                not (after or {}).get("label") and not (after or {}).get("tags") and not (after or {}).get("notes")
-            )
+            cleared = after["label"] is None and after["notes"] is None and not len(after["tags"] or [])
             st.session_state["_flash"] = (
                 f"Cleared the label of feature {fid}." if cleared else f"Saved the label of feature {fid}."
             )
