@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from db import queries as q  # noqa: E402
-from db.store import Store  # noqa: E402
+from featuredict.db import queries as q  # noqa: E402
+from featuredict.db.store import Store  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 
 def bench_cache() -> Path:
-    from pipelines.models import cache_dir
+    from featuredict.pipelines.models import cache_dir
 
     return cache_dir() / "bench"
 
@@ -112,7 +112,7 @@ def stories_sae() -> Path:
 
 
 def smollm2_sae() -> Path:
-    from pipelines.models import smollm2_folder
+    from featuredict.pipelines.models import smollm2_folder
 
     out = bench_cache() / "smollm2-l15-topk4608"
     if (out / "cfg.json").exists():
@@ -138,7 +138,7 @@ def time_generation(rt: Any, config: Any, max_acts: dict[int, float], repeats: i
     """Median tokens/s of: unsteered (no hook at all), steered (edits only, as the CLI's steered run minus
     recording) and steered + recording (the dashboard's steered run: edits + the steered features'
     activations before/after the edit on every generated token). Runs alternate to share any drift."""
-    from pipelines.steering import generate, unsteered
+    from featuredict.pipelines.steering import generate, unsteered
 
     variants = {
         "unsteered": (unsteered(config), False, False),
@@ -171,7 +171,7 @@ def time_generation(rt: Any, config: Any, max_acts: dict[int, float], repeats: i
 def bench_one(
     name: str, rt: Any, prompt: str, max_new_tokens: int, repeats: int, max_acts: dict[int, float] | None = None
 ) -> dict[str, Any]:
-    from pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig, prompt_ids
+    from featuredict.pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig, prompt_ids
 
     base = SteeringConfig(
         prompt=prompt,
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipelines.runtime import load_runtime, runtime_from_row
-    from pipelines.saes import SaeSource
+    from featuredict.pipelines.runtime import load_runtime, runtime_from_row
+    from featuredict.pipelines.saes import SaeSource
 
     results = []
     if "stories260k" in args.models:
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2-135m" in args.models:
         max_acts: dict[int, float] = {}
         if args.db:
-            from db.presets import feature_max_acts
-            from db.store import Store
+            from featuredict.db.presets import feature_max_acts
+            from featuredict.db.store import Store
 
             store = Store(args.db, read_only=True)
             rows = store.df("SELECT * FROM saes WHERE sae_id = ?", [args.sae_id]).to_dict("records")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from db.schema import create_schema  # noqa: E402
+from featuredict.db.schema import create_schema  # noqa: E402
 
 SAE_ID = "synthetic"
 BOS = "<s>"

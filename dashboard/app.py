@@ -1,7 +1,7 @@
 """featuredict dashboard entry point: ``streamlit run dashboard/app.py -- --db PATH`` (or ``featuredict serve``).
 
 Multipage app (``st.navigation``); url paths: overview (default), search, feature, map, lists, and steer
-when ``dashboard/pages/steer.py`` is installed. Any exception a page raises is shown as one error line,
+when ``dashboard/views/steer.py`` is installed. Any exception a page raises is shown as one error line,
 never as a traceback (the traceback goes to the server log).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
-from dashboard.common import PAGES, PAGES_DIR, show_error
+from featuredict.dashboard.common import PAGES, PAGES_DIR, show_error
 
 # Streamlit ships chart data as Arrow (its own transformer has no row cap); lift altair's 5,000-row guard
 # too, for anything that serialises a chart outside Streamlit (the map draws 65k+ points).

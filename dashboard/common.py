@@ -22,21 +22,21 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from dashboard.render import md
-from db.schema import DatabaseError
-from db.store import Store
+from featuredict.dashboard.render import md
+from featuredict.db.schema import DatabaseError
+from featuredict.db.store import Store
 
 DEFAULT_DB = "featuredict.duckdb"
 DASHBOARD_DIR = Path(__file__).resolve().parent
-PAGES_DIR = DASHBOARD_DIR / "pages"
+PAGES_DIR = DASHBOARD_DIR / "views"
 # page name -> (file relative to app.py, url_path)
 PAGES = {
-    "overview": ("pages/overview.py", "overview"),
-    "search": ("pages/search.py", "search"),
-    "feature": ("pages/feature.py", "feature"),
-    "map": ("pages/map.py", "map"),
-    "lists": ("pages/lists.py", "lists"),
-    "steer": ("pages/steer.py", "steer"),
+    "overview": ("views/overview.py", "overview"),
+    "search": ("views/search.py", "search"),
+    "feature": ("views/feature.py", "feature"),
+    "map": ("views/map.py", "map"),
+    "lists": ("views/lists.py", "lists"),
+    "steer": ("views/steer.py", "steer"),
 }
 log = logging.getLogger("featuredict.dashboard")
 
@@ -248,7 +248,7 @@ def get_runtime(sae_row: dict[str, Any]) -> Any:
 
     Raises whatever loading raises; callers show it with ``show_error``.
     """
-    from pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.runtime import cached_runtime_from_row
 
     return cached_runtime_from_row(sae_row)
 

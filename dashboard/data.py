@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from db import queries as q
-from db.store import Store
+from featuredict.db import queries as q
+from featuredict.db.store import Store
 
 
 def db_key(store: Store) -> str:

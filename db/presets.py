@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from pipelines.steering import SteeringConfig, SteeringInputError
+from featuredict.pipelines.steering import SteeringConfig, SteeringInputError
 
 from .store import Store
 

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from db.filelock import replacing
-from db.schema import BUILD_TABLES, USER_TABLES, DatabaseError, check_version, create_schema
+from featuredict.db.filelock import replacing
+from featuredict.db.schema import BUILD_TABLES, USER_TABLES, DatabaseError, check_version, create_schema
 
 from . import __version__
 from .corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate

@@ -18,7 +18,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _expected() -> tuple[type[BaseException], ...]:
-    from db.schema import DatabaseError
+    from featuredict.db.schema import DatabaseError
 
     from .corpus import CorpusError
     from .models import ModelLoadError
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="redo every step even where cached")
     d.set_defaults(func=cmd_demo)
 
-    from dashboard.serve import register as register_serve
+    from featuredict.dashboard.serve import register as register_serve
 
     from .steer_cli import register as register_steer
 

@@ -126,9 +126,9 @@ def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``featuredict steer``; 0 on success, 2 on bad input (one line on stderr)."""
-    from db.presets import PresetError, check_preset_name, feature_max_acts, load_preset, sae_row, save_preset
-    from db.schema import DatabaseError
-    from db.store import Store
+    from featuredict.db.presets import PresetError, check_preset_name, feature_max_acts, load_preset, sae_row, save_preset
+    from featuredict.db.schema import DatabaseError
+    from featuredict.db.store import Store
 
     from .models import ModelLoadError
     from .runtime import cached_runtime_from_row

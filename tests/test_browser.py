@@ -31,8 +31,8 @@ def test_browser_search_and_feature_page(server, tmp_path):
     except ImportError as e:
         pytest.skip(f"playwright python package not importable: {e}")
     base, db = server
-    from db import queries as q
-    from db.store import Store
+    from featuredict.db import queries as q
+    from featuredict.db.store import Store
 
     s = Store(db, read_only=True)
     word = min(

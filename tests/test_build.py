@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from db.schema import SCHEMA_VERSION
-from pipelines import build as build_mod
-from pipelines.cli import main
-from pipelines.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
-from pipelines.harvest import HarvestConfig
+from featuredict.db.schema import SCHEMA_VERSION
+from featuredict.pipelines import build as build_mod
+from featuredict.pipelines.cli import main
+from featuredict.pipelines.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
+from featuredict.pipelines.harvest import HarvestConfig
 
 from .conftest import STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
@@ -138,8 +138,8 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
 def test_nobody_opens_the_file_while_a_build_swaps_it(
     tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
 ):
-    from db.schema import DatabaseError
-    from db.store import Store
+    from featuredict.db.schema import DatabaseError
+    from featuredict.db.store import Store
 
     db = build_tiny_db(tmp_path / "r.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     real_replace, refused = build_mod.os.replace, []
@@ -242,10 +242,10 @@ def test_stories260k_end_to_end(tmp_path: Path):
     """Real pretrained model + real TinyStories text: train an SAE with sae-lens, build, check truthfulness."""
     model = require_shared(STORIES_MODEL)
     corpus = require_shared(TINYSTORIES)
-    from pipelines.build import BuildConfig, build
-    from pipelines.runtime import load_runtime
-    from pipelines.saes import SaeSource
-    from pipelines.train_sae import TrainConfig, train_sae
+    from featuredict.pipelines.build import BuildConfig, build
+    from featuredict.pipelines.runtime import load_runtime
+    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.train_sae import TrainConfig, train_sae
 
     small = tmp_path / "stories.txt"
     small.write_text(corpus.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
@@ -306,7 +306,7 @@ def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae
 def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     import threading
 
-    from db.filelock import replacing
+    from featuredict.db.filelock import replacing
 
     db = build_tiny_db(tmp_path / "two.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     errors: list[BaseException] = []
@@ -391,7 +391,7 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
 
 
 def test_train_sae_reads_only_as_much_corpus_as_it_needs(tmp_path: Path):
-    from pipelines.train_sae import _dataset
+    from featuredict.pipelines.train_sae import _dataset
 
     corpus = tmp_path / "big.txt"
     corpus.write_text("\n<|endoftext|>\n".join(f"document {i} " + "word " * 50 for i in range(2_000)))

@@ -19,11 +19,11 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard.common import steer_available
-from dashboard.export import export_list
-from db import queries as q
-from db import writes
-from db.store import Store
+from featuredict.dashboard.common import steer_available
+from featuredict.dashboard.export import export_list
+from featuredict.db import queries as q
+from featuredict.db import writes
+from featuredict.db.store import Store
 
 SAE_ID = fx.SAE_ID
 synth_db_master, synth_db, big_map_db, model_db_master = (
@@ -35,14 +35,14 @@ synth_db_master, synth_db, big_map_db, model_db_master = (
 
 
 def open_app(monkeypatch, db, page: str | None = None, **params: str) -> AppTest:
-    """Run app.py on ``db``; then (optionally) switch to ``pages/<page>.py`` with query ``params``."""
+    """Run app.py on ``db``; then (optionally) switch to ``views/<page>.py`` with query ``params``."""
     monkeypatch.setenv("FEATUREDICT_DB", str(db))
     at = AppTest.from_file(fx.APP, default_timeout=90)
     at.run()
     if page:
         for k, v in params.items():
             at.query_params[k] = v
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"views/{page}.py")
         at.run()
     return at
 
@@ -394,7 +394,7 @@ def test_locked_database_message(monkeypatch, tmp_path, synth_db_master):
 
 
 def test_database_without_sae(monkeypatch, tmp_path):
-    from db.schema import create_schema
+    from featuredict.db.schema import create_schema
 
     p = tmp_path / "nosae.duckdb"
     con = duckdb.connect(str(p))
@@ -478,7 +478,7 @@ def test_two_saes_in_one_file(monkeypatch, synth_db):
 
 
 def test_cache_key_changes_with_a_rebuild_not_with_label_writes(synth_db):
-    from dashboard.data import db_key
+    from featuredict.dashboard.data import db_key
 
     s = Store(synth_db)
     k1 = db_key(s)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dashboard import concept, mapviz, prompt, render, serve
+from featuredict.dashboard import concept, mapviz, prompt, render, serve
 
 D = 6  # features in the toy concept problems
 
@@ -183,7 +183,7 @@ def test_md_escapes_markdown_and_html():
 
 
 def test_text_block_keeps_model_output_literal():
-    from dashboard.render import text_block
+    from featuredict.dashboard.render import text_block
 
     out = text_block(
         "Intro\n\n**bold** [x](http://e.test) ![i](http://e.test/i.png)\r\n<script>alert(1)</script>", "c: 1"
@@ -199,7 +199,7 @@ def test_csv_export_defuses_spreadsheet_formulas():
 
     import pandas as pd
 
-    from dashboard.export import export_list
+    from featuredict.dashboard.export import export_list
 
     members = pd.DataFrame(
         {
@@ -227,7 +227,7 @@ def test_csv_export_defuses_spreadsheet_formulas():
 def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
     import pandas as pd
 
-    from dashboard.mapviz import nearest, plot_frame
+    from featuredict.dashboard.mapviz import nearest, plot_frame
 
     df = pd.DataFrame(
         {
@@ -245,7 +245,7 @@ def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
 
 
 def test_first_token_is_hidden_only_when_it_is_bos():
-    from dashboard.render import contexts_html
+    from featuredict.dashboard.render import contexts_html
 
     rows = [(["The", " cat", " sat"], [0.0, 2.0, 0.0], 1, 2.0)]
     assert ">The<" not in contexts_html(rows, 2.0, skip_first=True)  # position 0 is BOS here

@@ -12,10 +12,10 @@ import duckdb
 import numpy as np
 import pytest
 
-from db import queries as q
-from db import writes
-from db.schema import DatabaseError
-from db.store import Store
+from featuredict.db import queries as q
+from featuredict.db import writes
+from featuredict.db.schema import DatabaseError
+from featuredict.db.store import Store
 
 HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID = fx.HOSTILE_FEATURE, fx.HOSTILE_SCRIPT, fx.SAE_ID
 synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
@@ -238,7 +238,7 @@ def test_open_store_follows_a_rebuilt_file(synth_db, tmp_path):
     """A new file renamed over the served one is picked up; writes to the same file keep the same Store."""
     import os
 
-    from dashboard.common import open_store
+    from featuredict.dashboard.common import open_store
 
     s1 = open_store(synth_db)
     writes.add_to_list(s1, "x", SAE_ID, 1)

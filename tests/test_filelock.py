@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from db.filelock import RebuildInProgress, lock_path, opening, replacing
+from featuredict.db.filelock import RebuildInProgress, lock_path, opening, replacing
 
 
 def test_every_name_of_a_file_shares_one_lock(tmp_path: Path):

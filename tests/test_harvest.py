@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.harvest import (
+from featuredict.pipelines.harvest import (
     HarvestConfig,
     HarvestState,
     choose_bands,

@@ -74,7 +74,7 @@ def test_interventions_are_per_thread(tiny_runtime):
 
 
 def test_norm_outliers_are_per_context_and_excluded():
-    from pipelines.runtime import norm_outliers
+    from featuredict.pipelines.runtime import norm_outliers
 
     x = torch.ones(2, 6, 4)
     x[0, 1] *= 50  # a "massive activation" in context 0
@@ -106,7 +106,7 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
     import json
     import shutil
 
-    from pipelines import runtime as rtm
+    from featuredict.pipelines import runtime as rtm
 
     sae_dir = tmp_path / "sae"
     shutil.copytree(tiny_sae_dir, sae_dir)

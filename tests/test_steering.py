@@ -14,8 +14,8 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:
     from conftest import STORIES_MODEL, TINY_TEXT, require_shared
 
-from pipelines import steering
-from pipelines.steering import (
+from featuredict.pipelines import steering
+from featuredict.pipelines.steering import (
     EditPlan,
     FeatureEdit,
     GenerationSettings,
@@ -235,7 +235,7 @@ def test_zero_decoder_row_edits_nothing_and_masked_positions_stay_exact():
 
 
 def test_non_finite_logits_stop_generation_with_a_message():
-    from pipelines.steering import _sample
+    from featuredict.pipelines.steering import _sample
 
     g = GenerationSettings(temperature=0.7)
     gen = torch.Generator().manual_seed(0)
@@ -255,7 +255,7 @@ def test_decoder_directions_follow_rescale():
 
 @pytest.mark.parametrize("kind", SAE_KINDS)
 def test_fast_encoder_is_sae_encode(kind, tiny_runtime):
-    from pipelines.steering import fast_encoder
+    from featuredict.pipelines.steering import fast_encoder
 
     sae = make_sae(kind)
     x = torch.randn(3, 5, 24) * 2
@@ -563,8 +563,8 @@ def stories_runtime(tmp_path_factory):
     require_shared(TINYSTORIES)
     import importlib.util
 
-    from pipelines.runtime import load_runtime
-    from pipelines.saes import SaeSource
+    from featuredict.pipelines.runtime import load_runtime
+    from featuredict.pipelines.saes import SaeSource
 
     spec = importlib.util.spec_from_file_location("bench_steering", ROOT / "bench" / "bench_steering.py")
     bench = importlib.util.module_from_spec(spec)

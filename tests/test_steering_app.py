@@ -18,7 +18,7 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:
     from conftest import TINY_HOOK, TINY_TEXT
 
-from db.presets import (
+from featuredict.db.presets import (
     PresetError,
     delete_preset,
     feature_max_acts,
@@ -27,14 +27,14 @@ from db.presets import (
     save_preset,
     search_features,
 )
-from db.schema import create_schema
-from db.store import Store
-from pipelines.saes import SaeSource
-from pipelines.steer_cli import register
-from pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig
+from featuredict.db.schema import create_schema
+from featuredict.db.store import Store
+from featuredict.pipelines.saes import SaeSource
+from featuredict.pipelines.steer_cli import register
+from featuredict.pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "dashboard" / "pages" / "steer.py"
+PAGE = ROOT / "dashboard" / "views" / "steer.py"
 SAE_ID = "tiny-l1"
 
 

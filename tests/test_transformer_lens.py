@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.build import PAD_SLOT, BuildConfig, harvest
-from pipelines.corpus import CorpusSpec
-from pipelines.harvest import HarvestConfig
-from pipelines.hooks import HookSite
-from pipelines.models import LoadedModel, is_transformer_lens_hook
-from pipelines.runtime import Runtime
-from pipelines.saes import SaeSource
-from pipelines.steering import EditPlan, FeatureEdit, GenerationSettings, SteeringConfig, generate, steer_activations
+from featuredict.pipelines.build import PAD_SLOT, BuildConfig, harvest
+from featuredict.pipelines.corpus import CorpusSpec
+from featuredict.pipelines.harvest import HarvestConfig
+from featuredict.pipelines.hooks import HookSite
+from featuredict.pipelines.models import LoadedModel, is_transformer_lens_hook
+from featuredict.pipelines.runtime import Runtime
+from featuredict.pipelines.saes import SaeSource
+from featuredict.pipelines.steering import EditPlan, FeatureEdit, GenerationSettings, SteeringConfig, generate, steer_activations
 
 HOOK = "blocks.1.hook_resid_pre"
 

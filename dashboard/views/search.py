@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import concept, prompt, render
-from dashboard.common import (
+from featuredict.dashboard import concept, prompt, render
+from featuredict.dashboard.common import (
     get_runtime,
     get_store,
     go_feature,
@@ -27,8 +27,8 @@ from dashboard.common import (
     sync_widget,
     url,
 )
-from dashboard.data import cached_baselines, db_key
-from db import queries as q
+from featuredict.dashboard.data import cached_baselines, db_key
+from featuredict.db import queries as q
 
 store = get_store()
 sae_id = pick_sae(store)

@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import get_store, pick_sae
-from dashboard.render import md, text_block
-from db.presets import (
+from featuredict.dashboard.common import get_store, pick_sae
+from featuredict.dashboard.render import md, text_block
+from featuredict.db.presets import (
     PresetError,
     feature_max_acts,
     feature_summaries,
@@ -28,7 +28,7 @@ from db.presets import (
     save_preset,
     search_features,
 )
-from pipelines.steering import (
+from featuredict.pipelines.steering import (
     FeatureEdit,
     GenerationSettings,
     SteeringConfig,
@@ -305,7 +305,7 @@ if run:
         validate_config(config, d_sae, max_acts)
         if not config.edits:
             raise SteeringInputError("pick at least one feature to steer (search above)")
-        from pipelines.runtime import cached_runtime_from_row
+        from featuredict.pipelines.runtime import cached_runtime_from_row
 
         with st.spinner("Loading the model and SAE (first time only)..."):
             rt = cached_runtime_from_row(row)

@@ -8,10 +8,10 @@ import altair as alt
 import numpy as np
 import streamlit as st
 
-from dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
-from dashboard.data import cached_map_points
-from dashboard.mapviz import nearest, plot_frame, scatter
-from db import queries as q
+from featuredict.dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
+from featuredict.dashboard.data import cached_map_points
+from featuredict.dashboard.mapviz import nearest, plot_frame, scatter
+from featuredict.db import queries as q
 
 store = get_store()
 sae_id = pick_sae(store)

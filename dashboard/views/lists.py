@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.common import get_store, pick_sae, qp_str, set_param, show_error, sync_widget, url
-from dashboard.export import as_list, export_list
-from dashboard.render import md
-from db import queries as q
-from db import writes
+from featuredict.dashboard.common import get_store, pick_sae, qp_str, set_param, show_error, sync_widget, url
+from featuredict.dashboard.export import as_list, export_list
+from featuredict.dashboard.render import md
+from featuredict.db import queries as q
+from featuredict.db import writes
 
 store = get_store()
 sae_id = pick_sae(store)

@@ -7,9 +7,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import fmt_density, get_store, page_file, pick_sae
-from dashboard.render import md
-from db import queries as q
+from featuredict.dashboard.common import fmt_density, get_store, page_file, pick_sae
+from featuredict.dashboard.render import md
+from featuredict.db import queries as q
 
 store = get_store()
 current = pick_sae(store)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import render
-from dashboard.common import (
+from featuredict.dashboard import render
+from featuredict.dashboard.common import (
     feature_link,
     fmt_density,
     get_store,
@@ -23,9 +23,9 @@ from dashboard.common import (
     sync_widget,
     url,
 )
-from dashboard.data import cached_map_points, clear_label_caches
-from db import queries as q
-from db import writes
+from featuredict.dashboard.data import cached_map_points, clear_label_caches
+from featuredict.db import queries as q
+from featuredict.db import writes
 
 store = get_store()
 sae_id = pick_sae(store)
