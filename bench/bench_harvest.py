@@ -63,7 +63,7 @@ def throughput(args) -> dict:
                 update(
                     st,
                     f * valid.unsqueeze(-1),
-                    ids.masked_fill(~mask.bool(), PAD_SLOT),  # as pipelines.build.harvest stores padding
+                    ids.masked_fill(~mask.bool(), PAD_SLOT),  # as pipelines.build.harvest_corpus stores padding
                     valid,
                     torch.arange(i * len(ids), (i + 1) * len(ids)),
                     x,
@@ -80,7 +80,7 @@ def throughput(args) -> dict:
 
 
 def memory_child(args) -> None:
-    from featuredict.pipelines.build import BuildConfig, harvest
+    from featuredict.pipelines.build import BuildConfig, harvest_corpus
     from featuredict.pipelines.corpus import CorpusSpec
     from featuredict.pipelines.runtime import load_runtime
     from featuredict.pipelines.saes import SaeSource
@@ -96,7 +96,7 @@ def memory_child(args) -> None:
         batch_size=args.batch_size,
         progress=False,
     )
-    st = harvest(rt, cfg)
+    st = harvest_corpus(rt, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"tokens": st.n_tokens, "rss_after_load_mb": base / 1024, "peak_rss_mb": peak / 1024}))
 

@@ -1,7 +1,11 @@
-"""Shared plumbing for the Streamlit pages: which database, one Store per process, SAE selection, URL state.
+"""Shared plumbing for the Streamlit app: the page table, which database, one Store per process, the shared
+frame every page runs in (``PageContext``), URL state and error display.
 
 The database path comes from ``--db`` after ``--`` on the streamlit command line
 (``streamlit run dashboard/app.py -- --db PATH``), else ``$FEATUREDICT_DB``, else ``featuredict.duckdb``.
+
+app.py draws the frame once per run (``draw_frame``: open the store, the SAE picker in the sidebar) and runs
+the page inside ``use_context``; a page reads what it needs with ``page_context()`` and only lays out.
 
 URL contract (every view is shareable): ``?sae=ID`` on every page, ``feature=N`` on the feature, map and
 steer pages (steer: a comma list), ``query=TEXT`` (and ``mode=text|prompt|concept``) on search,
@@ -15,29 +19,35 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import streamlit as st
 
+from featuredict.dashboard.data import db_key
 from featuredict.dashboard.render import md
+from featuredict.db import queries as q
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
 
 DEFAULT_DB = "featuredict.duckdb"
-DASHBOARD_DIR = Path(__file__).resolve().parent
-PAGES_DIR = DASHBOARD_DIR / "views"
-# page name -> (file relative to app.py, url_path)
-PAGES = {
-    "overview": ("views/overview.py", "overview"),
-    "search": ("views/search.py", "search"),
-    "feature": ("views/feature.py", "feature"),
-    "map": ("views/map.py", "map"),
-    "lists": ("views/lists.py", "lists"),
-    "steer": ("views/steer.py", "steer"),
+VIEWS_DIR = Path(__file__).resolve().parent / "views"
+# The one page table: name (= url path; the file is views/<name>.py) -> (title, icon). Order = navigation order;
+# the first is the default page. "steer" is another module's page, listed only when its file is installed.
+PAGES: dict[str, tuple[str, str]] = {
+    "overview": ("Overview", ":material/dashboard:"),
+    "search": ("Search", ":material/search:"),
+    "feature": ("Feature", ":material/neurology:"),
+    "map": ("Map", ":material/scatter_plot:"),
+    "lists": ("Lists", ":material/list:"),
+    "steer": ("Steer", ":material/tune:"),
 }
+OPTIONAL_PAGES = frozenset({"steer"})
 log = logging.getLogger("featuredict.dashboard")
 
 
@@ -83,30 +93,8 @@ def open_store(path: str | Path) -> Store:
         return store
 
 
-def ensure_navigation() -> None:
-    """Make sure pages run under app.py's ``st.navigation``.
-
-    Because ``dashboard/pages/`` exists next to app.py, Streamlit starts every process (and every AppTest
-    run) in its legacy "pages directory" mode until some script calls ``st.navigation``; in that mode a
-    first request for ``/feature`` would run the page file directly, bypassing app.py (layout, error
-    guard). Leave that mode and run app.py in place (which runs this page again under st.navigation), then
-    end the legacy run. Not a rerun: that would drop this run's button clicks and form submits.
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - internal module moved
-        return
-    if PagesManager.uses_pages_directory:
-        import runpy
-
-        PagesManager.uses_pages_directory = False
-        runpy.run_path(str(DASHBOARD_DIR / "app.py"), run_name="__main__")
-        st.stop()
-
-
-def get_store() -> Store:
-    """The process-wide Store; on a missing/empty/locked/wrong-version file show why and stop the page."""
-    ensure_navigation()
+def _store_or_stop() -> Store:
+    """The process-wide Store; on a missing/empty/locked/wrong-version file show why and stop the run."""
     path = db_path()
     try:
         return open_store(path)
@@ -121,13 +109,9 @@ def get_store() -> Store:
         raise
 
 
-def sae_ids(store: Store) -> list[str]:
-    return [r[0] for r in store.rows("SELECT sae_id FROM saes ORDER BY sae_id")]
-
-
-def pick_sae(store: Store, key: str = "sae") -> str:
-    """SAE selector bound to the ``sae`` query parameter; stops the page when the file has no SAE."""
-    ids = sae_ids(store)
+def _sae_picker(store: Store, key: str = "sae") -> str:
+    """SAE selector in the sidebar, bound to the ``sae`` query parameter; stops the run when the file has no SAE."""
+    ids = q.sae_ids(store)
     if not ids:
         st.warning("This database holds no SAE yet. Build one with `featuredict build` or `featuredict demo`.")
         st.stop()
@@ -140,6 +124,66 @@ def pick_sae(store: Store, key: str = "sae") -> str:
         set_param("sae", choice, key)
     st.sidebar.caption(f"Database: `{str(db_path()).replace('`', '')}`")
     return choice
+
+
+# ---------------------------------------------------------------------------------------- page context
+
+
+@dataclass(frozen=True)
+class PageContext:
+    """What the shared frame hands every page: the open ``store``, the SAE picked in the sidebar (``sae_id``)
+    and its ``saes`` row (``sae``, as ``q.sae_info`` returns it), and ``db_key``, the cache key of the
+    database's built content (``data.db_key``: changes with a rebuild, not with label or list writes)."""
+
+    store: Store
+    sae_id: str
+    sae: Mapping[str, Any]
+    db_key: str
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae["d_sae"])
+
+    @property
+    def has_bos(self) -> bool:
+        """Whether stored contexts start with BOS (not shown)."""
+        return bool(self.sae.get("prepend_bos", True))
+
+
+_CONTEXT: ContextVar[PageContext | None] = ContextVar("featuredict_page_context", default=None)
+
+
+def draw_frame() -> PageContext:
+    """The frame every page shares: open the database (or say why not and stop), draw the SAE picker."""
+    store = _store_or_stop()
+    sae_id = _sae_picker(store)
+    sae = q.sae_info(store, sae_id)
+    if sae is None:  # a rebuild replaced the file between the picker's read and this one
+        st.error(md(f"SAE {sae_id!r} is no longer in this database; reload the page."))
+        st.stop()
+    return PageContext(store=store, sae_id=sae_id, sae=sae, db_key=db_key(store))
+
+
+@contextmanager
+def use_context(ctx: PageContext) -> Iterator[PageContext]:
+    """Make ``ctx`` what ``page_context()`` returns while the page runs (app.py: ``with use_context(..): page.run()``)."""
+    token = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(token)
+
+
+def page_context() -> PageContext:
+    """The frame app.py drew for this run. A page file run on its own (``streamlit run dashboard/views/x.py``,
+    or an AppTest of one page file) draws the frame itself; its links to other pages need app.py's navigation."""
+    ctx = _CONTEXT.get()
+    return ctx if ctx is not None else draw_frame()
+
+
+def available_pages(views_dir: Path = VIEWS_DIR) -> list[str]:
+    """Names of ``PAGES`` to offer, in order: optional ones only when their file exists in ``views_dir``."""
+    return [name for name in PAGES if name not in OPTIONAL_PAGES or (views_dir / f"{name}.py").exists()]
 
 
 # ------------------------------------------------------------------------------------------ URL state
@@ -188,18 +232,23 @@ def set_param(param: str, value: Any, key: str | None = None) -> None:
 
 
 def page_file(name: str) -> str:
-    return PAGES[name][0]
+    """The file of page ``name`` relative to app.py (for ``st.Page``, ``st.page_link``, ``st.switch_page``)."""
+    if name not in PAGES:
+        raise KeyError(f"no dashboard page {name!r}")
+    return f"views/{name}.py"
 
 
 def steer_available() -> bool:
     """Whether the steering page (written by another module) is installed."""
-    return (PAGES_DIR / "steer.py").exists()
+    return "steer" in available_pages()
 
 
 def url(page: str, **params: Any) -> str:
     """Relative URL of a page with query parameters (None values dropped), e.g. ``feature?sae=x&feature=3``."""
-    q = urlencode({k: str(v) for k, v in params.items() if v is not None and v != ""})
-    return f"{PAGES[page][1]}?{q}" if q else PAGES[page][1]
+    query = urlencode({k: str(v) for k, v in params.items() if v is not None and v != ""})
+    if page not in PAGES:
+        raise KeyError(f"no dashboard page {page!r}")
+    return f"{page}?{query}" if query else page
 
 
 def feature_link(sae_id: str, feature: int, label: str | None = None, icon: str | None = None) -> None:

@@ -7,10 +7,15 @@ for a 65k-feature SAE stays small enough to cache per text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import torch
+
+    from featuredict.pipelines.runtime import Runtime
 
 MAX_TOKENS = 1024
 
@@ -36,7 +41,7 @@ class PromptResult:
         return len(self.tokens)
 
 
-def run_prompt(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> PromptResult:
+def run_prompt(runtime: Runtime, text: str, max_len: int = MAX_TOKENS) -> PromptResult:
     """Tokenize ``text`` (BOS per the SAE), run to the hook and encode: a sparse ``PromptResult``."""
 
     full = runtime.tokenize(text)
@@ -54,7 +59,7 @@ def run_prompt(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> PromptResu
     )
 
 
-def dense_valid_acts(runtime: Any, text: str, max_len: int = MAX_TOKENS) -> np.ndarray:
+def dense_valid_acts(runtime: Runtime, text: str, max_len: int = MAX_TOKENS) -> np.ndarray:
     """Activations on the valid (non-BOS/pad) tokens of ``text``: ``[n_valid, d_sae]`` float32."""
 
     ids = runtime.tokenize(text)[:, :max_len]
@@ -108,16 +113,9 @@ def feature_over_tokens(res: PromptResult, feature: int) -> np.ndarray:
     return out
 
 
-def _acts_and_valid(runtime: Any, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``[pos, d_sae]`` activations and ``[pos]`` valid mask from one pass, so they always agree.
-
-    The mask excludes BOS/pad and attention-sink norm outliers exactly as the build does.
-    """
-    import torch
-
-    with torch.no_grad():
-        x = runtime.hook_acts(ids)
-        f = runtime.sae.encode(x.to(runtime.sae.device))
-        valid = runtime.valid_mask(ids, None, x)
-        acts = (f * valid.to(f.device).unsqueeze(-1))[0].float().cpu().numpy()
-    return acts, valid[0].cpu().numpy().astype(bool)
+def _acts_and_valid(runtime: Runtime, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``[pos, d_sae]`` activations and ``[pos]`` valid mask from one pass (``Runtime.encode``, the path the
+    build takes), so they agree with each other and with the stored statistics: BOS/pad and attention-sink
+    norm outliers excluded."""
+    _, f, valid = runtime.encode(ids)
+    return f[0].float().cpu().numpy(), valid[0].cpu().numpy().astype(bool)

@@ -1,15 +1,17 @@
-"""Queries for steering: named presets (``steering_presets``) and the feature facts steering needs.
+"""Storage of named steering presets (``steering_presets``) as plain JSON objects, and features' max_act.
 
+This layer knows nothing of steering configs: it checks preset names, stores a JSON-ready dict per name and
+returns dicts. ``featuredict.pipelines.steering.presets`` turns them into ``SteeringConfig``.
 All writes go through ``Store.write`` (the one serialized writer path); every value travels as a parameter.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
-
-from featuredict.pipelines.steering import SteeringConfig, SteeringInputError
 
 from .store import Store
 
@@ -21,6 +23,7 @@ class PresetError(ValueError):
 
 
 def check_preset_name(name: str) -> str:
+    """``name`` stripped; PresetError unless it is 1-80 letters, digits, spaces, '_', '-' or '.'."""
     name = (name or "").strip()
     if not PRESET_NAME.fullmatch(name):
         raise PresetError(
@@ -30,11 +33,24 @@ def check_preset_name(name: str) -> str:
     return name
 
 
-def save_preset(store: Store, name: str, sae_id: str, config: SteeringConfig, overwrite: bool = False) -> str:
-    """Store ``config`` under ``name`` for ``sae_id``; refuses to replace an existing preset unless
-    ``overwrite``. Returns the cleaned name."""
+def _decode(name: str, payload: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as e:
+        raise PresetError(f"preset {name!r} is unreadable: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"preset {name!r} is unreadable: its JSON is not an object")
+    return data
+
+
+def write_preset(store: Store, name: str, sae_id: str, config: Mapping[str, Any], overwrite: bool = False) -> str:
+    """Store the JSON object ``config`` under ``name`` for ``sae_id``; refuses to replace an existing preset
+    unless ``overwrite``. Returns the cleaned name."""
     name = check_preset_name(name)
-    payload = config.to_json()
+    try:
+        payload = json.dumps(dict(config), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise PresetError(f"preset {name!r} cannot be stored as JSON: {e}") from None
     now = datetime.now(UTC).replace(tzinfo=None)
 
     def write(cur: Any) -> None:
@@ -52,20 +68,18 @@ def save_preset(store: Store, name: str, sae_id: str, config: SteeringConfig, ov
     return name
 
 
-def load_preset(store: Store, name: str) -> tuple[str, SteeringConfig]:
-    """``(sae_id, config)`` of preset ``name``; PresetError when absent or unreadable."""
+def read_preset(store: Store, name: str) -> tuple[str, dict[str, Any]]:
+    """``(sae_id, config dict)`` of preset ``name``; PresetError when absent or not a JSON object."""
     rows = store.rows("SELECT sae_id, config_json FROM steering_presets WHERE name = ?", [name])
     if not rows:
         raise PresetError(f"no steering preset named {name!r} in this database")
     sae_id, payload = rows[0]
-    try:
-        return str(sae_id), SteeringConfig.from_json(payload)
-    except SteeringInputError as e:
-        raise PresetError(f"preset {name!r} is unreadable: {e}") from None
+    return str(sae_id), _decode(name, payload)
 
 
-def list_presets(store: Store, sae_id: str | None = None) -> list[dict[str, Any]]:
-    """Presets, newest first: dicts with name, sae_id, created_at, config (SteeringConfig or None)."""
+def read_presets(store: Store, sae_id: str | None = None) -> list[dict[str, Any]]:
+    """Presets (of one SAE, or all), newest first: dicts with name, sae_id, created_at and config (the stored
+    dict, or None when it is not a JSON object)."""
     if sae_id is None:
         rows = store.rows("SELECT name, sae_id, config_json, created_at FROM steering_presets ORDER BY created_at DESC")
     else:
@@ -77,10 +91,10 @@ def list_presets(store: Store, sae_id: str | None = None) -> list[dict[str, Any]
     out = []
     for name, sid, payload, created in rows:
         try:
-            cfg: SteeringConfig | None = SteeringConfig.from_json(payload)
-        except SteeringInputError:
-            cfg = None
-        out.append({"name": name, "sae_id": sid, "created_at": created, "config": cfg})
+            config: dict[str, Any] | None = _decode(name, payload)
+        except PresetError:
+            config = None
+        out.append({"name": name, "sae_id": sid, "created_at": created, "config": config})
     return out
 
 
@@ -95,66 +109,6 @@ def delete_preset(store: Store, name: str) -> bool:
     return store.write(write)
 
 
-# ---- feature facts ---------------------------------------------------------------------------------------
-def sae_row(store: Store, sae_id: str) -> dict[str, Any] | None:
-    """The ``saes`` row of ``sae_id`` as a dict (what ``runtime_from_row`` reads), or None."""
-    df = store.df("SELECT * FROM saes WHERE sae_id = ?", [sae_id])
-    if df.empty:
-        return None
-    return {k: (None if _isna(v) else v) for k, v in df.iloc[0].to_dict().items()}
-
-
-def _isna(v: Any) -> bool:
-    try:
-        return bool(v != v)  # NaN / NaT
-    except (TypeError, ValueError):
-        return False
-
-
 def feature_max_acts(store: Store, sae_id: str) -> dict[int, float]:
-    """feature id -> features.max_act for every feature of ``sae_id``."""
+    """feature id -> features.max_act for every feature of ``sae_id`` (the unit of a steering ``add``)."""
     return {int(f): float(m) for f, m in store.rows("SELECT feature, max_act FROM features WHERE sae_id = ?", [sae_id])}
-
-
-def feature_summaries(store: Store, sae_id: str, features: list[int]) -> dict[int, dict[str, Any]]:
-    """Display facts for ``features``: max_act, density, label (from ``labels``), top promoted tokens."""
-    if not features:
-        return {}
-    rows = store.rows(
-        "SELECT f.feature, f.max_act, f.density, f.pos_tokens, l.label FROM features f "
-        "LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature "
-        "WHERE f.sae_id = ? AND list_contains(?, f.feature)",
-        [sae_id, [int(x) for x in features]],
-    )
-    return {
-        int(f): {"max_act": float(m), "density": float(d), "pos_tokens": list(p or [])[:5], "label": lab}
-        for f, m, d, p, lab in rows
-    }
-
-
-def search_features(store: Store, sae_id: str, query: str, limit: int = 50) -> list[int]:
-    """Feature ids matching ``query``: an id (or comma list of ids), else a case-insensitive substring of the
-    label, the promoted tokens or the search text. Live features first, by max_act."""
-    q = (query or "").strip()
-    if not q:
-        return []
-    parts = [p.strip() for p in q.split(",") if p.strip()]
-    if parts and all(p.isdigit() for p in parts):
-        wanted = [int(p) for p in parts]
-        rows = store.rows(
-            "SELECT feature FROM features WHERE sae_id = ? AND list_contains(?, feature) ORDER BY feature",
-            [sae_id, wanted],
-        )
-        found = {int(r[0]) for r in rows}
-        return [f for f in wanted if f in found]
-    needle = q.lower()
-    rows = store.rows(
-        "SELECT f.feature FROM features f "
-        "LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature "
-        "WHERE f.sae_id = ? AND ("
-        "  contains(lower(coalesce(l.label, '')), ?) OR contains(lower(coalesce(f.search_text, '')), ?) "
-        "  OR contains(lower(array_to_string(coalesce(f.pos_tokens, []::VARCHAR[]), ' ')), ?)) "
-        "ORDER BY f.dead, f.max_act DESC LIMIT ?",
-        [sae_id, needle, needle, needle, int(limit)],
-    )
-    return [int(r[0]) for r in rows]

@@ -41,6 +41,11 @@ SAE_COLUMNS = (
 )
 
 
+def sae_ids(db: Reader) -> list[str]:
+    """Every SAE id in the database, sorted."""
+    return [str(r[0]) for r in db.rows("SELECT sae_id FROM saes ORDER BY sae_id")]
+
+
 def sae_overview(db: Reader) -> pd.DataFrame:
     """One row per SAE (all ``saes`` columns but config_json), plus ``n_features`` and ``n_labelled``."""
     return db.df(
@@ -79,12 +84,6 @@ def density_range(db: Reader, sae_id: str) -> tuple[float, float]:
     if r[0] is None:
         return -8.0, 0.0
     return float(r[0]), float(r[1])
-
-
-def max_act_range(db: Reader, sae_id: str) -> float:
-    """The largest max_act of any feature of the SAE (0.0 when empty)."""
-    r = db.rows("SELECT max(max_act) FROM features WHERE sae_id = ?", [sae_id])[0][0]
-    return float(r or 0.0)
 
 
 def feature_count(db: Reader, sae_id: str) -> int:

@@ -157,18 +157,36 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
-    """The file's schema version, or None when it has no featuredict metadata."""
-    has_meta = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()
+_OLD = "old"  # catalog name a rebuild attaches the previous file under
+
+
+def _catalog(name: str) -> str:
+    """``name`` quoted as a DuckDB identifier (catalog names here are constants; quoting keeps them inert)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def schema_version(con: duckdb.DuckDBPyConnection, catalog: str | None = None) -> int | None:
+    """The file's schema version, or None when it has no featuredict metadata; ``catalog`` reads an attached
+    database instead of the connection's own."""
+    if catalog is None:
+        has_meta = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()
+        meta = "meta"
+    else:
+        has_meta = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = ? AND table_name = 'meta'",
+            [catalog],
+        ).fetchone()
+        meta = f"{_catalog(catalog)}.meta"
     if not has_meta or has_meta[0] == 0:
         return None
-    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    row = con.execute(f"SELECT value FROM {meta} WHERE key = 'schema_version'").fetchone()  # noqa: S608
     return int(row[0]) if row else None
 
 
-def check_version(con: duckdb.DuckDBPyConnection, path: str | Path) -> None:
-    """Raise DatabaseError unless the file holds featuredict tables of this schema version."""
-    version = schema_version(con)
+def check_version(con: duckdb.DuckDBPyConnection, path: str | Path, catalog: str | None = None) -> None:
+    """Raise DatabaseError unless the file (attached as ``catalog`` when given) holds featuredict tables of
+    this schema version."""
+    version = schema_version(con, catalog)
     if version is None:
         raise DatabaseError(
             f"{path} is not a featuredict database (no meta table). Build one with `featuredict build`."
@@ -178,6 +196,31 @@ def check_version(con: duckdb.DuckDBPyConnection, path: str | Path) -> None:
             f"{path} has schema version {version}, this featuredict reads version {SCHEMA_VERSION}. "
             "Rebuild it with `featuredict build` (labels are kept)."
         )
+
+
+def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str) -> None:
+    """Copy into ``con`` (a new file with this schema) what a rebuild of ``sae_id`` keeps from the database at
+    ``path``: the build tables' rows of every other SAE and every user table whole.
+
+    Raises DatabaseError when ``path`` cannot be read or holds another schema version.
+    """
+    old = _catalog(_OLD)
+    try:
+        con.execute(f"ATTACH ? AS {old} (READ_ONLY)", [str(path)])
+    except duckdb.Error as e:
+        msg = str(e).splitlines()[0]
+        raise DatabaseError(
+            f"cannot read the existing {path} to keep its labels and other SAEs: {msg}. "
+            "If the dashboard has it open, stop it, or build into another file."
+        ) from e
+    try:
+        check_version(con, path, catalog=_OLD)
+        for t in BUILD_TABLES:
+            con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
+        for t in USER_TABLES:
+            con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t}")  # noqa: S608
+    finally:
+        con.execute(f"DETACH {old}")
 
 
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:

@@ -127,10 +127,6 @@ def save_label_edit(
     )
 
 
-def delete_label(store: Store, sae_id: str, feature: int) -> None:
-    store.write(lambda cur: cur.execute("DELETE FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)]))
-
-
 def clean_list_name(name: str) -> str:
     """A list name stripped and capped; raises ValueError when blank."""
     name = re.sub(r"\s+", " ", str(name or "")).strip()[:200]
@@ -182,15 +178,6 @@ def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int) ->
     store.write(
         lambda cur: cur.execute(
             "DELETE FROM lists WHERE list_name = ? AND sae_id = ? AND feature = ?", [list_name, sae_id, int(feature)]
-        )
-    )
-
-
-def set_list_note(store: Store, list_name: str, sae_id: str, feature: int, note: str | None) -> None:
-    store.write(
-        lambda cur: cur.execute(
-            "UPDATE lists SET note = ? WHERE list_name = ? AND sae_id = ? AND feature = ?",
-            [_text(note), list_name, sae_id, int(feature)],
         )
     )
 

@@ -26,11 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from featuredict.db.filelock import replacing
-from featuredict.db.schema import BUILD_TABLES, USER_TABLES, DatabaseError, check_version, create_schema
+from featuredict.db.schema import copy_kept_rows, create_schema
 
 from . import __version__
 from .corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
 from .harvest import HarvestConfig, HarvestState, choose_bands, update
+from .models import dtype_name
 from .runtime import Runtime, load_runtime, token_strings
 from .saes import SaeSource
 
@@ -56,7 +57,7 @@ class BuildConfig:
     umap: bool = True
     outlier_norm_ratio: float = 10.0  # see Runtime.outlier_norm_ratio; 0 disables
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # model dtype; None: float32 on CPU, bfloat16 (else float16) on CUDA
     corpus_description: str | None = None
     progress: bool = True
 
@@ -73,22 +74,22 @@ class BuildResult:
     dead_fraction: float
     seconds: float
     tokens_per_s: float
+    dtype: str  # what the model ran in
 
     def summary(self) -> str:
         return (
             f"{self.sae_id}: {self.n_tokens:,} tokens in {self.n_contexts:,} contexts, d_sae={self.d_sae}, "
             f"FVE={self.fve:.3f}, L0={self.l0:.1f}, dead={self.dead_fraction:.1%}, "
-            f"{self.seconds:.1f}s ({self.tokens_per_s:,.0f} tok/s harvest) -> {self.db}"
+            f"{self.seconds:.1f}s ({self.tokens_per_s:,.0f} tok/s harvest, model in {self.dtype}) -> {self.db}"
         )
 
 
 # ---- harvesting -----------------------------------------------------------------------------------------
 
 
-def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
+def harvest_corpus(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
     """Stream the corpus through model + SAE into a HarvestState (context ids start at ``ctx_offset``)."""
     tok = rt.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     d_in = int(rt.sae.cfg.d_in)
     state = HarvestState.empty(cfg.harvest, rt.d_sae, cfg.context_size, d_in)
     contexts = iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size, rt.prepend_bos)
@@ -97,12 +98,9 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
     ctx_next = ctx_offset
     t0 = time.perf_counter()
     with torch.no_grad():
-        for ids, mask in batch_contexts(contexts, cfg.batch_size, cfg.context_size, pad):
-            x = rt.hook_acts(ids, mask)
-            f = rt.sae.encode(x)
-            recon = rt.sae.decode(f)
-            valid = rt.valid_mask(ids, mask, x)
-            f = f * valid.to(f.device).unsqueeze(-1)
+        for ids, mask in batch_contexts(contexts, cfg.batch_size, cfg.context_size, rt.pad_id):
+            x, f, valid = rt.encode(ids, mask)
+            recon = rt.sae.decode(f)  # FVE reads valid positions only, where f is not zeroed
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
@@ -115,34 +113,13 @@ def harvest(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
     bar.total = max(bar.total, bar.n)  # the last batch may overshoot the token budget
     bar.refresh()
     bar.close()
-    state.harvest_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    state.harvest_seconds = time.perf_counter() - t0
     if state.n_contexts == 0:
         raise ValueError(f"the corpus {cfg.corpus.describe()} gave no tokens")
     return state
 
 
 # ---- weight-based statistics ----------------------------------------------------------------------------
-
-
-_FINAL_NORM_PATHS = (
-    "model.norm",  # Llama, Mistral, Qwen, Gemma, SmolLM2
-    "transformer.ln_f",  # GPT-2, GPT-J, Bloom, Falcon
-    "gpt_neox.final_layer_norm",  # Pythia / GPT-NeoX
-    "model.decoder.final_layer_norm",  # OPT
-    "model.final_layernorm",  # Phi
-    "ln_final",  # TransformerLens
-)
-
-
-def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The norm applied to the residual stream right before the unembedding, or None if none is found."""
-    for path in _FINAL_NORM_PATHS:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    norms = [m for _, m in model.named_modules() if "norm" in type(m).__name__.lower()]
-    return norms[-1] if norms else None
 
 
 def unembedding(rt: Runtime) -> tuple[torch.Tensor, bool]:
@@ -152,12 +129,8 @@ def unembedding(rt: Runtime) -> tuple[torch.Tensor, bool]:
     scaling: decoder directions must then be centred too (RMSNorm does not centre). The norm's 1/rms factor
     is positive and the same for every token, so it does not change which tokens a direction promotes.
     """
-    model = rt.loaded.model
-    if rt.loaded.kind == "transformer_lens":
-        w_u = model.W_U.detach().float()
-    else:
-        w_u = model.get_output_embeddings().weight.detach().float().T
-    norm = final_norm(model)
+    w_u = rt.loaded.unembedding_matrix()
+    norm = rt.loaded.final_norm()
     name = type(norm).__name__.lower() if norm is not None else ""
     centre = "layernorm" in name and "rms" not in name
     scale = None
@@ -406,20 +379,7 @@ def _write_and_swap(
         try:
             create_schema(con)
             if path.exists() and path.stat().st_size > 0:
-                try:
-                    con.execute("ATTACH ? AS old (READ_ONLY)", [str(path)])
-                except duckdb.Error as e:
-                    msg = str(e).splitlines()[0]
-                    raise DatabaseError(
-                        f"cannot read the existing {path} to keep its labels and other SAEs: {msg}. "
-                        "If the dashboard has it open, stop it, or build into another file."
-                    ) from e
-                check_version(_Attached(con), path)
-                for t in BUILD_TABLES:
-                    con.execute(f"INSERT INTO {t} SELECT * FROM old.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
-                for t in USER_TABLES:
-                    con.execute(f"INSERT INTO {t} SELECT * FROM old.{t}")  # noqa: S608
-                con.execute("DETACH old")
+                copy_kept_rows(con, path, sae_id)  # other SAEs and every user table
             con.register("new_saes", pd.DataFrame([sae_row]))
             con.execute("INSERT INTO saes BY NAME SELECT * FROM new_saes")
             con.register("new_features", feats)
@@ -436,19 +396,6 @@ def _write_and_swap(
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
-
-
-class _Attached:
-    """Adapter so schema.check_version reads the attached old file's meta table."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection):
-        self.con = con
-
-    def execute(self, sql: str, params: list | None = None):
-        sql = sql.replace("FROM meta", "FROM old.meta").replace(
-            "FROM information_schema.tables WHERE", "FROM information_schema.tables WHERE table_catalog = 'old' AND"
-        )
-        return self.con.execute(sql, params or [])
 
 
 # ---- entry point ----------------------------------------------------------------------------------------
@@ -473,7 +420,10 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
     rt.outlier_norm_ratio = cfg.outlier_norm_ratio
     hook = rt.site.hook_name
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
-    state = harvest(rt, cfg)
+    dtype = dtype_name(rt.loaded.dtype)
+    if cfg.progress:
+        print(f"model {rt.loaded.name} runs in {dtype} on {rt.loaded.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}")
+    state = harvest_corpus(rt, cfg)
     fve = state.fve()
     if not np.isnan(fve) and fve < FVE_WARN:
         msg = (
@@ -492,7 +442,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         "model_spec": cfg.model,
         "model_name": rt.loaded.name,
         "model_kwargs": json.dumps(rt.loaded.kwargs),
-        "dtype": cfg.dtype,
+        "dtype": dtype,  # what the model ran in (config_json keeps what was asked for: null = the default)
         "sae_source": cfg.sae.to_json(),
         "hook_name": hook,
         "hook_kind": rt.site.kind,
@@ -514,7 +464,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         "config_json": json.dumps(config, default=str),
     }
     write_database(Path(cfg.db), row, feats, ex)
-    hs = getattr(state, "harvest_seconds", seconds)
+    hs = state.harvest_seconds or seconds
     return BuildResult(
         Path(cfg.db),
         sae_id,
@@ -526,4 +476,5 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         state.dead_fraction(),
         time.perf_counter() - t0,
         state.n_tokens / max(hs, 1e-9),
+        dtype,
     )

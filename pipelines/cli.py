@@ -64,11 +64,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         device=args.device,
         seed=args.seed,
+        dtype=args.dtype,
     )
     r = train_sae(cfg)
     print(
         f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
-        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s)"
+        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s, model in {r.dtype})"
     )
     print(f"FVE={r.fve:.3f}  L0={r.l0:.1f}  dead={r.dead_fraction:.1%}  -> {r.out}")
     return 0
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    t.add_argument(
+        "--dtype",
+        default=None,
+        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA where supported, else float16)",
+    )
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="harvest feature statistics into a DuckDB feature dictionary")
@@ -172,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(attention-sink 'massive activations'); 0 disables (default 10)",
     )
     b.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
-    b.add_argument("--dtype", default="float32", help="model dtype: float32 / bfloat16 / float16")
+    b.add_argument(
+        "--dtype",
+        default=None,
+        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA where supported, else float16)",
+    )
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")

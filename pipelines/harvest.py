@@ -11,6 +11,8 @@
   bottom-s sample by a hash key of (context content, feature) — a "bottom-k sketch";
 - reconstruction sums for FVE and L0.
 
+The top-k lists and the interval bands are both ``ExampleSlots`` (one slot type: one select, one merge).
+
 Example lists hold each distinct context window once. Corpora repeat text (boilerplate, licences, documents
 quoted twice), and a top-20 list showing the same window five times wastes most of its rows. Windows are
 identified by a 63-bit hash of their token ids. When two copies meet, in one batch, across batches or in
@@ -27,13 +29,16 @@ runs ``update`` per shard (context ids offset per shard) and folds the states wi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 _M31 = (1 << 31) - 1
 KEY_EMPTY = torch.iinfo(torch.int64).max
+PAD_SLOT = -1  # token id stored for padding positions of a harvested window (pipelines.build writes it)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,129 @@ def _dup_in_batch(chash: torch.Tensor, ctx_ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class ExampleSlots:
+    """Example windows in fixed-size lists, best first: the top-k lists and every interval band use this type.
+
+    Every array shares the leading dims (``[*L, n]``: lists of ``n`` slots; a batch of single candidates has no
+    slot dim); ``tok`` and ``act`` add a trailing context dim ``T``. With ``key`` the slots rank by it ascending
+    (interval samples: KEY_EMPTY = empty), without it by ``val`` descending (top-k: -inf = empty). Indexing,
+    ``slots[idx]`` and ``slots[idx] = other``, acts on the leading dims of every array at once.
+    """
+
+    val: torch.Tensor  # float32: the feature's max activation in the window
+    ctx: torch.Tensor  # int64 context id; -1 = empty
+    pos: torch.Tensor  # int64 token position of that max
+    tok: torch.Tensor  # [..., T] int32 the window's token ids
+    act: torch.Tensor  # [..., T] float32 the feature's activation on every token
+    hash: torch.Tensor  # int64 content hash of the window; -1 = empty
+    key: torch.Tensor | None = None  # int64 sampling key, ascending; None: the slots rank by val, descending
+
+    @classmethod
+    def empty(cls, lead: tuple[int, ...], n: int, context_size: int, keyed: bool = False) -> ExampleSlots:
+        s, t = (*lead, n), (*lead, n, context_size)
+        return cls(
+            val=torch.zeros(s) if keyed else torch.full(s, -torch.inf),
+            ctx=torch.full(s, -1, dtype=torch.int64),
+            pos=torch.zeros(s, dtype=torch.int64),
+            tok=torch.zeros(t, dtype=torch.int32),
+            act=torch.zeros(t, dtype=torch.float32),
+            hash=torch.full(s, -1, dtype=torch.int64),
+            key=torch.full(s, KEY_EMPTY, dtype=torch.int64) if keyed else None,
+        )
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The arrays by field name (``key`` only where the slots have one)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExampleSlots:
+        return ExampleSlots(**{name: fn(a) for name, a in self.arrays().items()})
+
+    def __getitem__(self, idx: Any) -> ExampleSlots:
+        return self._map(lambda a: a[idx])
+
+    def __setitem__(self, idx: Any, other: ExampleSlots) -> None:
+        for name, a in self.arrays().items():
+            a[idx] = getattr(other, name)
+
+    @property
+    def rank(self) -> torch.Tensor:
+        """What the slots are ordered by: ``key`` ascending, or else ``val`` descending."""
+        return self.val if self.key is None else self.key
+
+    def rows(self) -> ExampleSlots:
+        """The lists as rows, [R, n] (``tok``, ``act``: [R, n, T]): views, so writes land in these arrays."""
+        n_lead = self.ctx.dim() - 1
+        return self._map(lambda a: a.view(-1, *a.shape[n_lead:]))
+
+    def select(
+        self,
+        other: ExampleSlots,
+        rows: torch.Tensor | None = None,
+        other_rows: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> ExampleSlots:
+        """Per list, the best ``n`` entries of ``self[rows]`` and ``other[other_rows]`` together, as new lists.
+
+        self: [R, n] rows, other: [R', m] rows (views are fine: only the kept entries are read); rows and
+        other_rows pick N lists of each (all when None), paired in order; ``drop`` [N, m] marks entries of
+        ``other`` never to keep. Ties keep list position, self first (a stable sort).
+        """
+        n = self.ctx.shape[1]
+        rank_a = self.rank if rows is None else self.rank[rows]
+        rank_b = other.rank if other_rows is None else other.rank[other_rows]
+        if drop is not None:  # the worst rank there is: self's n entries all come first, so these are never kept
+            rank_b = rank_b.masked_fill(drop, -torch.inf if self.key is None else KEY_EMPTY)
+        cat = torch.cat([rank_a, rank_b], dim=1)
+        order = torch.sort(cat, dim=1, descending=self.key is None, stable=True).indices[:, :n]
+        from_a, ia, ib = order < n, order.clamp(max=n - 1), (order - n).clamp(min=0)
+        ra = (torch.arange(rank_a.shape[0]) if rows is None else rows)[:, None]
+        rb = (torch.arange(rank_b.shape[0]) if other_rows is None else other_rows)[:, None]
+
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(from_a.reshape(*from_a.shape, *([1] * (a.dim() - 2))), a[ra, ia], b[rb, ib])
+
+        return ExampleSlots(**{name: pick(a, getattr(other, name)) for name, a in self.arrays().items()})
+
+    def merge(self, other: ExampleSlots) -> ExampleSlots:
+        """Both sets of lists (same shapes) in one, list by list, as new arrays; neither input changes.
+
+        A window both lists hold is kept once: self's entry, under the smaller context id.
+        """
+        if self.ctx.shape[-1] == 0:
+            return self
+        a, b = self.rows(), other.rows()
+        a = replace(a, ctx=a.ctx.clone())
+        held = _fold_twins(a.ctx, a.hash, b.hash, b.ctx)
+        lead = self.ctx.shape[:-1]
+        return a.select(b, drop=held)._map(lambda t: t.view(*lead, *t.shape[1:]))
+
+
+def _fold_twins(
+    ctx: torch.Tensor,
+    hash_a: torch.Tensor,
+    hash_b: torch.Tensor,
+    ctx_b: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Windows that candidate lists b share with held lists a, row by row: a's entry takes the smaller id.
+
+    ctx: [R, Ka] context ids of the held lists, lowered in place (contiguous); hash_a: [N, Ka] the hashes of
+    lists ``rows`` of them (all R when None); hash_b, ctx_b: [N, Kb] the candidates (hash -1: none).
+    Returns the mask over b of windows a already holds, [N, Kb].
+    """
+    same = (hash_a[:, :, None] == hash_b[:, None, :]) & (hash_b[:, None, :] >= 0)  # [N, Ka, Kb]
+    if same.any():
+        i, k, j = same.nonzero(as_tuple=True)
+        r = i if rows is None else rows[i]
+        ctx.view(-1).scatter_reduce_(0, r * ctx.shape[1] + k, ctx_b[i, j], "amin")
+    return same.any(1)
+
+
+def _alias(slots: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, slots), name), doc=f"``{slots}.{name}``")
+
+
+@dataclass
 class HarvestState:
     """Mergeable harvest state. Shapes: F = d_sae, K = top_k, NB = bands, S = samples, T = context, D = d_in."""
 
@@ -106,27 +234,32 @@ class HarvestState:
     act_sum: torch.Tensor = field(default=None)  # [F] float64
     max_act: torch.Tensor = field(default=None)  # [F] float32
     hist: torch.Tensor = field(default=None)  # [F, n_hist_bins] int64
-    top_val: torch.Tensor = field(default=None)  # [F, K] float32, descending; -inf = empty
-    top_ctx: torch.Tensor = field(default=None)  # [F, K] int64; -1 = empty
-    top_pos: torch.Tensor = field(default=None)  # [F, K] int64
-    top_tok: torch.Tensor = field(default=None)  # [F, K, T] int32
-    top_act: torch.Tensor = field(default=None)  # [F, K, T] float32
-    top_hash: torch.Tensor = field(default=None)  # [F, K] int64 content hash of the window; -1 = empty
-    smp_key: torch.Tensor = field(default=None)  # [F, NB, S] int64, ascending; KEY_EMPTY = empty
-    smp_val: torch.Tensor = field(default=None)  # [F, NB, S] float32
-    smp_ctx: torch.Tensor = field(default=None)  # [F, NB, S] int64
-    smp_pos: torch.Tensor = field(default=None)  # [F, NB, S] int64
-    smp_tok: torch.Tensor = field(default=None)  # [F, NB, S, T] int32
-    smp_act: torch.Tensor = field(default=None)  # [F, NB, S, T] float32
-    smp_hash: torch.Tensor = field(default=None)  # [F, NB, S] int64 content hash; -1 = empty
+    top: ExampleSlots = field(default=None)  # [F, K] top-k contexts by max activation, descending
+    smp: ExampleSlots = field(default=None)  # [F, NB, S] interval samples by hash key, ascending
     sum_x: torch.Tensor = field(default=None)  # [D] float64
     sum_x2: float = 0.0  # sum of squared norms of x
     sse: float = 0.0  # sum of squared reconstruction errors
     l0_sum: float = 0.0  # sum over tokens of active-feature counts
+    harvest_seconds: float = 0.0  # wall time spent harvesting, summed over shards
+
+    # the example arrays under their flat names (as the saved state dict has them)
+    top_val = _alias("top", "val")
+    top_ctx = _alias("top", "ctx")
+    top_pos = _alias("top", "pos")
+    top_tok = _alias("top", "tok")
+    top_act = _alias("top", "act")
+    top_hash = _alias("top", "hash")
+    smp_key = _alias("smp", "key")
+    smp_val = _alias("smp", "val")
+    smp_ctx = _alias("smp", "ctx")
+    smp_pos = _alias("smp", "pos")
+    smp_tok = _alias("smp", "tok")
+    smp_act = _alias("smp", "act")
+    smp_hash = _alias("smp", "hash")
 
     @classmethod
     def empty(cls, cfg: HarvestConfig, d_sae: int, context_size: int, d_in: int) -> HarvestState:
-        F, K, T, NB, S = d_sae, cfg.top_k, context_size, cfg.n_bands, cfg.samples_per_band
+        F, T = d_sae, context_size
         nh = len(cfg.hist_edges()) - 1
         return cls(
             cfg=cfg,
@@ -134,19 +267,8 @@ class HarvestState:
             act_sum=torch.zeros(F, dtype=torch.float64),
             max_act=torch.zeros(F, dtype=torch.float32),
             hist=torch.zeros(F, nh, dtype=torch.int64),
-            top_val=torch.full((F, K), -torch.inf),
-            top_ctx=torch.full((F, K), -1, dtype=torch.int64),
-            top_pos=torch.zeros(F, K, dtype=torch.int64),
-            top_tok=torch.zeros(F, K, T, dtype=torch.int32),
-            top_act=torch.zeros(F, K, T, dtype=torch.float32),
-            top_hash=torch.full((F, K), -1, dtype=torch.int64),
-            smp_key=torch.full((F, NB, S), KEY_EMPTY, dtype=torch.int64),
-            smp_val=torch.zeros(F, NB, S, dtype=torch.float32),
-            smp_ctx=torch.full((F, NB, S), -1, dtype=torch.int64),
-            smp_pos=torch.zeros(F, NB, S, dtype=torch.int64),
-            smp_tok=torch.zeros(F, NB, S, T, dtype=torch.int32),
-            smp_act=torch.zeros(F, NB, S, T, dtype=torch.float32),
-            smp_hash=torch.full((F, NB, S), -1, dtype=torch.int64),
+            top=ExampleSlots.empty((F,), cfg.top_k, T),
+            smp=ExampleSlots.empty((F, cfg.n_bands), cfg.samples_per_band, T, keyed=True),
             sum_x=torch.zeros(d_in, dtype=torch.float64),
         )
 
@@ -174,43 +296,6 @@ class HarvestState:
         return float((self.fire_count == 0).double().mean())
 
 
-# ---- pure selection helpers -----------------------------------------------------------------------------
-
-
-def _pick(a: torch.Tensor, b: torch.Tensor, from_a: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-    """Gather along dim 1: ``a[r, ia]`` where ``from_a`` else ``b[r, ib]``. a: [N, Ka, ...], b: [N, Kb, ...]."""
-    extra = a.shape[2:]
-    shape = (*ia.shape, *extra)
-
-    def g(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return src.gather(1, idx.reshape(*idx.shape, *([1] * len(extra))).expand(shape))
-
-    m = from_a.reshape(*from_a.shape, *([1] * len(extra)))
-    return torch.where(m, g(a, ia), g(b, ib))
-
-
-def _merge_rows(
-    keys_a: torch.Tensor,
-    keys_b: torch.Tensor,
-    payload_a: list[torch.Tensor],
-    payload_b: list[torch.Tensor],
-    descending: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per row, keep the best ``Ka`` of the union of two candidate lists.
-
-    keys_a: [N, Ka] (the kept size), keys_b: [N, Kb]. Ties are broken by list position (a first) with a
-    stable sort, which is deterministic for a given arrival order.
-    """
-    ka = keys_a.shape[1]
-    cat = torch.cat([keys_a, keys_b], dim=1)
-    order = torch.sort(cat, dim=1, descending=descending, stable=True).indices[:, :ka]
-    from_a = order < ka
-    ia = order.clamp(max=ka - 1)
-    ib = (order - ka).clamp(min=0)
-    keys = cat.gather(1, order)
-    return keys, [_pick(pa, pb, from_a, ia, ib) for pa, pb in zip(payload_a, payload_b, strict=True)]
-
-
 # ---- streaming update -----------------------------------------------------------------------------------
 
 
@@ -236,8 +321,8 @@ def update(
     valid = valid.cpu()
     ctx_ids = ctx_ids.cpu().to(torch.int64)
     B, T, F = feats.shape
-    if T != state.top_tok.shape[2]:
-        raise ValueError(f"batch context length {T} != state context length {state.top_tok.shape[2]}")
+    if T != state.top.tok.shape[-1]:
+        raise ValueError(f"batch context length {T} != state context length {state.top.tok.shape[-1]}")
 
     n_valid = int(valid.sum())
     state.n_tokens += n_valid
@@ -272,51 +357,45 @@ def update(
     _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
 
 
-def _select(
-    keys_a: torch.Tensor, keys_b: torch.Tensor, descending: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, the best ``Ka`` keys of the union of two lists, on keys only (payload is gathered lazily).
-
-    keys_a: [N, Ka], keys_b: [N, Kb] -> (keys [N, Ka], from_a [N, Ka] bool, ia, ib): slot j holds
-    ``a[ia[j]]`` where ``from_a[j]`` else ``b[ib[j]]``. Stable sort: ties keep list position (a first).
-    """
-    ka = keys_a.shape[1]
-    cat = torch.cat([keys_a, keys_b], dim=1)
-    order = torch.sort(cat, dim=1, descending=descending, stable=True).indices[:, :ka]
-    return cat.gather(1, order), order < ka, order.clamp(max=ka - 1), (order - ka).clamp(min=0)
-
-
-def _where(from_a: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    m = from_a.reshape(*from_a.shape, *([1] * (a.dim() - from_a.dim())))
-    return torch.where(m, a, b)
-
-
-def _update_top(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos) -> None:
-    K = state.top_val.shape[1]
-    cand = seq_max.T  # [F, B]
-    better = (cand > state.top_val[:, K - 1 : K]) & (cand > 0) & ~dup[None, :]
-    # [F, K, B]: the row already holds the window; in-batch copies are skipped (the copy with the batch's
-    # smallest id stands for them, so one write per held cell)
-    held = (state.top_hash[:, :, None] == chash[None, None, :]) & ~dup[None, None, :]
-    if held.any():  # keep the held entry, under the smaller context id
-        f_i, k_i, b_i = held.nonzero(as_tuple=True)
-        state.top_ctx[f_i, k_i] = torch.minimum(state.top_ctx[f_i, k_i], ctx_ids[b_i])
-        better &= ~held.any(1)
+def _update_top(
+    state: HarvestState,
+    feats: torch.Tensor,
+    tokens: torch.Tensor,
+    ctx_ids: torch.Tensor,
+    chash: torch.Tensor,
+    dup: torch.Tensor,
+    seq_max: torch.Tensor,
+    seq_pos: torch.Tensor,
+) -> None:
+    top = state.top  # [F, K]
+    B, T, F = feats.shape
+    # the batch as one [B] candidate list per feature, all views (no [F, B, T] copy); in-batch copies of a window
+    # get no hash and are skipped: the copy with the batch's smallest id stands for them
+    batch = ExampleSlots(
+        val=seq_max.T,
+        ctx=ctx_ids.expand(F, B),
+        pos=seq_pos.T,
+        tok=tokens.to(torch.int32).expand(F, B, T),
+        act=feats.permute(2, 0, 1),
+        hash=chash.masked_fill(dup, -1).expand(F, B),
+    )
+    held = _fold_twins(top.ctx, top.hash, batch.hash, batch.ctx)  # held windows stay, under the smaller id
+    better = (batch.val > top.val[:, -1:]) & (batch.val > 0) & ~dup & ~held
     aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
-    if aff.numel() == 0:
-        return
-    new_val = torch.where(better[aff], cand[aff], -torch.inf)  # [A, B]: column = batch index
-    keys, from_a, ia, ib = _select(state.top_val[aff], new_val, descending=True)
-    rows = aff[:, None]
-    state.top_ctx[aff] = _where(from_a, state.top_ctx[rows, ia], ctx_ids[ib])
-    state.top_pos[aff] = _where(from_a, state.top_pos[rows, ia], seq_pos[ib, rows])
-    state.top_tok[aff] = _where(from_a, state.top_tok[rows, ia], tokens[ib].to(torch.int32))
-    state.top_act[aff] = _where(from_a, state.top_act[rows, ia], feats[ib, :, rows])
-    state.top_hash[aff] = _where(from_a, state.top_hash[rows, ia], chash[ib])
-    state.top_val[aff] = keys
+    if aff.numel():
+        top[aff] = top.select(batch, rows=aff, other_rows=aff, drop=~better[aff])
 
 
-def _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos) -> None:
+def _update_samples(
+    state: HarvestState,
+    feats: torch.Tensor,
+    tokens: torch.Tensor,
+    ctx_ids: torch.Tensor,
+    chash: torch.Tensor,
+    dup: torch.Tensor,
+    seq_max: torch.Tensor,
+    seq_pos: torch.Tensor,
+) -> None:
     cfg = state.cfg
     NB, S = cfg.n_bands, cfg.samples_per_band
     if S == 0:
@@ -328,12 +407,10 @@ def _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
     band = (torch.floor(torch.log2(v)).to(torch.int64) - cfg.band_lo_exp).clamp(0, NB - 1)
     key = hash_key(chash[b], f)
     slot = f * NB + band
-    flat_key, flat_hash, flat_ctx = state.smp_key.view(-1, S), state.smp_hash.view(-1, S), state.smp_ctx.view(-1, S)
-    held = flat_hash[slot] == chash[b][:, None]  # [n, S]: the slot already holds this window
-    if held.any():
-        c_i, s_i = held.nonzero(as_tuple=True)
-        flat_ctx[slot[c_i], s_i] = torch.minimum(flat_ctx[slot[c_i], s_i], ctx_ids[b[c_i]])
-    keep = (key < flat_key[slot, S - 1]) & ~held.any(1)
+    smp = state.smp.rows()  # [F * NB, S] views
+    # each candidate against its slot's list: a held window stays, under the smaller id
+    held = _fold_twins(smp.ctx, smp.hash[slot], chash[b][:, None], ctx_ids[b][:, None], rows=slot)[:, 0]
+    keep = (key < smp.key[slot, S - 1]) & ~held
     if not keep.any():
         return
     b, f, v, key, slot = b[keep], f[keep], v[keep], key[keep], slot[keep]
@@ -346,67 +423,26 @@ def _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
     ok = rank < S
     b, f, v, key, rank = b[ok], f[ok], v[ok], key[ok], rank[ok]
     row = torch.repeat_interleave(torch.arange(uslot.numel()), counts)[ok]
-    U, T = uslot.numel(), tokens.shape[1]
-    nk = torch.full((U, S), KEY_EMPTY, dtype=torch.int64)
-    nv = torch.zeros(U, S)
-    nc = torch.full((U, S), -1, dtype=torch.int64)
-    npos = torch.zeros(U, S, dtype=torch.int64)
-    ntok = torch.zeros(U, S, T, dtype=torch.int32)
-    nact = torch.zeros(U, S, T)
-    nh = torch.full((U, S), -1, dtype=torch.int64)
-    nk[row, rank], nv[row, rank], nc[row, rank], nh[row, rank] = key, v, ctx_ids[b], chash[b]
-    npos[row, rank] = seq_pos[b, f]
-    ntok[row, rank] = tokens[b].to(torch.int32)
-    nact[row, rank] = feats[b, :, f]
-    fk, fv, fc, fp, fh = (
-        t.view(-1, S) for t in (state.smp_key, state.smp_val, state.smp_ctx, state.smp_pos, state.smp_hash)
+    new = ExampleSlots.empty((uslot.numel(),), S, tokens.shape[1], keyed=True)
+    new[row, rank] = ExampleSlots(
+        val=v,
+        ctx=ctx_ids[b],
+        pos=seq_pos[b, f],
+        tok=tokens[b].to(torch.int32),
+        act=feats[b, :, f],
+        hash=chash[b],
+        key=key,
     )
-    ftok, fact = state.smp_tok.view(-1, S, T), state.smp_act.view(-1, S, T)
-    keys, from_a, ia, ib = _select(fk[uslot], nk, descending=False)
-    rows, nrows = uslot[:, None], torch.arange(U)[:, None]
-    fv[uslot] = _where(from_a, fv[rows, ia], nv[nrows, ib])
-    fc[uslot] = _where(from_a, fc[rows, ia], nc[nrows, ib])
-    fp[uslot] = _where(from_a, fp[rows, ia], npos[nrows, ib])
-    ftok[uslot] = _where(from_a, ftok[rows, ia], ntok[nrows, ib])
-    fact[uslot] = _where(from_a, fact[rows, ia], nact[nrows, ib])
-    fh[uslot] = _where(from_a, fh[rows, ia], nh[nrows, ib])
-    fk[uslot] = keys
+    smp[uslot] = smp.select(new, rows=uslot)
 
 
 # ---- merging shard states -------------------------------------------------------------------------------
 
 
-def _fold_duplicates(
-    hash_a: torch.Tensor, ctx_a: torch.Tensor, hash_b: torch.Tensor, ctx_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of two example lists, [N, Ka] and [N, Kb]: the windows b holds that a's row holds too.
-
-    Returns (a's context ids, each lowered to its b twin's id where that is smaller, [N, Ka];
-    mask over b's entries to drop, [N, Kb]).
-    """
-    same = (hash_a[:, :, None] == hash_b[:, None, :]) & (hash_b[:, None, :] >= 0)  # [N, Ka, Kb]
-    twin = torch.where(same, ctx_b[:, None, :], torch.iinfo(torch.int64).max).amin(2)  # [N, Ka]
-    return torch.minimum(ctx_a, twin), same.any(1)
-
-
 def merge(a: HarvestState, b: HarvestState) -> HarvestState:
     """The state of one run over both shards (contexts must have distinct ids)."""
-    if a.cfg != b.cfg or a.top_tok.shape != b.top_tok.shape:
+    if a.cfg != b.cfg or a.top.tok.shape != b.top.tok.shape:
         raise ValueError("cannot merge harvest states with different configs or shapes")
-    F, NB, S, T = a.d_sae, a.cfg.n_bands, a.cfg.samples_per_band, a.top_tok.shape[2]
-    # a window both shards hold is kept once (a's entry, under the smaller context id); b's copy is dropped
-    a_top_ctx, b_dup = _fold_duplicates(a.top_hash, a.top_ctx, b.top_hash, b.top_ctx)
-    top_val, (top_ctx, top_pos, top_tok, top_act, top_hash) = _merge_rows(
-        a.top_val,
-        b.top_val.masked_fill(b_dup, -torch.inf),
-        [a_top_ctx, a.top_pos, a.top_tok, a.top_act, a.top_hash],
-        [b.top_ctx, b.top_pos, b.top_tok, b.top_act, b.top_hash],
-        descending=True,
-    )
-    if S == 0:  # no interval samples kept: the (empty) sample tensors stay as they are
-        smp_key, smp = a.smp_key, [a.smp_val, a.smp_ctx, a.smp_pos, a.smp_tok, a.smp_act, a.smp_hash]
-    else:
-        smp_key, smp = _merge_samples(a, b)
     return HarvestState(
         cfg=a.cfg,
         n_tokens=a.n_tokens + b.n_tokens,
@@ -415,58 +451,29 @@ def merge(a: HarvestState, b: HarvestState) -> HarvestState:
         act_sum=a.act_sum + b.act_sum,
         max_act=torch.maximum(a.max_act, b.max_act),
         hist=a.hist + b.hist,
-        top_val=top_val,
-        top_ctx=top_ctx,
-        top_pos=top_pos,
-        top_tok=top_tok,
-        top_act=top_act,
-        top_hash=top_hash,
-        smp_key=smp_key.view(F, NB, S),
-        smp_val=smp[0].view(F, NB, S),
-        smp_ctx=smp[1].view(F, NB, S),
-        smp_pos=smp[2].view(F, NB, S),
-        smp_tok=smp[3].view(F, NB, S, T),
-        smp_act=smp[4].view(F, NB, S, T),
-        smp_hash=smp[5].view(F, NB, S),
+        top=a.top.merge(b.top),
+        smp=a.smp.merge(b.smp),
         sum_x=a.sum_x + b.sum_x,
         sum_x2=a.sum_x2 + b.sum_x2,
         sse=a.sse + b.sse,
         l0_sum=a.l0_sum + b.l0_sum,
+        harvest_seconds=a.harvest_seconds + b.harvest_seconds,
     )
 
 
-def _merge_samples(a: HarvestState, b: HarvestState) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Interval samples of both states, per (feature, band) row: flat key [F*NB, S] and payloads."""
-    S, T = a.cfg.samples_per_band, a.top_tok.shape[2]
-    a_smp_ctx, b_dup = _fold_duplicates(
-        a.smp_hash.view(-1, S), a.smp_ctx.view(-1, S), b.smp_hash.view(-1, S), b.smp_ctx.view(-1, S)
-    )
-    return _merge_rows(
-        a.smp_key.view(-1, S),
-        b.smp_key.view(-1, S).masked_fill(b_dup, KEY_EMPTY),
-        [
-            a.smp_val.view(-1, S),
-            a_smp_ctx,
-            a.smp_pos.view(-1, S),
-            a.smp_tok.view(-1, S, T),
-            a.smp_act.view(-1, S, T),
-            a.smp_hash.view(-1, S),
-        ],
-        [
-            b.smp_val.view(-1, S),
-            b.smp_ctx.view(-1, S),
-            b.smp_pos.view(-1, S),
-            b.smp_tok.view(-1, S, T),
-            b.smp_act.view(-1, S, T),
-            b.smp_hash.view(-1, S),
-        ],
-        descending=False,
-    )
+_SLOTS = ("top", "smp")
 
 
 def state_dict(state: HarvestState) -> dict:
-    """Plain dict (tensors + numbers) for ``torch.save``; ``from_state_dict`` restores it."""
-    d = {f.name: getattr(state, f.name) for f in fields(state) if f.name != "cfg"}
+    """Plain dict (tensors + numbers) for ``torch.save``, example arrays flat (``top_val``, ``smp_key``, ...);
+    ``from_state_dict`` restores it."""
+    d: dict = {}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if f.name in _SLOTS:
+            d.update({f"{f.name}_{name}": a for name, a in value.arrays().items()})
+        elif f.name != "cfg":
+            d[f.name] = value
     d["cfg"] = state.cfg.__dict__.copy()
     return d
 
@@ -474,7 +481,10 @@ def state_dict(state: HarvestState) -> dict:
 def from_state_dict(d: dict) -> HarvestState:
     d = dict(d)
     cfg = HarvestConfig(**d.pop("cfg"))
-    return HarvestState(cfg=cfg, **d)
+    slots = {
+        s: ExampleSlots(**{k.removeprefix(f"{s}_"): d.pop(k) for k in list(d) if k.startswith(f"{s}_")}) for s in _SLOTS
+    }
+    return HarvestState(cfg=cfg, **slots, **d)
 
 
 def choose_bands(populated: list[int], n_show: int) -> list[int]:

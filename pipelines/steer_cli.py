@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TextIO
 
 from .steering import (
-    FeatureEdit,
     GenerationResult,
-    GenerationSettings,
     GenerationStream,
     SteeringConfig,
     SteeringInputError,
+    load_preset,
     prepare,
+    save_preset,
     validate_config,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from .runtime import Runtime
 
 EXIT_BAD_INPUT = 2
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``steer`` subcommand to ``subparsers`` (an ``argparse`` sub-parsers action)."""
     p = subparsers.add_parser(
         "steer",
@@ -73,37 +78,25 @@ class _BadInput(Exception):
     pass
 
 
-def _num(raw: str | None, conv: type, name: str, default: Any) -> Any:
-    if raw is None:
-        return default
-    try:
-        return conv(raw)
-    except ValueError:
-        raise _BadInput(f"{name} {raw!r} is not a valid {'integer' if conv is int else 'number'}") from None
-
-
 def build_config(args: argparse.Namespace, base: SteeringConfig | None = None) -> SteeringConfig:
-    """The SteeringConfig the flags describe, on top of ``base`` (a preset) when given."""
-    base = base or SteeringConfig(prompt="")
-    g = base.generation
-    gen = GenerationSettings(
-        max_new_tokens=_num(args.max_new_tokens, int, "--max-new-tokens", g.max_new_tokens),
-        temperature=_num(args.temperature, float, "--temperature", g.temperature),
-        top_p=_num(args.top_p, float, "--top-p", g.top_p),
-        seed=_num(args.seed, int, "--seed", g.seed),
-    )
-    edits = tuple(FeatureEdit.parse(s) for s in args.feature) if args.feature else base.edits
-    return replace(
-        base,
-        prompt=args.prompt if args.prompt is not None else base.prompt,
-        edits=edits,
-        positions="generated" if args.generated_only else base.positions,
-        chat_template=False if args.no_chat_template else base.chat_template,
-        generation=gen,
+    """The SteeringConfig the flags describe, on top of ``base`` (a preset) when given; flags not given keep
+    ``base``'s settings."""
+    return SteeringConfig.from_mapping(
+        {
+            "prompt": args.prompt,
+            "edits": args.feature or None,
+            "positions": "generated" if args.generated_only else None,
+            "chat_template": False if args.no_chat_template else None,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+        },
+        base=base,
     )
 
 
-def _stream(stream: GenerationStream, out: Any) -> GenerationResult:
+def _stream(stream: GenerationStream, out: TextIO) -> GenerationResult:
     for piece in stream:
         out.write(piece)
         out.flush()
@@ -111,8 +104,8 @@ def _stream(stream: GenerationStream, out: Any) -> GenerationResult:
     return stream.result
 
 
-def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
-    if res.acts_before is None or not res.features or not len(res.token_ids):
+def _print_acts(res: GenerationResult, rt: Runtime, out: TextIO) -> None:
+    if res.acts_before is None or res.acts_after is None or not res.features or not res.token_ids:
         return
     toks = rt.token_strings(res.token_ids)
     head = "".join(f" | {'#' + str(f) + ' before':>14} {'after':>7}" for f in res.features)
@@ -126,7 +119,8 @@ def _print_acts(res: GenerationResult, rt: Any, out: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``featuredict steer``; 0 on success, 2 on bad input (one line on stderr)."""
-    from featuredict.db.presets import PresetError, check_preset_name, feature_max_acts, load_preset, sae_row, save_preset
+    from featuredict.db import queries
+    from featuredict.db.presets import PresetError, check_preset_name, feature_max_acts
     from featuredict.db.schema import DatabaseError
     from featuredict.db.store import Store
 
@@ -146,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
                     raise _BadInput(f"preset {args.preset!r} is for SAE {preset_sae!r}, not {sae_id!r}")
                 sae_id = preset_sae
             if sae_id is None:
-                ids = [r[0] for r in store.rows("SELECT sae_id FROM saes ORDER BY sae_id")]
+                ids = queries.sae_ids(store)
                 if len(ids) != 1:
                     raise _BadInput(f"give --sae: the database holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
                 sae_id = ids[0]
-            row = sae_row(store, sae_id)
+            row = queries.sae_info(store, sae_id)
             if row is None:
-                known = ", ".join(r[0] for r in store.rows("SELECT sae_id FROM saes ORDER BY sae_id")) or "none"
+                known = ", ".join(queries.sae_ids(store)) or "none"
                 raise _BadInput(f"no SAE {sae_id!r} in {args.db} (it holds: {known})")
             config = build_config(args, base)
             if not config.edits:
@@ -189,23 +183,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate_both(
-    rt: Any, config: SteeringConfig, max_acts: Any, ids: Any, notes: list[str], out: Any
+    rt: Runtime,
+    config: SteeringConfig,
+    max_acts: Mapping[int, float],
+    ids: torch.Tensor,
+    notes: list[str],
+    out: TextIO,
 ) -> GenerationResult:
     """Baseline, then steered, streamed to ``out``; returns the steered result."""
     _stream(GenerationStream(rt, config, steer=False, max_acts=max_acts, record=False, ids=ids, notes=notes), out)
     where = "generated tokens only" if config.positions == "generated" else "prompt and generated tokens"
     out.write(f"\n=== steered: {config.describe()} ({where}) ===\n")
     return _stream(GenerationStream(rt, config, steer=True, max_acts=max_acts, ids=ids, notes=notes), out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m pipelines.steer_cli steer ...``) until the main CLI wires it."""
-    parser = argparse.ArgumentParser(prog="featuredict")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,12 +4,18 @@ Runs sae-lens's ``LanguageModelSAETrainingRunner`` with ``model_class_name="Auto
 ``HookedProxyLM`` hooks Hugging Face module names such as ``model.layers.15``), no wandb, no hub; the corpus
 is passed as an in-memory ``datasets.Dataset`` with a ``text`` column. The result is a sae-lens folder
 (``cfg.json`` + ``sae_weights.safetensors``) that ``featuredict build --sae FOLDER`` reads.
+
+The model runs in ``TrainConfig.dtype``, else ``default_dtype`` of the device (float32 on CPU): sae-lens loads it
+with ``AutoModelForCausalLM.from_pretrained(**model_from_pretrained_kwargs)``, so the dtype travels there
+(without it transformers keeps the checkpoint's stored dtype, fp16 for many checkpoints). The SAE's
+``cfg.json`` metadata records it, and ``featuredict_train.json`` next to it records the run's summary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -20,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .corpus import CorpusSpec, iter_documents, validate
-from .models import ModelLoadError, pick_device, resolve_hf_path
+from .corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
+from .models import ModelLoadError, dtype_name, pick_device, resolve_dtype, resolve_hf_path
+
+SUMMARY_FILE = "featuredict_train.json"
 
 
 @dataclass
@@ -37,6 +45,7 @@ class TrainConfig:
     batch_tokens: int = 256
     lr: float = 3e-3  # measured: 4e-4 barely moves a TopK SAE in ~100k tokens (FVE 0.00 vs 0.81 on stories260K)
     device: str | None = None
+    dtype: str | None = None  # model dtype; None: float32 on CPU, bfloat16 (else float16) on CUDA
     seed: int = 42
     max_docs: int | None = None
 
@@ -49,6 +58,17 @@ class TrainResult:
     dead_fraction: float
     seconds: float
     tokens_per_s: float
+    dtype: str  # what the model ran in
+
+    def summary(self) -> dict[str, float | str]:
+        return {
+            "fve": self.fve,
+            "l0": self.l0,
+            "dead_fraction": self.dead_fraction,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "model_dtype": self.dtype,
+        }
 
 
 def _dataset(spec: CorpusSpec, max_docs: int | None, max_chars: int | None = None):
@@ -84,7 +104,11 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot read model config of {cfg.model!r}: {str(e).splitlines()[0]}") from e
     d_in = int(mcfg.hidden_size)
-    device = str(pick_device(cfg.device))
+    dev = pick_device(cfg.device)
+    device = str(dev)
+    dtype = dtype_name(resolve_dtype(cfg.dtype, dev))
+    if progress:
+        print(f"model {cfg.model} runs in {dtype} on {device}; SAE in float32")
     # ~4 characters per token in English; read 3x the tokens training needs, then stop
     ds = _dataset(cfg.corpus, cfg.max_docs, max_chars=12 * cfg.training_tokens)
     work = Path(tempfile.mkdtemp(prefix="featuredict-train-"))
@@ -102,6 +126,7 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         ),
         model_name=path,
         model_class_name="AutoModelForCausalLM",
+        model_from_pretrained_kwargs={"dtype": dtype},  # else transformers keeps the checkpoint's dtype
         hook_name=cfg.hook,
         dataset_path="",
         is_dataset_tokenized=False,
@@ -147,34 +172,35 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    fve, l0, dead = evaluate(cfg, out)
-    return TrainResult(out, fve, l0, dead, seconds, cfg.training_tokens / max(seconds, 1e-9))
+    fve, l0, dead = evaluate(cfg, out, dtype=dtype)
+    result = TrainResult(out, fve, l0, dead, seconds, cfg.training_tokens / max(seconds, 1e-9), dtype)
+    (out / SUMMARY_FILE).write_text(json.dumps(result.summary()), encoding="utf-8")
+    return result
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, sae_dir: Path, max_tokens: int = 8192) -> tuple[float, float, float]:
-    """FVE, L0 and dead fraction of a saved SAE on the first ``max_tokens`` of the corpus."""
-    from .corpus import batch_contexts, iter_contexts
+def evaluate(
+    cfg: TrainConfig, sae_dir: Path, max_tokens: int = 8192, dtype: str | None = None
+) -> tuple[float, float, float]:
+    """FVE, L0 and dead fraction of a saved SAE on the first ``max_tokens`` of the corpus (model in ``dtype``,
+    else ``cfg.dtype``, else the device's default)."""
     from .harvest import HarvestConfig, HarvestState, update
     from .runtime import load_runtime
     from .saes import SaeSource
 
-    rt = load_runtime(cfg.model, SaeSource(kind="folder", path=str(sae_dir)), device=cfg.device)
+    rt = load_runtime(
+        cfg.model, SaeSource(kind="folder", path=str(sae_dir)), device=cfg.device, dtype=dtype or cfg.dtype
+    )
     tok = rt.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     st = HarvestState.empty(
         HarvestConfig(top_k=1, samples_per_band=0), rt.d_sae, cfg.context_size, int(rt.sae.cfg.d_in)
     )
     ctx = 0
     for ids, mask in batch_contexts(
-        iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size), 8, cfg.context_size, pad
+        iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size), 8, cfg.context_size, rt.pad_id
     ):
-        x = rt.hook_acts(ids, mask)
-        f = rt.sae.encode(x)
-        valid = rt.valid_mask(ids, mask, x)
-        update(
-            st, f * valid.to(f.device).unsqueeze(-1), ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f)
-        )
+        x, f, valid = rt.encode(ids, mask)
+        update(st, f, ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f))
         ctx += len(ids)
         if st.n_tokens >= max_tokens:
             break

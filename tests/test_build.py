@@ -341,6 +341,8 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
 
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    from featuredict.pipelines.backends import HFBackend, TLBackend
+
     torch.manual_seed(0)
     d_model, vocab = 32, 300
     if arch.startswith("llama"):
@@ -378,7 +380,8 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
     with torch.no_grad():  # non-trivial norm weights (and biases), so a missed fold or centring shows
         for name, p in norm.named_parameters():
             p.copy_(torch.rand_like(p) * 2 + 0.1 if name in ("weight", "w") else torch.randn_like(p))
-    rt = SimpleNamespace(loaded=SimpleNamespace(model=model, kind=kind))
+    backend = TLBackend if kind == "transformer_lens" else HFBackend
+    rt = SimpleNamespace(loaded=backend(model, None))
     w_u, centre = build_mod.unembedding(rt)
     assert centre == ("layernorm" in arch)
     d = torch.randn(20, d_model)
@@ -398,3 +401,23 @@ def test_train_sae_reads_only_as_much_corpus_as_it_needs(tmp_path: Path):
     ds = _dataset(CorpusSpec(str(corpus)), None, max_chars=10_000)
     assert 30 < len(ds) < 60  # ~260 characters per document
     assert len(_dataset(CorpusSpec(str(corpus)), 7)) == 7
+
+
+def test_build_refuses_to_replace_a_file_it_cannot_keep_rows_from(
+    tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    from featuredict.db.schema import DatabaseError
+
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE notes (x INTEGER)")
+    con.close()
+    newer = build_tiny_db(tmp_path / "v.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=300)
+    con = duckdb.connect(str(newer))
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    for db, needle in ((other, "not a featuredict database"), (newer, "schema version 99")):
+        before = db.read_bytes()
+        with pytest.raises(DatabaseError, match=needle):
+            build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=300)
+        assert db.read_bytes() == before

@@ -1,7 +1,7 @@
 """Streamlit AppTests of every dashboard page, run through dashboard/app.py (st.navigation), with the database
 passed as $FEATUREDICT_DB and the view as query parameters. Databases are SYNTHETIC (bench/synth_db.py) unless
 noted; prompt/concept search use a database whose SAE row reloads the real tiny test model + SAE, and the
-``tiny_db`` tests use the lead's pipeline-built database when conftest.py provides it."""
+``tiny_db`` tests use the database the real build pipeline writes (conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from featuredict.dashboard.common import steer_available
+from featuredict.dashboard.common import open_store, steer_available
 from featuredict.dashboard.export import export_list
 from featuredict.db import queries as q
 from featuredict.db import writes
@@ -333,7 +333,10 @@ def test_lists_empty(monkeypatch, synth_db):
 # --------------------------------------------------------------------------------------- broken databases
 
 
-@pytest.mark.parametrize("page", [None, "feature", "search", "map", "lists"])
+PAGES = [None, "search", "feature", "map", "lists", *(["steer"] if steer_available() else [])]
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_missing_database_message(monkeypatch, tmp_path, page):
     at = open_app(monkeypatch, tmp_path / "nope.duckdb", page, feature="1")
     assert_clean(at)
@@ -419,6 +422,41 @@ def test_page_failure_is_one_line_not_traceback(monkeypatch, synth_db):
     at = open_app(monkeypatch, synth_db)  # overview queries features: the app-level guard catches it
     assert_clean(at)
     assert any("page failed" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_runs_in_the_one_frame(monkeypatch, synth_db, page):
+    """app.py draws the SAE picker and the database line once; no page draws its own."""
+    at = open_app(monkeypatch, synth_db, page, sae=SAE_ID, feature="5")
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert [s.label for s in at.sidebar.selectbox] == ["SAE"] and at.sidebar.selectbox[0].value == SAE_ID
+    assert [c.value for c in at.sidebar.caption if c.value.startswith("Database:")] == [f"Database: `{synth_db}`"]
+    assert at.query_params["sae"] == SAE_ID
+
+
+@pytest.mark.skipif(not steer_available(), reason="the steering page is not installed")
+def test_steer_max_acts_follow_a_rebuild(monkeypatch, synth_db):
+    """The steer page's max-activation cache is keyed like the others: a rebuild (new built_at) refreshes it,
+    even where the new file would reuse the old inode."""
+
+    def shown(at: AppTest) -> str:
+        """The caption beside the feature's value box: '<unit>; max observed activation <max_act>'."""
+        (cap,) = [c.value for c in at.caption if re.search(r"; max observed activation [\d.]+$", c.value)]
+        return cap
+
+    at = open_app(monkeypatch, synth_db, "steer", sae=SAE_ID, feature="5")
+    assert_clean(at)
+    store = open_store(synth_db)  # the app's own process-wide store
+    before = q.feature(store, SAE_ID, 5)["max_act"]
+    assert shown(at).endswith(f"max observed activation {before:.3f}")
+    store.write(lambda c: c.execute("UPDATE features SET max_act = 123.5 WHERE sae_id = ? AND feature = 5", [SAE_ID]))
+    at.run()
+    assert shown(at).endswith(f"max observed activation {before:.3f}")  # same build: still cached
+    store.write(lambda c: c.execute("UPDATE saes SET built_at = built_at + INTERVAL 1 SECOND"))
+    at.run()
+    assert_clean(at)
+    assert shown(at).endswith("max observed activation 123.500")
 
 
 # ------------------------------------------------------------------------------ the pipeline-built database

@@ -1,5 +1,5 @@
-"""Pure dashboard helpers: concept scoring, HTML rendering (escaping), prompt runs on the tiny model,
-map chart payload size, serve command line."""
+"""Pure dashboard helpers: concept scoring, HTML rendering (escaping), prompt runs on the tiny model, the
+charts (map payload size, histograms, neighbourhoods), the page table and page context, serve command line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featuredict.dashboard import concept, mapviz, prompt, render, serve
+from featuredict.dashboard import charts, common, concept, prompt, render, serve
 
 D = 6  # features in the toy concept problems
 
@@ -112,6 +112,9 @@ def test_prompt_run_and_tables(tiny_runtime):
 
 
 def test_map_chart_carries_all_65536_points():
+    import altair as alt
+    import pyarrow as pa
+
     n = 65536
     rng = np.random.default_rng(0)
     pts = pd.DataFrame(
@@ -125,22 +128,128 @@ def test_map_chart_carries_all_65536_points():
             "top_tokens": ["a · b"] * n,
         }
     )
-    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
-
     for colour in ("density", "tag", "label"):
-        frame, enc = mapviz.plot_frame(pts, colour)
-        spec = _convert_altair_to_vega_lite_spec(mapviz.scatter(frame, enc, 6, 600, "pick"))
-        (payload,) = spec["datasets"].values()
-        import pyarrow as pa
-
+        frame, enc = charts.plot_frame(pts, colour)
+        chart = charts.scatter(frame, enc, charts.point_size(len(frame)), 600, "pick")
+        assert chart.data is frame and len(frame) == n  # every point goes to the browser, none sampled away
+        sink = pa.BufferOutputStream()  # Streamlit ships chart data as an Arrow stream like this one
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        payload = sink.getvalue()
         assert pa.ipc.open_stream(payload).read_all().num_rows == n
-        assert len(payload) < 64 * n  # compact: < 64 bytes a point
+        assert payload.size < 64 * n  # compact: < 64 bytes a point
     # and outside Streamlit, with altair's own guard lifted as app.py does
-    import altair as alt
-
     alt.data_transformers.disable_max_rows()
-    frame, enc = mapviz.plot_frame(pts, "density")
-    assert len(mapviz.scatter(frame, enc, 6, 600, "pick").to_dict()["datasets"].popitem()[1]) == n
+    frame, enc = charts.plot_frame(pts, "density")
+    assert len(charts.scatter(frame, enc, 6, 600, "pick").to_dict()["datasets"].popitem()[1]) == n
+
+
+def test_point_size_shrinks_with_the_number_of_points():
+    assert charts.point_size(65536) == 6 and charts.point_size(20001) == 6
+    assert charts.point_size(20000) == 14 and charts.point_size(2001) == 14
+    assert charts.point_size(2000) == 40 and charts.point_size(1) == 40
+
+
+def test_density_histogram_chart():
+    hist = pd.DataFrame({"log10_lo": [-4.0, -3.75, -2.0], "log10_hi": [-3.75, -3.5, -1.75], "count": [3, 5, 1]})
+    chart = charts.density_histogram(hist, 1234)
+    assert chart.data is hist
+    spec = chart.to_dict()
+    assert spec["mark"]["type"] == "rect" and spec["title"].endswith("; 1,234 dead")
+    x = spec["encoding"]["x"]
+    assert x["field"] == "log10_lo" and x["bin"] == "binned" and x["scale"]["domain"] == [-4.0, -1.75]
+    assert spec["encoding"]["x2"]["field"] == "log10_hi" and spec["encoding"]["y"]["field"] == "count"
+    assert [t["field"] for t in spec["encoding"]["tooltip"]] == ["log10_lo", "log10_hi", "count"]
+
+
+def test_activation_histogram_chart():
+    chart = charts.activation_histogram([0.0, 0.1, 1.0, 10.0, 100.0], [5, 0, 3, 2])
+    assert chart is not None
+    # the bin starting at 0 (no place on a log axis) and the empty bin are left out
+    assert chart.data[["lo", "hi", "count"]].values.tolist() == [[1.0, 10.0, 3.0], [10.0, 100.0, 2.0]]
+    spec = chart.to_dict()
+    assert spec["encoding"]["x"]["scale"]["type"] == "log" and spec["encoding"]["x2"]["field"] == "hi"
+    assert spec["height"] == 180
+    assert charts.activation_histogram([0.0, 1.0, 2.0], [0, 0]) is None  # dead feature
+    assert charts.activation_histogram([0.0, 1.0, 2.0], [1, 2, 3]) is None  # edges and counts do not match
+    assert charts.activation_histogram(None, None) is None
+    assert charts.activation_histogram([0.0, 1.0], [4]) is None  # only a bin at 0: nothing on a log axis
+
+
+def line_points(n: int) -> pd.DataFrame:
+    """``q.map_points``-shaped frame: feature i at (i, 0)."""
+    return pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int32),
+            "x": np.arange(n, dtype=np.float32),
+            "y": np.zeros(n, dtype=np.float32),
+            "log10_density": np.full(n, -2.0, dtype=np.float32),
+            "label": [f"label {i}" for i in range(n)],
+            "tag": [None] * n,
+            "top_tokens": [""] * n,
+        }
+    )
+
+
+def test_neighbourhood_roles_and_chart():
+    frame, _ = charts.plot_frame(line_points(8), "density")
+    near = charts.neighbourhood(frame, 4, 3, decoder_neighbours=[5, 7])
+    assert near["feature"].tolist() == [4, 3, 5]  # nearest first; ties in frame order
+    assert near["role"].tolist() == ["centre", "nearby on map", "decoder neighbour"]  # 7 is not among the 3
+    chart = charts.neighbourhood_chart(near, "pick_near")
+    spec = chart.to_dict()
+    assert spec["height"] == 460 and len(spec["layer"]) == 2
+    (pick,) = spec["params"]  # clicking a point selects its feature (the page opens it)
+    assert pick["name"] == "pick_near" and pick["select"]["fields"] == ["feature"]
+    assert chart.layer[1].data["feature"].tolist() == [4, 5]  # ids written next to the centre and decoder nbs
+    assert charts.neighbourhood(frame, 99, 3, [1]).empty  # a feature without a map position
+
+
+def test_feature_place_chart():
+    pts = line_points(10000)
+    chart = charts.feature_place(pts, 7, 7.0, 0.0, decoder_neighbours=[3, 9, 123456])
+    bg, nb, me = (layer.data for layer in chart.layer)
+    assert len(bg) == 5000 and bg["feature"].tolist()[:3] == [0, 2, 4]  # every 2nd point: about 4,000
+    assert nb["feature"].tolist() == [3, 9] and set(nb["role"]) == {"neighbour"}  # 123456 is not on the map
+    assert me.to_dict("records") == [{"x": 7.0, "y": 0.0, "feature": 7, "role": "this feature"}]
+    spec = chart.to_dict()
+    assert spec["height"] == 240
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["circle", "circle", "point"]
+    assert len(charts.feature_place(line_points(50), 1, 1.0, 0.0, []).layer[0].data) == 50  # small maps: all points
+
+
+def test_page_table_and_optional_steer_page(tmp_path):
+    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists"]
+    (tmp_path / "steer.py").write_text("")
+    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists", "steer"]
+    assert common.page_file("map") == "views/map.py"
+    assert common.url("feature", sae="a b", feature=3, empty="", none=None) == "feature?sae=a+b&feature=3"
+    assert common.url("lists") == "lists"
+    for name in common.PAGES:  # every page in the table has its file (steer: when installed)
+        assert (common.VIEWS_DIR / f"{name}.py").exists() or name in common.OPTIONAL_PAGES
+    with pytest.raises(KeyError):
+        common.page_file("nope")
+    with pytest.raises(KeyError):
+        common.url("nope", sae="x")
+
+
+def test_page_context_is_the_frame_of_the_running_page():
+    from typing import cast
+
+    from featuredict.db.store import Store
+
+    a = common.PageContext(cast(Store, object()), "a", {"d_sae": 300, "prepend_bos": False}, "k1")
+    b = common.PageContext(cast(Store, object()), "b", {"d_sae": 64}, "k2")
+    assert a.d_sae == 300 and not a.has_bos and b.has_bos  # BOS unless the SAE row says otherwise
+    with pytest.raises(AttributeError):
+        a.sae_id = "c"  # frozen: a page cannot change the frame
+    with common.use_context(a):
+        assert common.page_context() is a
+        with common.use_context(b):
+            assert common.page_context() is b
+        assert common.page_context() is a
+    assert common._CONTEXT.get() is None  # nothing leaks into the next run on this thread
 
 
 def test_serve_argv(tmp_path):
@@ -225,10 +334,6 @@ def test_csv_export_defuses_spreadsheet_formulas():
 
 @pytest.mark.parametrize("colour_by", ["density", "tag", "label"])
 def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
-    import pandas as pd
-
-    from featuredict.dashboard.mapviz import nearest, plot_frame
-
     df = pd.DataFrame(
         {
             "feature": range(6),
@@ -240,8 +345,8 @@ def test_map_neighbourhood_is_nearest_in_any_colouring(colour_by):
             "top_tokens": [""] * 6,
         }
     )
-    frame, _ = plot_frame(df, colour_by)
-    assert nearest(frame, 0.0, 0.0, 2)["feature"].tolist() == [0, 1]
+    frame, _ = charts.plot_frame(df, colour_by)
+    assert charts.nearest(frame, 0.0, 0.0, 2)["feature"].tolist() == [0, 1]
 
 
 def test_first_token_is_hidden_only_when_it_is_bos():

@@ -40,8 +40,11 @@ def own_word(store: Store, feature: int) -> str:
 
 def test_sae_overview_and_histogram(store):
     df = q.sae_overview(store)
-    assert df["sae_id"].tolist() == [SAE_ID]
+    assert df["sae_id"].tolist() == [SAE_ID] == q.sae_ids(store)
+    store.write(lambda c: c.execute("INSERT INTO saes SELECT * REPLACE ('a first' AS sae_id) FROM saes"))
+    assert q.sae_ids(store) == ["a first", SAE_ID]  # sorted: the picker's order
     assert int(df["n_features"].iloc[0]) == 300
+    assert int(q.sae_overview(store)["n_features"].iloc[0]) == 0  # "a first" has no features
     hist, dead = q.density_histogram(store, SAE_ID)
     live = store.rows("SELECT count(*) FROM features WHERE density > 0")[0][0]
     assert int(hist["count"].sum()) == live and dead == 300 - live

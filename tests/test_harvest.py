@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from featuredict.pipelines.harvest import (
+    ExampleSlots,
     HarvestConfig,
     HarvestState,
     choose_bands,
@@ -137,16 +138,17 @@ def test_content_hash_identifies_windows():
     assert bool((h >= 0).all())
 
 
-@pytest.mark.parametrize("dups", [False, True])
-@pytest.mark.parametrize("split", [10, 18, 30])
-def test_merge_of_shards_equals_single_run(split, dups):
-    data = _data(dups=dups)
-    whole = _run(slice(None), data=data)
-    merged = merge(_run(slice(0, split), batch=3, data=data), _run(slice(split, None), batch=4, data=data))
-    for name, a in state_dict(whole).items():
-        b = getattr(merged, name)
+def _assert_states_equal(got: HarvestState, want: HarvestState) -> None:
+    """Example arrays bit for bit, slot type by slot type; counts exactly; float sums to rounding."""
+    for slots in ("top", "smp"):
+        g, w = getattr(got, slots).arrays(), getattr(want, slots).arrays()
+        assert g.keys() == w.keys(), slots
+        for name, a in w.items():
+            assert a.dtype == g[name].dtype and torch.equal(a, g[name]), f"{slots}.{name}"
+    for name, a in state_dict(want).items():
+        b = getattr(got, name)
         if name == "cfg":
-            assert b == whole.cfg
+            assert b == want.cfg
             continue
         if isinstance(a, torch.Tensor):
             if a.dtype.is_floating_point:
@@ -159,6 +161,82 @@ def test_merge_of_shards_equals_single_run(split, dups):
             assert a == b, name
 
 
+@pytest.mark.parametrize("dups", [False, True, "descending-ids"])
+@pytest.mark.parametrize("split", [10, 18, 30])
+def test_merge_of_shards_equals_single_run(split, dups):
+    data = _data(dups=dups)
+    whole = _run(slice(None), data=data)
+    merged = merge(_run(slice(0, split), batch=3, data=data), _run(slice(split, None), batch=4, data=data))
+    assert merged.top.key is None and merged.smp.key is not None  # top-k ranks by value, samples by key
+    assert (whole.top.ctx >= 0).sum() > F and (whole.smp.ctx >= 0).sum() > F  # both kinds of slot are filled
+    _assert_states_equal(merged, whole)
+
+
+@pytest.mark.parametrize("dups", [False, True])
+def test_merge_of_three_shards_either_way_round_equals_single_run(dups):
+    data = _data(dups=dups)
+    whole = _run(slice(None), data=data)
+    a, b, c = (_run(s, batch=2, data=data) for s in (slice(0, 9), slice(9, 25), slice(25, None)))
+    _assert_states_equal(merge(merge(a, b), c), whole)
+    _assert_states_equal(merge(a, merge(c, b)), whole)
+
+
+def _slots(rows: list[list[tuple[float, int, int]]], n: int, keyed: bool) -> ExampleSlots:
+    """Lists of (rank value, context id, window id) entries, best first; the window id stands for the content
+    (hash and tokens), the rank value for the key or activation; padded with empty slots to ``n``."""
+    s = ExampleSlots.empty((len(rows),), n, 2, keyed=keyed)
+    for r, entries in enumerate(rows):
+        for j, (v, c, w) in enumerate(entries):
+            if keyed:
+                s.key[r, j] = int(v)
+            s.val[r, j], s.ctx[r, j], s.pos[r, j], s.hash[r, j] = v, c, w % 2, w
+            s.tok[r, j] = torch.tensor([w, w + 1], dtype=torch.int32)
+            s.act[r, j] = torch.tensor([v / 2, v])
+    return s
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_example_slots_merge_against_brute_force(keyed):
+    # one list per row; windows 5, 6 and 9 are in both lists (b's copy of 6 under a smaller id, of 5 a larger)
+    g = np.random.default_rng(1)
+    n = 4
+    a_rows, b_rows = [], []
+    for _ in range(6):
+        wins = g.permutation(np.arange(20))
+        vals = {int(w): float(v) for w, v in zip(wins, g.permutation(np.arange(1, 21)), strict=True)}
+        a_w = [5, 6, 9, *[int(w) for w in wins if w not in (5, 6, 9)][: int(g.integers(0, 2))]]
+        b_w = [5, 6, 9, *[int(w) for w in wins if w not in a_w][: int(g.integers(0, n - 2))]]
+        a_ids = {w: 100 + w for w in a_w}
+        b_ids = {w: (100 + w) + (1 if w == 5 else -50) for w in b_w}
+        order = (lambda e: e[0]) if keyed else (lambda e: -e[0])
+        a_rows.append(sorted([(vals[w], a_ids[w], w) for w in a_w], key=order))
+        b_rows.append(sorted([(vals[w], b_ids[w], w) for w in b_w], key=order))
+    a, b = _slots(a_rows, n, keyed), _slots(b_rows, n, keyed)
+    a_before = {k: t.clone() for k, t in a.arrays().items()}
+    m = a.merge(b)
+    assert all(torch.equal(t, a_before[k]) for k, t in a.arrays().items())  # the inputs are left alone
+    for r in range(len(a_rows)):
+        best: dict[int, tuple[float, int, int]] = {}
+        for v, c, w in a_rows[r] + b_rows[r]:
+            best[w] = (v, min(c, best[w][1]) if w in best else c, w)
+        want = sorted(best.values(), key=(lambda e: e[0]) if keyed else (lambda e: -e[0]))[:n]
+        want_slots = _slots([want], n, keyed)
+        for name, t in want_slots.arrays().items():
+            assert torch.equal(getattr(m, name)[r], t[0]), (r, name)
+
+
+def test_harvest_seconds_is_a_field_that_sums_over_shards():
+    a, b = _run(slice(0, 20)), _run(slice(20, None))
+    assert a.harvest_seconds == 0.0
+    a.harvest_seconds, b.harvest_seconds = 1.5, 2.25
+    m = merge(a, b)
+    assert m.harvest_seconds == 3.75 and merge(m, HarvestState.empty(CFG, F, T, D)).harvest_seconds == 3.75
+    d = state_dict(m)
+    assert d["harvest_seconds"] == 3.75 and from_state_dict(d).harvest_seconds == 3.75
+    del d["harvest_seconds"]  # a state saved before the field existed loads with none recorded
+    assert from_state_dict(d).harvest_seconds == 0.0
+
+
 @pytest.mark.parametrize("dups", [False, True])
 def test_merge_is_order_independent_and_roundtrips(dups):
     data = _data(dups=dups)
@@ -167,8 +245,13 @@ def test_merge_is_order_independent_and_roundtrips(dups):
     assert torch.equal(ab.top_ctx, ba.top_ctx)
     assert torch.equal(ab.smp_ctx, ba.smp_ctx)
     assert torch.equal(ab.top_hash, ba.top_hash)
-    restored = from_state_dict(state_dict(ab))
-    assert torch.equal(restored.top_act, ab.top_act)
+    a_before = state_dict(a)
+    merge(a, b)
+    for name, v in state_dict(a).items():  # merging leaves its inputs alone
+        assert torch.equal(v, a_before[name]) if isinstance(v, torch.Tensor) else v == a_before[name], name
+    d = state_dict(ab)
+    assert {"top_val", "top_hash", "smp_key", "smp_act"} <= d.keys() and "top_key" not in d  # flat, saved names
+    _assert_states_equal(from_state_dict(d), ab)
 
 
 def test_merge_rejects_mismatched_configs():

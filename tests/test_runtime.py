@@ -132,3 +132,52 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
         os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
     c = rtm.cached_runtime_from_row({**row, "hook_name": "model.layers.0"})
     assert c is not b and len(loads) == 3 and len(rtm._CACHE) == 1  # reloaded; stale copies dropped
+
+
+def test_hf_adapter_facts_and_cached_step(tiny_runtime):
+    """The HF adapter's one-step KV-cached forward continues exactly where a full forward pass would be."""
+    from featuredict.pipelines.backends import HFBackend
+
+    loaded = tiny_runtime.loaded
+    model = loaded.model
+    assert isinstance(loaded, HFBackend) and loaded.incremental
+    assert loaded.hook_kind == tiny_runtime.site.kind == "hf_module"
+    assert loaded.context_length == 256 and loaded.n_layers == 2
+    assert loaded.final_norm() is model.model.norm
+    torch.testing.assert_close(loaded.unembedding_matrix(), model.lm_head.weight.float().T)
+    assert loaded.eos_ids() == {tiny_runtime.tokenizer.eos_token_id}
+    ids = tiny_runtime.tokenize("Once upon a time there was")
+    full = loaded.forward(ids)
+    n = ids.shape[1]
+    with torch.no_grad():
+        logits, cache = loaded.step(ids[:, : n - 2], None)
+        torch.testing.assert_close(logits, full[0, n - 3], atol=1e-5, rtol=1e-5)
+        for i in (n - 2, n - 1):  # one token at a time, continuing from the cache
+            logits, cache = loaded.step(ids[:, i : i + 1], cache)
+            torch.testing.assert_close(logits, full[0, i], atol=1e-5, rtol=1e-5)
+
+
+def test_encode_is_the_one_activation_path(tiny_runtime):
+    """``encode`` gives hook activations in the SAE's dtype and device, features zeroed where not valid."""
+    ids = torch.cat([tiny_runtime.tokenize("The cat sat on the mat"), torch.full((1, 3), tiny_runtime.pad_id)], 1)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    x, f, valid = tiny_runtime.encode(ids, mask)
+    w = tiny_runtime.sae.W_dec
+    assert x.dtype == f.dtype == w.dtype and x.device == f.device == valid.device == w.device
+    assert valid[0].tolist() == [False] + [True] * (ids.shape[1] - 4) + [False] * 3  # BOS and padding
+    torch.testing.assert_close(x, tiny_runtime.hook_acts(ids, mask))
+    raw = tiny_runtime.sae.encode(x)
+    torch.testing.assert_close(f, raw * valid.unsqueeze(-1))
+    assert (raw[0, 0] > 0).any() and not f[0, 0].any()  # BOS fires before masking, not after
+    torch.testing.assert_close(tiny_runtime.feature_acts(ids, mask), f)
+
+
+def test_pad_id_rule():
+    from types import SimpleNamespace
+
+    from featuredict.pipelines.runtime import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=2, eos_token_id=1)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=1)) == 1
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +17,6 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:
     from conftest import STORIES_MODEL, TINY_TEXT, require_shared
 
-from featuredict.pipelines import steering
 from featuredict.pipelines.steering import (
     EditPlan,
     FeatureEdit,
@@ -29,6 +31,7 @@ from featuredict.pipelines.steering import (
     steer_activations,
     validate_config,
 )
+from featuredict.pipelines.steering import generation as steering_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,13 +112,75 @@ def test_config_roundtrips_json_and_url():
         chat_template=False,
         generation=GenerationSettings(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5),
     )
-    assert SteeringConfig.from_json(cfg.to_json()) == cfg
-    assert SteeringConfig.from_query_params(cfg.to_query_params()) == cfg
+    assert SteeringConfig.from_mapping(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert SteeringConfig.from_mapping(cfg.to_query_params()) == cfg
+    # a whole shared link: the parameters that pick the SAE or a preset are not config settings
+    assert SteeringConfig.from_mapping({"sae": "x", "preset": "y", **cfg.to_query_params()}) == cfg
+    # values that %g would round survive the URL
+    exact = replace(cfg, edits=(FeatureEdit(3, "clamp", 1.2345678901),))
+    assert SteeringConfig.from_mapping(exact.to_query_params()) == exact
     # a feature page's link: one id or a comma list of ids, which take the default edit
-    got = SteeringConfig.from_query_params({"feature": "3,8"}, default_edit=FeatureEdit(0, "add", 1.0))
+    got = SteeringConfig.from_mapping({"feature": "3,8"}, default_edit=FeatureEdit(0, "add", 1.0))
     assert got.edits == (FeatureEdit(3, "add", 1.0), FeatureEdit(8, "add", 1.0))
     with pytest.raises(SteeringInputError, match="n='many'"):
-        SteeringConfig.from_query_params({"n": "many"})
+        SteeringConfig.from_mapping({"n": "many"})
+
+
+def test_from_mapping_reads_cli_flags_over_a_base():
+    base = SteeringConfig(prompt="preset prompt", edits=(FeatureEdit(3, "add", 2.0),), chat_template=False)
+    flags = {"prompt": None, "edits": None, "positions": None, "chat_template": None, "max_new_tokens": "9"}
+    got = SteeringConfig.from_mapping(flags, base=base)
+    assert got == replace(base, generation=GenerationSettings(max_new_tokens=9))
+    got = SteeringConfig.from_mapping({"edits": ["5=clamp:1", "6=add:0.5"], "positions": "generated"}, base=base)
+    assert got.edits == (FeatureEdit(5, "clamp", 1.0), FeatureEdit(6, "add", 0.5))
+    assert got.positions == "generated" and got.prompt == "preset prompt"
+    # booleans as URLs write them; nested and flat generation settings
+    assert SteeringConfig.from_mapping({"chat": "0"}).chat_template is False
+    assert SteeringConfig.from_mapping({"chat_template": "yes"}).chat_template is True
+    assert SteeringConfig.from_mapping({"generation": {"seed": 4}, "t": "0.5"}).generation == GenerationSettings(
+        temperature=0.5, seed=4
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "msg"),
+    [
+        ({"colour": "red"}, "unknown steering setting 'colour'"),
+        ({"generation": {"speed": 1}}, "unknown steering setting 'generation.speed'"),
+        ({"n": "4", "max_new_tokens": "5"}, "both set max_new_tokens"),
+        ({"chat": "maybe"}, "chat='maybe' is not a valid boolean"),
+        ({"t": "warm"}, "t='warm' is not a valid number"),
+        ({"seed": "1.5"}, "seed='1.5' is not a valid integer"),
+        ({"pos": "some"}, "positions must be 'all' or 'generated'"),
+        ({"edits": [{"feature": 3, "mode": "scale", "value": 1}]}, "unknown mode 'scale'"),
+        ({"edits": [{"feature": 3, "size": 1}]}, "malformed"),
+        ({"edits": [3]}, "not a feature edit"),
+        ({"feature": "3"}, "has no value"),  # a bare id without a default edit
+        ({"prompt": 5}, "prompt must be text"),
+        ({"generation": 3}, "generation must be a mapping"),
+    ],
+)
+def test_from_mapping_rejects_bad_settings(settings, msg):
+    with pytest.raises(SteeringInputError, match=msg) as ei:
+        SteeringConfig.from_mapping(settings)
+    assert "\n" not in str(ei.value)
+
+
+def test_configs_check_their_fields_on_construction():
+    """Literal-typed fields and ranges are checked by the dataclasses themselves, not only by the readers."""
+    with pytest.raises(SteeringInputError, match="unknown mode 'mul'"):
+        FeatureEdit(1, "mul", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(SteeringInputError, match="not an integer"):
+        FeatureEdit(True, "clamp", 1.0)
+    with pytest.raises(SteeringInputError, match="positions"):
+        SteeringConfig(prompt="x", positions="everywhere")  # type: ignore[arg-type]
+    with pytest.raises(SteeringInputError, match="at most 32"):
+        SteeringConfig(prompt="x", edits=tuple(FeatureEdit(i, "clamp", 0.0) for i in range(33)))
+    with pytest.raises(SteeringInputError, match="chat_template"):
+        SteeringConfig(prompt="x", chat_template="no")  # type: ignore[arg-type]
+    # numbers are normalised, so equal configs compare equal however they were written
+    assert FeatureEdit(3, "add", 1) == FeatureEdit(3, "add", 1.0) and isinstance(FeatureEdit(3, "add", 1).value, float)
+    assert SteeringConfig(prompt="x", edits=[FeatureEdit(3)]).edits == (FeatureEdit(3),)  # type: ignore[arg-type]
 
 
 GOOD = SteeringConfig(prompt="hello", edits=(FeatureEdit(3, "clamp", 2.0), FeatureEdit(4, "add", 1.0)))
@@ -126,30 +191,36 @@ MAX_ACTS = {i: 2.0 for i in range(64)} | {5: 0.0}
     ("change", "msg"),
     [
         ({"prompt": "   "}, "prompt is empty"),
-        ({"edits": (FeatureEdit(64, "clamp", 1.0),)}, "unknown feature id 64"),
-        ({"edits": (FeatureEdit(-1, "clamp", 1.0),)}, "unknown feature id -1"),
-        ({"edits": (FeatureEdit(3, "clamp", float("nan")),)}, "not a finite number"),
-        ({"edits": (FeatureEdit(3, "add", float("inf")),)}, "not a finite number"),
-        ({"edits": (FeatureEdit(3, "clamp", 1e6),)}, "absurd"),
-        ({"edits": (FeatureEdit(3, "clamp", 201.0),)}, "absurd"),  # > 100 x max_act (2.0)
-        ({"edits": (FeatureEdit(3, "add", -500.0),)}, "absurd"),
-        ({"edits": (FeatureEdit(5, "add", 1.0),)}, "never fired"),
-        ({"edits": (FeatureEdit(3, "clamp", 1.0), FeatureEdit(3, "add", 1.0))}, "listed twice"),
-        ({"edits": (FeatureEdit(3, "scale", 1.0),)}, "unknown mode"),
+        ({"edits": [(64, "clamp", 1.0)]}, "unknown feature id 64"),
+        ({"edits": [(-1, "clamp", 1.0)]}, "unknown feature id -1"),
+        ({"edits": [(3, "clamp", float("nan"))]}, "not a finite number"),
+        ({"edits": [(3, "add", float("inf"))]}, "not a finite number"),
+        ({"edits": [(3, "clamp", 1e6)]}, "absurd"),
+        ({"edits": [(3, "clamp", 201.0)]}, "absurd"),  # > 100 x max_act (2.0)
+        ({"edits": [(3, "add", -500.0)]}, "absurd"),
+        ({"edits": [(5, "add", 1.0)]}, "never fired"),
+        ({"edits": [(3, "clamp", 1.0), (3, "add", 1.0)]}, "listed twice"),
+        ({"edits": [(3, "scale", 1.0)]}, "unknown mode"),
         ({"positions": "some"}, "positions"),
-        ({"generation": GenerationSettings(max_new_tokens=0)}, "max new tokens"),
-        ({"generation": GenerationSettings(temperature=-1.0)}, "temperature"),
-        ({"generation": GenerationSettings(temperature=float("nan"))}, "temperature"),
-        ({"generation": GenerationSettings(temperature=1e-300)}, "temperature"),  # 1/T would overflow
-        ({"generation": GenerationSettings(top_p=0.0)}, "top-p"),
-        ({"generation": GenerationSettings(seed=-3)}, "seed"),
+        ({"generation": {"max_new_tokens": 0}}, "max new tokens"),
+        ({"generation": {"max_new_tokens": 2000}}, "max new tokens"),
+        ({"generation": {"temperature": -1.0}}, "temperature"),
+        ({"generation": {"temperature": float("nan")}}, "temperature"),
+        ({"generation": {"temperature": 1e-300}}, "temperature"),  # 1/T would overflow
+        ({"generation": {"top_p": 0.0}}, "top-p"),
+        ({"generation": {"seed": -3}}, "seed"),
     ],
 )
-def test_validate_config_rejects_bad_input(change, msg):
+def test_bad_config_is_refused(change, msg):
+    """Each bad input is refused with a one-line message, by the constructors or by validate_config."""
     validate_config(GOOD, 64, MAX_ACTS)  # the unchanged config is fine
-    bad = SteeringConfig(**{**GOOD.__dict__, **change})
     with pytest.raises(SteeringInputError, match=msg) as ei:
-        validate_config(bad, 64, MAX_ACTS)
+        kw = dict(change)
+        if "edits" in kw:
+            kw["edits"] = tuple(FeatureEdit(*e) for e in kw["edits"])
+        if "generation" in kw:
+            kw["generation"] = GenerationSettings(**kw["generation"])
+        validate_config(replace(GOOD, **kw), 64, MAX_ACTS)
     assert "\n" not in str(ei.value)
 
 
@@ -159,6 +230,50 @@ def test_validate_config_without_feature_table():
         validate_config(SteeringConfig(prompt="x", edits=(FeatureEdit(3, "add", 2.0),)), 64, None)
     with pytest.raises(SteeringInputError, match="not in this SAE's feature table"):
         validate_config(SteeringConfig(prompt="x", edits=(FeatureEdit(3, "clamp", 2.0),)), 64, {0: 1.0})
+
+
+# ---- presets ----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def preset_store(tmp_path):
+    import duckdb
+
+    from featuredict.db.schema import create_schema
+    from featuredict.db.store import Store
+
+    con = duckdb.connect(str(tmp_path / "p.duckdb"))
+    create_schema(con)
+    con.close()
+    store = Store(tmp_path / "p.duckdb")
+    yield store
+    store.close()
+
+
+def test_presets_are_stored_as_plain_json_and_read_back_as_configs(preset_store):
+    from featuredict.db.presets import PresetError, read_preset, write_preset
+    from featuredict.pipelines.steering import list_presets, load_preset, save_preset
+
+    cfg = SteeringConfig(prompt="hi", edits=(FeatureEdit(3, "add", 1.5),), positions="generated")
+    assert save_preset(preset_store, " boost ", "sae-a", cfg) == "boost"
+    assert read_preset(preset_store, "boost") == ("sae-a", cfg.to_dict())  # storage sees a plain dict
+    assert load_preset(preset_store, "boost") == ("sae-a", cfg)
+    # a stored object that is no longer a valid config: unreadable on load, listed without a config
+    write_preset(preset_store, "broken", "sae-a", {**cfg.to_dict(), "positions": "sideways"})
+    with pytest.raises(PresetError, match="preset 'broken' is unreadable: positions"):
+        load_preset(preset_store, "broken")
+    listed = {p.name: p for p in list_presets(preset_store, "sae-a")}
+    assert listed["boost"].config == cfg and listed["broken"].config is None
+    assert list_presets(preset_store, "sae-b") == []
+
+
+def test_reading_presets_does_not_import_the_pipelines():
+    """The storage layer stays below the pipelines: importing it pulls in neither them nor torch."""
+    code = (
+        "import sys, featuredict.db.presets\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('featuredict.pipelines')]\n"
+        "assert not bad, bad"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 # ---- the edit ---------------------------------------------------------------------------------------------
@@ -235,7 +350,7 @@ def test_zero_decoder_row_edits_nothing_and_masked_positions_stay_exact():
 
 
 def test_non_finite_logits_stop_generation_with_a_message():
-    from featuredict.pipelines.steering import _sample
+    from featuredict.pipelines.steering.generation import _sample
 
     g = GenerationSettings(temperature=0.7)
     gen = torch.Generator().manual_seed(0)
@@ -430,7 +545,7 @@ def test_no_hook_after_error_mid_generation(tiny_runtime, monkeypatch):
             raise RuntimeError("boom in the SAE")
         return real(x)
 
-    monkeypatch.setattr(steering, "fast_encoder", lambda sae: flaky)  # the encoder the hook uses
+    monkeypatch.setattr(steering_generation, "fast_encoder", lambda sae: flaky)  # the encoder the hook uses
     stream = GenerationStream(rt, cfg_for("The river", [FeatureEdit(1, "clamp", 2.0)], n=10))
     got = []
     with pytest.raises(RuntimeError, match="boom"):
@@ -500,7 +615,7 @@ def test_two_threads_steer_independently(tiny_runtime, monkeypatch):
             barrier.wait(timeout=20)
         return real(x)
 
-    monkeypatch.setattr(steering, "fast_encoder", lambda sae: meeting_encode)
+    monkeypatch.setattr(steering_generation, "fast_encoder", lambda sae: meeting_encode)
     results: dict[str, list[int]] = {}
     errors: list[BaseException] = []
 

@@ -18,20 +18,20 @@ try:  # tests/ as a package or as a plain folder on sys.path
 except ImportError:
     from conftest import TINY_HOOK, TINY_TEXT
 
-from featuredict.db.presets import (
-    PresetError,
-    delete_preset,
-    feature_max_acts,
-    list_presets,
-    load_preset,
-    save_preset,
-    search_features,
-)
+from featuredict.db.presets import PresetError, delete_preset, feature_max_acts
+from featuredict.db.queries import SearchFilters, features_by_ids, search
 from featuredict.db.schema import create_schema
 from featuredict.db.store import Store
 from featuredict.pipelines.saes import SaeSource
 from featuredict.pipelines.steer_cli import register
-from featuredict.pipelines.steering import FeatureEdit, GenerationSettings, SteeringConfig
+from featuredict.pipelines.steering import (
+    FeatureEdit,
+    GenerationSettings,
+    SteeringConfig,
+    list_presets,
+    load_preset,
+    save_preset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "dashboard" / "views" / "steer.py"
@@ -127,7 +127,7 @@ def test_presets_roundtrip(db_copy):
         cfg2 = SteeringConfig(prompt="hi", edits=(FeatureEdit(4, "clamp", 0.0),))
         save_preset(store, "bread boost", SAE_ID, cfg2, overwrite=True)
         assert load_preset(store, "bread boost")[1] == cfg2
-        assert [p["name"] for p in list_presets(store, SAE_ID)] == ["bread boost"]
+        assert [p.name for p in list_presets(store, SAE_ID)] == ["bread boost"]
         assert list_presets(store, "other") == []
         for bad in ["", "   ", "a/b", "x" * 81, "'; DROP TABLE saes; --"]:
             with pytest.raises(PresetError, match="not allowed"):
@@ -144,9 +144,8 @@ def test_feature_queries(db_copy):
     try:
         mx = feature_max_acts(store, SAE_ID)
         assert len(mx) == 64 and max(mx.values()) > 0
-        assert search_features(store, SAE_ID, "3, 5, 999") == [3, 5]
-        assert search_features(store, SAE_ID, "BREAD") == [3]  # by label
-        assert search_features(store, SAE_ID, "") == []
+        assert features_by_ids(store, SAE_ID, [3, 5, 999])["feature"].tolist() == [3, 5]
+        assert search(store, SAE_ID, "BREAD", SearchFilters(include_dead=True))["feature"].tolist() == [3]  # label
     finally:
         store.close()
 
@@ -360,7 +359,7 @@ def test_page_loads_a_preset_from_the_url(app, db_copy):
     from urllib.parse import parse_qsl
 
     params = dict(parse_qsl(link.split("?", 1)[1]))
-    assert SteeringConfig.from_query_params(params) == cfg
+    assert SteeringConfig.from_mapping(params) == cfg
     shown = re.sub(r"\\(.)", r"\1", app(preset="missing").run().error[0].value)  # as markdown renders it
     assert shown.startswith("Cannot use this link: no steering preset")
 
@@ -466,3 +465,14 @@ def test_page_on_a_pipeline_built_database(pipeline_db, monkeypatch):
     assert not errors(at), errors(at)
     res = at.session_state["steer_result"]
     assert res["steered"] and len(res["acts_before"]) == len(res["steered_tokens"])
+
+
+def test_page_search_box_finds_ids_and_labels(app):
+    at = app(sae=SAE_ID).run()
+    at.text_input(key="steer_search").set_value("3, 5, 999").run()
+    assert not at.exception, at.exception
+    opts = at.multiselect(key="steer_features").options
+    assert [o.split(" ·")[0] for o in opts] == ["#3", "#5"]
+    assert "bread and baking" in opts[0]  # the label from the labels table
+    at.text_input(key="steer_search").set_value("BREAD").run()
+    assert [o.split(" ·")[0] for o in at.multiselect(key="steer_features").options] == ["#3"]

@@ -12,14 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from featuredict.pipelines.build import PAD_SLOT, BuildConfig, harvest
+from featuredict.pipelines.backends import BACKENDS, HFBackend, TLBackend, backend_for_hook
+from featuredict.pipelines.build import PAD_SLOT, BuildConfig, harvest_corpus
 from featuredict.pipelines.corpus import CorpusSpec
 from featuredict.pipelines.harvest import HarvestConfig
 from featuredict.pipelines.hooks import HookSite
-from featuredict.pipelines.models import LoadedModel, is_transformer_lens_hook
 from featuredict.pipelines.runtime import Runtime
 from featuredict.pipelines.saes import SaeSource
-from featuredict.pipelines.steering import EditPlan, FeatureEdit, GenerationSettings, SteeringConfig, generate, steer_activations
+from featuredict.pipelines.steering import (
+    EditPlan,
+    FeatureEdit,
+    GenerationSettings,
+    SteeringConfig,
+    generate,
+    steer_activations,
+)
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -45,9 +52,7 @@ def tl_runtime(tiny_model_dir: Path) -> Runtime:
         seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tok).eval()
-    loaded = LoadedModel(
-        model, model.tokenizer, "transformer_lens", "tiny-tl", "tiny-tl", torch.device("cpu"), torch.float32
-    )
+    loaded = TLBackend(model, model.tokenizer, spec="tiny-tl", device=torch.device("cpu"), dtype=torch.float32)
     torch.manual_seed(0)
     sae = TopKSAE(
         TopKSAEConfig(
@@ -70,9 +75,24 @@ def _ids(rt: Runtime, text: str = "the cat sat on the mat") -> torch.Tensor:
     return rt.tokenize(text)
 
 
-def test_hook_names_are_recognised():
-    assert is_transformer_lens_hook(HOOK) and is_transformer_lens_hook("blocks.8.hook_resid_post")
-    assert not is_transformer_lens_hook("model.layers.15")
+def test_hook_names_choose_the_backend():
+    assert backend_for_hook(HOOK) is TLBackend and backend_for_hook("blocks.8.hook_resid_post") is TLBackend
+    assert backend_for_hook("model.layers.15") is HFBackend and backend_for_hook("transformer.h.3") is HFBackend
+    assert BACKENDS == {"hf_module": HFBackend, "transformer_lens": TLBackend}
+
+
+def test_tl_adapter_facts(tl_runtime: Runtime):
+    loaded = tl_runtime.loaded
+    model = loaded.model
+    assert loaded.hook_kind == tl_runtime.site.kind == "transformer_lens" and not loaded.incremental
+    assert loaded.context_length == 64 and loaded.n_layers == 2
+    assert loaded.final_norm() is model.ln_final
+    torch.testing.assert_close(loaded.unembedding_matrix(), model.W_U.float())
+    assert loaded.eos_ids() == {loaded.tokenizer.eos_token_id}
+    ids = _ids(tl_runtime)
+    logits, cache = loaded.step(ids, None)  # no incremental cache: the whole sequence, last position
+    assert cache is None
+    torch.testing.assert_close(logits, model(ids, return_type="logits")[0, -1])
 
 
 def test_activations_match_run_with_cache_and_stop_at_the_hook(tl_runtime: Runtime):
@@ -123,7 +143,7 @@ def test_harvest_on_a_tl_model_stores_truthful_activations(tl_runtime: Runtime, 
         device="cpu",
         progress=False,
     )
-    state = harvest(tl_runtime, cfg)
+    state = harvest_corpus(tl_runtime, cfg)
     assert state.n_tokens > 0 and 0 < state.l0() <= 4
     live = (state.top_ctx[:, 0] >= 0).nonzero().flatten()
     assert live.numel() > 0

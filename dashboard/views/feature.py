@@ -4,18 +4,15 @@ map, label / tags / notes editor, add-to-list, and a link to steer with the feat
 
 from __future__ import annotations
 
-import altair as alt
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from featuredict.dashboard import render
+from featuredict.dashboard import charts, render
 from featuredict.dashboard.common import (
     feature_link,
     fmt_density,
-    get_store,
+    page_context,
     page_file,
-    pick_sae,
     qp_int,
     set_param,
     show_error,
@@ -27,11 +24,8 @@ from featuredict.dashboard.data import cached_map_points, clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 
-store = get_store()
-sae_id = pick_sae(store)
-info = q.sae_info(store, sae_id) or {}
-d_sae = int(info.get("d_sae") or q.feature_count(store, sae_id))
-has_bos = bool(info.get("prepend_bos", True))  # stored contexts start with BOS (not shown)
+ctx = page_context()
+store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae
 
 fid = qp_int("feature")
 if st.query_params.get("feature") is not None and fid is None:
@@ -118,7 +112,7 @@ with left:
             st.info("No activating contexts stored for this feature.")
         else:
             rows = list(zip(top["tokens"], top["acts"], top["max_pos"], top["max_act"], strict=True))
-            st.html(render.contexts_html(rows, scale, window=window, skip_first=has_bos))
+            st.html(render.contexts_html(rows, scale, window=window, skip_first=ctx.has_bos))
             st.caption(
                 "Colour intensity = activation / feature max; hover a token for its activation; "
                 "the underlined token is the context's max."
@@ -138,35 +132,16 @@ with left:
                 f"Band {int(band)}  activation {rng}  · {len(grp)} samples", expanded=band == inter["band"].max()
             ):
                 rows = list(zip(grp["tokens"], grp["acts"], grp["max_pos"], grp["max_act"], strict=True))
-                st.html(render.contexts_html(rows, scale, window=window, skip_first=has_bos))
+                st.html(render.contexts_html(rows, scale, window=window, skip_first=ctx.has_bos))
     except Exception as e:  # noqa: BLE001
         show_error("Could not load interval samples", e)
 
 # ------------------------------------------------------------------------------------- right column
 with right:
     st.subheader("Activation histogram")
-    edges = np.asarray(info.get("hist_edges") or [], dtype=float)
-    counts = np.asarray(feat["hist_counts"] or [], dtype=float)
-    if len(edges) == len(counts) + 1 and counts.sum() > 0:
-        hdf = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "count": counts})
-        hdf = hdf[(hdf["lo"] > 0) & (hdf["count"] > 0)]
-        chart = (
-            alt.Chart(hdf)
-            .mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
-            .encode(
-                x=alt.X("lo:Q", scale=alt.Scale(type="log"), title="activation (log-spaced bins)"),
-                x2="hi:Q",
-                y=alt.Y("count:Q", title="tokens"),
-                y2=alt.datum(0),
-                tooltip=[
-                    alt.Tooltip("lo:Q", format=".3g", title="from"),
-                    alt.Tooltip("hi:Q", format=".3g", title="to"),
-                    alt.Tooltip("count:Q", format=",", title="tokens"),
-                ],
-            )
-            .properties(height=180)
-        )
-        st.altair_chart(chart, width="stretch")
+    hist = charts.activation_histogram(ctx.sae.get("hist_edges"), feat["hist_counts"])
+    if hist is not None:
+        st.altair_chart(hist, width="stretch")
     else:
         st.caption("No histogram (dead feature or no bins).")
 
@@ -201,28 +176,10 @@ with right:
     if feat["umap_x"] is None or feat["umap_y"] is None:
         st.caption("No map position.")
     else:
-        pts = cached_map_points(store, sae_id)
-        step = max(1, len(pts) // 4000)
-        bg = pts.iloc[::step]
-        nb_ids = set(int(i) for i in (feat["neighbours"] or []))
-        hi_pts = pts[pts["feature"].isin(nb_ids)].assign(role="neighbour")
-        me = pd.DataFrame({"x": [feat["umap_x"]], "y": [feat["umap_y"]], "feature": [fid], "role": ["this feature"]})
-        layer_bg = (
-            alt.Chart(bg)
-            .mark_circle(size=6, color="#bbb", opacity=0.5)
-            .encode(x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None))
+        place = charts.feature_place(
+            cached_map_points(store, sae_id), fid, feat["umap_x"], feat["umap_y"], feat["neighbours"] or []
         )
-        layer_nb = (
-            alt.Chart(hi_pts)
-            .mark_circle(size=40, color="#2980b9")
-            .encode(x="x:Q", y="y:Q", tooltip=["feature:Q", "label:N", "top_tokens:N"])
-        )
-        layer_me = (
-            alt.Chart(me)
-            .mark_point(size=160, color="#c0392b", shape="diamond", filled=True)
-            .encode(x="x:Q", y="y:Q", tooltip=["feature:Q", "role:N"])
-        )
-        st.altair_chart((layer_bg + layer_nb + layer_me).properties(height=240), width="stretch")
+        st.altair_chart(place, width="stretch")
         st.caption("Red: this feature; blue: its decoder neighbours; grey: a sample of all features.")
 
     # ------------------------------------------------------------------------------------ label editor

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from featuredict.dashboard.common import get_store, pick_sae, qp_str, set_param, show_error, sync_widget, url
+from featuredict.dashboard.common import page_context, qp_str, set_param, show_error, sync_widget, url
 from featuredict.dashboard.export import as_list, export_list
 from featuredict.dashboard.render import md
 from featuredict.db import queries as q
 from featuredict.db import writes
 
-store = get_store()
-sae_id = pick_sae(store)
+ctx = page_context()
+store, sae_id = ctx.store, ctx.sae_id
 st.title("Saved lists")
 
 flash = st.session_state.pop("_lists_flash", None)

@@ -4,17 +4,15 @@ centred on that feature is shown below the full map."""
 
 from __future__ import annotations
 
-import altair as alt
-import numpy as np
 import streamlit as st
 
-from featuredict.dashboard.common import get_store, go_feature, pick_sae, qp_int, set_param, sync_widget
+from featuredict.dashboard import charts
+from featuredict.dashboard.common import go_feature, page_context, qp_int, set_param, sync_widget
 from featuredict.dashboard.data import cached_map_points
-from featuredict.dashboard.mapviz import nearest, plot_frame, scatter
 from featuredict.db import queries as q
 
-store = get_store()
-sae_id = pick_sae(store)
+ctx = page_context()
+store, sae_id = ctx.store, ctx.sae_id
 st.title("Feature map")
 
 pts = cached_map_points(store, sae_id)
@@ -49,13 +47,12 @@ def handle_pick(event: object, name: str) -> None:
     go_feature(sae_id, int(fid))
 
 
-frame, enc = plot_frame(pts, colour)
-size = 6 if len(frame) > 20000 else 14 if len(frame) > 2000 else 40
+frame, enc = charts.plot_frame(pts, colour)
 st.caption(
     f"{len(frame):,} features. Hover for label and top tokens; click a point to open its feature page; "
     "scroll to zoom, drag to pan."
 )
-chart = scatter(frame, enc, size, 620, "pick").interactive()
+chart = charts.scatter(frame, enc, charts.point_size(len(frame)), 620, "pick").interactive()
 event = st.altair_chart(chart, width="stretch", on_select="rerun", selection_mode="pick", key="map_all")
 handle_pick(event, "pick")
 
@@ -67,29 +64,13 @@ centre = int(st.number_input("Centre on feature", min_value=0, step=1, key="map_
 if (fid is None and centre != 0) or (fid is not None and centre != fid):
     set_param("feature", centre, key="map_centre")  # the plain map URL stays clean until a centre is chosen
 k = st.slider("Features shown around it", 50, 1000, 300, step=50, key="map_k")
-row = pts[pts["feature"] == centre]
-if row.empty:
+feat = q.feature(store, sae_id, centre) or {}
+near = charts.neighbourhood(frame, centre, k, feat.get("neighbours") or [])
+if near.empty:
     st.info(f"Feature {centre} has no map position in SAE `{sae_id}`.")
     st.stop()
-near = nearest(frame, float(row["x"].iloc[0]), float(row["y"].iloc[0]), k)
-feat = q.feature(store, sae_id, centre) or {}
-dec_nb = set(int(i) for i in (feat.get("neighbours") or []))
-near["role"] = np.where(
-    near["feature"] == centre, "centre", np.where(near["feature"].isin(dec_nb), "decoder neighbour", "nearby on map")
-)
-role_enc = alt.Color(
-    "role:N",
-    title="",
-    scale=alt.Scale(domain=["centre", "decoder neighbour", "nearby on map"], range=["#c0392b", "#2980b9", "#bbbbbb"]),
-)
-base = scatter(near, role_enc, 60, 460, "pick_near")
-labels = (
-    alt.Chart(near[near["role"] != "nearby on map"])
-    .mark_text(align="left", dx=7, fontSize=11)
-    .encode(x="x:Q", y="y:Q", text=alt.Text("feature:Q"))
-)
 ev2 = st.altair_chart(
-    (base + labels).properties(height=460),
+    charts.neighbourhood_chart(near, "pick_near"),
     width="stretch",
     on_select="rerun",
     selection_mode="pick_near",

@@ -3,16 +3,16 @@ log10-density histogram of all its features."""
 
 from __future__ import annotations
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
-from featuredict.dashboard.common import fmt_density, get_store, page_file, pick_sae
+from featuredict.dashboard import charts
+from featuredict.dashboard.common import fmt_density, page_context, page_file
 from featuredict.dashboard.render import md
 from featuredict.db import queries as q
 
-store = get_store()
-current = pick_sae(store)
+ctx = page_context()
+store, current = ctx.store, ctx.sae_id
 st.title("featuredict")
 st.caption(
     "Browse an SAE feature dictionary: search features, read their top contexts, label them, "
@@ -83,28 +83,7 @@ for _, s in saes.iterrows():
     if hist.empty:
         st.info("No live features: nothing fired on the corpus.")
         continue
-    chart = (
-        alt.Chart(hist)
-        .mark_rect(color="#e67e22", stroke="white", strokeWidth=0.5)
-        .encode(
-            x=alt.X(
-                "log10_lo:Q",
-                title="log10(feature density)",
-                bin="binned",
-                scale=alt.Scale(domain=[float(hist["log10_lo"].min()), float(hist["log10_hi"].max())]),
-            ),
-            x2="log10_hi:Q",
-            y=alt.Y("count:Q", title="features"),
-            y2=alt.datum(0),
-            tooltip=[
-                alt.Tooltip("log10_lo:Q", title="log10 density from", format=".2f"),
-                alt.Tooltip("log10_hi:Q", title="to", format=".2f"),
-                alt.Tooltip("count:Q", title="features"),
-            ],
-        )
-        .properties(height=220, title=f"Feature density (fraction of tokens a feature fires on); {n_dead:,} dead")
-    )
-    st.altair_chart(chart, width="stretch")
+    st.altair_chart(charts.density_histogram(hist, n_dead), width="stretch")
     lo, hi = q.density_range(store, sae_id)
     st.caption(f"Densities range from {fmt_density(10**lo)} to {fmt_density(10**hi)}.")
 

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,22 +20,19 @@ import streamlit as st
 from featuredict.dashboard import concept, prompt, render
 from featuredict.dashboard.common import (
     get_runtime,
-    get_store,
     go_feature,
-    pick_sae,
+    page_context,
     qp_str,
     set_param,
     show_error,
     sync_widget,
     url,
 )
-from featuredict.dashboard.data import cached_baselines, db_key
+from featuredict.dashboard.data import cached_baselines
 from featuredict.db import queries as q
 
-store = get_store()
-sae_id = pick_sae(store)
-info = q.sae_info(store, sae_id) or {}
-d_sae = int(info.get("d_sae") or 0)
+ctx = page_context()
+store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae
 
 st.title("Search")
 MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
@@ -152,7 +151,7 @@ def text_mode() -> None:
 
 # ------------------------------------------------------------------------------------------- prompt
 @st.cache_data(max_entries=32, show_spinner=False)
-def _prompt_result(_row: dict, key: tuple, text: str) -> prompt.PromptResult:
+def _prompt_result(_row: Mapping[str, Any], key: tuple, text: str) -> prompt.PromptResult:
     return prompt.run_prompt(get_runtime(_row), text)
 
 
@@ -174,7 +173,7 @@ def prompt_mode() -> None:
         return
     try:
         with st.spinner("Running the model…"):
-            res = _prompt_result(info, (sae_id, db_key(store)), text)
+            res = _prompt_result(info, (sae_id, ctx.db_key), text)
     except Exception as e:  # noqa: BLE001
         show_error(f"Could not run the model of SAE `{sae_id}`", e)
         return
@@ -221,8 +220,7 @@ def prompt_mode() -> None:
         if hl is not None:
             acts = prompt.feature_over_tokens(res, int(hl))
             scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
-            has_bos = bool(info.get("prepend_bos", True))
-            st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts)), skip_first=has_bos))
+            st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts)), skip_first=ctx.has_bos))
         result_table(
             whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token", "top_tokens"]],
             "prompt_whole",
@@ -259,7 +257,7 @@ def prompt_mode() -> None:
 # ------------------------------------------------------------------------------------------ concept
 @st.cache_data(max_entries=16, show_spinner=False)
 def _concept_rank(
-    _row: dict, _base: dict, key: tuple, examples: tuple[str, ...], counter: tuple[str, ...]
+    _row: Mapping[str, Any], _base: dict, key: tuple, examples: tuple[str, ...], counter: tuple[str, ...]
 ) -> pd.DataFrame:
     rt = get_runtime(_row)
     pos = [prompt.dense_valid_acts(rt, t) for t in examples]
@@ -289,7 +287,7 @@ def concept_mode() -> None:
     try:
         with st.spinner(f"Running the model on {len(examples) + len(counter)} texts…"):
             base = cached_baselines(store, sae_id, d_sae)
-            ranked = _concept_rank(info, base, (sae_id, db_key(store)), tuple(examples), tuple(counter))
+            ranked = _concept_rank(info, base, (sae_id, ctx.db_key), tuple(examples), tuple(counter))
     except Exception as e:  # noqa: BLE001
         show_error(f"Could not score the concept with SAE `{sae_id}`", e)
         return

@@ -16,25 +16,20 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from featuredict.dashboard.common import get_store, pick_sae
+from featuredict.dashboard.common import page_context
 from featuredict.dashboard.render import md, text_block
-from featuredict.db.presets import (
-    PresetError,
-    feature_max_acts,
-    feature_summaries,
-    list_presets,
-    load_preset,
-    sae_row,
-    save_preset,
-    search_features,
-)
+from featuredict.db import queries
+from featuredict.db.presets import PresetError, feature_max_acts
 from featuredict.pipelines.steering import (
     FeatureEdit,
     GenerationSettings,
     SteeringConfig,
     SteeringInputError,
     interleave,
+    list_presets,
+    load_preset,
     paired_streams,
+    save_preset,
     validate_config,
 )
 
@@ -47,28 +42,22 @@ TEXT_CSS = (
 )
 URL_KEYS = ("feature", "preset", "prompt", "pos", "chat", "n", "t", "top_p", "seed")
 
-store = get_store()
-sae_id = pick_sae(store)
-row = sae_row(store, sae_id)
-if row is None:  # pick_sae only returns ids it read from the table; a concurrent rebuild could drop it
+ctx = page_context()
+store, sae_id = ctx.store, ctx.sae_id
+row = queries.sae_info(store, sae_id)
+if row is None:  # the frame only picks ids it read from the table; a concurrent rebuild could drop it
     st.error(md(f"SAE {sae_id!r} is not in this database."))
     st.stop()
 d_sae = int(row["d_sae"])
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
-def _max_acts(path: str, ino: int, sid: str) -> dict[int, float]:
-    return feature_max_acts(store, sid)
+def _max_acts(_store: Any, key: str, sid: str) -> dict[int, float]:
+    """``feature_max_acts``, cached by the database's content key (``ctx.db_key``: path, inode, newest build)."""
+    return feature_max_acts(_store, sid)
 
 
-def _ino() -> int:
-    try:
-        return int(store.path.stat().st_ino)
-    except OSError:
-        return 0
-
-
-max_acts = _max_acts(str(store.path), _ino(), sae_id)
+max_acts = _max_acts(store, ctx.db_key, sae_id)
 
 st.title("Steer")
 st.caption(
@@ -111,7 +100,7 @@ if st.session_state.get("_steer_url_sig") != signature:
                 st.session_state.pop("_steer_url_sig", None)
                 st.rerun()
         else:
-            url_cfg = SteeringConfig.from_query_params(url_state, DEFAULT_EDIT)
+            url_cfg = SteeringConfig.from_mapping(url_state, default_edit=DEFAULT_EDIT)
             if not url_cfg.prompt:
                 url_cfg = SteeringConfig(**{**url_cfg.__dict__, "prompt": DEFAULT_PROMPT})
         # edits from a URL are checked before they reach the widgets (a NaN cannot be shown in a number box)
@@ -157,16 +146,21 @@ opts[1].radio(
 # ---- features -------------------------------------------------------------------------------------------
 st.subheader("Features")
 query = st.text_input("Search features", key="steer_search", placeholder="feature id(s), label or token text")
-found = search_features(store, sae_id, query) if query.strip() else []
+ids = [p.strip() for p in query.split(",") if p.strip()]
+if ids and all(p.isdigit() for p in ids):  # one id or a comma list of ids
+    found = queries.features_by_ids(store, sae_id, [int(p) for p in ids])["feature"].tolist()
+else:
+    hits = queries.search(store, sae_id, query, queries.SearchFilters(include_dead=True)) if ids else None
+    found = [] if hits is None else hits["feature"].tolist()
 if query.strip() and not found:
     st.caption("No feature matches that search.")
 options = list(dict.fromkeys([*ss["steer_features"], *found]))
-summaries = feature_summaries(store, sae_id, options)
+summaries = {int(r["feature"]): r for r in queries.features_by_ids(store, sae_id, options).to_dict("records")}
 
 
 def _describe(f: int) -> str:
     s = summaries.get(int(f), {})
-    what = s.get("label") or " ".join(repr(t) for t in s.get("pos_tokens", [])[:3]) or ""
+    what = next((t for t in (s.get("label"), s.get("top_tokens")) if isinstance(t, str) and t), "")
     mx = s.get("max_act")
     return f"#{f}" + (f" · {what}" if what else "") + (f" · max {mx:.2f}" if mx is not None else "")
 
@@ -220,7 +214,11 @@ def current_config() -> SteeringConfig:
     )
 
 
-config = current_config()
+try:
+    config = current_config()
+except SteeringInputError as e:  # a setting out of range (e.g. top-p 0): fixable in the widgets above
+    st.error(md(e))
+    st.stop()
 
 
 # ---- run ------------------------------------------------------------------------------------------------
@@ -363,11 +361,10 @@ with pc[0]:
             st.code(f"steer?{urlencode({'preset': saved})}", language=None)
 with pc[1]:
     presets = list_presets(store, sae_id)
-    names = [p["name"] for p in presets]
+    names = [p.name for p in presets]
     if names:
         pick = st.selectbox("Saved presets for this SAE", names, key="steer_preset_pick", format_func=lambda n: n)
-        chosen = next(p for p in presets if p["name"] == pick)
-        cfg = chosen["config"]
+        cfg = next(p.config for p in presets if p.name == pick)
         st.caption(html.escape(cfg.describe() if cfg else "unreadable preset"))
         if st.button("Load preset", key="steer_preset_load"):
             for k in URL_KEYS:

@@ -1,0 +1,232 @@
+"""The exact activation edit, pure torch on an sae-lens SAE (no model, no tokenizer).
+
+Let ``x`` (``[d_in]``) be the activation at the SAE's hook at one position and ``f = sae.encode(x)``
+(``[d_sae]``), computed by the SAE's own ``encode`` so input normalisation, ``b_dec`` subtraction, TopK /
+JumpReLU thresholds and ``rescale_acts_by_decoder_norm`` are all exactly as in the feature statistics. Every
+sae-lens decoder that reconstructs its own input (Standard, TopK, BatchTopK, JumpReLU, Gated, Matryoshka,
+matching pursuit) has the form::
+
+    decode(f) = out_x( L(f) + b )       L(f) = f @ D,   D[i] = W_dec[i] / ||W_dec[i]||  (TopK family with
+                                                        rescale_acts_by_decoder_norm: see act_times_W_dec)
+                                                        D[i] = W_dec[i]                 (everything else)
+
+where ``out_x`` is sae-lens' ``run_time_activation_norm_fn_out``, affine per position with slope ``s(x)``:
+``1`` (normalize_activations none / expected_average_only_in / folded), ``||x|| / sqrt(d_in)``
+(constant_norm_rescale: out divides by ``sqrt(d_in) / ||x||``) or ``std(x)`` (layer_norm: out is
+``y * std + mean``). Hence for ``f' = f + Δf``::
+
+    decode(f') - decode(f) = s(x) * (Δf @ D)
+
+and the edit applied is ``x <- x + s(x) * (Δf @ D)``, i.e. exactly ``x + decode(f') - decode(f)``. The SAE's
+error term ``x - decode(f)`` is kept, so where ``Δf = 0`` the model is untouched bit for bit. We compute the
+difference in closed form rather than calling ``decode`` twice because sae-lens' normalising
+``decode`` is stateful (it reads and deletes a coefficient stored by the preceding ``encode``), which is
+neither thread-safe nor callable twice; the tests check the closed form against ``sae.decode``.
+
+Modes, per feature ``i``:
+- ``clamp`` (value ``v``, in activation units): ``Δf_i = v - f_i(x)``, so the feature reads ``v``.
+- ``add`` (value ``a``, in units of the feature's max observed activation ``features.max_act``):
+  ``Δf_i = a * max_act_i``, i.e. ``x <- x + a * max_act_i * s(x) * D[i]``; no encode needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..saes import to_sae
+from .config import FeatureEdit, SteeringInputError
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+NORM_SCALED = ("constant_norm_rescale", "layer_norm")
+
+
+def decoder_directions(sae: SAE[Any], features: torch.Tensor) -> torch.Tensor:
+    """Effective decoder rows ``D[features]``, ``[n, d_in]``: ``L(e_i)`` of the SAE's linear decode.
+
+    ``W_dec[i] / ||W_dec[i]||`` when the SAE rescales activations by decoder norm (sae-lens
+    ``act_times_W_dec``), else ``W_dec[i]``.
+    """
+    w = sae.W_dec[features.to(sae.W_dec.device)]
+    if bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)):
+        # a zero decoder row has no direction: it edits nothing (sae-lens would divide by zero there too)
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return w
+
+
+def output_scale(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor | None:
+    """Slope ``s(x)`` of the SAE's run-time output de-normalisation, ``[..., 1]``; None when it is 1.
+
+    ``x`` is ``[..., d_in]`` in the SAE's dtype; mirrors sae-lens ``_setup_activation_normalization``.
+    """
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if norm == "constant_norm_rescale":
+        return x.norm(dim=-1, keepdim=True) / (sae.cfg.d_in**0.5)
+    if norm == "layer_norm":
+        return (x - x.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+    return None
+
+
+def check_steerable(sae: SAE[Any]) -> None:
+    """Raise SteeringInputError for SAEs whose decoder does not write back to the hook they read."""
+    arch_attr = getattr(sae.cfg, "architecture", "")
+    arch = str(arch_attr() if callable(arch_attr) else arch_attr)
+    d_in = int(sae.cfg.d_in)
+    if "transcoder" in arch.lower() or tuple(sae.W_dec.shape[-1:]) != (d_in,):
+        raise SteeringInputError(
+            f"this SAE ({arch or type(sae).__name__}) writes to a different site than it reads; "
+            "steering needs an SAE that reconstructs its own input"
+        )
+    if getattr(sae.cfg, "reshape_activations", "none") not in (None, "none"):
+        raise SteeringInputError("steering supports SAEs on [batch, pos, d_in] activations (not hook_z reshaping)")
+
+
+def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sae.encode``, or for a plain sae-lens ``TopKSAE`` the same tensor operations inlined.
+
+    The inline path runs exactly sae-lens' ``TopKSAE.encode`` (``process_sae_in`` without runtime
+    normalisation, ``@ W_enc + b_enc``, ``* ||W_dec||`` when rescaling, ``TopK``) minus its Python overhead
+    (hook points, per-call decoder norms), so the result is bitwise identical (tested); it is used only when
+    the SAE has no runtime normalisation, no reshaping and no hooks on its hook points, else ``sae.encode``.
+    """
+    try:
+        from sae_lens.saes.topk_sae import TopK, TopKSAE
+    except ImportError:  # pragma: no cover - sae-lens layout changed
+        return sae.encode
+    act = getattr(sae, "activation_fn", None)
+    plain = (
+        type(sae) is TopKSAE
+        and isinstance(act, TopK)
+        and not act.use_sparse_activations
+        and getattr(sae.cfg, "normalize_activations", "none") not in NORM_SCALED
+        and getattr(sae.cfg, "reshape_activations", "none") in (None, "none")
+        and not getattr(sae, "hook_z_reshaping_mode", False)
+        and not any(
+            getattr(sae, hp)._forward_hooks or getattr(sae, hp)._forward_pre_hooks
+            for hp in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post")
+        )
+    )
+    if not plain:
+        return sae.encode
+    assert isinstance(act, TopK)
+    with torch.no_grad():
+        w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        bias = (sae.b_dec * sae.cfg.apply_b_dec_to_input).detach()
+        norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
+    k, dtype = int(act.k), sae.dtype
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        h = (x.to(dtype) - bias) @ w_enc + b_enc
+        if norms is not None:
+            h = h * norms
+        values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
+        return torch.zeros_like(h).scatter_(-1, idx, values.relu())
+
+    return encode
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Resolved edits as tensors on the SAE's device (use ``dataclasses.replace`` to change a field).
+
+    features:   ``[n]`` long, feature ids
+    is_clamp:   ``[n]`` bool, clamp (True) or add (False)
+    values:     broadcastable to ``[..., n]``: clamp target ``v`` (activation units) or, for add, the
+                activation increment ``a * max_act`` (already multiplied)
+    directions: ``[n, d_in]`` effective decoder rows ``D[features]`` (see ``decoder_directions``)
+
+    Derived once: ``clamp_pos`` (indices into ``features`` of the clamps, ``[n_clamp]``), ``clamp_values``
+    (``[..., n_clamp]``), ``clamp_dirs`` (``[n_clamp, d_in]``) and ``add_delta`` (``[..., d_in]``, the summed
+    add edits ``Σ values_j D_j`` before the output scale; None without adds).
+    """
+
+    features: torch.Tensor
+    is_clamp: torch.Tensor
+    values: torch.Tensor
+    directions: torch.Tensor
+    clamp_pos: torch.Tensor = field(init=False)
+    clamp_values: torch.Tensor = field(init=False)
+    clamp_dirs: torch.Tensor = field(init=False)
+    add_delta: torch.Tensor | None = field(init=False)
+    all_clamp: bool = field(init=False)
+    needs_encode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = int(self.features.numel())
+        vals = self.values.expand(*self.values.shape[:-1], n) if self.values.dim() else self.values.expand(n)
+        cpos = self.is_clamp.nonzero().flatten()
+        apos = (~self.is_clamp).nonzero().flatten()
+        sets = object.__setattr__
+        sets(self, "clamp_pos", cpos)
+        sets(self, "all_clamp", bool(cpos.numel() == n))
+        sets(self, "needs_encode", bool(cpos.numel() > 0))
+        sets(self, "clamp_values", vals if self.all_clamp else vals[..., cpos])
+        sets(self, "clamp_dirs", self.directions if self.all_clamp else self.directions[cpos])
+        sets(self, "add_delta", vals[..., apos] @ self.directions[apos] if apos.numel() else None)
+
+    @classmethod
+    def build(
+        cls, sae: SAE[Any], edits: Sequence[FeatureEdit], max_acts: Mapping[int, float] | None = None
+    ) -> EditPlan:
+        """Tensors for ``edits``; ``add`` values are multiplied by ``max_acts[feature]``."""
+        dev, dt = sae.W_dec.device, sae.W_dec.dtype
+        feats = torch.tensor([e.feature for e in edits], dtype=torch.long, device=dev)
+        vals = []
+        for e in edits:
+            if e.mode == "add":
+                if max_acts is None or e.feature not in max_acts:
+                    raise SteeringInputError(f"feature {e.feature}: add needs the feature's max_act")
+                vals.append(float(e.value) * float(max_acts[e.feature]))
+            else:
+                vals.append(float(e.value))
+        with torch.no_grad():
+            return cls(
+                features=feats,
+                is_clamp=torch.tensor([e.mode == "clamp" for e in edits], dtype=torch.bool, device=dev),
+                values=torch.tensor(vals, dtype=dt, device=dev),
+                directions=decoder_directions(sae, feats).detach() if len(edits) else sae.W_dec[:0].detach(),
+            )
+
+
+def steer_activations(
+    sae: SAE[Any],
+    x: torch.Tensor,
+    plan: EditPlan,
+    mask: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply ``plan`` to activations ``x`` ``[batch, pos, d_in]``; returns ``(x_new, f_sel)``.
+
+    ``x_new = x + mask * s(x) * (Δf @ D)`` = ``x + decode(f') - decode(f)`` (see the module docstring), in
+    ``x``'s dtype and device. ``mask`` ``[batch, pos]`` bool selects the positions edited (None: all).
+    ``f_sel`` ``[batch, pos, n]`` are the steered features' activations ``sae.encode(x)[..., features]``
+    before the edit (None when the plan needs no encode and ``f`` is not given). Pass ``f``
+    (``[batch, pos, d_sae]``, ``sae.encode(x)``) to reuse an encode already done.
+    """
+    xs = to_sae(sae, x)
+    if f is None and plan.needs_encode:
+        f = sae.encode(xs)
+    f_sel = None if f is None else f[..., plan.features]
+    if plan.features.numel() == 0:
+        return x, f_sel
+    delta: torch.Tensor | None = None
+    if plan.needs_encode:
+        assert f_sel is not None
+        f_clamp = f_sel if plan.all_clamp else f_sel[..., plan.clamp_pos]
+        delta = (plan.clamp_values - f_clamp) @ plan.clamp_dirs  # [b, p, d_in]
+    if plan.add_delta is not None:
+        delta = plan.add_delta if delta is None else delta + plan.add_delta
+    assert delta is not None
+    scale = output_scale(sae, xs)
+    if scale is not None:
+        delta = delta * scale
+    if mask is not None:  # where(), not a product: masked-out positions stay exact even if delta is not finite
+        delta = torch.where(mask.to(delta.device).unsqueeze(-1), delta, delta.new_zeros(()))
+    if delta.device != x.device or delta.dtype != x.dtype:
+        delta = delta.to(device=x.device, dtype=x.dtype)
+    return x + delta, f_sel
