@@ -258,8 +258,8 @@ def _example_rows(
         if kind == "top":
             max_tokens[f].append(strs[pos] if pos < len(strs) else "")
 
-    top_ctx = state.top_ctx.numpy()
-    smp_ctx = state.smp_ctx.numpy()
+    top_ctx = state.top.ctx.numpy()
+    smp_ctx = state.smp.ctx.numpy()
     for f in range(state.d_sae):
         for r in range(top_ctx.shape[1]):
             if top_ctx[f, r] < 0:
@@ -272,10 +272,10 @@ def _example_rows(
                 None,
                 r,
                 int(top_ctx[f, r]),
-                float(state.top_val[f, r]),
-                int(state.top_pos[f, r]),
-                state.top_tok[f, r],
-                state.top_act[f, r],
+                float(state.top.val[f, r]),
+                int(state.top.pos[f, r]),
+                state.top.tok[f, r],
+                state.top.act[f, r],
             )
         populated = [b for b in range(cfg.n_bands) if smp_ctx.shape[2] and smp_ctx[f, b, 0] >= 0]
         for b in choose_bands(populated, n_bands_show):
@@ -292,10 +292,10 @@ def _example_rows(
                     hi,
                     r,
                     int(smp_ctx[f, b, r]),
-                    float(state.smp_val[f, b, r]),
-                    int(state.smp_pos[f, b, r]),
-                    state.smp_tok[f, b, r],
-                    state.smp_act[f, b, r],
+                    float(state.smp.val[f, b, r]),
+                    int(state.smp.pos[f, b, r]),
+                    state.smp.tok[f, b, r],
+                    state.smp.act[f, b, r],
                 )
     return pd.DataFrame(rows), max_tokens
 

@@ -42,6 +42,16 @@ def _corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--split", default="train", help="HF dataset split (default: train)")
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU; on CUDA bfloat16 where the GPU "
+        "supports it, else float16)",
+    )
+
+
 def _corpus(args: argparse.Namespace):
     from .corpus import CorpusSpec
 
@@ -145,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-tokens", type=int, default=256)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
-    t.add_argument(
-        "--dtype",
-        default=None,
-        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA where supported, else float16)",
-    )
+    _device_args(t)
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="harvest feature statistics into a DuckDB feature dictionary")
@@ -177,12 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exclude positions whose activation norm is > this x their context's median, like BOS "
         "(attention-sink 'massive activations'); 0 disables (default 10)",
     )
-    b.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
-    b.add_argument(
-        "--dtype",
-        default=None,
-        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU, bfloat16 on CUDA where supported, else float16)",
-    )
+    _device_args(b)
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -219,10 +219,6 @@ def _fold_twins(
     return same.any(1)
 
 
-def _alias(slots: str, name: str) -> property:
-    return property(lambda self: getattr(getattr(self, slots), name), doc=f"``{slots}.{name}``")
-
-
 @dataclass
 class HarvestState:
     """Mergeable harvest state. Shapes: F = d_sae, K = top_k, NB = bands, S = samples, T = context, D = d_in."""
@@ -241,21 +237,6 @@ class HarvestState:
     sse: float = 0.0  # sum of squared reconstruction errors
     l0_sum: float = 0.0  # sum over tokens of active-feature counts
     harvest_seconds: float = 0.0  # wall time spent harvesting, summed over shards
-
-    # the example arrays under their flat names (as the saved state dict has them)
-    top_val = _alias("top", "val")
-    top_ctx = _alias("top", "ctx")
-    top_pos = _alias("top", "pos")
-    top_tok = _alias("top", "tok")
-    top_act = _alias("top", "act")
-    top_hash = _alias("top", "hash")
-    smp_key = _alias("smp", "key")
-    smp_val = _alias("smp", "val")
-    smp_ctx = _alias("smp", "ctx")
-    smp_pos = _alias("smp", "pos")
-    smp_tok = _alias("smp", "tok")
-    smp_act = _alias("smp", "act")
-    smp_hash = _alias("smp", "hash")
 
     @classmethod
     def empty(cls, cfg: HarvestConfig, d_sae: int, context_size: int, d_in: int) -> HarvestState:
@@ -353,20 +334,26 @@ def update(
 
     chash = content_hash(tokens)
     dup = _dup_in_batch(chash, ctx_ids)
-    _update_top(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
-    _update_samples(state, feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
+    batch = _Batch(feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
+    _update_top(state, batch)
+    _update_samples(state, batch)
 
 
-def _update_top(
-    state: HarvestState,
-    feats: torch.Tensor,
-    tokens: torch.Tensor,
-    ctx_ids: torch.Tensor,
-    chash: torch.Tensor,
-    dup: torch.Tensor,
-    seq_max: torch.Tensor,
-    seq_pos: torch.Tensor,
-) -> None:
+class _Batch(NamedTuple):
+    """One batch as the example updates read it: ``feats`` [B, T, F], ``tokens`` [B, T], ``ctx_ids`` [B], the
+    window hashes ``chash`` [B] and in-batch copies ``dup`` [B], per-context max ``seq_max`` [B, F] at ``seq_pos``."""
+
+    feats: torch.Tensor
+    tokens: torch.Tensor
+    ctx_ids: torch.Tensor
+    chash: torch.Tensor
+    dup: torch.Tensor
+    seq_max: torch.Tensor
+    seq_pos: torch.Tensor
+
+
+def _update_top(state: HarvestState, batch_in: _Batch) -> None:
+    feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos = batch_in
     top = state.top  # [F, K]
     B, T, F = feats.shape
     # the batch as one [B] candidate list per feature, all views (no [F, B, T] copy); in-batch copies of a window
@@ -386,16 +373,8 @@ def _update_top(
         top[aff] = top.select(batch, rows=aff, other_rows=aff, drop=~better[aff])
 
 
-def _update_samples(
-    state: HarvestState,
-    feats: torch.Tensor,
-    tokens: torch.Tensor,
-    ctx_ids: torch.Tensor,
-    chash: torch.Tensor,
-    dup: torch.Tensor,
-    seq_max: torch.Tensor,
-    seq_pos: torch.Tensor,
-) -> None:
+def _update_samples(state: HarvestState, batch_in: _Batch) -> None:
+    feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos = batch_in
     cfg = state.cfg
     NB, S = cfg.n_bands, cfg.samples_per_band
     if S == 0:

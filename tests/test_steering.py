@@ -12,11 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from tests.conftest import STORIES_MODEL, TINY_TEXT, require_shared
-except ImportError:
-    from conftest import STORIES_MODEL, TINY_TEXT, require_shared
-
 from featuredict.pipelines.steering import (
     EditPlan,
     FeatureEdit,
@@ -32,6 +27,7 @@ from featuredict.pipelines.steering import (
     validate_config,
 )
 from featuredict.pipelines.steering import generation as steering_generation
+from tests.conftest import STORIES_MODEL, TINY_TEXT, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 

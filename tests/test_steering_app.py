@@ -13,11 +13,6 @@ import duckdb
 import pytest
 import torch
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from tests.conftest import TINY_HOOK, TINY_TEXT
-except ImportError:
-    from conftest import TINY_HOOK, TINY_TEXT
-
 from featuredict.db.presets import PresetError, delete_preset, feature_max_acts
 from featuredict.db.queries import SearchFilters, features_by_ids, search
 from featuredict.db.schema import create_schema
@@ -32,6 +27,7 @@ from featuredict.pipelines.steering import (
     load_preset,
     save_preset,
 )
+from tests.conftest import TINY_HOOK, TINY_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "dashboard" / "views" / "steer.py"

@@ -145,13 +145,13 @@ def test_harvest_on_a_tl_model_stores_truthful_activations(tl_runtime: Runtime, 
     )
     state = harvest_corpus(tl_runtime, cfg)
     assert state.n_tokens > 0 and 0 < state.l0() <= 4
-    live = (state.top_ctx[:, 0] >= 0).nonzero().flatten()
+    live = (state.top.ctx[:, 0] >= 0).nonzero().flatten()
     assert live.numel() > 0
     for f in live[:5].tolist():
-        n = int((state.top_tok[f, 0] != PAD_SLOT).sum())  # padding is stored as PAD_SLOT, at the end
-        toks = state.top_tok[f, 0, :n].long()[None]
+        n = int((state.top.tok[f, 0] != PAD_SLOT).sum())  # padding is stored as PAD_SLOT, at the end
+        toks = state.top.tok[f, 0, :n].long()[None]
         again = tl_runtime.feature_acts(toks)[0, :, f]
-        torch.testing.assert_close(again, state.top_act[f, 0, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again, state.top.act[f, 0, :n], atol=1e-4, rtol=1e-4)
 
 
 def test_steering_with_full_recompute(tl_runtime: Runtime):
