@@ -15,6 +15,14 @@ User tables (never deleted or rewritten by a build):
 - ``labels``            label / tags / notes / author / time per feature.
 - ``lists``             named saved lists of features.
 - ``steering_presets``  named steering configurations.
+- ``explanations``      words for a feature, many per feature: text, method, explainer model, scores, author,
+                        time and the fingerprint of the SAE weights it was made for (stale when they differ).
+                        Text comes from an LLM or an import: untrusted, escape it before HTML.
+- ``feature_embeddings`` one sentence-embedding vector per (sae_id, feature, embedding model) of the feature's
+                        words (explanations, label, tags, notes, a summary of its top contexts), for search
+                        by meaning; ``text_hash`` tells when the words changed since.
+
+A read-write open creates user tables that an older file lacks, so adding a user table needs no version bump.
 
 All statements here are constants; values always travel as parameters.
 """
@@ -30,7 +38,7 @@ from .filelock import RebuildInProgress, opening
 SCHEMA_VERSION = 1
 
 BUILD_TABLES = ("saes", "features", "examples")
-USER_TABLES = ("labels", "lists", "steering_presets")
+USER_TABLES = ("labels", "lists", "steering_presets", "explanations", "feature_embeddings")
 
 DDL: tuple[str, ...] = (
     """
@@ -140,7 +148,41 @@ DDL: tuple[str, ...] = (
         created_at  TIMESTAMP NOT NULL
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS explanations (
+        id              BIGINT PRIMARY KEY, -- the writer assigns max(id) + 1 under its lock (kept across rebuilds)
+        sae_id          VARCHAR NOT NULL,
+        feature         INTEGER NOT NULL,
+        text            VARCHAR,            -- NULL when the explainer failed (see error)
+        method          VARCHAR NOT NULL,   -- 'tokens' | 'openai' | 'hf' | 'import' | ...
+        explainer_model VARCHAR,            -- model or endpoint that wrote it (NULL for 'tokens')
+        detection       REAL,               -- balanced accuracy on held-out contexts (NULL until scored)
+        fuzzing         REAL,               -- balanced accuracy telling right from wrong token marks
+        scorer_model    VARCHAR,
+        error           VARCHAR,            -- one line: why this feature has no explanation from this method
+        author          VARCHAR,
+        source          VARCHAR,            -- provenance of an import (file, Neuronpedia model/layer)
+        sae_fingerprint VARCHAR,            -- fingerprint of the SAE weights it was made for
+        tokens_used     INTEGER,            -- LLM tokens spent (prompt + completion), when known
+        created_at      TIMESTAMP NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS explanations_feature_idx ON explanations (sae_id, feature)",
+    """
+    CREATE TABLE IF NOT EXISTS feature_embeddings (
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        model       VARCHAR NOT NULL,   -- sentence-embedding model id
+        text        VARCHAR NOT NULL,   -- the words that were embedded
+        text_hash   VARCHAR NOT NULL,   -- hash of text: a changed label/explanation makes it stale
+        vector      FLOAT[] NOT NULL,   -- L2-normalised
+        updated_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (sae_id, feature, model)
+    )
+    """,
 )
+
+_USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))
 
 
 class DatabaseError(RuntimeError):
@@ -217,8 +259,16 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         check_version(con, path, catalog=_OLD)
         for t in BUILD_TABLES:
             con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
+        kept = {
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_catalog = ?", [_OLD]
+            ).fetchall()
+        }
         for t in USER_TABLES:
-            con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t}")  # noqa: S608
+            if t in kept:  # a file written before this user table existed has none to keep
+                con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t}")  # noqa: S608
+
     finally:
         con.execute(f"DETACH {old}")
 
@@ -256,9 +306,8 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         check_version(con, p)
         if not read_only:
             # User tables may be missing in files written by older builds of the same version.
-            for stmt in DDL:
-                if "labels" in stmt or "lists" in stmt or "steering_presets" in stmt:
-                    con.execute(stmt)
+            for stmt in _USER_DDL:
+                con.execute(stmt)
     except Exception:
         con.close()
         raise

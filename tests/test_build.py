@@ -421,3 +421,40 @@ def test_build_refuses_to_replace_a_file_it_cannot_keep_rows_from(
         with pytest.raises(DatabaseError, match=needle):
             build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=300)
         assert db.read_bytes() == before
+
+
+def test_rebuild_of_a_file_without_the_newer_user_tables_keeps_labels(
+    tmp_path, tiny_db, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    """A file written before explanations/feature_embeddings existed: a rebuild keeps its labels and the new file
+    has every user table; a read-write open of such a file adds the missing ones."""
+    import shutil
+
+    import duckdb
+
+    from featuredict.db.schema import USER_TABLES, connect
+
+    def make_old(path: Path) -> Path:
+        shutil.copy(tiny_db, path)
+        con = duckdb.connect(str(path))
+        con.execute("DROP TABLE explanations")
+        con.execute("DROP TABLE feature_embeddings")
+        con.execute("INSERT INTO labels VALUES ('tiny/model.layers.1/64', 1, 'kept', NULL, NULL, NULL, now())")
+        con.close()
+        return path
+
+    def tables(path: Path) -> set[str]:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        finally:
+            con.close()
+
+    opened = make_old(tmp_path / "opened.duckdb")
+    connect(opened).close()
+    assert set(USER_TABLES) <= tables(opened)
+
+    rebuilt = make_old(tmp_path / "rebuilt.duckdb")
+    build_tiny_db(rebuilt, tiny_model_dir, tiny_sae_dir, tiny_corpus)
+    assert set(USER_TABLES) <= tables(rebuilt)
+    assert _q(rebuilt, "SELECT label FROM labels WHERE feature = 1").label.tolist() == ["kept"]
