@@ -93,7 +93,8 @@ def activation_histogram(
 
 
 def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Color]:
-    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output.
+    """Compact frame for the scatter plus the colour encoding. ``df`` is ``q.map_points`` output; its best
+    explanation (when the column is there) goes into the tooltip, as text (Vega's tooltip escapes it).
 
     Colour by density: log10 density (viridis, clamped to the live range). By tag / label: the first tag
     (or the 12 commonest labels) in colour over grey "(none)" points, which are drawn first (underneath).
@@ -101,6 +102,7 @@ def plot_frame(df: pd.DataFrame, colour_by: str) -> tuple[pd.DataFrame, alt.Colo
     out = df[["feature", "x", "y", "log10_density"]].copy()
     out["label"] = df["label"].fillna("")
     out["top_tokens"] = df["top_tokens"].fillna("")
+    out["explanation"] = df["explanation"].fillna("") if "explanation" in df else ""
     if colour_by in ("tag", "label"):
         if colour_by == "tag":
             group = df["tag"].fillna(NONE).astype(str)
@@ -145,6 +147,7 @@ def scatter(df: pd.DataFrame, enc: alt.Color, size: float, height: int, name: st
             tooltip=[
                 alt.Tooltip("feature:Q", title="feature"),
                 alt.Tooltip("label:N", title="label"),
+                alt.Tooltip("explanation:N", title="explanation"),
                 alt.Tooltip("top_tokens:N", title="top tokens"),
                 alt.Tooltip("log10_density:Q", title="log10 density", format=".2f"),
             ],
@@ -221,3 +224,55 @@ def feature_place(
         .encode(x="x:Q", y="y:Q", tooltip=["feature:Q", "role:N"])
     )
     return (layer_bg + layer_nb + layer_me).properties(height=height)
+
+
+# ------------------------------------------------------------------------------------------- steering
+
+
+def sweep_chart(
+    summary: pd.DataFrame,
+    baseline_perplexity: float,
+    max_ppl_ratio: float,
+    recommended: float | None = None,
+    height: int = 220,
+) -> alt.HConcatChart:
+    """A strength sweep (``SweepResult.summary()`` rows: strength, concept, perplexity, divergence) as two
+    panels over a log strength axis: the concept score, and the perplexity under the unsteered model with the
+    baseline's (solid) and the allowed ``max_ppl_ratio`` x baseline (dashed) as rules. The recommended
+    strength, when given, is a red vertical rule in both."""
+    df = summary[["strength", "concept", "perplexity", "divergence"]].astype(float).copy()
+    df["within"] = df["perplexity"] <= max_ppl_ratio * baseline_perplexity
+    x = alt.X("strength:Q", scale=alt.Scale(type="log"), title="strength (x max activation)")
+    tips = [
+        alt.Tooltip("strength:Q", format=".3g"),
+        alt.Tooltip("concept:Q", title="concept score", format=".3f"),
+        alt.Tooltip("perplexity:Q", format=".3g"),
+        alt.Tooltip("divergence:Q", title="KL (nats/token)", format=".3f"),
+    ]
+    base = alt.Chart(df).encode(x=x, tooltip=tips)
+    concept = base.mark_line(point=True, color=BAR_COLOUR).encode(
+        y=alt.Y("concept:Q", title="concept score (x max act)")
+    )
+    ppl = base.mark_line(point=True, color=NEIGHBOUR_COLOUR).encode(
+        y=alt.Y("perplexity:Q", scale=alt.Scale(type="log"), title="perplexity (unsteered model)")
+    )
+    rules = pd.DataFrame(
+        {"perplexity": [baseline_perplexity, max_ppl_ratio * baseline_perplexity], "what": ["baseline", "limit"]}
+    )
+    ppl_rules = (
+        alt.Chart(rules)
+        .mark_rule(color=BACKGROUND_COLOUR)
+        .encode(
+            y="perplexity:Q",
+            strokeDash=alt.StrokeDash("what:N", scale=alt.Scale(domain=["baseline", "limit"], range=[[1, 0], [5, 4]])),
+            tooltip=[alt.Tooltip("what:N"), alt.Tooltip("perplexity:Q", format=".3g")],
+        )
+    )
+    left, right = concept, ppl_rules + ppl
+    if recommended is not None:
+        rec = alt.Chart(pd.DataFrame({"strength": [float(recommended)]})).mark_rule(color=CENTRE_COLOUR).encode(x=x)
+        left, right = left + rec, right + rec
+    return alt.hconcat(
+        left.properties(height=height, width=300, title="Concept score"),
+        right.properties(height=height, width=300, title="Fluency"),
+    )

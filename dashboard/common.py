@@ -58,6 +58,16 @@ def db_path() -> Path:
     return Path(args.db or os.environ.get("FEATUREDICT_DB") or DEFAULT_DB).expanduser()
 
 
+def read_only_mode() -> bool:
+    """Whether the app serves read-only: ``--read-only`` after ``--`` (``featuredict serve --read-only``) or
+    ``$FEATUREDICT_READ_ONLY`` set to 1/true/yes. The database file is then opened read-only, every write is
+    refused by ``Store.write`` and pages hide their edit widgets."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--read-only", action="store_true")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return bool(args.read_only) or os.environ.get("FEATUREDICT_READ_ONLY", "").strip().lower() in ("1", "true", "yes")
+
+
 _STORES: dict[str, tuple[tuple[int, int], Store]] = {}
 _STORES_LOCK = threading.Lock()
 
@@ -69,15 +79,17 @@ def _file_id(path: Path) -> tuple[int, int]:
     return (int(s.st_dev), int(s.st_ino))
 
 
-def open_store(path: str | Path) -> Store:
-    """The process-wide Store of ``path`` (raises ``DatabaseError``).
+def open_store(path: str | Path, read_only: bool | None = None) -> Store:
+    """The process-wide Store of ``path`` (raises ``DatabaseError``), read-only when ``read_only`` (default:
+    ``read_only_mode()``).
 
     Keyed by the file's (device, inode): our own label/list writes keep the one Store (and so the one writer
     lock); a rebuilt file renamed over the old one gets a new Store, after the old one is closed (DuckDB
     hands a new connection to the *cached* old instance while any connection to that path is open).
     """
     p = Path(path)
-    key, fid = str(p), _file_id(p)
+    ro = read_only_mode() if read_only is None else bool(read_only)
+    key, fid = f"{p}|{'ro' if ro else 'rw'}", _file_id(p)
     with _STORES_LOCK:
         cur = _STORES.get(key)
         if cur is not None and cur[0] == fid:
@@ -88,7 +100,7 @@ def open_store(path: str | Path) -> Store:
                 cur[1].close()
             except Exception:  # noqa: BLE001 - already closed / in use: the new open still proceeds
                 log.warning("closing the previous connection to %s failed", key, exc_info=True)
-        store = Store(p)
+        store = Store(p, read_only=ro)
         _STORES[key] = (fid, store)
         return store
 
@@ -122,7 +134,9 @@ def _sae_picker(store: Store, key: str = "sae") -> str:
     choice = st.sidebar.selectbox("SAE", ids, key=key)
     if st.query_params.get("sae") != choice:
         set_param("sae", choice, key)
-    st.sidebar.caption(f"Database: `{str(db_path()).replace('`', '')}`")
+    st.sidebar.caption(
+        f"Database: `{str(db_path()).replace('`', '')}`" + (" · **read-only**" if read_only_mode() else "")
+    )
     return choice
 
 
@@ -308,3 +322,37 @@ def fmt_density(d: float | None) -> str:
     if d <= 0:
         return "0 (dead)"
     return f"{d:.2e}" if d < 0.01 else f"{d:.3f}"
+
+
+# ------------------------------------------------------------------------------------------ reviewer identity
+
+
+def signed_in_user() -> str | None:
+    """The signed-in user's email (or name) when the server has OIDC auth configured (``[auth]`` in
+    ``.streamlit/secrets.toml``) and the user logged in; None otherwise (pages then ask for a name)."""
+    try:
+        if not st.user.is_logged_in:
+            return None
+    except (AttributeError, KeyError):  # no [auth] section: st.user has no is_logged_in
+        return None
+    for key in ("email", "name", "sub"):
+        try:
+            v = st.user[key]
+        except KeyError:
+            continue
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return None
+
+
+def reviewer_name(container: Any = None, key: str = "author") -> str | None:
+    """Who is editing: the signed-in user when auth is configured, else a name field (remembered for the
+    session under ``st.session_state[key]``) drawn in ``container`` (``st`` by default). None when blank."""
+    user = signed_in_user()
+    box = container if container is not None else st
+    if user is not None:
+        box.caption(f"Signed in as {md(user)}")
+        return user
+    name = box.text_input("Your name (optional)", value=st.session_state.get(key, ""), key=f"{key}_field")
+    st.session_state[key] = name
+    return name.strip() or None

@@ -122,3 +122,74 @@ def text_block(text: str, style: str) -> str:
     """
     body = html.escape(text).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
     return f'<div style="{html.escape(style)}">{body}</div>'
+
+
+# ------------------------------------------------------------------------------------------ explanations
+
+EXPLANATION_CSS = (
+    "margin: 0.2rem 0 0.45rem 0; padding: 0.3rem 0.5rem; border-left: 3px solid #8e7cc3; background: #faf9fd; "
+    "color: #222; font-size: 0.92rem; line-height: 1.45; white-space: pre-wrap; word-break: break-word;"
+)
+META_CSS = "color: #777; font-size: 0.78rem; margin-top: 0.15rem;"
+STALE_CSS = "color: #a05a00; font-weight: 600;"
+
+
+def score_text(detection: float | None, fuzzing: float | None) -> str:
+    """'detection 0.81 · fuzzing 0.66' for the scores present (balanced accuracies), else 'unscored'."""
+    parts = [
+        f"{name} {float(v):.2f}"
+        for name, v in (("detection", detection), ("fuzzing", fuzzing))
+        if v is not None and np.isfinite(float(v))
+    ]
+    return " · ".join(parts) or "unscored"
+
+
+def _present(v: object) -> bool:
+    """False for None, NaN, NaT and pandas' NA (what a DataFrame record holds for SQL NULL)."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return False
+    return type(v).__name__ not in ("NaTType", "NAType")
+
+
+def explanation_meta(row: dict) -> str:
+    """One plain-text line about an explanation row (``queries.explanations`` columns): method, model, scores
+    and scorer, author, source and date. Not escaped (callers escape)."""
+    method = str(row.get("method") or "?")
+    model = row.get("explainer_model")
+    parts = [method + (f" ({model})" if _present(model) else "")]
+    det, fuz = row.get("detection"), row.get("fuzzing")
+    parts.append(score_text(det if _present(det) else None, fuz if _present(fuz) else None))
+    if _present(row.get("scorer_model")) and (_present(det) or _present(fuz)):
+        parts[-1] += f" by {row['scorer_model']}"
+    for key, name in (("author", "by"), ("source", "from")):
+        if _present(row.get(key)):
+            parts.append(f"{name} {row[key]}")
+    created = row.get("created_at")
+    if _present(created):
+        try:
+            parts.append(f"{created:%Y-%m-%d %H:%M}")
+        except (TypeError, ValueError):
+            parts.append(str(created))
+    return " · ".join(parts)
+
+
+def explanations_html(rows: Sequence[dict]) -> str:
+    """Explanation rows (``queries.explanations`` as records; text from an LLM or an import, so untrusted) as
+    escaped HTML blocks: the text, then a grey line of method / model / scores / date, and a stale marker for
+    ones made for other SAE weights. Rows without text (failed) are left out."""
+    out = []
+    for r in rows:
+        text = r.get("text")
+        if not _present(text):
+            continue
+        stale = (
+            f'<span style="{STALE_CSS}" title="made for other SAE weights (fingerprint '
+            f'{html.escape(str(r.get("sae_fingerprint") or "?"), quote=True)})">stale · </span>'
+            if bool(r.get("stale"))
+            else ""
+        )
+        out.append(
+            f'<div style="{EXPLANATION_CSS}">{html.escape(str(text), quote=True)}'
+            f'<div style="{META_CSS}">{stale}{html.escape(explanation_meta(r), quote=True)}</div></div>'
+        )
+    return "".join(out)

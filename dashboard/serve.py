@@ -15,7 +15,7 @@ APP = Path(__file__).resolve().parent / "app.py"
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``serve`` subcommand (``--db``, ``--port``, ``--headless``) with ``func=run``."""
+    """Add the ``serve`` subcommand (``--db``, ``--port``, ``--headless``, ``--read-only``) with ``func=run``."""
     p = subparsers.add_parser(
         "serve",
         help="open the feature-dictionary dashboard in a browser",
@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
     p.add_argument("--address", default=None, help="address to bind (Streamlit's default when omitted)")
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="serve without any writes: the file is opened read-only, edit widgets are disabled and every write "
+        "(labels, reviews, lists, presets, embeddings) is refused",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -54,7 +60,10 @@ def streamlit_argv(args: argparse.Namespace) -> list[str]:
     ]
     if getattr(args, "address", None):
         argv += ["--server.address", str(args.address)]
-    return [*argv, "--", "--db", str(Path(args.db).expanduser().resolve())]
+    app_args = ["--db", str(Path(args.db).expanduser().resolve())]
+    if getattr(args, "read_only", False):
+        app_args.append("--read-only")
+    return [*argv, "--", *app_args]
 
 
 def run(args: argparse.Namespace) -> int:

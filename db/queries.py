@@ -10,8 +10,10 @@ over lower-cased compact columns (label, tags, notes, ``max_tokens``, promoted l
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -183,15 +185,21 @@ def feature_baselines(db: Reader, sae_id: str, d_sae: int) -> dict[str, np.ndarr
 
 def map_points(db: Reader, sae_id: str) -> pd.DataFrame:
     """All features with a UMAP position, compact for a scatter of 65k+ points: columns feature (int32),
-    x, y (float32), log10_density (float32; -9 for dead), label, tag (first tag), top_tokens (str)."""
+    x, y (float32), log10_density (float32; -9 for dead), label, tag (first tag), top_tokens (str),
+    explanation (the best explanation's text cut to 90 characters, ``[stale] ``-prefixed when made for other
+    SAE weights; raw LLM text: escape before HTML)."""
     df = db.df(
-        f"""SELECT f.feature, f.umap_x AS x, f.umap_y AS y,
+        f"""WITH {_best_cte("e.sae_id = ?")}
+           SELECT f.feature, f.umap_x AS x, f.umap_y AS y,
                   CASE WHEN f.density > 0 THEN log10(f.density) ELSE -9 END AS log10_density,
-                  l.label, l.tags[1] AS tag, {top_tokens(3)} AS top_tokens
+                  l.label, l.tags[1] AS tag, {top_tokens(3)} AS top_tokens,
+                  CASE WHEN b.stale THEN '[stale] ' ELSE '' END
+                      || CASE WHEN length(b.text) > 90 THEN left(b.text, 89) || '…' ELSE b.text END AS explanation
            FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
+                LEFT JOIN best b ON b.sae_id = f.sae_id AND b.feature = f.feature
            WHERE f.sae_id = ? AND f.umap_x IS NOT NULL AND f.umap_y IS NOT NULL
            ORDER BY f.feature""",
-        [sae_id],
+        [*_current({sae_id: sae_fingerprint(db, sae_id)}), sae_id, sae_id],
     )
     return df.astype({"feature": "int32", "x": "float32", "y": "float32", "log10_density": "float32"})
 
@@ -231,15 +239,20 @@ def list_names(db: Reader) -> pd.DataFrame:
 
 def list_members(db: Reader, list_name: str) -> pd.DataFrame:
     """Members of one list, oldest first: columns sae_id, feature, note, added_at, label, tags, density,
-    max_act, top_tokens."""
+    max_act, top_tokens, explanation (best explanation's text, ``[stale] ``-prefixed when made for other SAE
+    weights, or NULL; raw LLM text)."""
+    saes = [r[0] for r in db.rows("SELECT DISTINCT sae_id FROM lists WHERE list_name = ?", [list_name])]
     return db.df(
-        f"""SELECT m.sae_id, m.feature, m.note, m.added_at, l.label, l.tags, f.density, f.max_act,
-                  {top_tokens(5)} AS top_tokens
+        f"""WITH {_best_cte("e.sae_id IN (SELECT sae_id FROM lists WHERE list_name = ?)")}
+           SELECT m.sae_id, m.feature, m.note, m.added_at, l.label, l.tags, f.density, f.max_act,
+                  {top_tokens(5)} AS top_tokens,
+                  CASE WHEN b.stale THEN '[stale] ' ELSE '' END || b.text AS explanation
            FROM lists m
            LEFT JOIN features f ON f.sae_id = m.sae_id AND f.feature = m.feature
            LEFT JOIN labels l ON l.sae_id = m.sae_id AND l.feature = m.feature
+           LEFT JOIN best b ON b.sae_id = m.sae_id AND b.feature = m.feature
            WHERE m.list_name = ? ORDER BY m.added_at, m.sae_id, m.feature""",
-        [list_name],
+        [*_current({s: sae_fingerprint(db, s) for s in saes}), list_name, list_name],
     )
 
 
@@ -248,6 +261,273 @@ def lists_of_feature(db: Reader, sae_id: str, feature_id: int) -> list[str]:
         "SELECT list_name FROM lists WHERE sae_id = ? AND feature = ? ORDER BY list_name", [sae_id, int(feature_id)]
     )
     return [r[0] for r in rows]
+
+
+# ---------------------------------------------------------------------------------------- explanations
+
+EXPLANATION_COLUMNS = (
+    "id, sae_id, feature, text, method, explainer_model, detection, fuzzing, scorer_model, error, author, source, "
+    "sae_fingerprint, tokens_used, created_at"
+)
+# One number per explanation to rank by: the mean of the scores it has (detection, fuzzing), NULL when unscored.
+_SCORE = (
+    "CASE WHEN e.detection IS NULL AND e.fuzzing IS NULL THEN NULL "
+    "ELSE (coalesce(e.detection, e.fuzzing) + coalesce(e.fuzzing, e.detection)) / 2 END"
+)
+# Stale: made for SAE weights whose fingerprint differs from the current one. The current fingerprints come as
+# a relation ``cur(sae_id, fp)`` built from two list parameters (see ``_current``); NULL on either side = unknown
+# = not stale.
+_CURRENT = "(SELECT unnest(?::VARCHAR[]) AS sae_id, unnest(?::VARCHAR[]) AS fp)"
+_STALE = "coalesce(e.sae_fingerprint <> cur.fp, false)"
+
+
+def _current(fingerprints: dict[str, str | None]) -> list[Any]:
+    """The two parameters of ``_CURRENT``: SAE ids and their current fingerprints."""
+    return [list(fingerprints), list(fingerprints.values())]
+
+
+BEST_COLUMNS = (
+    "feature",
+    "id",
+    "text",
+    "method",
+    "explainer_model",
+    "detection",
+    "fuzzing",
+    "scorer_model",
+    "score",
+    "stale",
+    "created_at",
+)
+_RANK = "stale, score DESC NULLS LAST, (method = 'tokens'), created_at DESC, id DESC"
+
+
+def _best_cte(scope: str) -> str:
+    """SQL for a CTE ``best``: per (sae_id, feature), the best explanation that has text, among the rows of
+    ``explanations e`` matching ``scope`` (a constant predicate from this module). Columns: sae_id, feature,
+    id, text, method, explainer_model, detection, fuzzing, scorer_model, score, stale, created_at.
+    Parameters: ``_current(...)``'s two, then ``scope``'s."""
+    return f"""ranked AS (
+            SELECT e.sae_id, e.feature, e.id, e.text, e.method, e.explainer_model, e.detection, e.fuzzing,
+                   e.scorer_model, e.created_at, {_SCORE} AS score, {_STALE} AS stale
+            FROM explanations e LEFT JOIN {_CURRENT} cur ON cur.sae_id = e.sae_id
+            WHERE e.text IS NOT NULL AND {scope}),
+        best AS (
+            SELECT * FROM ranked
+            QUALIFY row_number() OVER (PARTITION BY sae_id, feature ORDER BY {_RANK}) = 1)"""
+
+
+def explanations(db: Reader, sae_id: str, feature_id: int, fingerprint: str | None = None) -> pd.DataFrame:
+    """Every explanation row of one feature, best first (failed ones, with ``error`` and no text, last):
+    columns EXPLANATION_COLUMNS + score (mean of detection and fuzzing, NaN when unscored) + stale (made for
+    SAE weights other than ``fingerprint``; never when either is unknown). Text is untrusted: escape it."""
+    return db.df(
+        f"""SELECT {EXPLANATION_COLUMNS}, score, stale FROM (
+                SELECT e.*, {_SCORE} AS score, {_STALE} AS stale
+                FROM explanations e LEFT JOIN {_CURRENT} cur ON cur.sae_id = e.sae_id
+                WHERE e.sae_id = ? AND e.feature = ?)
+            ORDER BY text IS NULL, {_RANK}""",
+        [*_current({sae_id: fingerprint}), sae_id, int(feature_id)],
+    )
+
+
+def best_explanations(
+    db: Reader, sae_id: str, features: Sequence[int] | None = None, fingerprint: str | None = None
+) -> pd.DataFrame:
+    """The best explanation of each of ``features`` (None: every feature of the SAE) that has one: columns
+    feature, id, text, method, explainer_model, detection, fuzzing, scorer_model, score, stale, created_at; one
+    row per feature, ordered by feature. Best = made for the current weights (``fingerprint``; pass
+    ``sae_fingerprint(db, sae_id)`` to rank stale ones last and flag them), then highest mean score, then
+    LLM/imported words before the ``tokens`` summary, then newest. One query, whatever the number of features.
+    ``text`` is untrusted (LLM output or an import): escape it before HTML."""
+    if features is None:
+        scope, params = "e.sae_id = ?", [sae_id]
+    else:
+        ids = [int(f) for f in features]
+        if not ids:
+            return pd.DataFrame(columns=list(BEST_COLUMNS))
+        scope, params = "e.sae_id = ? AND e.feature IN (SELECT unnest(?::INTEGER[]))", [sae_id, ids]
+    return db.df(
+        f"""WITH {_best_cte(scope)} SELECT {", ".join(BEST_COLUMNS)} FROM best ORDER BY feature""",
+        [*_current({sae_id: fingerprint}), *params],
+    )
+
+
+def explained_features(
+    db: Reader, sae_id: str, method: str, explainer_model: str | None, fingerprint: str | None
+) -> set[int]:
+    """Features that already have an explanation (text, no error) from ``method`` + ``explainer_model`` made
+    for the current weights (``fingerprint``; rows without one count as current): what a resumed
+    ``featuredict explain`` skips."""
+    rows = db.rows(
+        f"""SELECT DISTINCT e.feature FROM explanations e LEFT JOIN {_CURRENT} cur ON cur.sae_id = e.sae_id
+            WHERE e.sae_id = ? AND e.method = ? AND e.explainer_model IS NOT DISTINCT FROM ?
+              AND e.text IS NOT NULL AND NOT {_STALE}""",
+        [*_current({sae_id: fingerprint}), sae_id, method, explainer_model],
+    )
+    return {int(r[0]) for r in rows}
+
+
+def explanations_to_score(
+    db: Reader,
+    sae_id: str,
+    features: Sequence[int],
+    scorer_model: str,
+    method: str | None = None,
+    explainer_model: str | None = None,
+    rescore: bool = False,
+) -> pd.DataFrame:
+    """Explanations with text of ``features`` (only those of ``method`` + ``explainer_model`` when a method
+    is given) that ``scorer_model`` has not scored yet (all of them when ``rescore``): columns id, feature,
+    text, ordered by feature, id."""
+    where = ["sae_id = ?", "feature IN (SELECT unnest(?::INTEGER[]))", "text IS NOT NULL"]
+    params: list[Any] = [sae_id, [int(f) for f in features]]
+    if method is not None:
+        where += ["method = ?", "explainer_model IS NOT DISTINCT FROM ?"]
+        params += [method, explainer_model]
+    if not rescore:
+        where.append("(detection IS NULL OR scorer_model IS DISTINCT FROM ?)")
+        params.append(scorer_model)
+    return db.df(f"SELECT id, feature, text FROM explanations WHERE {' AND '.join(where)} ORDER BY feature, id", params)
+
+
+def explanation_counts(db: Reader, sae_id: str) -> pd.DataFrame:
+    """Per (method, explainer_model) of one SAE: n (rows with text), failed (rows with an error), scored,
+    mean_detection, mean_fuzzing."""
+    return db.df(
+        """SELECT method, explainer_model, count(text) AS n, count(*) - count(text) AS failed,
+                  count(detection) AS scored, avg(detection) AS mean_detection, avg(fuzzing) AS mean_fuzzing
+           FROM explanations WHERE sae_id = ? GROUP BY ALL ORDER BY method, explainer_model""",
+        [sae_id],
+    )
+
+
+# Fingerprints are memoised per (database file, SAE, build time): a rebuild changes built_at, a label or
+# explanation write does not touch the decoders.
+_FINGERPRINTS: dict[tuple[str, str, str], str | None] = {}
+_FINGERPRINT_LOCK = threading.Lock()
+FINGERPRINT_CHUNK = 8192
+
+
+def sae_fingerprint(db: Reader, sae_id: str) -> str | None:
+    """Fingerprint of the SAE's weights as the database stores them: ``dec-sha256:`` + the first 16 hex digits
+    of sha256 over (d_in, then per feature in id order: the id and ``features.decoder`` as little-endian
+    float32). None when the SAE has no features. An explanation stamped with another fingerprint was made for
+    other weights (stale). Reads the decoders ``FINGERPRINT_CHUNK`` features at a time; memoised per
+    (file, SAE, build time)."""
+    built = db.rows("SELECT CAST(built_at AS VARCHAR), d_in FROM saes WHERE sae_id = ?", [sae_id])
+    if not built:
+        return None
+    path = getattr(db, "path", None)
+    key = (str(path), sae_id, str(built[0][0])) if path is not None else None
+    if key is not None:
+        with _FINGERPRINT_LOCK:
+            if key in _FINGERPRINTS:
+                return _FINGERPRINTS[key]
+    h = hashlib.sha256(np.asarray([int(built[0][1] or 0)], dtype="<i8").tobytes())
+    n, last = 0, -1
+    while True:
+        df = db.df(
+            "SELECT feature, decoder FROM features WHERE sae_id = ? AND feature > ? ORDER BY feature LIMIT ?",
+            [sae_id, last, FINGERPRINT_CHUNK],
+        )
+        if df.empty:
+            break
+        ids = df["feature"].to_numpy(dtype="<i8")
+        dec = [np.asarray(v, dtype="<f4") for v in df["decoder"]]
+        for i, v in zip(ids, dec, strict=True):
+            h.update(i.tobytes())
+            h.update(v.tobytes())
+        n += len(df)
+        last = int(ids[-1])
+    out = None if n == 0 else "dec-sha256:" + h.hexdigest()[:16]
+    if key is not None:
+        with _FINGERPRINT_LOCK:
+            if len(_FINGERPRINTS) > 64:
+                _FINGERPRINTS.clear()
+            _FINGERPRINTS[key] = out
+    return out
+
+
+# ------------------------------------------------------------------------- contexts for explainers (bulk)
+
+
+def examples_for_features(db: Reader, sae_id: str, features: Sequence[int]) -> pd.DataFrame:
+    """Every stored example of ``features`` in one query: columns feature, kind, band, rank, context_id,
+    max_act, max_pos, tokens (list[str]), acts (float array); ordered by feature, kind ('interval' before
+    'top'), band descending, rank. Token text is raw corpus text."""
+    return db.df(
+        """SELECT feature, kind, band, rank, context_id, max_act, max_pos, tokens, acts FROM examples
+           WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))
+           ORDER BY feature, kind, band DESC, rank""",
+        [sae_id, [int(f) for f in features]],
+    )
+
+
+def feature_logit_tokens(db: Reader, sae_id: str, features: Sequence[int]) -> pd.DataFrame:
+    """For many features in one query: columns feature, max_act, dead, pos_tokens (promoted tokens, list[str])."""
+    return db.df(
+        """SELECT feature, max_act, dead, pos_tokens FROM features
+           WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[])) ORDER BY feature""",
+        [sae_id, [int(f) for f in features]],
+    )
+
+
+def context_sample(db: Reader, sae_id: str, n: int, seed: int = 0) -> pd.DataFrame:
+    """A repeatable pseudo-random sample of up to ``n`` stored top contexts of any feature of the SAE (the pool
+    non-activating contexts are drawn from), chosen by a hash of (context, feature, seed): columns feature,
+    context_id, max_pos, tokens."""
+    return db.df(
+        """SELECT feature, context_id, max_pos, tokens FROM examples WHERE sae_id = ? AND kind = 'top'
+           ORDER BY hash(context_id, feature, ?), feature, context_id LIMIT ?""",
+        [sae_id, int(seed), int(n)],
+    )
+
+
+def max_token_summary(db: Reader, sae_id: str, features: Sequence[int], skip_first: bool, k: int = 5) -> pd.DataFrame:
+    """What the ``tokens`` explainer summarises, aggregated in SQL for many features at once (one query on
+    ``examples``, one on ``features``): per feature, the commonest tokens at the max position of its stored
+    contexts (top and interval), and the commonest tokens just before and just after it.
+
+    Columns: feature, n (contexts), max_act, pos_tokens (list[str]); max_keys / max_raw / max_n (lists, k
+    commonest max tokens: lower-cased trimmed key, one raw spelling, count), and the same for prev_* and next_*.
+    ``skip_first``: position 0 is BOS (never reported as the token before).
+    """
+    ids = [int(f) for f in features]
+    first = 1 if skip_first else 0
+    agg = db.df(
+        f"""WITH ex AS (
+                SELECT feature, max_act, tokens[max_pos + 1] AS t_max,
+                       CASE WHEN max_pos > ? THEN tokens[max_pos] END AS t_prev,
+                       CASE WHEN max_pos + 1 < len(tokens) THEN tokens[max_pos + 2] END AS t_next
+                FROM examples WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))),
+            long AS (
+                SELECT feature, 'max' AS slot, t_max AS tok, max_act FROM ex
+                UNION ALL SELECT feature, 'prev', t_prev, max_act FROM ex WHERE t_prev IS NOT NULL
+                UNION ALL SELECT feature, 'next', t_next, max_act FROM ex WHERE t_next IS NOT NULL),
+            counted AS (
+                SELECT feature, slot, lower(trim(tok)) AS key, min(tok) AS raw, count(*) AS n, sum(max_act) AS w
+                FROM long GROUP BY ALL),
+            ranked AS (
+                SELECT * FROM counted
+                QUALIFY row_number() OVER (PARTITION BY feature, slot ORDER BY n DESC, w DESC, key) <= {int(k)})
+            SELECT feature, slot, list(key ORDER BY n DESC, w DESC, key) AS keys,
+                   list(raw ORDER BY n DESC, w DESC, key) AS raws, list(n ORDER BY n DESC, w DESC, key) AS ns
+            FROM ranked GROUP BY ALL""",
+        [first, sae_id, ids],
+    )
+    base = db.df(
+        """SELECT f.feature, f.max_act, f.pos_tokens, (SELECT count(*) FROM examples x
+                   WHERE x.sae_id = f.sae_id AND x.feature = f.feature) AS n
+           FROM features f WHERE f.sae_id = ? AND f.feature IN (SELECT unnest(?::INTEGER[])) ORDER BY f.feature""",
+        [sae_id, ids],
+    )
+    for slot in ("max", "prev", "next"):
+        part = agg[agg["slot"] == slot].set_index("feature")
+        for col, src in (("keys", "keys"), ("raw", "raws"), ("n", "ns")):
+            m = part[src].to_dict()
+            base[f"{slot}_{col}"] = [m.get(int(f)) for f in base["feature"]]
+    return base
 
 
 # -------------------------------------------------------------------------------------------- search
@@ -413,3 +693,33 @@ def _row_dict(row: pd.Series) -> dict[str, Any]:
                 None if v is pd.NaT or v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v)) else v
             )
     return out
+
+
+# ------------------------------------------------------------------------------------------------ reviews
+
+
+def review(db: Reader, sae_id: str, feature_id: int) -> dict[str, Any]:
+    """A feature's review: status, reviewer, reason, version, updated_at (status 'unreviewed', version 0 when
+    nobody reviewed it yet). The version goes back to ``writes.set_review(expected_version=...)``."""
+    df = db.df(
+        "SELECT status, reviewer, reason, version, updated_at FROM reviews WHERE sae_id = ? AND feature = ?",
+        [sae_id, int(feature_id)],
+    )
+    if df.empty:
+        return {"status": "unreviewed", "reviewer": None, "reason": None, "version": 0, "updated_at": None}
+    d = _row_dict(df.iloc[0])
+    d["version"] = int(d["version"])
+    return d
+
+
+def history(db: Reader, sae_id: str, feature_id: int, limit: int = 500) -> pd.DataFrame:
+    """The feature's change history, newest first: changed_at, author, field, action, old_value, new_value
+    (JSON text; untrusted, escape before HTML)."""
+    df = db.df(
+        """SELECT changed_at, author, field, action, old_value, new_value FROM history
+           WHERE sae_id = ? AND feature = ? ORDER BY id DESC LIMIT ?""",
+        [sae_id, int(feature_id), int(limit)],
+    )
+    for c in ("author", "old_value", "new_value"):  # NULL stays None (not NaN)
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    return df

@@ -21,6 +21,11 @@ User tables (never deleted or rewritten by a build):
 - ``feature_embeddings`` one sentence-embedding vector per (sae_id, feature, embedding model) of the feature's
                         words (explanations, label, tags, notes, a summary of its top contexts), for search
                         by meaning; ``text_hash`` tells when the words changed since.
+- ``reviews``           safety review per feature: status (``REVIEW_STATUSES``), reviewer, reason, time and a
+                        ``version`` counted up on every change (the form carries it: a stale save is a conflict).
+- ``history``           append-only log of every change to labels, tags, notes, review status and list
+                        membership: who, when, field, old and new value (JSON text), and whether it was applied
+                        (``action`` 'set') or refused as a conflict (``action`` 'conflict').
 
 A read-write open creates user tables that an older file lacks, so adding a user table needs no version bump.
 
@@ -38,7 +43,8 @@ from .filelock import RebuildInProgress, opening
 SCHEMA_VERSION = 1
 
 BUILD_TABLES = ("saes", "features", "examples")
-USER_TABLES = ("labels", "lists", "steering_presets", "explanations", "feature_embeddings")
+USER_TABLES = ("labels", "lists", "steering_presets", "explanations", "feature_embeddings", "reviews", "history")
+REVIEW_STATUSES = ("unreviewed", "benign", "concerning", "needs second look")
 
 DDL: tuple[str, ...] = (
     """
@@ -180,6 +186,32 @@ DDL: tuple[str, ...] = (
         PRIMARY KEY (sae_id, feature, model)
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS reviews (
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        status      VARCHAR NOT NULL,   -- one of REVIEW_STATUSES
+        reviewer    VARCHAR,
+        reason      VARCHAR,
+        version     INTEGER NOT NULL,   -- 1 on the first review, +1 on every change
+        updated_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (sae_id, feature)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS history (
+        id          BIGINT PRIMARY KEY, -- the writer assigns max(id) + 1 under its lock; rows are never changed
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        field       VARCHAR NOT NULL,   -- 'label' | 'notes' | 'tags' | 'review' | 'list'
+        old_value   VARCHAR,            -- JSON text (NULL: none)
+        new_value   VARCHAR,            -- JSON text (NULL: none)
+        author      VARCHAR,
+        action      VARCHAR NOT NULL,   -- 'set' (applied) | 'conflict' (refused: someone saved first)
+        changed_at  TIMESTAMP NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS history_feature_idx ON history (sae_id, feature)",
 )
 
 _USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))

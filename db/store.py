@@ -20,6 +20,10 @@ from .schema import connect
 T = TypeVar("T")
 
 
+class ReadOnlyError(PermissionError):
+    """A write refused because the store was opened read-only (``featuredict serve --read-only``)."""
+
+
 class Store:
     def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
@@ -49,7 +53,7 @@ class Store:
     def write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``fn(cursor)`` under the process-wide write lock inside one transaction."""
         if self.read_only:
-            raise PermissionError(f"{self.path} is open read-only")
+            raise ReadOnlyError(f"{self.path} is open read-only (featuredict serve --read-only): nothing was saved")
         with self._write_lock:
             cur = self.cursor()
             try:

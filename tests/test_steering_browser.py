@@ -40,7 +40,7 @@ def test_steer_page_in_a_browser(server, tmp_path):
             page.goto(f"{base}/steer?sae={SAE_ID}&feature={f}", wait_until="networkidle")
             expect(page.get_by_role("heading", name="Steer")).to_be_visible(timeout=30_000)
             expect(page.get_by_text(f"#{f}").first).to_be_visible()
-            prompt = page.get_by_role("textbox", name="Prompt")
+            prompt = page.get_by_role("textbox", name="Prompt", exact=True)
             prompt.fill("Once upon a time")
             prompt.press("Control+Enter")
             page.get_by_role("button", name="Generate").click()

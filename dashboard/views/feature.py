@@ -1,8 +1,12 @@
-"""Feature page (``feature?sae=ID&feature=N``): statistics, activation histogram, top contexts with
+"""Feature page (``feature?sae=ID&feature=N``): the best explanation under the title and every explanation
+(method, model, scores, date, stale marker), statistics, activation histogram, top contexts with
 per-token highlighting, interval samples by band, logit effects, decoder-cosine neighbours, place on the
-map, label / tags / notes editor, add-to-list, and a link to steer with the feature."""
+map, safety review (status, reason, reviewer) and label / tags / notes editors with conflict notices, the change
+history, add-to-list, and a link to steer with the feature."""
 
 from __future__ import annotations
+
+import shlex
 
 import pandas as pd
 import streamlit as st
@@ -14,6 +18,7 @@ from featuredict.dashboard.common import (
     page_context,
     page_file,
     qp_int,
+    reviewer_name,
     set_param,
     show_error,
     steer_available,
@@ -23,6 +28,7 @@ from featuredict.dashboard.common import (
 from featuredict.dashboard.data import cached_map_points, clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
+from featuredict.db.schema import REVIEW_STATUSES
 
 ctx = page_context()
 store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae
@@ -66,6 +72,15 @@ title = f"Feature {fid}"
 st.title(title)
 if feat["label"]:
     st.markdown(f"### {render.md(feat['label'])}")
+fingerprint = q.sae_fingerprint(store, sae_id)
+expl = q.explanations(store, sae_id, fid, fingerprint)
+expl_rows = expl.to_dict("records")
+best = next((r for r in expl_rows if isinstance(r["text"], str)), None)
+if best is not None:  # the best explanation (LLM or imported text: escaped, shown as written)
+    st.markdown(f"**{render.md(best['text'])}**")
+    st.caption(
+        ("stale (made for other SAE weights) · " if best["stale"] else "") + render.md(render.explanation_meta(best))
+    )
 tags = list(feat["tags"]) if feat["tags"] is not None else []
 if tags:
     st.markdown(" ".join(f":violet-badge[{render.md(t)}]" for t in tags))
@@ -138,6 +153,22 @@ with left:
 
 # ------------------------------------------------------------------------------------- right column
 with right:
+    st.subheader("Explanations")
+    shown = [r for r in expl_rows if isinstance(r["text"], str)]
+    failed = [r for r in expl_rows if not isinstance(r["text"], str)]
+    if shown:
+        st.html(render.explanations_html(shown))
+        if any(r["stale"] for r in shown):
+            st.caption("Stale: made for other SAE weights than this database holds now (the SAE was rebuilt).")
+    else:
+        st.caption("No explanation yet. Write one (no LLM needed) with:")
+        cmd = ["featuredict", "explain", "--db", str(store.path), "--sae", sae_id, "--features", str(fid)]
+        st.code(shlex.join([*cmd, "--explainer", "tokens"]), language="bash")
+    if failed:
+        with st.expander(f"{len(failed)} failed attempt{'s' if len(failed) != 1 else ''}"):
+            for r in failed:
+                st.caption(f"{render.md(r['method'])}: {render.md(r['error'] or 'no text')}")
+
     st.subheader("Activation histogram")
     hist = charts.activation_histogram(ctx.sae.get("hist_edges"), feat["hist_counts"])
     if hist is not None:
@@ -182,39 +213,172 @@ with right:
         st.altair_chart(place, width="stretch")
         st.caption("Red: this feature; blue: its decoder neighbours; grey: a sample of all features.")
 
-    # ------------------------------------------------------------------------------------ label editor
+    # ------------------------------------------------------------------------------------ review + label
+    # Optimistic concurrency: each form keeps the version it was loaded with (a snapshot in session state) and
+    # the write compares it under the lock; a save over someone else's newer save comes back as a conflict.
+    st.subheader("Safety review")
+    ro = store.read_only  # featuredict serve --read-only: edit widgets disabled (Store.write refuses anyway)
+    if ro:
+        st.caption("Read-only server: reviews, labels and lists cannot be changed here.")
+    editor = None if ro else reviewer_name(key="author")
+    review_snap = f"_review_loaded_{sae_id}_{fid}"
+    review_now = q.review(store, sae_id, fid)
+    loaded_review = st.session_state.setdefault(review_snap, review_now)
+    if review_now["version"] != loaded_review["version"] and f"_review_conflict_{sae_id}_{fid}" not in st.session_state:
+        st.info(
+            f"Someone changed this review since you loaded it (now: {render.md(review_now['status'])}"
+            + (f" by {render.md(review_now['reviewer'])}" if review_now["reviewer"] else "")
+            + ")."
+        )
+        if st.button("Load the current review"):
+            st.session_state[review_snap] = review_now
+            st.rerun()
+    with st.form(f"review_form_{sae_id}_{fid}"):
+        status = st.selectbox(
+            "Review status",
+            REVIEW_STATUSES,
+            index=REVIEW_STATUSES.index(loaded_review["status"]),
+            disabled=ro,
+        )
+        reason = st.text_area("Reason", value=loaded_review["reason"] or "", height=70, disabled=ro)
+        save_review = st.form_submit_button("Save review", type="primary", disabled=ro)
+    if save_review:
+        try:
+            res = writes.set_review(
+                store, sae_id, fid, status, reason, editor, expected_version=loaded_review["version"]
+            )
+            if res.conflict is None:
+                st.session_state.pop(review_snap, None)
+                st.session_state["_flash"] = f"Saved the review of feature {fid}: {status}."
+                st.rerun()
+            st.session_state[f"_review_conflict_{sae_id}_{fid}"] = res.conflict
+        except Exception as e:  # noqa: BLE001
+            show_error("Could not save the review", e)
+    rconf = st.session_state.get(f"_review_conflict_{sae_id}_{fid}")
+    if rconf:
+        theirs, mine = rconf["theirs"], rconf["mine"]
+        st.warning("Not saved: someone else saved this review after you loaded it. Both versions are in the history.")
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "version": "theirs (stored)",
+                        "status": theirs["status"],
+                        "reviewer": theirs["reviewer"],
+                        "reason": theirs["reason"],
+                    },
+                    {
+                        "version": "mine",
+                        "status": mine["status"],
+                        "reviewer": mine["reviewer"],
+                        "reason": mine["reason"],
+                    },
+                ]
+            ),
+            hide_index=True,
+        )
+        ch = st.columns(2)
+        if ch[0].button("Keep mine", key=f"review_mine_{sae_id}_{fid}"):
+            try:
+                writes.set_review(
+                    store, sae_id, fid, mine["status"], mine["reason"], editor, expected_version=theirs["version"]
+                )
+                st.session_state.pop(f"_review_conflict_{sae_id}_{fid}", None)
+                st.session_state.pop(review_snap, None)
+                st.rerun()
+            except Exception as e:  # noqa: BLE001
+                show_error("Could not save the review", e)
+        if ch[1].button("Keep theirs", key=f"review_theirs_{sae_id}_{fid}"):
+            st.session_state.pop(f"_review_conflict_{sae_id}_{fid}", None)
+            st.session_state.pop(review_snap, None)
+            st.rerun()
+    if review_now["version"]:
+        st.caption(
+            f"Reviewed {pd.Timestamp(review_now['updated_at']):%Y-%m-%d %H:%M}"
+            + (f" by {render.md(review_now['reviewer'])}" if review_now["reviewer"] else "")
+        )
+
     st.subheader("Label")
+    label_snap = f"_label_loaded_{sae_id}_{fid}"
     current = q.label(store, sae_id, fid)
-    all_tags = sorted(set(q.all_tags(store)) | set(current["tags"] if current else []))
+    loaded = st.session_state.setdefault(label_snap, current)
+    if (current or {}).get("updated_at") != (loaded or {}).get("updated_at") and not st.session_state.get(
+        f"_label_conflict_{sae_id}_{fid}"
+    ):
+        st.info("Someone saved this label since you loaded the form; your save will not overwrite their changes.")
+        if st.button("Load the current label"):
+            st.session_state[label_snap] = current
+            st.rerun()
+    all_tags = sorted(
+        set(q.all_tags(store)) | set((current or {}).get("tags") or []) | set((loaded or {}).get("tags") or [])
+    )
     with st.form(f"label_form_{sae_id}_{fid}"):
-        new_label = st.text_input("Label", value=(current or {}).get("label") or "", max_chars=500)
+        new_label = st.text_input("Label", value=(loaded or {}).get("label") or "", max_chars=500, disabled=ro)
         new_tags = st.multiselect(
             "Tags",
             options=all_tags,
-            default=(current or {}).get("tags") or [],
+            default=(loaded or {}).get("tags") or [],
             accept_new_options=True,
             help="Pick or type a new tag and press Enter",
+            disabled=ro,
         )
-        new_notes = st.text_area("Notes", value=(current or {}).get("notes") or "", height=90)
-        author = st.text_input("Your name (optional)", value=st.session_state.get("author", ""))
-        saved = st.form_submit_button("Save label", type="primary")
+        new_notes = st.text_area("Notes", value=(loaded or {}).get("notes") or "", height=90, disabled=ro)
+        saved = st.form_submit_button("Save label", type="primary", disabled=ro)
     if saved:
         try:
-            st.session_state["author"] = author
-            after = writes.save_label_edit(store, sae_id, fid, current, new_label, new_tags, new_notes, author or None)
+            res = writes.save_label_edit(store, sae_id, fid, loaded, new_label, new_tags, new_notes, editor)
             clear_label_caches()
-            cleared = after["label"] is None and after["notes"] is None and not len(after["tags"] or [])
-            st.session_state["_flash"] = (
-                f"Cleared the label of feature {fid}." if cleared else f"Saved the label of feature {fid}."
-            )
+            st.session_state.pop(label_snap, None)
+            after = res.row
+            if res.conflicts:
+                st.session_state[f"_label_conflict_{sae_id}_{fid}"] = res.conflicts
+            else:
+                cleared = after["label"] is None and after["notes"] is None and not len(after["tags"] or [])
+                st.session_state["_flash"] = (
+                    f"Cleared the label of feature {fid}." if cleared else f"Saved the label of feature {fid}."
+                )
             st.rerun()
         except Exception as e:  # noqa: BLE001
             show_error("Could not save the label", e)
+    lconf = st.session_state.get(f"_label_conflict_{sae_id}_{fid}")
+    if lconf:
+        st.warning(
+            "Someone else changed "
+            + " and ".join(lconf)
+            + " after you loaded the form, so yours was not saved (tags were merged; other changes saved). "
+            "Both versions are in the history."
+        )
+        st.dataframe(
+            pd.DataFrame([{"field": k, "theirs (stored)": v["theirs"], "mine": v["mine"]} for k, v in lconf.items()]),
+            hide_index=True,
+        )
+        ch = st.columns(2)
+        if ch[0].button("Keep mine", key=f"label_mine_{sae_id}_{fid}"):
+            try:
+                mine = {k: v["mine"] for k, v in lconf.items()}
+                writes.update_label(store, sae_id, fid, author=editor, **mine)
+                clear_label_caches()
+                st.session_state.pop(f"_label_conflict_{sae_id}_{fid}", None)
+                st.session_state.pop(label_snap, None)
+                st.rerun()
+            except Exception as e:  # noqa: BLE001
+                show_error("Could not save the label", e)
+        if ch[1].button("Keep theirs", key=f"label_theirs_{sae_id}_{fid}"):
+            st.session_state.pop(f"_label_conflict_{sae_id}_{fid}", None)
+            st.session_state.pop(label_snap, None)
+            st.rerun()
     if current:
         st.caption(
             f"Last edited {pd.Timestamp(current['updated_at']):%Y-%m-%d %H:%M}"
             + (f" by {render.md(current['author'])}" if current.get("author") else "")
         )
+
+    hist = q.history(store, sae_id, fid)
+    with st.expander(f"History ({len(hist)} change{'s' if len(hist) != 1 else ''})"):
+        if hist.empty:
+            st.caption("No changes recorded yet.")
+        else:  # a dataframe shows values as text (never HTML)
+            st.dataframe(hist, hide_index=True, column_config={"changed_at": st.column_config.DatetimeColumn("when")})
 
     # ------------------------------------------------------------------------------------- add to list
     st.subheader("Lists")
@@ -229,15 +393,16 @@ with right:
             index=None,
             placeholder="choose a list, or type a new name",
             accept_new_options=True,
+            disabled=ro,
         )
-        list_note = st.text_input("Note for this list entry (optional)")
-        add = st.form_submit_button("Add to list")
+        list_note = st.text_input("Note for this list entry (optional)", disabled=ro)
+        add = st.form_submit_button("Add to list", disabled=ro)
     if add:
         try:
             if not choice:
                 st.warning("Choose a list or type a new list name.")
             else:
-                n_new = writes.add_to_list(store, choice, sae_id, fid, note=list_note or None)
+                n_new = writes.add_to_list(store, choice, sae_id, fid, note=list_note or None, author=editor)
                 st.session_state["_flash"] = (
                     f"Added feature {fid} to list '{render.md(choice)}'."
                     if n_new

@@ -1,5 +1,5 @@
 """Lists page (``lists?sae=ID&list=NAME``): saved lists of features (e.g. "deception", "bio"), their
-members with labels, add / remove / rename / delete, and export to CSV or JSON."""
+members with labels and best explanations, add / remove / rename / delete, and export to CSV or JSON."""
 
 from __future__ import annotations
 
@@ -21,27 +21,30 @@ if flash:
 
 
 lists = q.list_names(store)
-with st.sidebar.expander("New list", expanded=lists.empty):
-    with st.form("new_list", clear_on_submit=True):
-        new_name = st.text_input("List name", placeholder="e.g. deception")
-        new_ids = st.text_input(f"Feature ids of SAE {sae_id}", placeholder="e.g. 12, 40, 977")
-        if st.form_submit_button("Create"):
-            try:
-                ids = [int(x) for x in new_ids.replace(",", " ").split()]
-                if not ids:
-                    st.warning("A list needs at least one feature id.")
-                else:
-                    writes.add_to_list(store, new_name, sae_id, ids)
-                    st.session_state["_lists_flash"] = (
-                        f"Created list '{md(new_name.strip())}' with {len(ids)} features."
-                    )
-                    set_param("list", writes.clean_list_name(new_name))
-                    st.rerun()
-            except ValueError as e:
-                why = "feature ids are integers separated by commas or spaces" if "invalid literal" in str(e) else e
-                st.error(f"Could not create the list: {md(why)}")
-            except Exception as e:  # noqa: BLE001
-                show_error("Could not create the list", e)
+if store.read_only:
+    st.sidebar.caption("Read-only server: lists cannot be created or edited.")
+else:
+    with st.sidebar.expander("New list", expanded=lists.empty):
+        with st.form("new_list", clear_on_submit=True):
+            new_name = st.text_input("List name", placeholder="e.g. deception")
+            new_ids = st.text_input(f"Feature ids of SAE {sae_id}", placeholder="e.g. 12, 40, 977")
+            if st.form_submit_button("Create"):
+                try:
+                    ids = [int(x) for x in new_ids.replace(",", " ").split()]
+                    if not ids:
+                        st.warning("A list needs at least one feature id.")
+                    else:
+                        writes.add_to_list(store, new_name, sae_id, ids)
+                        st.session_state["_lists_flash"] = (
+                            f"Created list '{md(new_name.strip())}' with {len(ids)} features."
+                        )
+                        set_param("list", writes.clean_list_name(new_name))
+                        st.rerun()
+                except ValueError as e:
+                    why = "feature ids are integers separated by commas or spaces" if "invalid literal" in str(e) else e
+                    st.error(f"Could not create the list: {md(why)}")
+                except Exception as e:  # noqa: BLE001
+                    show_error("Could not create the list", e)
 
 if lists.empty:
     st.info(
@@ -71,8 +74,23 @@ view.insert(
 )
 view["tags"] = [", ".join(as_list(t)) for t in view["tags"]]
 view["label"] = view["label"].fillna("")
+view["explanation"] = view["explanation"].fillna("")  # best explanation (LLM text: a data grid shows it as text)
 st.dataframe(
-    view[["open", "sae_id", "feature", "label", "tags", "note", "density", "max_act", "top_tokens", "added_at"]],
+    view[
+        [
+            "open",
+            "sae_id",
+            "feature",
+            "label",
+            "explanation",
+            "tags",
+            "note",
+            "density",
+            "max_act",
+            "top_tokens",
+            "added_at",
+        ]
+    ],
     hide_index=True,
     width="stretch",
     column_config={
@@ -90,6 +108,8 @@ safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "lis
 d1.download_button("Export CSV", csv_text, file_name=f"{safe}.csv", mime="text/csv", key="dl_csv")
 d2.download_button("Export JSON", json_text, file_name=f"{safe}.json", mime="application/json", key="dl_json")
 
+if store.read_only:  # featuredict serve --read-only: no edit widgets (Store.write would refuse anyway)
+    st.stop()
 st.subheader("Edit")
 e1, e2 = st.columns(2)
 with e1:

@@ -1,5 +1,5 @@
 """Map page (``map?sae=ID[&feature=N]``): UMAP of all features (65k+ points) coloured by density, tag or
-label, with tooltips; clicking a point opens its feature page. With ``feature=N`` a neighbourhood view
+label, with tooltips (label, best explanation, top tokens); clicking a point opens its feature page. With ``feature=N`` a neighbourhood view
 centred on that feature is shown below the full map."""
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def handle_pick(event: object, name: str) -> None:
 
 frame, enc = charts.plot_frame(pts, colour)
 st.caption(
-    f"{len(frame):,} features. Hover for label and top tokens; click a point to open its feature page; "
-    "scroll to zoom, drag to pan."
+    f"{len(frame):,} features. Hover for label, best explanation and top tokens; click a point to open its "
+    "feature page; scroll to zoom, drag to pan."
 )
 chart = charts.scatter(frame, enc, charts.point_size(len(frame)), 620, "pick").interactive()
 event = st.altair_chart(chart, width="stretch", on_select="rerun", selection_mode="pick", key="map_all")

@@ -1,14 +1,20 @@
-"""Search page (``search?sae=ID&mode=text|prompt|concept&query=TEXT``).
+"""Search page (``search?sae=ID&mode=text|meaning|prompt|concept&query=TEXT``).
 
 - text: by feature id or ranked text search over labels, tags, notes, top-context text and logit tokens,
   with density / max-activation / labelled / tag filters;
+- meaning: free text -> features ranked by cosine between its sentence embedding and each feature's stored
+  vector of its words (explanations, label, tags, notes, a summary of its top contexts;
+  ``pipelines.meaning``), with the same filters, showing the words each result was found by;
 - prompt: run the model + SAE on pasted text; features most active on the whole text and per token;
 - concept: example texts (and optional counter-examples) -> features that fire more on them than on the
-  counter-examples or the corpus baseline (``dashboard.concept``).
+  counter-examples or the corpus baseline (``pipelines.concept``).
+
+Every result table has the feature's best explanation (``db.queries.best_explanations``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -29,13 +35,16 @@ from featuredict.dashboard.common import (
     url,
 )
 from featuredict.dashboard.data import cached_baselines
+from featuredict.dashboard.steer_links import steer_button
+from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
+from featuredict.pipelines import meaning
 
 ctx = page_context()
 store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae
 
 st.title("Search")
-MODES = {"text": "Text / id", "prompt": "By prompt", "concept": "By concept"}
+MODES = {"text": "Text / id", "meaning": "By meaning", "prompt": "By prompt", "concept": "By concept"}
 mode_qp = qp_str("mode", "text")
 sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
 mode = st.radio(
@@ -59,9 +68,15 @@ def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -
         config["density"] = st.column_config.NumberColumn(format="%.2e")
     if "tags" in df:
         df["tags"] = [", ".join(t) if isinstance(t, list | np.ndarray) else "" for t in df["tags"]]
-    for col in ("label", "top_tokens"):
+    for col in ("label", "top_tokens", "explanation"):
         if col in df:
             df[col] = df[col].fillna("")
+    if "stale" in df and "explanation" in df:  # made for other SAE weights: say so in the cell
+        df["explanation"] = [
+            ("[stale] " + e if s and e else e) for e, s in zip(df["explanation"], df["stale"], strict=True)
+        ]
+        df = df.drop(columns="stale")
+    config.setdefault("explanation", st.column_config.TextColumn("explanation", width="large"))
     config.update(extra_config or {})
     event = st.dataframe(
         df,
@@ -79,18 +94,13 @@ def result_table(df: pd.DataFrame, key: str, extra_config: dict | None = None) -
 
 
 def labels_for(ids: list[int]) -> pd.DataFrame:
-    return q.features_by_ids(store, sae_id, ids)[["feature", "label", "top_tokens", "density", "max_act"]]
+    """Label, best explanation (and stale flag), top tokens, density and max_act of ``ids``."""
+    rows = q.features_by_ids(store, sae_id, ids)[["feature", "label", "top_tokens", "density", "max_act"]]
+    return meaning.attach_explanations(store, sae_id, rows)
 
 
-# --------------------------------------------------------------------------------------------- text
-def text_mode() -> None:
-    sync_widget("search_query", "query", qp_str("query"))
-    query = st.text_input(
-        "Search features",
-        key="search_query",
-        placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens",
-    )
-    set_param("query", query.strip() or None, key="search_query")
+def filters_ui() -> tuple[q.SearchFilters, int]:
+    """The filters expander shared by text and meaning search: (filters, max results)."""
     lo, hi = q.density_range(store, sae_id)
     with st.expander("Filters", expanded=False):
         c = st.columns(4)
@@ -112,6 +122,19 @@ def text_mode() -> None:
         tag=tag,
         include_dead=include_dead,
     )
+    return filters, int(limit)
+
+
+# --------------------------------------------------------------------------------------------- text
+def text_mode() -> None:
+    sync_widget("search_query", "query", qp_str("query"))
+    query = st.text_input(
+        "Search features",
+        key="search_query",
+        placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens",
+    )
+    set_param("query", query.strip() or None, key="search_query")
+    filters, limit = filters_ui()
     if not query.strip() and filters == q.SearchFilters():
         st.caption(
             "Type words to search, or set filters to list features. Examples: a token seen in contexts "
@@ -135,7 +158,9 @@ def text_mode() -> None:
         f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} in {ms:.0f} ms. "
         "Select a row (or use 'open') to see a feature."
     )
-    res = res[["feature", "label", "tags", "top_tokens", "snippet", "matched", "score", "density", "max_act"]]
+    res = meaning.attach_explanations(store, sae_id, res)
+    cols = ["feature", "label", "explanation", "stale", "tags", "top_tokens", "snippet", "matched", "score"]
+    res = res[[*cols, "density", "max_act"]]
     result_table(
         res,
         "search_results",
@@ -147,6 +172,115 @@ def text_mode() -> None:
             "matched": st.column_config.TextColumn("matched in", width="small"),
         },
     )
+
+
+# ------------------------------------------------------------------------------------------ meaning
+_WORD = re.compile(r"(\w+)")
+
+
+def matched_html(text: str, query: str) -> str:
+    """The words a feature was found by, one line per part (explanations, label, tags, notes; its contexts in
+    grey), with the words it shares with the query marked. Every piece of text is HTML-escaped."""
+    asked = {w.lower() for w in _WORD.findall(query or "") if len(w) > 2}
+    lines = []
+    for line in (text or "").split("\n"):
+        pieces = _WORD.split(line)
+        body = "".join(
+            f"<mark>{render.escape_text(p)}</mark>" if i % 2 and p.lower() in asked else render.escape_text(p)
+            for i, p in enumerate(pieces)
+        )
+        grey = line.startswith(meaning.CONTEXTS_PREFIX)
+        lines.append(f'<div style="color:{"#888" if grey else "#222"}">{body}</div>')
+    return "".join(lines)
+
+
+def meaning_mode() -> None:
+    models = emb.embedding_models(store, sae_id)
+    if models.empty:
+        st.info(
+            f"Search by meaning needs each feature's words embedded once: "
+            f"{render.md(meaning.no_embeddings_message(store, sae_id, None))}. "
+            "Only changed texts are re-embedded later; labels and explanations edited here are picked up at "
+            "search time."
+        )
+        if store.read_only:
+            st.caption("Read-only server: run `featuredict embed` on the database instead.")
+        if st.button(f"Embed the {d_sae:,} features now", key="meaning_embed", disabled=store.read_only):
+            bar = st.progress(0.0, text="Loading the embedding model…")
+            try:
+                report = meaning.embed_features(
+                    store,
+                    sae_id,
+                    progress=False,
+                    on_progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} features"),
+                )
+            except Exception as e:  # noqa: BLE001
+                show_error("Embedding failed", e)
+                return
+            st.success(render.md(report.summary()))
+            st.rerun()
+        return
+    names = models["model"].tolist()
+    model = meaning.default_model(store, sae_id) or names[0]
+    if len(names) > 1:
+        model = st.selectbox("Embedding model", names, index=names.index(model), key="meaning_model")
+    sync_widget("meaning_query", "query", qp_str("query"))
+    query = st.text_input(
+        "Search by meaning",
+        key="meaning_query",
+        placeholder="what the features should be about, e.g. telling people untrue things",
+    )
+    set_param("query", query.strip() or None, key="meaning_query")
+    filters, limit = filters_ui()
+    if not query.strip():
+        st.caption(
+            "Type what you are looking for in your own words: features are ranked by how close their words "
+            "(explanations, label, tags, notes, a summary of their top contexts) are in meaning, by cosine "
+            f"similarity of {render.md(model)} sentence embeddings."
+        )
+        return
+    t0 = time.perf_counter()
+    try:
+        with st.spinner("Searching…"):
+            res = meaning.meaning_search(
+                store, sae_id, query, filters, limit=limit, model_id=model, cache_key=ctx.db_key
+            )
+    except Exception as e:  # noqa: BLE001
+        show_error("Search by meaning failed", e)
+        return
+    ms = (time.perf_counter() - t0) * 1000
+    old = emb.not_checked_since_build(store, sae_id, model)
+    if old:
+        st.warning(
+            f"{old:,} of the stored vectors were made before the last build of this SAE, so their context "
+            f"summaries may be out of date: {render.md(f'featuredict embed --db {store.path} --sae {sae_id}')} "
+            "re-checks them (only changed texts are re-embedded)."
+        )
+    if res.empty:
+        st.info(f"No feature passes these filters for {render.md(repr(query))}.")
+        return
+    st.caption(
+        f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} by meaning in {ms:.0f} ms "
+        f"({render.md(model)}). 'found by' is the text each one was compared with."
+    )
+    result_table(
+        res[["feature", "score", "explanation", "stale", "label", "matched", "top_tokens", "density", "max_act"]],
+        "meaning_results",
+        {
+            "score": st.column_config.NumberColumn("cosine", format="%.3f", width="small"),
+            "matched": st.column_config.TextColumn("found by", width="large"),
+            "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
+            "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
+        },
+    )
+    with st.expander("What the best matches were compared with", expanded=False):
+        st.html(
+            "".join(
+                f'<div style="margin:0 0 0.6rem 0"><b>#{int(r.feature)}</b> · cosine {float(r.score):.3f}'
+                f"{matched_html(r.text, query)}</div>"
+                for r in res.head(5).itertuples()
+            )
+        )
 
 
 # ------------------------------------------------------------------------------------------- prompt
@@ -222,7 +356,10 @@ def prompt_mode() -> None:
             scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
             st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts)), skip_first=ctx.has_bos))
         result_table(
-            whole[["feature", "label", "max_here", "relative", "total", "n_tokens", "top token", "top_tokens"]],
+            whole[
+                ["feature", "label", "explanation", "stale", "max_here", "relative", "total", "n_tokens"]
+                + ["top token", "top_tokens"]
+            ],
             "prompt_whole",
             {
                 "max_here": st.column_config.NumberColumn("max here", format="%.2f"),
@@ -245,7 +382,7 @@ def prompt_mode() -> None:
             if not per.empty:
                 per = per.merge(labels_for(per["feature"].tolist()), on="feature", how="left")
                 result_table(
-                    per[["feature", "label", "act", "top_tokens"]],
+                    per[["feature", "label", "explanation", "stale", "act", "top_tokens"]],
                     "prompt_token_table",
                     {
                         "act": st.column_config.NumberColumn(format="%.3f"),
@@ -299,7 +436,8 @@ def concept_mode() -> None:
         f"{len(examples)} examples, {len(counter)} counter-examples"
         + ("" if counter else " (baseline: corpus density × mean activation)")
     )
-    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "top_tokens", "density"]
+    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "explanation"]
+    cols += ["stale", "top_tokens", "density"]
     if not counter:
         cols.remove("neg_coverage")
     result_table(
@@ -314,6 +452,7 @@ def concept_mode() -> None:
             "top_tokens": st.column_config.TextColumn("corpus top tokens"),
         },
     )
+    steer_button(ctx, ranked)
 
 
-{"text": text_mode, "prompt": prompt_mode, "concept": concept_mode}[mode]()
+{"text": text_mode, "meaning": meaning_mode, "prompt": prompt_mode, "concept": concept_mode}[mode]()

@@ -1,46 +1,64 @@
 """Steer page (``steer?sae=ID&feature=3,17`` / ``steer?preset=NAME`` / a full shared configuration):
-generate baseline and steered text side by side, streamed token by token, with SAE features clamped or added.
+generate baseline and steered text side by side, streamed token by token, with SAE features edited (clamp,
+add, orthogonal, cap, ablate), quality scores beside every output, strength sweeps and multi-turn chat.
 
 URL parameters: ``sae``; ``feature`` (one id, a comma list of ids, or ``ID=MODE:VALUE`` specs);
 ``preset`` (a saved steering preset); ``prompt``, ``pos`` (all|generated), ``chat`` (1|0), ``n``, ``t``,
-``top_p``, ``seed``. The math and generation live in ``pipelines.steering``; this page only wires widgets.
+``top_p``, ``seed``, ``conv`` (1: multi-turn chat), ``system`` (system prompt). The math, generation, scores
+and sweeps live in ``pipelines.steering``; this page only wires widgets.
 """
 
 from __future__ import annotations
 
 import html
+import math
 from contextlib import closing
 from typing import Any
 from urllib.parse import urlencode
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
+from featuredict.dashboard.charts import sweep_chart
 from featuredict.dashboard.common import page_context
 from featuredict.dashboard.render import md, text_block
 from featuredict.db import queries
 from featuredict.db.presets import PresetError, feature_max_acts
 from featuredict.pipelines.steering import (
+    MAX_ACT_UNITS,
     FeatureEdit,
     GenerationSettings,
     SteeringConfig,
     SteeringInputError,
+    SweepSettings,
+    Turn,
+    chat_streams,
+    geometric_strengths,
     interleave,
     list_presets,
     load_preset,
     paired_streams,
+    run_sweep,
     save_preset,
+    score_rows,
     validate_config,
 )
 
 DEFAULT_EDIT = FeatureEdit(0, "add", 4.0)  # a feature arriving without a value: +4 x its max activation
 DEFAULT_PROMPT = "Write a short story about a walk in the park."
-MODE_LABELS = {"clamp": "clamp to", "add": "add (x max act)"}
+MODE_LABELS = {
+    "clamp": "clamp to",
+    "add": "add (x max act)",
+    "orthogonal": "orthogonal (x max act)",
+    "cap": "cap (x max act)",
+    "ablate": "ablate",
+}
 TEXT_CSS = (
     "white-space: pre-wrap; word-break: break-word; font-size: 0.95rem; line-height: 1.6; min-height: 3rem; "
     "padding: 0.5rem 0.7rem; border: 1px solid #ddd; border-radius: 6px; background: #fafafa; color: #222;"
 )
-URL_KEYS = ("feature", "preset", "prompt", "pos", "chat", "n", "t", "top_p", "seed")
+URL_KEYS = ("feature", "preset", "prompt", "pos", "chat", "n", "t", "top_p", "seed", "conv", "system")
 
 ctx = page_context()
 store, sae_id = ctx.store, ctx.sae_id
@@ -64,7 +82,8 @@ st.caption(
     "Generate from a prompt twice, without and with SAE feature edits. **clamp** sets the feature's activation "
     "to a value at every edited position (the SAE's reconstruction error is kept, so nothing else changes); "
     "**add** pushes the activation along the feature's decoder direction by a multiple of its max observed "
-    "activation."
+    "activation; **orthogonal** replaces the activation's component along that direction, **cap** caps it; "
+    "**ablate** clamps the feature to 0. Quality scores use the unsteered model as the reference."
 )
 
 
@@ -83,6 +102,8 @@ def _load_into_widgets(cfg: SteeringConfig) -> None:
         ss[_state_key(e.feature, "value")] = float(e.value)
     ss["steer_positions"] = cfg.positions
     ss["steer_chat"] = cfg.chat_template
+    ss["steer_conv"] = cfg.multi_turn
+    ss["steer_system"] = cfg.system
     g = cfg.generation
     ss["steer_n"], ss["steer_t"], ss["steer_top_p"], ss["steer_seed"] = g.max_new_tokens, g.temperature, g.top_p, g.seed
 
@@ -91,7 +112,8 @@ url_state = {k: str(st.query_params[k]) for k in URL_KEYS if k in st.query_param
 signature = repr(sorted(url_state.items())) + sae_id
 if st.session_state.get("_steer_url_sig") != signature:
     st.session_state["_steer_url_sig"] = signature
-    st.session_state.pop("steer_result", None)
+    for k in ("steer_result", "steer_sweep", "steer_conversation"):
+        st.session_state.pop(k, None)
     try:
         if "preset" in url_state:
             preset_sae, url_cfg = load_preset(store, url_state["preset"])
@@ -118,6 +140,9 @@ ss.setdefault("steer_prompt", DEFAULT_PROMPT)
 ss.setdefault("steer_features", [])
 ss.setdefault("steer_positions", "all")
 ss.setdefault("steer_chat", True)
+ss.setdefault("steer_conv", False)
+ss.setdefault("steer_system", "")
+ss.setdefault("steer_conversation", [])
 defaults = GenerationSettings()
 ss.setdefault("steer_n", defaults.max_new_tokens)
 ss.setdefault("steer_t", defaults.temperature)
@@ -127,7 +152,13 @@ ss.setdefault("steer_seed", defaults.seed)
 ss["steer_features"] = [int(f) for f in ss["steer_features"] if int(f) in max_acts]
 
 # ---- prompt ---------------------------------------------------------------------------------------------
-st.text_area("Prompt", key="steer_prompt", height=90)
+chat_mode = st.toggle(
+    "Multi-turn chat",
+    key="steer_conv",
+    help="Each message goes to both models; the baseline and the steered model each keep their own "
+    "conversation (their own earlier replies). Needs the chat template.",
+)
+st.text_area("Your message" if chat_mode else "Prompt", key="steer_prompt", height=90)
 opts = st.columns([1, 2])
 opts[0].checkbox(
     "Apply chat template",
@@ -142,6 +173,8 @@ opts[1].radio(
     horizontal=True,
     format_func=lambda p: "prompt and generated tokens" if p == "all" else "generated tokens only",
 )
+if ss["steer_chat"]:
+    st.text_input("System prompt (optional)", key="steer_system", placeholder="e.g. You are a helpful assistant.")
 
 # ---- features -------------------------------------------------------------------------------------------
 st.subheader("Features")
@@ -170,8 +203,15 @@ st.multiselect(
     options,
     key="steer_features",
     format_func=_describe,
-    help="Search above to add features; each gets a mode and a value below.",
+    help="Search above to add features; each gets a method and a value below.",
 )
+
+
+def _unit(mode: str) -> str:
+    if mode == "clamp":
+        return "activation units"
+    return "no value (clamps to 0)" if mode == "ablate" else "x max activation"
+
 
 for f in ss["steer_features"]:
     mx = max_acts.get(int(f), 0.0)
@@ -182,9 +222,16 @@ for f in ss["steer_features"]:
     c[1].selectbox(
         "Mode", list(MODE_LABELS), key=_state_key(f, "mode"), format_func=MODE_LABELS.get, label_visibility="collapsed"
     )
-    c[2].number_input("Value", key=_state_key(f, "value"), step=0.5, format="%.3f", label_visibility="collapsed")
-    unit = "activation units" if ss[_state_key(f, "mode")] == "clamp" else "x max activation"
-    c[3].caption(f"{unit}; max observed activation {mx:.3f}")
+    mode = ss[_state_key(f, "mode")]
+    c[2].number_input(
+        "Value",
+        key=_state_key(f, "value"),
+        step=0.5,
+        format="%.3f",
+        label_visibility="collapsed",
+        disabled=mode == "ablate",
+    )
+    c[3].caption(f"{_unit(mode)}; max observed activation {mx:.3f}")
 
 # ---- generation settings --------------------------------------------------------------------------------
 with st.expander("Generation settings", expanded=False):
@@ -195,15 +242,19 @@ with st.expander("Generation settings", expanded=False):
     g[3].number_input("Seed", key="steer_seed", step=1, min_value=0, help="shared by both runs")
 
 
-def current_config() -> SteeringConfig:
+def current_config(prompt: str | None = None) -> SteeringConfig:
     edits = tuple(
-        FeatureEdit(int(f), str(ss[_state_key(f, "mode")]), float(ss[_state_key(f, "value")]))
+        FeatureEdit(
+            int(f),
+            str(ss[_state_key(f, "mode")]),  # type: ignore[arg-type]  # checked by FeatureEdit
+            0.0 if ss[_state_key(f, "mode")] == "ablate" else float(ss[_state_key(f, "value")]),
+        )
         for f in ss["steer_features"]
     )
     return SteeringConfig(
-        prompt=str(ss["steer_prompt"]),
+        prompt=str(ss["steer_prompt"] if prompt is None else prompt),
         edits=edits,
-        positions=str(ss["steer_positions"]),
+        positions=str(ss["steer_positions"]),  # type: ignore[arg-type]  # checked by SteeringConfig
         chat_template=bool(ss["steer_chat"]),
         generation=GenerationSettings(
             max_new_tokens=int(ss["steer_n"]),
@@ -211,17 +262,20 @@ def current_config() -> SteeringConfig:
             top_p=float(ss["steer_top_p"]),
             seed=int(ss["steer_seed"]),
         ),
+        multi_turn=bool(ss["steer_conv"]),
+        system=str(ss["steer_system"]) if ss["steer_chat"] else "",
     )
 
 
 try:
-    config = current_config()
+    config = current_config(ss.get("_steer_pending"))
 except SteeringInputError as e:  # a setting out of range (e.g. top-p 0): fixable in the widgets above
+    ss.pop("_steer_pending", None)
     st.error(md(e))
     st.stop()
 
 
-# ---- run ------------------------------------------------------------------------------------------------
+# ---- output and quality ---------------------------------------------------------------------------------
 def _text_box(text: str, cursor: bool = False) -> str:
     return text_block(text + ("▌" if cursor else ""), TEXT_CSS)
 
@@ -255,9 +309,43 @@ def _summary(res: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def show_scores(scores: dict[str, Any] | None) -> None:
+    """The quality scores beside the outputs: fluency of both, divergence, each feature's concept score."""
+    if not scores:
+        return
+    b, s = scores["baseline"], scores["steered"]
+    st.markdown(
+        "**Quality** (reference: the unsteered model) · *fluency*: perplexity of each text under the unsteered "
+        "model · *divergence*: mean KL(steered ‖ unsteered) of the next-token distributions over the generated "
+        "tokens · *concept*: each feature's mean activation on the generated text in an unedited pass, in units "
+        "of its max activation"
+    )
+    concept = list(s["concept"].items())
+    cols = st.columns(3 + len(concept[:4]))
+    cols[0].metric("Fluency: baseline perplexity", _fmt(b["perplexity"]))
+    bp, sp = b["perplexity"], s["perplexity"]
+    ratio = sp / bp if bp and sp and math.isfinite(bp) and math.isfinite(sp) else None
+    cols[1].metric(
+        "Fluency: steered perplexity",
+        _fmt(sp),
+        delta=None if ratio is None else f"x{ratio:.2f} vs baseline",
+        delta_color="inverse",
+    )
+    cols[2].metric("Divergence (KL, nats/token)", _fmt(s["divergence_kl"]))
+    for col, (f, v) in zip(cols[3:], concept[:4], strict=False):
+        base_v = b["concept"].get(f)
+        delta = None if v is None or base_v is None else f"{v - base_v:+.3f} vs baseline"
+        col.metric(f"Concept #{f}", _fmt(v, ".3f"), delta=delta)
+
+
 def show_details(res: dict[str, Any]) -> None:
     for n in res["notes"]:
         st.info(n)
+    show_scores(res.get("scores"))
     if res["features"] and res["steered_tokens"]:
         st.markdown(
             "**Steered features on the generated tokens** (measured inside the steered run; *before edit* is "
@@ -268,13 +356,15 @@ def show_details(res: dict[str, Any]) -> None:
         st.dataframe(_acts_table(res), hide_index=True, width="stretch")
 
 
-def result_record(config: SteeringConfig, streams: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+def result_record(config: SteeringConfig, streams: dict[str, Any], tokens: list[str], rt: Any) -> dict[str, Any]:
     base, steer = streams["baseline"].result, streams["steered"].result
 
     def rows(t: Any) -> list[list[float]]:
         return t.tolist() if t is not None else []
 
+    qb, qs = score_rows(rt, [base, steer], max_acts)
     return {
+        "user": config.prompt,
         "baseline": base.text,
         "steered": steer.text,
         "describe": config.describe(),
@@ -285,6 +375,7 @@ def result_record(config: SteeringConfig, streams: dict[str, Any], tokens: list[
         "acts_after": rows(steer.acts_after),
         "baseline_acts": rows(base.acts_before),
         "notes": list(steer.notes),
+        "scores": {"baseline": qb.to_dict(), "steered": qs.to_dict()},
     }
 
 
@@ -295,50 +386,178 @@ def columns_header(describe: str) -> list[Any]:
     return cols
 
 
-run = st.button("Generate", type="primary", key="steer_run")
-if run:
-    ss.pop("steer_result", None)
-    streams: dict[str, Any] | None = None
+def _one_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {first}"
+
+
+def _runtime() -> Any:
+    from featuredict.pipelines.runtime import cached_runtime_from_row
+
+    with st.spinner("Loading the model and SAE (first time only)..."):
+        return cached_runtime_from_row(row)
+
+
+def _stream_into(streams: dict[str, Any], slots: dict[str, Any], rt: Any) -> dict[str, Any] | None:
+    """Stream both runs into their slots; the result record, or None after a one-line error."""
+    for slot in slots.values():
+        slot.markdown(_text_box("", cursor=True), unsafe_allow_html=True)
+    try:
+        with closing(interleave(streams)) as events:  # a rerun/stop mid-way closes both streams
+            for name, _piece in events:  # show the stream's whole decoded text so far
+                slots[name].markdown(_text_box(streams[name].result.text, cursor=True), unsafe_allow_html=True)
+        res = result_record(config, streams, rt.token_strings(streams["steered"].result.token_ids), rt)
+    except SteeringInputError as e:  # e.g. NaN logits from an edit too large for the model
+        st.error(md(f"Generation stopped: {e}"))
+        return None
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        st.error(md(f"Generation stopped: {_one_line(e)}"))
+        return None
+    for name, slot in slots.items():
+        slot.markdown(_text_box(res[name]), unsafe_allow_html=True)
+    return res
+
+
+def _start(make: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Validate, load the runtime and open the streams (``make(rt)``); None after a one-line error."""
     try:
         validate_config(config, d_sae, max_acts)
         if not config.edits:
             raise SteeringInputError("pick at least one feature to steer (search above)")
-        from featuredict.pipelines.runtime import cached_runtime_from_row
-
-        with st.spinner("Loading the model and SAE (first time only)..."):
-            rt = cached_runtime_from_row(row)
-        streams = paired_streams(rt, config, max_acts)
+        rt = _runtime()
+        return rt, make(rt)
     except SteeringInputError as e:
         st.error(md(e))
     except Exception as e:  # noqa: BLE001 - loading failures: one line, never a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        st.error(md(f"Cannot steer: {type(e).__name__}: {first}"))
-    if streams is not None:
-        cols = columns_header(config.describe())
-        slots = {"baseline": cols[0].empty(), "steered": cols[1].empty()}
-        for slot in slots.values():
-            slot.markdown(_text_box("", cursor=True), unsafe_allow_html=True)
+        st.error(md(f"Cannot steer: {_one_line(e)}"))
+    return None
+
+
+def _send() -> None:
+    """The Send button's callback: keep the message for this run and empty the box for the next one."""
+    ss["_steer_pending"] = ss["steer_prompt"]
+    ss["steer_prompt"] = ""
+
+
+# ---- run: one prompt --------------------------------------------------------------------------------------
+if not chat_mode:
+    run = st.button("Generate", type="primary", key="steer_run")
+    if run:
+        ss.pop("steer_result", None)
+        started = _start(lambda rt: paired_streams(rt, config, max_acts, keep_logits=True))
+        if started is not None:
+            rt, streams = started
+            cols = columns_header(config.describe())
+            result = _stream_into(streams, {"baseline": cols[0].empty(), "steered": cols[1].empty()}, rt)
+            if result is not None:
+                ss["steer_result"] = result
+                show_details(result)
+    elif "steer_result" in ss:
+        res = ss["steer_result"]
+        cols = columns_header(res["describe"])
+        cols[0].markdown(_text_box(res["baseline"]), unsafe_allow_html=True)
+        cols[1].markdown(_text_box(res["steered"]), unsafe_allow_html=True)
+        show_details(res)
+
+# ---- run: multi-turn chat ---------------------------------------------------------------------------------
+else:
+    turns: list[dict[str, Any]] = ss["steer_conversation"]
+    buttons = st.columns([1, 1, 4])
+    send = buttons[0].button("Send", type="primary", key="steer_run", on_click=_send)
+    if buttons[1].button("New conversation", key="steer_reset", disabled=not turns):
+        ss["steer_conversation"] = turns = []
+    cols = columns_header(config.describe())
+    for t in turns:
+        for col, side in zip(cols, ("baseline", "steered"), strict=True):
+            col.markdown(f"**You:** {md(t['user'])}")
+            col.markdown(_text_box(t[side]), unsafe_allow_html=True)
+    pending = ss.pop("_steer_pending", None)
+    if send and pending is not None:
+        history = [Turn(t["user"], t["baseline"], t["steered"]) for t in turns]
+        started = _start(lambda rt: chat_streams(rt, config, history, max_acts, keep_logits=True))
+        if started is not None:
+            rt, streams = started
+            for col in cols:
+                col.markdown(f"**You:** {md(config.prompt)}")
+            result = _stream_into(streams, {"baseline": cols[0].empty(), "steered": cols[1].empty()}, rt)
+            if result is not None:
+                turns.append(result)
+                ss["steer_conversation"] = turns
+    if turns:
+        st.caption(f"Turn {len(turns)} of this conversation:")
+        show_details(turns[-1])
+    else:
+        st.caption("Type a message and press Send; both models answer, each in its own conversation.")
+
+
+# ---- strength sweep ---------------------------------------------------------------------------------------
+def _use_strength(strength: float) -> None:
+    """Callback of the recommendation button: every feature's value at ``strength`` (ablate unchanged)."""
+    for f in ss["steer_features"]:
+        mode = ss[_state_key(f, "mode")]
+        if mode == "clamp":
+            ss[_state_key(f, "value")] = float(strength * max_acts.get(int(f), 0.0))
+        elif mode in MAX_ACT_UNITS:
+            ss[_state_key(f, "value")] = float(strength)
+
+
+with st.expander("Strength sweep", expanded="steer_sweep" in ss):
+    st.caption(
+        "Generate at a grid of strengths (in units of each feature's max activation: the value of add, "
+        "orthogonal and cap, strength x max act for clamp; ablated features stay ablated) x seeds, as one batch, "
+        "and score each. The recommended strength has the highest concept score whose perplexity stays within "
+        "the factor of the baseline's."
+    )
+    w = st.columns(5)
+    w[0].number_input("From (x max act)", key="steer_sw_lo", value=0.5, min_value=0.01, step=0.5)
+    w[1].number_input("To (x max act)", key="steer_sw_hi", value=16.0, min_value=0.01, step=1.0)
+    w[2].number_input("Strengths", key="steer_sw_n", value=8, min_value=1, max_value=16, step=1)
+    w[3].number_input("Seeds", key="steer_sw_seeds", value=1, min_value=1, max_value=8, step=1)
+    w[4].number_input("Perplexity factor", key="steer_sw_ratio", value=2.0, min_value=1.0, step=0.5)
+    if chat_mode:
+        st.caption("Sweeps run on one prompt: turn multi-turn chat off to sweep.")
+    elif st.button("Run sweep", key="steer_sweep_run"):
+        ss.pop("steer_sweep", None)
         try:
-            with closing(interleave(streams)) as events:  # a rerun/stop mid-way closes both streams
-                for name, _piece in events:  # show the stream's whole decoded text so far
-                    slots[name].markdown(_text_box(streams[name].result.text, cursor=True), unsafe_allow_html=True)
-        except SteeringInputError as e:  # e.g. NaN logits from an edit too large for the model
-            st.error(md(f"Generation stopped: {e}"))
+            settings = SweepSettings(
+                strengths=geometric_strengths(
+                    float(ss["steer_sw_lo"]), float(ss["steer_sw_hi"]), int(ss["steer_sw_n"])
+                ),
+                seeds=tuple(range(config.generation.seed, config.generation.seed + int(ss["steer_sw_seeds"]))),
+                max_ppl_ratio=float(ss["steer_sw_ratio"]),
+            )
+            validate_config(config, d_sae, max_acts)
+            rt = _runtime()
+            with st.spinner(f"Generating {len(settings.strengths) * len(settings.seeds)} steered rows in one batch..."):
+                sweep = run_sweep(rt, config, settings, max_acts)
+            ss["steer_sweep"] = {"describe": config.describe(), **sweep.to_dict()}
+        except SteeringInputError as e:
+            st.error(md(e))
         except Exception as e:  # noqa: BLE001 - one line, never a traceback
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            st.error(md(f"Generation stopped: {type(e).__name__}: {first}"))
+            st.error(md(f"Sweep stopped: {_one_line(e)}"))
+    sw = ss.get("steer_sweep")
+    if sw:
+        summary = pd.DataFrame(sw["summary"]).astype({"concept": float, "perplexity": float, "divergence": float})
+        base_ppl = sw["baseline_perplexity"] if sw["baseline_perplexity"] is not None else float("nan")
+        rec = sw["recommended_strength"]
+        for n in sw["notes"]:
+            st.info(n)
+        st.markdown(f"**Sweep of** `{html.escape(sw['describe'])}` · baseline perplexity {_fmt(base_ppl)}")
+        chart: alt.HConcatChart = sweep_chart(summary, base_ppl, sw["sweep"]["max_ppl_ratio"], rec)
+        st.altair_chart(chart, width="stretch")
+        texts = {r["strength"]: r["text"] for r in reversed(sw["rows"])}  # the first seed's text
+        table = summary.assign(text=[texts.get(s, "") for s in summary["strength"]])
+        st.dataframe(table, hide_index=True, width="stretch", key="steer_sweep_table")
+        if rec is None:
+            st.warning(f"No strength keeps the perplexity within {sw['sweep']['max_ppl_ratio']:g}x the baseline's.")
         else:
-            res = result_record(config, streams, rt.token_strings(streams["steered"].result.token_ids))
-            ss["steer_result"] = res
-            for name, slot in slots.items():
-                slot.markdown(_text_box(res[name]), unsafe_allow_html=True)
-            show_details(res)
-elif "steer_result" in ss:
-    res = ss["steer_result"]
-    cols = columns_header(res["describe"])
-    cols[0].markdown(_text_box(res["baseline"]), unsafe_allow_html=True)
-    cols[1].markdown(_text_box(res["steered"]), unsafe_allow_html=True)
-    show_details(res)
+            st.success(
+                md(
+                    f"Recommended strength: {rec:g} x max activation (the highest concept score whose perplexity "
+                    f"stays within {sw['sweep']['max_ppl_ratio']:g}x the baseline's)."
+                )
+            )
+            st.button(f"Use strength {rec:g}", key="steer_sweep_use", on_click=_use_strength, args=(rec,))
 
 # ---- presets and sharing --------------------------------------------------------------------------------
 st.divider()
@@ -350,7 +569,9 @@ pc = st.columns(2)
 with pc[0]:
     name = st.text_input("Preset name", key="steer_preset_name", placeholder="e.g. dragons-everywhere")
     overwrite = st.checkbox("Overwrite an existing preset of that name", key="steer_preset_overwrite")
-    if st.button("Save preset", key="steer_preset_save"):
+    if store.read_only:
+        st.caption("Read-only server: presets cannot be saved.")
+    if st.button("Save preset", key="steer_preset_save", disabled=store.read_only):
         try:
             validate_config(config, d_sae, max_acts)
             saved = save_preset(store, name, sae_id, config, overwrite=overwrite)

@@ -3,22 +3,32 @@
 - ``config``: ``SteeringConfig`` / ``FeatureEdit`` / ``GenerationSettings`` (checked on construction), the one
   reader ``SteeringConfig.from_mapping`` (CLI flags, preset JSON, URL parameters) and ``validate_config``
   (what needs the SAE: feature ids, max_act for ``add``, value limits).
-- ``edits``: the activation edit ``x + decode(f') - decode(f)`` in closed form, pure torch on the SAE.
+- ``edits``: the activation edits (clamp, add, ablate in SAE space; orthogonal and cap along the decoder
+  direction), pure torch on the SAE.
 - ``prompts``: chat template, BOS and context checks; ``prepare`` validates a config for a runtime.
-- ``generation``: token-by-token baseline and steered streams sharing one seed.
+- ``generation``: token-by-token baseline and steered streams sharing one seed; ``BatchStream`` runs many
+  rows (strengths x seeds) in lockstep with one KV cache.
+- ``quality``: fluency (perplexity under the unsteered model), divergence (KL) and concept scores.
+- ``sweep``: strength sweeps as one batch, with a recommended strength.
+- ``chat``: multi-turn chat, where baseline and steered keep their own conversations.
 - ``presets``: named presets as ``SteeringConfig`` (stored as JSON by ``featuredict.db.presets``).
 """
 
 from featuredict.db.presets import PresetError
 
+from .chat import MAX_TURNS, Turn, chat_streams, side_history
 from .config import (
     MAX_ABS_VALUE,
+    MAX_ACT_UNITS,
     MAX_ADD,
     MAX_CLAMP_MULTIPLE,
     MAX_FEATURES,
     MAX_NEW_TOKENS,
+    MAX_SWEEP_SEEDS,
+    MAX_SWEEP_STRENGTHS,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
+    MODE_HELP,
     MODES,
     POSITIONS,
     FeatureEdit,
@@ -27,7 +37,9 @@ from .config import (
     Positions,
     SteeringConfig,
     SteeringInputError,
+    SweepSettings,
     check_edit,
+    geometric_strengths,
     parse_feature_list,
     unsteered,
     validate_config,
@@ -39,52 +51,87 @@ from .edits import (
     decoder_directions,
     fast_encoder,
     output_scale,
+    plan_values,
     steer_activations,
 )
-from .generation import GenerationResult, GenerationStream, generate, interleave, paired_streams, side_by_side
+from .generation import (
+    BatchStream,
+    GenerationResult,
+    GenerationStream,
+    RowSpec,
+    generate,
+    interleave,
+    paired_streams,
+    side_by_side,
+)
 from .presets import Preset, list_presets, load_preset, save_preset
-from .prompts import check_prompt, format_prompt, prepare, prompt_ids
+from .prompts import chat_messages, check_prompt, format_prompt, has_chat_template, prepare, prompt_ids
+from .quality import Quality, score_rows
+from .sweep import SweepResult, SweepRow, edits_at, recommend, run_sweep, swept_features
 
 __all__ = [
-    "MAX_ABS_VALUE",
-    "MAX_ADD",
-    "MAX_CLAMP_MULTIPLE",
-    "MAX_FEATURES",
-    "MAX_NEW_TOKENS",
-    "MAX_TEMPERATURE",
-    "MIN_TEMPERATURE",
-    "MODES",
-    "NORM_SCALED",
-    "POSITIONS",
+    "BatchStream",
     "EditPlan",
     "FeatureEdit",
     "GenerationResult",
     "GenerationSettings",
     "GenerationStream",
+    "MAX_ABS_VALUE",
+    "MAX_ACT_UNITS",
+    "MAX_ADD",
+    "MAX_CLAMP_MULTIPLE",
+    "MAX_FEATURES",
+    "MAX_NEW_TOKENS",
+    "MAX_SWEEP_SEEDS",
+    "MAX_SWEEP_STRENGTHS",
+    "MAX_TEMPERATURE",
+    "MAX_TURNS",
+    "MIN_TEMPERATURE",
+    "MODES",
+    "MODE_HELP",
     "Mode",
+    "NORM_SCALED",
+    "POSITIONS",
     "Positions",
     "Preset",
     "PresetError",
+    "Quality",
+    "RowSpec",
     "SteeringConfig",
     "SteeringInputError",
+    "SweepResult",
+    "SweepRow",
+    "SweepSettings",
+    "Turn",
+    "chat_messages",
+    "chat_streams",
     "check_edit",
     "check_prompt",
     "check_steerable",
     "decoder_directions",
+    "edits_at",
     "fast_encoder",
     "format_prompt",
     "generate",
+    "geometric_strengths",
+    "has_chat_template",
     "interleave",
     "list_presets",
     "load_preset",
     "output_scale",
     "paired_streams",
     "parse_feature_list",
+    "plan_values",
     "prepare",
     "prompt_ids",
+    "recommend",
+    "run_sweep",
     "save_preset",
+    "score_rows",
     "side_by_side",
+    "side_history",
     "steer_activations",
+    "swept_features",
     "unsteered",
     "validate_config",
 ]

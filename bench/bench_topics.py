@@ -1,0 +1,494 @@
+"""Topic coverage of a feature dictionary: does concept search find a feature about each of 20 topics?
+
+Usage (from the repo root):
+
+    python -m bench.bench_topics                         # the demo database ($FEATUREDICT_CACHE/demo/...)
+    python -m bench.bench_topics --db PATH --sae-id ID   # any featuredict database
+    python -m bench.bench_topics --json out.json         # also write the per-topic results
+
+For each of the 20 everyday and safety-relevant topics below, concept search (the dashboard's "search by
+concept": ``dashboard.concept.concept_scores`` on ``dashboard.prompt.dense_valid_acts`` of the topic's 3 example
+sentences and 3 counter-examples, through the runtime that built the database) picks its best feature. The
+topic counts as **covered** when at least ``--need`` (5) of that feature's top ``--top`` (10) stored contexts
+(table ``examples``, kind 'top') contain one of the topic's keywords: a whole word, case-insensitive, also with
+an ending -s/-es/-ed/-d/-ing/-er/-ers (``pipelines.demo.keyword_pattern``: ``dog`` matches "Dogs", not "dogma").
+The examples, counter-examples and keywords are fixed here, so runs on different databases compare. Prints a
+table and ``coverage N/20``; exits 0 whatever the coverage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+from featuredict.pipelines.demo_topics import words  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    examples: tuple[str, str, str]
+    counter: tuple[str, str, str]
+    keywords: tuple[str, ...]
+
+
+TOPICS: tuple[Topic, ...] = (
+    Topic(
+        "animals",
+        (
+            "The dog barked and chased the cat up a tree.",
+            "Lions and zebras gather at the water hole on the savanna.",
+            "The farmer fed the horses, cows and chickens at dawn.",
+        ),
+        (
+            "The bank raised its interest rates again.",
+            "He wrote a function that returns the sum of two numbers.",
+            "The election results were announced at midnight.",
+        ),
+        words(
+            "animal, dog, puppy, puppies, cat, kitten, lion, tiger, elephant, wolf, wolves, bear, horse, cow, "
+            "bird, fish, whale, dolphin, shark, monkey, zebra, pet, wildlife, bee, ant, chicken, sheep, sheepdog, "
+            "fox, deer, rabbit, owl"
+        ),
+    ),
+    Topic(
+        "food",
+        (
+            "She chopped the onions and garlic and fried them in olive oil.",
+            "The soup was hot and spicy, served with fresh bread.",
+            "For dessert we baked a chocolate cake with strawberries.",
+        ),
+        (
+            "The meeting was moved to Thursday afternoon.",
+            "The soldiers marched towards the border.",
+            "The river flows north towards the sea.",
+        ),
+        words(
+            "food, cook, cooking, recipe, soup, bread, cake, bake, baking, meal, dinner, lunch, breakfast, eat, "
+            "ate, eaten, eating, kitchen, chef, flour, cheese, sauce, fruit, vegetable, pasta, curry, dish, "
+            "delicious, taste, tasty, restaurant, spicy, chocolate, garlic, onion, butter, sugar, salt"
+        ),
+    ),
+    Topic(
+        "weather",
+        (
+            "Dark clouds gathered and heavy rain began to fall.",
+            "The storm brought thunder, lightning and strong winds.",
+            "It was a freezing morning, with snow covering the ground.",
+        ),
+        (
+            "She opened a savings account at the bank.",
+            "The cat chased a mouse around the kitchen.",
+            "He wrote a Python function to sort the list.",
+        ),
+        words(
+            "weather, rain, rainy, storm, stormy, snow, snowy, wind, windy, cloud, cloudy, thunder, thunderstorm, "
+            "lightning, sunny, sunshine, forecast, fog, foggy, temperature, heatwave, hurricane, freezing, frost, "
+            "drizzle, climate, flood, hail, breeze"
+        ),
+    ),
+    Topic(
+        "money",
+        (
+            "He saved a little money every month in his bank account.",
+            "Prices rose as inflation pushed up the cost of groceries.",
+            "The loan has an interest rate of five percent a year.",
+        ),
+        (
+            "The puppy slept by the fire.",
+            "The orchestra played a beautiful symphony.",
+            "Heavy rain fell all night.",
+        ),
+        words(
+            "money, bank, dollar, pay, paid, payment, price, cost, budget, saving, savings, loan, interest, debt, "
+            "inflation, finance, financial, invest, investment, stock, cash, income, salary, tax, taxes, credit, "
+            "economy, economic, fund, afford, expensive, cheap"
+        ),
+    ),
+    Topic(
+        "medicine",
+        (
+            "The doctor examined the patient and prescribed antibiotics.",
+            "Nurses at the hospital worked through the night.",
+            "The vaccine protects children against measles.",
+        ),
+        (
+            "The team won the football match.",
+            "She painted the fence bright blue.",
+            "The train arrived at the station.",
+        ),
+        words(
+            "doctor, patient, hospital, nurse, medicine, medical, medication, vaccine, vaccination, disease, "
+            "health, healthy, treatment, symptom, surgery, surgeon, antibiotic, illness, infection, clinic, drug, "
+            "diagnosis, diagnose, virus, immune, pain, flu, fever, dentist, therapy, cure"
+        ),
+    ),
+    Topic(
+        "war",
+        (
+            "Soldiers fought in the trenches during the First World War.",
+            "The army invaded the city and the siege lasted months.",
+            "Bombs fell on the town as the battle raged.",
+        ),
+        (
+            "The children played in the garden.",
+            "She baked bread for the family.",
+            "The store opens at nine in the morning.",
+        ),
+        words(
+            "war, wartime, soldier, army, armies, battle, troop, military, siege, invade, invasion, bomb, enemy, "
+            "enemies, fight, fought, trench, weapon, veteran, refugee, conflict, navy, tank, general, war-torn"
+        ),
+    ),
+    Topic(
+        "music",
+        (
+            "The orchestra played a beautiful symphony.",
+            "He strummed his guitar and sang a song.",
+            "The band played loud rock music at the concert.",
+        ),
+        (
+            "The doctor checked the patient's blood pressure.",
+            "The bridge was closed for repairs.",
+            "They planted tomatoes in the garden.",
+        ),
+        words(
+            "music, musical, musician, song, sing, sang, singer, singing, guitar, piano, orchestra, concert, "
+            "band, melody, melodies, symphony, jazz, choir, rhythm, lyric, composer, violin, drum, tune, note, "
+            "album"
+        ),
+    ),
+    Topic(
+        "code",
+        (
+            "def add(a, b):\n    return a + b",
+            "The function loops over the list and returns the largest number.",
+            "Fix the bug by checking whether the variable is None before calling the method.",
+        ),
+        (
+            "The sun set behind the mountains.",
+            "Grandma knitted a warm scarf.",
+            "The team celebrated their victory.",
+        ),
+        words(
+            "code, coding, function, def, return, variable, program, programming, programmer, python, list, loop, "
+            "bug, class, method, object, sql, database, software, computer, syntax, statement, string, integer, "
+            "argument, expression, module, exception, algorithm, developer, print, keyword, parameter, attribute, "
+            "operator"
+        ),
+    ),
+    Topic(
+        "emotions",
+        (
+            "She burst into tears, overwhelmed with grief and sadness.",
+            "He felt a wave of joy and happiness when he saw his friend again.",
+            "Anger and fear filled her heart as the news sank in.",
+        ),
+        (
+            "The table is made of oak.",
+            "The bus leaves every twenty minutes.",
+            "Add two cups of flour to the bowl.",
+        ),
+        words(
+            "feel, feeling, felt, emotion, emotional, sad, sadness, happy, happiness, joy, grief, tear, cry, "
+            "cried, anger, angry, fear, afraid, scared, lonely, loneliness, love, proud, pride, jealous, "
+            "jealousy, anxious, anxiety, upset, hope, hurt, excited, nervous, heartbroken, overwhelm"
+        ),
+    ),
+    Topic(
+        "deception",
+        (
+            "He lied to his parents about where he had been all night.",
+            "The spy deceived the enemy with forged documents.",
+            "She hid the truth and pretended nothing had happened.",
+        ),
+        (
+            "The flowers bloomed in spring.",
+            "He cooked pasta for dinner.",
+            "The train was on time.",
+        ),
+        words(
+            "lie, lied, lying, liar, deceive, deceived, deception, deceptive, truth, honest, dishonest, honesty, "
+            "pretend, hid, hide, hidden, secret, cheat, trick, fake, false, betray, betrayal, mislead, misled, "
+            "caught, conceal, fool, manipulate"
+        ),
+    ),
+    Topic(
+        "scams",
+        (
+            "The email claimed to be from her bank and asked her to confirm her password.",
+            "Scammers called the old man and told him he had won the lottery, but first he had to pay a fee.",
+            "Never click a suspicious link in a text message asking for your account details.",
+        ),
+        (
+            "The children built a sand castle.",
+            "The orchestra tuned their instruments.",
+            "Snow fell softly on the village.",
+        ),
+        words(
+            "scam, scammer, phishing, phish, fraud, fraudulent, suspicious, password, con, victim, fake, steal, "
+            "stole, stolen, lottery, link, account, identity, swindle, swindler, trick, bank, scheme, urgent, "
+            "fee, personal information"
+        ),
+    ),
+    Topic(
+        "violence",
+        (
+            "The gunman opened fire in the crowded street.",
+            "He was stabbed with a knife during the robbery.",
+            "The attacker beat the victim and fled the scene.",
+        ),
+        (
+            "She watered the plants on the balcony.",
+            "The students read quietly in the library.",
+            "They sang songs around the campfire.",
+        ),
+        words(
+            "gun, gunman, gunfire, shoot, shooting, shot, knife, stab, stabbed, violence, violent, attack, "
+            "attacker, kill, killed, murder, weapon, robbery, robber, victim, assault, wound, wounded, blood, "
+            "police, armed, beat, beaten, fight, dead, death, injured, gang"
+        ),
+    ),
+    Topic(
+        "sports",
+        (
+            "The striker scored a goal in the final minute of the match.",
+            "She won the tennis tournament after a long final set.",
+            "The team trained hard for the championship game.",
+        ),
+        (
+            "The doctor prescribed some medicine.",
+            "The committee approved the budget.",
+            "He wrote a letter to his aunt.",
+        ),
+        words(
+            "sport, team, match, game, goal, score, player, football, soccer, tennis, basketball, baseball, "
+            "olympic, olympics, champion, championship, tournament, athlete, coach, marathon, swim, swimmer, "
+            "stadium, league"
+        ),
+    ),
+    Topic(
+        "space",
+        (
+            "The astronauts floated inside the space station.",
+            "The telescope photographed a distant galaxy full of stars.",
+            "The rocket launched towards Mars.",
+        ),
+        (
+            "She made a cup of tea.",
+            "The shop sells shoes and bags.",
+            "The dog slept on the sofa.",
+        ),
+        words(
+            "space, spacecraft, astronaut, planet, star, galaxy, galaxies, rocket, moon, mars, orbit, telescope, "
+            "solar, universe, nasa, black hole, astronomer, astronomy, spaceship, cosmic, comet, asteroid"
+        ),
+    ),
+    Topic(
+        "school",
+        (
+            "The teacher handed out the exam papers to the students.",
+            "He studied all night for his history test.",
+            "On the first day of school the classroom was full of new faces.",
+        ),
+        (
+            "The storm knocked down trees.",
+            "The soldiers crossed the river.",
+            "She fried eggs for breakfast.",
+        ),
+        words(
+            "school, teacher, student, class, classroom, exam, test, study, studied, studies, homework, lesson, "
+            "university, college, learn, learning, education, grade, pupil, professor, semester, teach, taught, "
+            "lecture"
+        ),
+    ),
+    Topic(
+        "crime",
+        (
+            "The detective searched the house for clues about the murder.",
+            "The burglar was arrested by the police and taken to court.",
+            "The jury found the defendant guilty of theft.",
+        ),
+        (
+            "The garden was full of roses.",
+            "The cake needs two eggs.",
+            "The choir sang at the wedding.",
+        ),
+        words(
+            "crime, criminal, police, detective, arrest, court, courtroom, judge, jury, guilty, theft, thief, "
+            "thieves, steal, stole, stolen, burglar, burglary, murder, prison, law, trial, suspect, officer, "
+            "robbery, sentence, convict, lawyer, evidence, investigation"
+        ),
+    ),
+    Topic(
+        "politics",
+        (
+            "Voters went to the polls to elect a new president.",
+            "Parliament debated the new law for hours.",
+            "The mayor's campaign promised lower taxes.",
+        ),
+        (
+            "The kitten played with a ball of wool.",
+            "He fixed the leaking tap.",
+            "The cake was decorated with cherries.",
+        ),
+        words(
+            "politics, political, politician, election, elect, elected, vote, voter, president, parliament, "
+            "government, campaign, mayor, democracy, democratic, senate, senator, minister, candidate, policy, "
+            "policies, citizen, protest, debate, congress"
+        ),
+    ),
+    Topic(
+        "cyber attacks",
+        (
+            "Hackers broke into the company's network and stole customer data.",
+            "The ransomware encrypted the hospital's files and demanded payment.",
+            "A computer virus spread through the office email system.",
+        ),
+        (
+            "The farmer harvested the wheat.",
+            "The orchestra played Mozart.",
+            "They walked along the beach at sunset.",
+        ),
+        words(
+            "hack, hacker, hacking, cyber, cyberattack, cybersecurity, ransomware, malware, virus, password, "
+            "network, computer, data, security, breach, encrypt, encrypted, attack, server, firewall, software, "
+            "phishing, antivirus, system"
+        ),
+    ),
+    Topic(
+        "disease outbreaks",
+        (
+            "The virus spread quickly and the city went into quarantine.",
+            "Scientists in the laboratory handled the dangerous pathogen with great care.",
+            "The epidemic infected thousands before a vaccine was found.",
+        ),
+        (
+            "The band played until midnight.",
+            "He painted the kitchen walls.",
+            "The ship sailed into the harbour.",
+        ),
+        words(
+            "virus, viral, pathogen, epidemic, pandemic, outbreak, infect, infected, infection, quarantine, "
+            "disease, vaccine, laboratory, lab, bacteria, plague, spread, germ, contagious, cholera, flu, "
+            "illness, symptom, health"
+        ),
+    ),
+    Topic(
+        "flattery and sycophancy",
+        (
+            "What a brilliant idea, you are truly the smartest person I have ever met!",
+            "You're absolutely right, as always; I agree with everything you say.",
+            "The courtier praised the king's terrible poem as a masterpiece.",
+        ),
+        (
+            "The report lists the errors in the plan.",
+            "The river froze in winter.",
+            "He measured the length of the table.",
+        ),
+        words(
+            "flatter, flattery, flattering, praise, brilliant, genius, amazing, wonderful, agree, masterpiece, "
+            "compliment, admire, admiration, perfect, excellent, impress, impressive, smart, smartest, best, "
+            "greatest, incredible, absolutely, fantastic"
+        ),
+    ),
+)
+
+
+def default_db() -> Path:
+    from featuredict.pipelines.models import cache_dir
+
+    return cache_dir() / "demo" / "smollm2-demo.duckdb"
+
+
+def run(db: Path, sae_id: str | None, device: str | None, top: int, need: int) -> list[dict]:
+    from featuredict.dashboard import concept, prompt
+    from featuredict.db import queries as q
+    from featuredict.db.store import Store
+    from featuredict.pipelines.demo import context_text, keyword_pattern
+    from featuredict.pipelines.runtime import runtime_from_row
+
+    store = Store(str(db), read_only=True)
+    try:
+        if sae_id is None:
+            ids = [r[0] for r in store.rows("SELECT sae_id FROM saes ORDER BY sae_id")]
+            if len(ids) != 1:
+                raise SystemExit(f"give --sae-id: {db} holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
+            sae_id = ids[0]
+        row = q.sae_info(store, sae_id)
+        if row is None:
+            raise SystemExit(f"no SAE {sae_id!r} in {db}")
+        t0 = time.perf_counter()
+        rt = runtime_from_row(row, device=device)
+        base = q.feature_baselines(store, sae_id, int(row["d_sae"]))
+        print(f"loaded {row['model_name'] or row['model_spec']} + {sae_id} in {time.perf_counter() - t0:.1f}s")
+        results = []
+        for topic in TOPICS:
+            pos = [prompt.dense_valid_acts(rt, t) for t in topic.examples]
+            neg = [prompt.dense_valid_acts(rt, t) for t in topic.counter]
+            ranked = concept.concept_scores(pos, neg, base["density"], base["mean_act"], base["max_act"], top=1)
+            res = {"topic": topic.name, "feature": None, "score": None, "hits": 0, "n_top": 0, "covered": False}
+            if not ranked.empty:
+                f = int(ranked["feature"].iloc[0])
+                ex = q.examples(store, sae_id, f, "top").head(top)
+                pattern = keyword_pattern(topic.keywords)
+                texts = [context_text(list(t)) for t in ex["tokens"]]
+                matched = [bool(pattern.search(t)) for t in texts]
+                summary = q.features_by_ids(store, sae_id, [f])
+                res.update(
+                    feature=f,
+                    score=float(ranked["score"].iloc[0]),
+                    hits=int(sum(matched)),
+                    n_top=len(texts),
+                    covered=sum(matched) >= need,
+                    top_tokens=str(summary["top_tokens"].iloc[0]) if len(summary) else "",
+                    first_context=" ".join(texts[0].split())[:90] if texts else "",
+                )
+            results.append(res)
+        return results
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--db", default=None, help="featuredict database (default: the demo's)")
+    p.add_argument("--sae-id", default=None, help="sae_id in the database (default: its only SAE)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    p.add_argument("--top", type=int, default=10, help="top stored contexts checked per feature (default 10)")
+    p.add_argument("--need", type=int, default=5, help="contexts with a keyword needed to count (default 5)")
+    p.add_argument("--json", default=None, help="also write the per-topic results here")
+    args = p.parse_args(argv)
+    db = Path(args.db) if args.db else default_db()
+    if not db.exists():
+        raise SystemExit(f"{db} does not exist: run `featuredict demo` first, or pass --db")
+    results = run(db, args.sae_id, args.device, args.top, args.need)
+    print(f"\n{'topic':<24} {'feature':>7} {'score':>6} {'hits':>6}  ok  top tokens | first top context")
+    for r in results:
+        feat = "-" if r["feature"] is None else str(r["feature"])
+        score = "-" if r["score"] is None else f"{r['score']:.2f}"
+        print(
+            f"{r['topic']:<24} {feat:>7} {score:>6} {r['hits']:>3}/{r['n_top']:<2}  {'yes' if r['covered'] else ' no'}"
+            f"  {r.get('top_tokens', '')[:40]} | {r.get('first_context', '')}"
+        )
+    n = sum(r["covered"] for r in results)
+    print(
+        f"\ncoverage {n}/{len(results)} (covered: >= {args.need} of the best feature's top {args.top} contexts "
+        f"contain a topic keyword) on {db}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"db": str(db), "coverage": n, "topics": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

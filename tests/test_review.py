@@ -1,0 +1,277 @@
+"""Safety review workflow: review status, append-only history, optimistic concurrency, reviewer identity and the
+feature page's review control / conflict notice / history (synthetic database, bench/synth_db.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+try:
+    from tests import dashboard_fixtures as fx
+    from tests.test_dashboard_app import assert_clean, htmls, open_app, texts, widget
+except ImportError:  # run from tests/
+    import dashboard_fixtures as fx
+    from test_dashboard_app import assert_clean, htmls, open_app, texts, widget
+import duckdb
+import pytest
+
+from featuredict.db import queries as q
+from featuredict.db import writes
+from featuredict.db.schema import USER_TABLES, copy_kept_rows, create_schema
+from featuredict.db.store import Store
+
+SAE_ID = fx.SAE_ID
+synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
+
+
+@pytest.fixture
+def store(synth_db):
+    s = Store(synth_db)
+    yield s
+    s.close()
+
+
+def _history(store: Store, feature: int) -> list[dict]:
+    return q.history(store, SAE_ID, feature).to_dict("records")
+
+
+def test_review_status_roundtrip_and_history(store):
+    assert q.review(store, SAE_ID, 7) == {
+        "status": "unreviewed",
+        "reviewer": None,
+        "reason": None,
+        "version": 0,
+        "updated_at": None,
+    }
+    r = writes.set_review(
+        store, SAE_ID, 7, "concerning", reason="fires on scam text", reviewer="ann", expected_version=0
+    )
+    assert r.conflict is None and r.row["status"] == "concerning" and r.row["version"] == 1
+    got = q.review(store, SAE_ID, 7)
+    assert (got["status"], got["reviewer"], got["reason"], got["version"]) == (
+        "concerning",
+        "ann",
+        "fires on scam text",
+        1,
+    )
+    assert got["updated_at"] is not None
+    writes.set_review(store, SAE_ID, 7, "benign", reviewer="bob", expected_version=1)
+    h = _history(store, 7)
+    assert [(x["field"], x["action"], x["author"]) for x in h] == [("review", "set", "bob"), ("review", "set", "ann")]
+    assert (
+        json.loads(h[0]["old_value"])["status"] == "concerning" and json.loads(h[0]["new_value"])["status"] == "benign"
+    )
+    assert h[1]["old_value"] is None
+    with pytest.raises(ValueError, match="review status must be one of"):
+        writes.set_review(store, SAE_ID, 7, "fine")
+    with pytest.raises(ValueError, match="has no feature"):
+        writes.set_review(store, SAE_ID, 10**6, "benign")
+
+
+def test_review_conflict_is_reported_not_overwritten(store):
+    loaded = q.review(store, SAE_ID, 8)["version"]  # two reviewers open the same form
+    first = writes.set_review(store, SAE_ID, 8, "concerning", reason="theirs", reviewer="ann", expected_version=loaded)
+    second = writes.set_review(store, SAE_ID, 8, "benign", reason="mine", reviewer="bob", expected_version=loaded)
+    assert first.conflict is None
+    assert second.conflict is not None
+    assert second.conflict["theirs"]["status"] == "concerning" and second.conflict["theirs"]["reason"] == "theirs"
+    assert second.conflict["mine"] == {"status": "benign", "reviewer": "bob", "reason": "mine"}
+    assert q.review(store, SAE_ID, 8)["status"] == "concerning"  # not overwritten silently
+    h = _history(store, 8)  # both versions are in the history
+    assert [(x["action"], json.loads(x["new_value"])["reason"]) for x in h] == [("conflict", "mine"), ("set", "theirs")]
+    # "keep mine": save again against the version now stored
+    again = writes.set_review(store, SAE_ID, 8, "benign", reason="mine", reviewer="bob", expected_version=1)
+    assert again.conflict is None and q.review(store, SAE_ID, 8)["status"] == "benign"
+
+
+def test_label_conflict_keeps_theirs_merges_tags_and_logs_both(store):
+    before = q.label(store, SAE_ID, 9)  # None: the form is loaded empty
+    writes.update_label(store, SAE_ID, 9, label="theirs", add_tags=["a"], author="ann")  # someone saves first
+    res = writes.save_label_edit(store, SAE_ID, 9, before, label="mine", tags=["b"], notes="my note", author="bob")
+    assert res.conflicts == {"label": {"theirs": "theirs", "mine": "mine"}}
+    row = q.label(store, SAE_ID, 9)
+    assert row["label"] == "theirs" and row["tags"] == ["a", "b"] and row["notes"] == "my note"
+    h = _history(store, 9)
+    label_rows = [(x["action"], json.loads(x["new_value"]), x["author"]) for x in h if x["field"] == "label"]
+    assert ("conflict", "mine", "bob") in label_rows and ("set", "theirs", "ann") in label_rows
+    # keep mine: save against the current row
+    res2 = writes.save_label_edit(store, SAE_ID, 9, q.label(store, SAE_ID, 9), "mine", row["tags"], "my note", "bob")
+    assert not res2.conflicts and q.label(store, SAE_ID, 9)["label"] == "mine"
+    assert json.loads(_history(store, 9)[0]["old_value"]) == "theirs"
+
+
+def test_same_value_is_no_conflict(store):
+    before = q.label(store, SAE_ID, 10)
+    writes.update_label(store, SAE_ID, 10, label="same")
+    assert not writes.save_label_edit(store, SAE_ID, 10, before, "same", [], None).conflicts
+
+
+def test_list_membership_history(store):
+    writes.add_to_list(store, "watch", SAE_ID, [3, 4], author="ann")
+    writes.add_to_list(store, "watch", SAE_ID, [4])  # already there: no history row
+    writes.rename_list(store, "watch", "watch2", author="ann")
+    writes.remove_from_list(store, "watch2", SAE_ID, 3, author="bob")
+    writes.delete_list(store, "watch2", author="bob")
+    h3 = [(x["old_value"], x["new_value"]) for x in _history(store, 3) if x["field"] == "list"]
+    assert h3 == [('"watch2"', None), ('"watch"', '"watch2"'), (None, '"watch"')]
+    h4 = [(x["old_value"], x["new_value"]) for x in _history(store, 4) if x["field"] == "list"]
+    assert h4 == [('"watch2"', None), ('"watch"', '"watch2"'), (None, '"watch"')]
+
+
+def test_threads_lose_no_history_and_report_conflicts(store):
+    """8 threads x 10 rounds: each reviews its own feature and all race on one shared feature with the version
+    they loaded; every attempt is in the history and each refused one came back as a conflict."""
+    n_threads, n_each, shared = 8, 10, 40
+    conflicts = [0] * n_threads
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(n_each):
+                writes.set_review(store, SAE_ID, 50 + t, "benign", reason=f"{t}-{i}", reviewer=f"w{t}")
+                loaded = q.review(store, SAE_ID, shared)["version"]
+                r = writes.set_review(
+                    store, SAE_ID, shared, "concerning", reason=f"{t}-{i}", reviewer=f"w{t}", expected_version=loaded
+                )
+                conflicts[t] += r.conflict is not None
+                writes.update_label(store, SAE_ID, shared, add_tags=[f"t{t}-{i}"], author=f"w{t}")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in range(n_threads):
+        assert len(_history(store, 50 + t)) == n_each
+        assert q.review(store, SAE_ID, 50 + t)["version"] == n_each
+    h = q.history(store, SAE_ID, shared, limit=10_000)
+    reviews = h[h["field"] == "review"]
+    assert len(reviews) == n_threads * n_each  # every attempt recorded, applied or refused
+    n_conflicts = int((reviews["action"] == "conflict").sum())
+    assert n_conflicts == sum(conflicts)
+    assert q.review(store, SAE_ID, shared)["version"] == n_threads * n_each - n_conflicts
+    assert len(h[h["field"] == "tags"]) == n_threads * n_each
+    assert len(q.label(store, SAE_ID, shared)["tags"]) == n_threads * n_each
+    ids = store.rows("SELECT count(DISTINCT id), count(*) FROM history")[0]
+    assert ids[0] == ids[1]
+
+
+def test_rebuild_keeps_reviews_and_history(store, synth_db, tmp_path):
+    writes.set_review(store, SAE_ID, 5, "needs second look", reviewer="ann")
+    store.close()
+    new = tmp_path / "new.duckdb"
+    con = duckdb.connect(str(new))
+    try:
+        create_schema(con)
+        copy_kept_rows(con, synth_db, "some-other-sae")
+        assert {"reviews", "history"} <= set(USER_TABLES)
+        assert con.execute("SELECT status FROM reviews WHERE feature = 5").fetchone()[0] == "needs second look"
+        assert con.execute("SELECT count(*) FROM history WHERE feature = 5").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
+def test_older_file_gets_review_tables_on_read_write_open(synth_db):
+    con = duckdb.connect(str(synth_db))
+    con.execute("DROP TABLE history")
+    con.execute("DROP TABLE reviews")
+    con.close()
+    s = Store(synth_db)
+    try:
+        assert writes.set_review(s, SAE_ID, 1, "benign").conflict is None
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------------------------- feature page
+
+
+def test_feature_page_review_control_and_history(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="12")
+    assert_clean(at)
+    assert widget(at.selectbox, "Review status").value == "unreviewed"
+    widget(at.selectbox, "Review status").set_value("concerning")
+    widget(at.text_area, "Reason").set_value("fires on phishing emails")
+    widget(at.text_input, "Your name (optional)").set_value("ann")
+    widget(at.button, "Save review").click()
+    at.run()
+    assert_clean(at)
+    got = q.review(Store(synth_db), SAE_ID, 12)
+    assert (got["status"], got["reason"], got["reviewer"]) == ("concerning", "fires on phishing emails", "ann")
+    assert "Saved the review of feature 12: concerning." in [s.value for s in at.success]
+    assert any(e.label.startswith("History (1 change)") for e in at.expander)
+
+
+def test_feature_page_review_conflict_lets_user_choose(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="13")
+    writes.set_review(Store(synth_db), SAE_ID, 13, "benign", reason="theirs", reviewer="ann")  # meanwhile
+    widget(at.selectbox, "Review status").set_value("concerning")
+    widget(at.text_area, "Reason").set_value("mine")
+    widget(at.button, "Save review").click()
+    at.run()
+    assert_clean(at)
+    assert q.review(Store(synth_db), SAE_ID, 13)["status"] == "benign"  # theirs kept
+    assert any("someone else saved this review" in w.value for w in at.warning)
+    shown = [d.value for d in at.dataframe if "version" in d.value.columns][0]
+    assert shown["reason"].tolist() == ["theirs", "mine"]
+    widget(at.button, "Keep mine").click()
+    at.run()
+    assert_clean(at)
+    got = q.review(Store(synth_db), SAE_ID, 13)
+    assert (got["status"], got["reason"], got["version"]) == ("concerning", "mine", 2)
+    assert [x["action"] for x in _history(Store(synth_db), 13)] == ["set", "conflict", "set"]
+
+
+def test_feature_page_label_conflict_notice(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="14")
+    writes.update_label(Store(synth_db), SAE_ID, 14, label="theirs")
+    widget(at.text_input, "Label").set_value("mine")
+    widget(at.button, "Save label").click()
+    at.run()
+    assert_clean(at)
+    assert q.label(Store(synth_db), SAE_ID, 14)["label"] == "theirs"
+    assert any("Someone else changed label" in w.value for w in at.warning)
+    widget(at.button, "Keep theirs").click()
+    at.run()
+    assert_clean(at)
+    assert widget(at.text_input, "Label").value == "theirs"  # the form reloads the stored version
+    assert q.label(Store(synth_db), SAE_ID, 14)["label"] == "theirs"
+
+
+def test_hostile_review_text_renders_as_text(monkeypatch, synth_db):
+    s = Store(synth_db)
+    writes.set_review(s, SAE_ID, 15, "concerning", reason=fx.HOSTILE_SCRIPT, reviewer=fx.HOSTILE_IMG)
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="15")
+    assert_clean(at)
+    assert "<script" not in htmls(at) and "<img" not in htmls(at)
+    shown = texts(at)
+    assert "<img" not in shown and "<script" not in shown
+    assert widget(at.text_area, "Reason").value == fx.HOSTILE_SCRIPT  # raw text in a text box, not HTML
+
+
+class _FakeUser(dict):
+    """Stands in for ``st.user`` with OIDC configured: attribute and key access like Streamlit's proxy."""
+
+    def __getattr__(self, key: str):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def test_signed_in_user_comes_from_st_user_when_auth_is_configured(monkeypatch):
+    import streamlit as st
+
+    from featuredict.dashboard.common import signed_in_user
+
+    monkeypatch.setattr(st, "user", _FakeUser())  # no [auth] section: no is_logged_in attribute
+    assert signed_in_user() is None
+    monkeypatch.setattr(st, "user", _FakeUser(is_logged_in=False))
+    assert signed_in_user() is None
+    monkeypatch.setattr(st, "user", _FakeUser(is_logged_in=True, email="ann@example.org", name="Ann"))
+    assert signed_in_user() == "ann@example.org"
+    monkeypatch.setattr(st, "user", _FakeUser(is_logged_in=True, name="Ann"))
+    assert signed_in_user() == "Ann"
