@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from featuredict.dashboard.serve import register as register_serve
 
-    from .explain_cli import register as register_explain
+    from .explain.cli import register as register_explain
     from .interop_cli import register as register_interop
     from .search_cli import register as register_search
     from .steer_cli import register as register_steer

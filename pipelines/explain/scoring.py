@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .explain_data import Context, FeatureData, activating, render, window
-from .explain_llm import BadAnswer, HFChat, Messages, OpenAIChat
+from .data import Context, FeatureData, activating, render, window
+from .llm import BadAnswer, HFChat, Messages, OpenAIChat
 
 DETECTION_SYSTEM = (
     "You check explanations of a feature of a language model. You get an explanation of when the feature fires "

@@ -7,8 +7,8 @@ made for the current SAE weights (unless ``force``), explain the rest with a pro
 new and existing explanations. A feature the explainer fails on gets an error row (one line) and the run goes
 on; a failure no retry can fix (a bad API key, a wrong URL or model), or ``max_failures_in_a_row`` failures in a
 row, stops it. Rows are written in small batches as they come, so an interrupted run keeps what it did and the
-same command resumes it. Explainers: ``explain_methods``; scorers: ``explain_scoring``; LLM clients:
-``explain_llm``; what a feature's contexts look like to them: ``explain_data``.
+same command resumes it. Explainers: ``methods``; scorers: ``scoring``; LLM clients:
+``llm``; what a feature's contexts look like to them: ``data``.
 
 Every explanation is stamped with ``queries.sae_fingerprint`` (a hash of the decoder rows stored in the
 database): one made for other weights shows as stale, and a run explains such features again.
@@ -31,10 +31,10 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.store import Store
 
-from .explain_data import FeatureData, load_features, negative_pool
-from .explain_llm import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
-from .explain_methods import EXPLAINERS, LLMExplainer, TokensExplainer
-from .explain_scoring import SCORERS, KeywordScorer, LLMScorer
+from .data import FeatureData, load_features, negative_pool
+from .llm import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
+from .methods import EXPLAINERS, LLMExplainer, TokensExplainer
+from .scoring import SCORERS, KeywordScorer, LLMScorer
 
 Method = Literal["tokens", "openai", "hf"]
 FLUSH_EVERY = 32  # rows buffered before a write

@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``featuredict explain``; 0 on success, 2 on bad input or a run that stopped early."""
     from featuredict.db.schema import DatabaseError
 
-    from .explain import ExplainConfig, run_explain
-    from .explain_llm import ChatSettings
-    from .models import ModelLoadError
+    from ..models import ModelLoadError
+    from .llm import ChatSettings
+    from .run import ExplainConfig, run_explain
 
     try:
         cfg = ExplainConfig(

@@ -21,8 +21,8 @@ import pandas as pd
 from featuredict.db import queries as q
 from featuredict.db.queries import Reader
 
-from .explain_data import FeatureData, activating, render, visible, window
-from .explain_llm import BadAnswer, HFChat, Messages, OpenAIChat
+from .data import FeatureData, activating, render, visible, window
+from .llm import BadAnswer, HFChat, Messages, OpenAIChat
 
 MAX_PHRASE = 300
 
