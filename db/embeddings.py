@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .queries import Reader, SearchFilters, top_tokens
+from .queries import Reader, SearchFilters, filter_clauses, top_tokens
 from .store import Store
 
 
@@ -220,6 +220,17 @@ def embedded_texts(db: Reader, sae_id: str, model: str, features: Sequence[int])
     return {int(f): str(t) for f, t in rows}
 
 
+def _arrow(store: Store, sql: str, params: list[Any]) -> pa.Table:
+    """One query's rows as an Arrow table (no per-row Python work)."""
+    cur = store.cursor()
+    try:
+        rel = cur.sql(sql, params=params)
+        # duckdb 2 names it to_arrow_table; 1.x fetch_arrow_table.
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+    finally:
+        cur.close()
+
+
 def load_vectors(
     store: Store, sae_id: str, model: str, since: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -231,13 +242,7 @@ def load_vectors(
     if since is not None:
         sql += " AND updated_at > CAST(? AS TIMESTAMP)"
         params.append(since)
-    cur = store.cursor()
-    try:
-        rel = cur.sql(sql + " ORDER BY feature", params=params)
-        # duckdb 2 names it to_arrow_table; 1.x fetch_arrow_table.
-        tbl = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
-    finally:
-        cur.close()
+    tbl = _arrow(store, sql + " ORDER BY feature", params)
     feats = tbl.column("feature").to_numpy().astype(np.int64)
     if tbl.num_rows == 0:
         return feats, np.zeros((0, 0), dtype=np.float32), []
@@ -258,12 +263,7 @@ def load_texts(store: Store, sae_id: str, model: str, since: str | None = None) 
     if since is not None:
         sql += " AND updated_at > CAST(? AS TIMESTAMP)"
         params.append(since)
-    cur = store.cursor()
-    try:
-        rel = cur.sql(sql + " ORDER BY feature", params=params)
-        tbl = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
-    finally:
-        cur.close()
+    tbl = _arrow(store, sql + " ORDER BY feature", params)
     return tbl.column("feature").to_numpy().astype(np.int64), tbl.column("text").to_pylist()
 
 
@@ -360,24 +360,9 @@ def filtered_rows(
         return pd.DataFrame(columns=cols)
     where = ["f.sae_id = ?", "f.feature IN (SELECT unnest(?::INTEGER[]))"]
     params: list[Any] = [sae_id, ids]
-    if not filters.include_dead:
-        where.append("NOT f.dead")
-    if filters.min_log10_density is not None:
-        where.append("f.density >= ?")
-        params.append(10.0 ** float(filters.min_log10_density))
-    if filters.max_log10_density is not None:
-        where.append("f.density <= ?")
-        params.append(10.0 ** float(filters.max_log10_density))
-    if filters.min_max_act is not None:
-        where.append("f.max_act >= ?")
-        params.append(float(filters.min_max_act))
-    if filters.labelled == "labelled":
-        where.append("l.feature IS NOT NULL")
-    elif filters.labelled == "unlabelled":
-        where.append("l.feature IS NULL")
-    if filters.tag:
-        where.append("list_contains(l.tags, ?)")
-        params.append(filters.tag)
+    w, p = filter_clauses(filters)
+    where += w
+    params += p
     df = db.df(
         f"""SELECT f.feature, l.label, l.tags, f.density, f.max_act, {top_tokens(5)} AS top_tokens
             FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature

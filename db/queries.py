@@ -573,21 +573,10 @@ def feature_id_in_query(query: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def search(db: Reader, sae_id: str, query: str, filters: SearchFilters | None = None, limit: int = 50) -> pd.DataFrame:
-    """Ranked text search over one SAE's features.
-
-    Every term must match at least one field; score = sum over terms of field weights (label 12, tags 10,
-    notes 4, max tokens 4, logit tokens 2, context text 1) + log1p(occurrences in the context text), then
-    ties by max_act. A query that is just a feature id also returns that feature first.
-    A blank query lists features passing the filters by max_act.
-
-    Returns ``[<=limit]`` rows: feature, score, label, tags, density, max_act, top_tokens, matched
-    (comma list of fields), snippet (context text around the first match, raw text: escape before HTML).
-    """
-    filters = filters or SearchFilters()
-    terms = parse_terms(query)
-    where = ["f.sae_id = ?"]
-    params: list[Any] = [sae_id]
+def filter_clauses(filters: SearchFilters) -> tuple[list[str], list[Any]]:
+    """SQL conditions (on ``features f`` left-joined to ``labels l``) and their parameters for ``filters``."""
+    where: list[str] = []
+    params: list[Any] = []
     if not filters.include_dead:
         where.append("NOT f.dead")
     if filters.min_log10_density is not None:
@@ -606,6 +595,27 @@ def search(db: Reader, sae_id: str, query: str, filters: SearchFilters | None = 
     if filters.tag:
         where.append("list_contains(l.tags, ?)")
         params.append(filters.tag)
+    return where, params
+
+
+def search(db: Reader, sae_id: str, query: str, filters: SearchFilters | None = None, limit: int = 50) -> pd.DataFrame:
+    """Ranked text search over one SAE's features.
+
+    Every term must match at least one field; score = sum over terms of field weights (label 12, tags 10,
+    notes 4, max tokens 4, logit tokens 2, context text 1) + log1p(occurrences in the context text), then
+    ties by max_act. A query that is just a feature id also returns that feature first.
+    A blank query lists features passing the filters by max_act.
+
+    Returns ``[<=limit]`` rows: feature, score, label, tags, density, max_act, top_tokens, matched
+    (comma list of fields), snippet (context text around the first match, raw text: escape before HTML).
+    """
+    filters = filters or SearchFilters()
+    terms = parse_terms(query)
+    where = ["f.sae_id = ?"]
+    params: list[Any] = [sae_id]
+    w, p = filter_clauses(filters)
+    where += w
+    params += p
 
     fid = feature_id_in_query(query)
     select_fields = ", ".join(f"{expr} AS t_{name}" for name, expr, _ in _FIELDS)
@@ -723,3 +733,77 @@ def history(db: Reader, sae_id: str, feature_id: int, limit: int = 500) -> pd.Da
     for c in ("author", "old_value", "new_value"):  # NULL stays None (not NaN)
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df
+
+
+QueueOrder = Literal["max_act", "density", "watchlist", "concept"]
+QUEUE_ORDERS: tuple[str, ...] = ("max_act", "density", "watchlist", "concept")
+
+
+@dataclass(frozen=True)
+class QueueRequest:
+    """One review-queue query: ``order`` is the priority (max activation, density, membership of the list
+    ``watchlist``, or a concept score given as ``scores`` (DataFrame feature, score)); ``statuses`` keeps only
+    features with those review statuses (None: all); unreviewed features always come first."""
+
+    sae_id: str
+    order: QueueOrder = "max_act"
+    statuses: tuple[str, ...] | None = None
+    watchlist: str | None = None
+    scores: pd.DataFrame | None = None
+    limit: int = 100
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.order not in QUEUE_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(QUEUE_ORDERS)}; got {self.order!r}")
+        if self.order == "watchlist" and not self.watchlist:
+            raise ValueError("order 'watchlist' needs a list name")
+        if self.order == "concept" and self.scores is None:
+            raise ValueError("order 'concept' needs concept scores")
+        if not 1 <= int(self.limit) <= 10_000 or int(self.offset) < 0:
+            raise ValueError("limit must be in 1..10000 and offset >= 0")
+
+
+def review_queue(db: Reader, req: QueueRequest) -> tuple[pd.DataFrame, int]:
+    """Features to review, unreviewed first, then by the chosen priority (highest first), then id.
+
+    Returns (page of rows: feature, status, reviewer, reason, label, density, max_act, priority; total rows
+    matching). Dead features are left out. Only watchlist members / concept hits when ordering by those.
+    """
+    params: list[Any] = []
+    join = ""
+    if req.order == "watchlist":
+        join = "JOIN lists w ON w.list_name = ? AND w.sae_id = f.sae_id AND w.feature = f.feature"
+        params.append(req.watchlist)
+        prio = "f.max_act"
+    elif req.order == "concept":
+        scores = req.scores if req.scores is not None else pd.DataFrame({"feature": [], "score": []})
+        join = "JOIN (SELECT unnest(?::INTEGER[]) AS feature, unnest(?::DOUBLE[]) AS score) s ON s.feature = f.feature"
+        params += [[int(x) for x in scores["feature"]], [float(x) for x in scores["score"]]]
+        prio = "s.score"
+    else:
+        prio = f"f.{req.order}"  # a QUEUE_ORDERS constant, checked in QueueRequest
+    status_sql = "coalesce(r.status, 'unreviewed')"
+    where = ""
+    if req.statuses is not None:
+        where = f"AND {status_sql} IN (SELECT unnest(?::VARCHAR[]))"
+    sql = f"""
+        SELECT f.feature, {status_sql} AS status, r.reviewer, r.reason, l.label, f.density, f.max_act,
+               {prio} AS priority, count(*) OVER () AS total
+        FROM features f
+        {join}
+        LEFT JOIN reviews r ON r.sae_id = f.sae_id AND r.feature = f.feature
+        LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
+        WHERE f.sae_id = ? AND NOT f.dead {where}
+        ORDER BY ({status_sql} = 'unreviewed') DESC, priority DESC NULLS LAST, f.feature
+        LIMIT ? OFFSET ?
+    """  # noqa: S608 - fragments are constants; values are parameters
+    params.append(req.sae_id)
+    if req.statuses is not None:
+        params.append(list(req.statuses))
+    params += [int(req.limit), int(req.offset)]
+    df = db.df(sql, params)
+    total = int(df["total"].iloc[0]) if len(df) else 0
+    if not len(df) and req.offset:  # past the end: count without the page
+        total = int(review_queue(db, QueueRequest(**{**req.__dict__, "offset": 0, "limit": 1}))[1])
+    return df.drop(columns="total"), total
