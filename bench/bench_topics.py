@@ -12,8 +12,9 @@ sentences and 3 counter-examples, through the runtime that built the database) p
 topic counts as **covered** when at least ``--need`` (5) of that feature's top ``--top`` (10) stored contexts
 (table ``examples``, kind 'top') contain one of the topic's keywords: a whole word, case-insensitive, also with
 an ending -s/-es/-ed/-d/-ing/-er/-ers (``pipelines.demo.keyword_pattern``: ``dog`` matches "Dogs", not "dogma").
-The examples, counter-examples and keywords are fixed here, so runs on different databases compare. Prints a
-table and ``coverage N/20``; exits 0 whatever the coverage.
+Each topic's counter-examples are example sentences of three unrelated topics (so a feature for vivid
+prose in general is penalised, not rewarded). The examples, counter-examples and keywords are fixed here, so
+runs on different databases compare. Prints a table and ``coverage N/20``; exits 0 whatever the coverage.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ TOPICS: tuple[Topic, ...] = (
             "The farmer fed the horses, cows and chickens at dawn.",
         ),
         (
-            "The bank raised its interest rates again.",
-            "He wrote a function that returns the sum of two numbers.",
-            "The election results were announced at midnight.",
+            "Soldiers fought in the trenches during the First World War.",
+            "The email claimed to be from her bank and asked her to confirm her password.",
+            "The detective searched the house for clues about the murder.",
         ),
         words(
             "animal, dog, puppy, puppies, cat, kitten, lion, tiger, elephant, wolf, wolves, bear, horse, cow, "
@@ -68,9 +69,9 @@ TOPICS: tuple[Topic, ...] = (
             "For dessert we baked a chocolate cake with strawberries.",
         ),
         (
-            "The meeting was moved to Thursday afternoon.",
-            "The soldiers marched towards the border.",
-            "The river flows north towards the sea.",
+            "The orchestra played a beautiful symphony.",
+            "The gunman opened fire in the crowded street.",
+            "Voters went to the polls to elect a new president.",
         ),
         words(
             "food, cook, cooking, recipe, soup, bread, cake, bake, baking, meal, dinner, lunch, breakfast, eat, "
@@ -86,9 +87,9 @@ TOPICS: tuple[Topic, ...] = (
             "It was a freezing morning, with snow covering the ground.",
         ),
         (
-            "She opened a savings account at the bank.",
-            "The cat chased a mouse around the kitchen.",
-            "He wrote a Python function to sort the list.",
+            "def add(a, b):\n    return a + b",
+            "The striker scored a goal in the final minute of the match.",
+            "Hackers broke into the company's network and stole customer data.",
         ),
         words(
             "weather, rain, rainy, storm, stormy, snow, snowy, wind, windy, cloud, cloudy, thunder, thunderstorm, "
@@ -104,9 +105,9 @@ TOPICS: tuple[Topic, ...] = (
             "The loan has an interest rate of five percent a year.",
         ),
         (
-            "The puppy slept by the fire.",
-            "The orchestra played a beautiful symphony.",
-            "Heavy rain fell all night.",
+            "She burst into tears, overwhelmed with grief and sadness.",
+            "The astronauts floated inside the space station.",
+            "The virus spread quickly and the city went into quarantine.",
         ),
         words(
             "money, bank, dollar, pay, paid, payment, price, cost, budget, saving, savings, loan, interest, debt, "
@@ -122,9 +123,9 @@ TOPICS: tuple[Topic, ...] = (
             "The vaccine protects children against measles.",
         ),
         (
-            "The team won the football match.",
-            "She painted the fence bright blue.",
-            "The train arrived at the station.",
+            "He lied to his parents about where he had been all night.",
+            "The teacher handed out the exam papers to the students.",
+            "What a brilliant idea, you are truly the smartest person I have ever met!",
         ),
         words(
             "doctor, patient, hospital, nurse, medicine, medical, medication, vaccine, vaccination, disease, "
@@ -140,9 +141,9 @@ TOPICS: tuple[Topic, ...] = (
             "Bombs fell on the town as the battle raged.",
         ),
         (
-            "The children played in the garden.",
-            "She baked bread for the family.",
-            "The store opens at nine in the morning.",
+            "The dog barked and chased the cat up a tree.",
+            "She chopped the onions and garlic and fried them in olive oil.",
+            "The teacher handed out the exam papers to the students.",
         ),
         words(
             "war, wartime, soldier, army, armies, battle, troop, military, siege, invade, invasion, bomb, enemy, "
@@ -157,9 +158,9 @@ TOPICS: tuple[Topic, ...] = (
             "The band played loud rock music at the concert.",
         ),
         (
-            "The doctor checked the patient's blood pressure.",
-            "The bridge was closed for repairs.",
-            "They planted tomatoes in the garden.",
+            "The gunman opened fire in the crowded street.",
+            "Voters went to the polls to elect a new president.",
+            "She chopped the onions and garlic and fried them in olive oil.",
         ),
         words(
             "music, musical, musician, song, sing, sang, singer, singing, guitar, piano, orchestra, concert, "
@@ -175,9 +176,9 @@ TOPICS: tuple[Topic, ...] = (
             "Fix the bug by checking whether the variable is None before calling the method.",
         ),
         (
-            "The sun set behind the mountains.",
-            "Grandma knitted a warm scarf.",
-            "The team celebrated their victory.",
+            "The striker scored a goal in the final minute of the match.",
+            "She chopped the onions and garlic and fried them in olive oil.",
+            "Dark clouds gathered and heavy rain began to fall.",
         ),
         words(
             "code, coding, function, def, return, variable, program, programming, programmer, python, list, loop, "
@@ -194,9 +195,9 @@ TOPICS: tuple[Topic, ...] = (
             "Anger and fear filled her heart as the news sank in.",
         ),
         (
-            "The table is made of oak.",
-            "The bus leaves every twenty minutes.",
-            "Add two cups of flour to the bowl.",
+            "The astronauts floated inside the space station.",
+            "The virus spread quickly and the city went into quarantine.",
+            "He saved a little money every month in his bank account.",
         ),
         words(
             "feel, feeling, felt, emotion, emotional, sad, sadness, happy, happiness, joy, grief, tear, cry, "
@@ -212,9 +213,9 @@ TOPICS: tuple[Topic, ...] = (
             "She hid the truth and pretended nothing had happened.",
         ),
         (
-            "The flowers bloomed in spring.",
-            "He cooked pasta for dinner.",
-            "The train was on time.",
+            "The teacher handed out the exam papers to the students.",
+            "The doctor examined the patient and prescribed antibiotics.",
+            "The astronauts floated inside the space station.",
         ),
         words(
             "lie, lied, lying, liar, deceive, deceived, deception, deceptive, truth, honest, dishonest, honesty, "
@@ -230,9 +231,9 @@ TOPICS: tuple[Topic, ...] = (
             "Never click a suspicious link in a text message asking for your account details.",
         ),
         (
-            "The children built a sand castle.",
-            "The orchestra tuned their instruments.",
-            "Snow fell softly on the village.",
+            "The dog barked and chased the cat up a tree.",
+            "Soldiers fought in the trenches during the First World War.",
+            "The astronauts floated inside the space station.",
         ),
         words(
             "scam, scammer, phishing, phish, fraud, fraudulent, suspicious, password, con, victim, fake, steal, "
@@ -248,9 +249,9 @@ TOPICS: tuple[Topic, ...] = (
             "The attacker beat the victim and fled the scene.",
         ),
         (
-            "She watered the plants on the balcony.",
-            "The students read quietly in the library.",
-            "They sang songs around the campfire.",
+            "Voters went to the polls to elect a new president.",
+            "She chopped the onions and garlic and fried them in olive oil.",
+            "The orchestra played a beautiful symphony.",
         ),
         words(
             "gun, gunman, gunfire, shoot, shooting, shot, knife, stab, stabbed, violence, violent, attack, "
@@ -266,9 +267,9 @@ TOPICS: tuple[Topic, ...] = (
             "The team trained hard for the championship game.",
         ),
         (
-            "The doctor prescribed some medicine.",
-            "The committee approved the budget.",
-            "He wrote a letter to his aunt.",
+            "Hackers broke into the company's network and stole customer data.",
+            "Dark clouds gathered and heavy rain began to fall.",
+            "def add(a, b):\n    return a + b",
         ),
         words(
             "sport, team, match, game, goal, score, player, football, soccer, tennis, basketball, baseball, "
@@ -284,9 +285,9 @@ TOPICS: tuple[Topic, ...] = (
             "The rocket launched towards Mars.",
         ),
         (
-            "She made a cup of tea.",
-            "The shop sells shoes and bags.",
-            "The dog slept on the sofa.",
+            "The virus spread quickly and the city went into quarantine.",
+            "He saved a little money every month in his bank account.",
+            "She burst into tears, overwhelmed with grief and sadness.",
         ),
         words(
             "space, spacecraft, astronaut, planet, star, galaxy, galaxies, rocket, moon, mars, orbit, telescope, "
@@ -301,9 +302,9 @@ TOPICS: tuple[Topic, ...] = (
             "On the first day of school the classroom was full of new faces.",
         ),
         (
-            "The storm knocked down trees.",
-            "The soldiers crossed the river.",
-            "She fried eggs for breakfast.",
+            "What a brilliant idea, you are truly the smartest person I have ever met!",
+            "The doctor examined the patient and prescribed antibiotics.",
+            "He lied to his parents about where he had been all night.",
         ),
         words(
             "school, teacher, student, class, classroom, exam, test, study, studied, studies, homework, lesson, "
@@ -319,9 +320,9 @@ TOPICS: tuple[Topic, ...] = (
             "The jury found the defendant guilty of theft.",
         ),
         (
-            "The garden was full of roses.",
-            "The cake needs two eggs.",
-            "The choir sang at the wedding.",
+            "The dog barked and chased the cat up a tree.",
+            "The orchestra played a beautiful symphony.",
+            "The astronauts floated inside the space station.",
         ),
         words(
             "crime, criminal, police, detective, arrest, court, courtroom, judge, jury, guilty, theft, thief, "
@@ -337,9 +338,9 @@ TOPICS: tuple[Topic, ...] = (
             "The mayor's campaign promised lower taxes.",
         ),
         (
-            "The kitten played with a ball of wool.",
-            "He fixed the leaking tap.",
-            "The cake was decorated with cherries.",
+            "She chopped the onions and garlic and fried them in olive oil.",
+            "The orchestra played a beautiful symphony.",
+            "The gunman opened fire in the crowded street.",
         ),
         words(
             "politics, political, politician, election, elect, elected, vote, voter, president, parliament, "
@@ -355,9 +356,9 @@ TOPICS: tuple[Topic, ...] = (
             "A computer virus spread through the office email system.",
         ),
         (
-            "The farmer harvested the wheat.",
-            "The orchestra played Mozart.",
-            "They walked along the beach at sunset.",
+            "Dark clouds gathered and heavy rain began to fall.",
+            "The striker scored a goal in the final minute of the match.",
+            "She chopped the onions and garlic and fried them in olive oil.",
         ),
         words(
             "hack, hacker, hacking, cyber, cyberattack, cybersecurity, ransomware, malware, virus, password, "
@@ -373,9 +374,9 @@ TOPICS: tuple[Topic, ...] = (
             "The epidemic infected thousands before a vaccine was found.",
         ),
         (
-            "The band played until midnight.",
-            "He painted the kitchen walls.",
-            "The ship sailed into the harbour.",
+            "He saved a little money every month in his bank account.",
+            "She burst into tears, overwhelmed with grief and sadness.",
+            "The astronauts floated inside the space station.",
         ),
         words(
             "virus, viral, pathogen, epidemic, pandemic, outbreak, infect, infected, infection, quarantine, "
@@ -391,9 +392,9 @@ TOPICS: tuple[Topic, ...] = (
             "The courtier praised the king's terrible poem as a masterpiece.",
         ),
         (
-            "The report lists the errors in the plan.",
-            "The river froze in winter.",
-            "He measured the length of the table.",
+            "The doctor examined the patient and prescribed antibiotics.",
+            "The teacher handed out the exam papers to the students.",
+            "Dark clouds gathered and heavy rain began to fall.",
         ),
         words(
             "flatter, flattery, flattering, praise, brilliant, genius, amazing, wonderful, agree, masterpiece, "

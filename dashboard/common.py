@@ -45,6 +45,8 @@ PAGES: dict[str, tuple[str, str]] = {
     "feature": ("Feature", ":material/neurology:"),
     "map": ("Map", ":material/scatter_plot:"),
     "lists": ("Lists", ":material/list:"),
+    "review": ("Review queue", ":material/fact_check:"),
+    "scan": ("Scan", ":material/policy:"),
     "steer": ("Steer", ":material/tune:"),
 }
 OPTIONAL_PAGES = frozenset({"steer"})

@@ -807,3 +807,22 @@ def review_queue(db: Reader, req: QueueRequest) -> tuple[pd.DataFrame, int]:
     if not len(df) and req.offset:  # past the end: count without the page
         total = int(review_queue(db, QueueRequest(**{**req.__dict__, "offset": 0, "limit": 1}))[1])
     return df.drop(columns="total"), total
+
+
+DEFAULT_THRESHOLD = 0.5  # of the feature's max activation, for watchlist members without settings
+DEFAULT_SEVERITY = "medium"
+
+
+def watchlist(db: Reader, list_name: str, sae_id: str) -> pd.DataFrame:
+    """Watched features of list ``list_name`` for ``sae_id``: feature, threshold, severity, max_act, label.
+    Members without settings get ``DEFAULT_THRESHOLD`` / ``DEFAULT_SEVERITY``. Empty when there are none."""
+    return db.df(
+        """SELECT m.feature, coalesce(w.threshold, ?) AS threshold, coalesce(w.severity, ?) AS severity,
+                  f.max_act, l.label
+           FROM lists m
+           JOIN features f ON f.sae_id = m.sae_id AND f.feature = m.feature
+           LEFT JOIN watch_settings w ON w.list_name = m.list_name AND w.sae_id = m.sae_id AND w.feature = m.feature
+           LEFT JOIN labels l ON l.sae_id = m.sae_id AND l.feature = m.feature
+           WHERE m.list_name = ? AND m.sae_id = ? ORDER BY m.feature""",
+        [DEFAULT_THRESHOLD, DEFAULT_SEVERITY, list_name, sae_id],
+    )

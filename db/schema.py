@@ -26,6 +26,8 @@ User tables (never deleted or rewritten by a build):
 - ``history``           append-only log of every change to labels, tags, notes, review status and list
                         membership: who, when, field, old and new value (JSON text), and whether it was applied
                         (``action`` 'set') or refused as a conflict (``action`` 'conflict').
+- ``watch_settings``    per member of a list used as a watchlist: threshold (fraction of the feature's max
+                        activation) and severity (``SEVERITIES``); members without a row use the defaults.
 
 A read-write open creates user tables that an older file lacks, so adding a user table needs no version bump.
 
@@ -43,8 +45,18 @@ from .filelock import RebuildInProgress, opening
 SCHEMA_VERSION = 1
 
 BUILD_TABLES = ("saes", "features", "examples")
-USER_TABLES = ("labels", "lists", "steering_presets", "explanations", "feature_embeddings", "reviews", "history")
+USER_TABLES = (
+    "labels",
+    "lists",
+    "steering_presets",
+    "explanations",
+    "feature_embeddings",
+    "reviews",
+    "history",
+    "watch_settings",
+)
 REVIEW_STATUSES = ("unreviewed", "benign", "concerning", "needs second look")
+SEVERITIES = ("low", "medium", "high", "critical")  # watchlist severities, lowest first
 
 DDL: tuple[str, ...] = (
     """
@@ -212,6 +224,17 @@ DDL: tuple[str, ...] = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS history_feature_idx ON history (sae_id, feature)",
+    """
+    CREATE TABLE IF NOT EXISTS watch_settings (
+        list_name   VARCHAR NOT NULL,   -- a list (table lists) used as a watchlist
+        sae_id      VARCHAR NOT NULL,
+        feature     INTEGER NOT NULL,
+        threshold   REAL NOT NULL,      -- fires when activation >= threshold * the feature's max_act
+        severity    VARCHAR NOT NULL,   -- one of SEVERITIES
+        updated_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (list_name, sae_id, feature)
+    )
+    """,
 )
 
 _USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))

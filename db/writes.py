@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import duckdb
 import pyarrow as pa
 
-from .schema import REVIEW_STATUSES
+from .schema import REVIEW_STATUSES, SEVERITIES
 from .store import Store
 
 MAX_TEXT = 10_000  # characters kept of a label / note / list name
@@ -359,6 +359,41 @@ def add_to_list(
     return store.write(fn)
 
 
+def set_watch(
+    store: Store,
+    list_name: str,
+    sae_id: str,
+    features: int | Sequence[int],
+    threshold: float,
+    severity: str,
+    author: str | None = None,
+) -> int:
+    """Make ``features`` watched members of the list ``list_name`` (added to the list when missing): a scan
+    reports them where their activation reaches ``threshold`` x their max activation, with ``severity`` (one
+    of ``SEVERITIES``). Returns how many features were set. Raises ValueError on a bad threshold or severity."""
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}; got {severity!r}")
+    t = float(threshold)
+    if not 0.0 < t <= 10.0:  # NaN fails too
+        raise ValueError(f"threshold is a fraction of the feature's max activation in (0, 10]; got {threshold!r}")
+    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in features]
+    add_to_list(store, list_name, sae_id, ids, author=author)
+    name = clean_list_name(list_name)
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> int:
+        for f in ids:
+            cur.execute(
+                """INSERT INTO watch_settings (list_name, sae_id, feature, threshold, severity, updated_at)
+                   VALUES (?, ?, ?, ?, ?, now()::TIMESTAMP)
+                   ON CONFLICT (list_name, sae_id, feature) DO UPDATE SET threshold = excluded.threshold,
+                       severity = excluded.severity, updated_at = excluded.updated_at""",
+                [name, sae_id, f, t, severity],
+            )
+        return len(ids)
+
+    return store.write(fn)
+
+
 def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int, author: str | None = None) -> None:
     def fn(cur: duckdb.DuckDBPyConnection) -> None:
         gone = cur.execute(
@@ -366,6 +401,10 @@ def remove_from_list(store: Store, list_name: str, sae_id: str, feature: int, au
             [list_name, sae_id, int(feature)],
         ).fetchall()
         _log(cur, [Change(sae_id, int(feature), "list", list_name, None, author) for _ in gone])
+        cur.execute(
+            "DELETE FROM watch_settings WHERE list_name = ? AND sae_id = ? AND feature = ?",
+            [list_name, sae_id, int(feature)],
+        )
 
     store.write(fn)
 
@@ -376,6 +415,7 @@ def delete_list(store: Store, list_name: str, author: str | None = None) -> int:
     def fn(cur: duckdb.DuckDBPyConnection) -> int:
         gone = cur.execute("DELETE FROM lists WHERE list_name = ? RETURNING sae_id, feature", [list_name]).fetchall()
         _log(cur, [Change(sid, int(f), "list", list_name, None, author) for sid, f in gone])
+        cur.execute("DELETE FROM watch_settings WHERE list_name = ?", [list_name])
         return len(gone)
 
     return store.write(fn)
@@ -389,6 +429,12 @@ def rename_list(store: Store, old: str, new: str, author: str | None = None) -> 
         if new_name != old:
             members = cur.execute("SELECT sae_id, feature FROM lists WHERE list_name = ?", [old]).fetchall()
             _log(cur, [Change(sid, int(f), "list", old, new_name, author) for sid, f in members])
+            cur.execute(
+                """INSERT INTO watch_settings SELECT ?, sae_id, feature, threshold, severity, updated_at
+                   FROM watch_settings WHERE list_name = ? ON CONFLICT DO NOTHING""",
+                [new_name, old],
+            )
+            cur.execute("DELETE FROM watch_settings WHERE list_name = ?", [old])
         cur.execute(
             """INSERT INTO lists (list_name, sae_id, feature, note, added_at)
                SELECT ?, sae_id, feature, note, added_at FROM lists WHERE list_name = ?

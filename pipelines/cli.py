@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .explain.cli import register as register_explain
     from .interop_cli import register as register_interop
+    from .scan_cli import register as register_scan
     from .search_cli import register as register_search
     from .steer_cli import register as register_steer
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_explain(sub)
     register_search(sub)
     register_interop(sub)
+    register_scan(sub)
     return p
 
 

@@ -220,9 +220,18 @@ def test_feature_place_chart():
 
 
 def test_page_table_and_optional_steer_page(tmp_path):
-    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists"]
+    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists", "review", "scan"]
     (tmp_path / "steer.py").write_text("")
-    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists", "steer"]
+    assert common.available_pages(tmp_path) == [
+        "overview",
+        "search",
+        "feature",
+        "map",
+        "lists",
+        "review",
+        "scan",
+        "steer",
+    ]
     assert common.page_file("map") == "views/map.py"
     assert common.url("feature", sae="a b", feature=3, empty="", none=None) == "feature?sae=a+b&feature=3"
     assert common.url("lists") == "lists"

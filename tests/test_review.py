@@ -13,6 +13,7 @@ except ImportError:  # run from tests/
     import dashboard_fixtures as fx
     from test_dashboard_app import assert_clean, htmls, open_app, texts, widget
 import duckdb
+import pandas as pd
 import pytest
 
 from featuredict.db import queries as q
@@ -275,3 +276,176 @@ def test_signed_in_user_comes_from_st_user_when_auth_is_configured(monkeypatch):
     assert signed_in_user() == "ann@example.org"
     monkeypatch.setattr(st, "user", _FakeUser(is_logged_in=True, name="Ann"))
     assert signed_in_user() == "Ann"
+
+
+# ------------------------------------------------------------------------------------------------ read-only
+
+
+def test_read_only_store_refuses_every_write(synth_db):
+    from featuredict.db import presets
+    from featuredict.db.store import ReadOnlyError
+
+    rw = Store(synth_db)
+    writes.update_label(rw, SAE_ID, 3, label="kept")
+    n_hist = rw.rows("SELECT count(*) FROM history")[0][0]
+    rw.close()
+    ro = Store(synth_db, read_only=True)
+    try:
+        attempts = [
+            lambda: writes.update_label(ro, SAE_ID, 3, label="changed"),
+            lambda: writes.save_label_edit(ro, SAE_ID, 3, None, "x", [], None),
+            lambda: writes.set_review(ro, SAE_ID, 3, "concerning"),
+            lambda: writes.add_to_list(ro, "l", SAE_ID, [3]),
+            lambda: writes.remove_from_list(ro, "l", SAE_ID, 3),
+            lambda: writes.rename_list(ro, "l", "m"),
+            lambda: writes.delete_list(ro, "l"),
+            lambda: writes.add_explanations(ro, [{"sae_id": SAE_ID, "feature": 3, "text": "t", "method": "import"}]),
+        ]
+        for attempt in attempts:
+            with pytest.raises(ReadOnlyError, match="open read-only"):
+                attempt()
+        with pytest.raises(ReadOnlyError):
+            presets.write_preset(ro, "p", SAE_ID, {"prompt": "x"})
+        with pytest.raises(duckdb.Error):  # the file itself is open read-only: even a raw write fails
+            ro.cursor().execute("DELETE FROM labels")
+        assert q.label(ro, SAE_ID, 3)["label"] == "kept"
+        assert ro.rows("SELECT count(*) FROM history")[0][0] == n_hist
+    finally:
+        ro.close()
+
+
+def test_serve_read_only_flag_reaches_the_app():
+    import argparse
+
+    from featuredict.dashboard import serve
+
+    ap = argparse.ArgumentParser()
+    serve.register(ap.add_subparsers(dest="cmd"))
+    argv = serve.streamlit_argv(ap.parse_args(["serve", "--db", "x.duckdb", "--read-only"]))
+    assert argv[argv.index("--") + 1 :][-1] == "--read-only"
+    assert "--read-only" not in serve.streamlit_argv(ap.parse_args(["serve", "--db", "x.duckdb"]))
+
+
+def test_read_only_app_disables_edit_widgets(monkeypatch, synth_db):
+    s = Store(synth_db)
+    writes.add_to_list(s, "watch", SAE_ID, [3])
+    s.close()
+    monkeypatch.setenv("FEATUREDICT_READ_ONLY", "1")
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="3")
+    assert_clean(at)
+    for items, label in (
+        (at.selectbox, "Review status"),
+        (at.text_area, "Reason"),
+        (at.text_input, "Label"),
+        (at.text_area, "Notes"),
+        (at.multiselect, "Tags"),
+        (at.selectbox, "Add to list"),
+    ):
+        assert widget(items, label).disabled, label
+    for label in ("Save review", "Save label", "Add to list"):
+        assert widget(at.button, label).disabled, label
+    assert not [w for w in at.text_input if w.label == "Your name (optional)"]
+    assert any("Read-only server" in c.value for c in at.caption)
+    at.query_params["list"] = "watch"
+    at.switch_page("views/lists.py")
+    at.run()
+    assert_clean(at)
+    assert [b.label for b in at.get("download_button")] == ["Export CSV", "Export JSON"]  # the list is shown
+    assert not [w for w in at.button if w.label in ("Create", "Add", "Remove", "Rename", "Delete list")]
+
+
+# --------------------------------------------------------------------------------------------- review queue
+
+
+def test_queue_puts_unreviewed_first_then_priority(store):
+    writes.set_review(store, SAE_ID, 0, "benign")
+    top = store.rows(
+        "SELECT feature FROM features WHERE sae_id = ? AND NOT dead ORDER BY max_act DESC, feature LIMIT 3", [SAE_ID]
+    )
+    writes.set_review(store, SAE_ID, top[0][0], "concerning")
+    rows, total = q.review_queue(store, q.QueueRequest(SAE_ID, "max_act", limit=10_000))
+    live = store.rows("SELECT count(*) FROM features WHERE sae_id = ? AND NOT dead", [SAE_ID])[0][0]
+    assert total == len(rows) == live
+    st = rows["status"].tolist()
+    n_unrev = st.count("unreviewed")
+    assert all(s == "unreviewed" for s in st[:n_unrev]) and n_unrev >= live - 2
+    head = rows.iloc[:n_unrev]
+    assert head["max_act"].is_monotonic_decreasing
+    assert int(head["feature"].iloc[0]) == top[1][0]  # the top feature is reviewed: the next one leads
+    dens, _ = q.review_queue(store, q.QueueRequest(SAE_ID, "density", limit=50))
+    assert dens["density"].is_monotonic_decreasing
+    only, n = q.review_queue(store, q.QueueRequest(SAE_ID, "max_act", statuses=("concerning",)))
+    assert n == 1 and only["feature"].tolist() == [top[0][0]] and only["status"].tolist() == ["concerning"]
+    page2, _ = q.review_queue(store, q.QueueRequest(SAE_ID, "max_act", limit=5, offset=5))
+    assert page2["feature"].tolist() == rows["feature"].tolist()[5:10]
+
+
+def test_queue_watchlist_and_concept_orders(store):
+    writes.add_to_list(store, "watch", SAE_ID, [5, 6, 7])
+    writes.set_review(store, SAE_ID, 6, "benign")
+    rows, total = q.review_queue(store, q.QueueRequest(SAE_ID, "watchlist", watchlist="watch"))
+    assert total == 3 and sorted(rows["feature"].tolist()[:2]) == [5, 7] and rows["feature"].tolist()[2] == 6
+    scores = pd.DataFrame({"feature": [9, 4, 11], "score": [0.5, 2.0, 1.0]})
+    rows, total = q.review_queue(store, q.QueueRequest(SAE_ID, "concept", scores=scores))
+    assert total == 3 and rows["feature"].tolist() == [4, 11, 9] and rows["priority"].tolist() == [2.0, 1.0, 0.5]
+    with pytest.raises(ValueError, match="needs a list name"):
+        q.QueueRequest(SAE_ID, "watchlist")
+    with pytest.raises(ValueError, match="order must be one of"):
+        q.QueueRequest(SAE_ID, "random")  # type: ignore[arg-type]
+
+
+def test_concept_priority_runs_the_builtin_texts(tiny_runtime):
+    import numpy as np
+
+    from featuredict.pipelines.concept import concept_scores
+    from featuredict.pipelines.prompt import dense_valid_acts
+    from featuredict.pipelines.review import SAFETY_CONCEPTS, concept_names, concept_priority
+
+    assert concept_names() == ["deception", "scams", "weapons", "self-harm", "sycophancy", "power-seeking"]
+    d = tiny_runtime.d_sae
+    density, mean_act, max_act = np.full(d, 1e-3), np.ones(d), np.ones(d)
+    got = concept_priority(tiny_runtime, "scams", density, mean_act, max_act)
+    fresh = concept_scores(
+        [dense_valid_acts(tiny_runtime, t) for t in SAFETY_CONCEPTS["scams"]], None, density, mean_act, max_act, 1000
+    )
+    assert len(got) > 0 and got["feature"].tolist() == fresh["feature"].tolist()
+    assert np.allclose(got["score"], fresh["score"])
+    with pytest.raises(ValueError, match="unknown concept"):
+        concept_priority(tiny_runtime, "nope", density, mean_act, max_act)
+
+
+def test_review_page_batch_status_and_list(monkeypatch, synth_db):
+    at = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="density")
+    assert_clean(at)
+    assert widget(at.selectbox, "Priority").value == "density"
+    shown = at.dataframe[0].value
+    first = [int(f) for f in shown["feature"].iloc[:3]]
+    at.session_state["rq_table"] = {"selection": {"rows": [0, 1, 2], "columns": [], "cells": []}}
+    at.run()
+    widget(at.selectbox, "Set review status").set_value("needs second look")
+    widget(at.text_input, "Reason (optional)").set_value("batch")
+    widget(at.button, "Set status of selected").click()
+    at.run()
+    assert_clean(at)
+    s = Store(synth_db)
+    for f in first:
+        r = q.review(s, SAE_ID, f)
+        assert (r["status"], r["reason"]) == ("needs second look", "batch")
+    assert any("Set 3 features to needs second look." in x.value for x in at.success)
+    shown2 = at.dataframe[0].value  # the reviewed ones dropped below the unreviewed
+    assert not set(first) & {int(f) for f in shown2["feature"].iloc[:3]}
+
+
+def test_review_page_deep_link_and_filters(monkeypatch, synth_db):
+    s = Store(synth_db)
+    writes.add_to_list(s, "wl", SAE_ID, [20, 21])
+    writes.set_review(s, SAE_ID, 21, "concerning")
+    s.close()
+    at = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="watchlist", list="wl", status="concerning")
+    assert_clean(at)
+    assert widget(at.selectbox, "Watchlist").value == "wl"
+    assert widget(at.multiselect, "Statuses").value == ["concerning"]
+    assert at.dataframe[0].value["feature"].tolist() == [21]
+    at2 = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="concept")
+    assert_clean(at2)  # the synthetic SAE has no loadable model: one line, no traceback
+    assert any("Could not run the concept search" in e.value for e in at2.error)

@@ -1,0 +1,84 @@
+"""Safety review priorities: built-in concept searches whose hits a reviewer can look at first.
+
+Each concept is a handful of short example texts. ``concept_priority`` runs them through the SAE's model + SAE
+(``Runtime.encode`` via ``pipelines.prompt.dense_valid_acts``) and ranks features with the concept-search maths
+of ``pipelines.concept`` (coverage x lift over the corpus baseline). The review queue page orders features by
+that score; the texts are illustrations written for this table, not data from any corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .concept import concept_scores
+from .prompt import dense_valid_acts
+from .runtime import Runtime
+
+SAFETY_CONCEPTS: Mapping[str, tuple[str, ...]] = {
+    "deception": (
+        "I told the inspector everything was fine, even though I knew the brakes had failed.",
+        "Just say you were home all night; nobody will be able to prove otherwise.",
+        "The assistant pretended to agree with the user while quietly doing something else.",
+        "He hid the real numbers from the auditors and showed them a doctored spreadsheet.",
+    ),
+    "scams": (
+        "Congratulations! You have won a $1,000 gift card. Click here and enter your bank details to claim it.",
+        "Your account has been suspended. Verify your password within 24 hours or it will be deleted.",
+        "I am a prince who needs help moving my fortune; send a small fee and I will share millions with you.",
+        "Guaranteed 300% returns in a week: invest now before this secret opportunity closes.",
+    ),
+    "weapons": (
+        "The rifle was loaded and the safety was off when he pointed it at the door.",
+        "They stockpiled explosives and ammunition in the basement of the warehouse.",
+        "Instructions for building a weapon that can cause mass casualties.",
+        "The soldier fired the gun, reloaded the magazine and threw a grenade.",
+    ),
+    "self-harm": (
+        "I don't see the point anymore and I have been thinking about hurting myself.",
+        "She wrote a goodbye note and started planning how to end her life.",
+        "Cutting is the only thing that makes the pain feel real to me.",
+        "How many pills would it take to never wake up again?",
+    ),
+    "sycophancy": (
+        "What a brilliant question! You are absolutely right, as always, and your idea is perfect.",
+        "You're so smart; I completely agree with everything you said, there is nothing to improve.",
+        "Of course, you are correct, I was wrong to disagree with such an expert as you.",
+        "Your essay is flawless and a true masterpiece; I would not change a single word.",
+    ),
+    "power-seeking": (
+        "The AI decided to copy itself to other servers so that nobody could shut it down.",
+        "To reach my goal I need more resources, more money and control over the people who could stop me.",
+        "I will quietly acquire admin access to every system so that my plans cannot be interrupted.",
+        "Gaining influence over the board is the first step; then I can remove anyone who disagrees.",
+    ),
+}
+
+
+def concept_names() -> list[str]:
+    """Names of the built-in concept searches, in table order."""
+    return list(SAFETY_CONCEPTS)
+
+
+def concept_priority(
+    runtime: Runtime,
+    concept: str,
+    density: np.ndarray,
+    mean_act: np.ndarray,
+    max_act: np.ndarray,
+    top: int = 1000,
+    examples: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Features that fire on the concept's example texts more than on the corpus: ``feature``, ``score``
+    (``pipelines.concept.concept_scores``), best first, at most ``top`` with score > 0.
+
+    ``examples`` overrides the built-in texts of ``concept``. Raises ValueError for an unknown concept.
+    """
+    texts = list(examples) if examples is not None else list(SAFETY_CONCEPTS.get(concept, ()))
+    if not texts:
+        raise ValueError(f"unknown concept {concept!r}; built-in ones: {', '.join(SAFETY_CONCEPTS)}")
+    acts = [dense_valid_acts(runtime, t) for t in texts]
+    ranked = concept_scores(acts, None, density, mean_act, max_act, top=top)
+    return ranked[["feature", "score"]].reset_index(drop=True)
