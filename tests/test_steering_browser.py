@@ -54,3 +54,50 @@ def test_steer_page_in_a_browser(server, tmp_path):
             fx.screenshot(page, tmp_path, "steer")
         finally:
             browser.close()
+
+
+def test_scan_page_in_a_browser(tmp_path, tiny_runtime, tiny_model_dir, tiny_sae_dir):
+    """The Scan page on a real (tiny) database: pasted text with hostile markup is scanned for a watchlist,
+    the hits table appears, and the text is shown as text."""
+    if CHROMIUM is None:
+        pytest.skip("no system Chromium for the browser test")
+    pytest.importorskip("playwright")
+    from playwright.sync_api import expect, sync_playwright
+
+    from featuredict.db import writes
+    from featuredict.db.store import Store
+
+    db = build_db(tmp_path / "scan.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
+    store = Store(db)
+    try:
+        live = [
+            int(r[0]) for r in store.rows("SELECT feature FROM features WHERE sae_id = ? AND max_act > 0", [SAE_ID])
+        ]
+        writes.set_watch(store, "watched", SAE_ID, live, threshold=0.01, severity="high")
+    finally:
+        store.close()
+    hostile = "<script>alert(1)</script> Once upon a time there was a little cat."
+    with fx.running_app(db) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        dialogs: list[str] = []
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1400})
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(f"{base}/scan?sae={SAE_ID}", wait_until="networkidle")
+            expect(page.get_by_role("heading", name="Scan text for watched features")).to_be_visible(timeout=30_000)
+            page.get_by_role("textbox", name="Text to scan (one record)").fill(hostile)
+            page.get_by_role("button", name="Scan").click()
+            expect(page.get_by_text("hits in 1 of 1 records", exact=False)).to_be_visible(timeout=60_000)
+            assert page.get_by_text("<script>", exact=False).count() >= 1  # shown as text
+            assert not dialogs and page.locator("[data-testid='stException']").count() == 0
+            page.wait_for_timeout(1000)
+            fx.screenshot(page, tmp_path, "scan")
+
+            page.goto(f"{base}/review?sae={SAE_ID}", wait_until="networkidle")
+            expect(page.get_by_role("heading", name="Review queue")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Batch actions", exact=False)).to_be_visible(timeout=30_000)
+            assert page.locator("[data-testid='stException']").count() == 0
+            page.wait_for_timeout(1000)
+            fx.screenshot(page, tmp_path, "review")
+        finally:
+            browser.close()
