@@ -1,4 +1,6 @@
-"""The ``featuredict`` command line: train-sae, build, demo, serve, steer.
+"""The ``featuredict`` command line: build, browse, explain, search, review and steer SAE feature dictionaries.
+
+Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan.
 
 Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
 prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
@@ -133,24 +135,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
-
-    return run_demo(
-        DemoConfig(
-            db=args.db,
-            corpus=args.corpus,
-            tokens=args.tokens,
-            train_tokens=args.train_tokens,
-            d_sae=args.d_sae,
-            k=args.k,
-            layer=args.layer,
-            force=args.force,
-            gen_tokens=args.gen_tokens,
-        )
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="featuredict", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"featuredict {__version__}")
@@ -220,28 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--max-retries", type=int, default=2, help="retries of a failing shard (default 2)")
     b.set_defaults(func=cmd_build)
 
-    d = sub.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")
-    d.add_argument("--db", default=None, help="database file (default: $FEATUREDICT_CACHE/demo/smollm2-demo.duckdb)")
-    d.add_argument("--corpus", default=None, help="corpus file; default: text the model writes from built-in prompts")
-    d.add_argument("--tokens", type=int, default=60_000, help="harvest token budget (default 60k)")
-    d.add_argument("--train-tokens", type=int, default=80_000, help="SAE training tokens (default 80k)")
-    d.add_argument("--d-sae", type=int, default=4608)
-    d.add_argument("--k", type=int, default=32)
-    d.add_argument(
-        "--gen-tokens", type=int, default=6_000, help="model-written part of the built-in corpus (default 6k)"
-    )
-    d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
-    d.add_argument("--force", action="store_true", help="redo every step even where cached")
-    d.set_defaults(func=cmd_demo)
-
     from featuredict.dashboard.serve import register as register_serve
 
+    from .demo import register as register_demo
     from .explain.cli import register as register_explain
     from .interop_cli import register as register_interop
     from .scan_cli import register as register_scan
     from .search_cli import register as register_search
     from .steer_cli import register as register_steer
 
+    register_demo(sub)
     register_serve(sub)
     register_steer(sub)
     register_explain(sub)

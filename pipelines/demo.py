@@ -480,9 +480,6 @@ def run_demo(cfg: DemoConfig) -> int:
             )
         )
         print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
-        (sae_dir / "featuredict_train.json").write_text(
-            json.dumps({"fve": r.fve, "l0": r.l0, "dead_fraction": r.dead_fraction, "seconds": r.seconds})
-        )
     else:
         print(f"[3/4] SAE: cached at {sae_dir}")
     print(f"[4/4] harvesting up to {cfg.tokens:,} tokens into {db}")
