@@ -339,24 +339,22 @@ def pick_steer_feature(
 ) -> SteerPick | None:
     """The best (topic, feature) for a steering demo, found by meaning.
 
-    For each topic, concept search (``scorer``: the dashboard's ``concept_scores``, run on the topic's example
+    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page uses it, run on the topic's example
     and counter-example texts through ``runtime``) ranks features; of its top ``candidates``, the pick is the
     one whose top stored contexts most often contain a topic keyword (ties: higher concept score, earlier
     topic). None when no feature fires more on any topic's examples than on its counter-examples.
     """
     from featuredict.db import queries as q
 
+    from .prompt import dense_valid_acts
+
     d_sae = int(runtime.d_sae)
     base = q.feature_baselines(store, sae_id, d_sae)
 
-    def acts(text: str) -> Any:  # as the dashboard's prompt.dense_valid_acts: valid tokens only, [n, d_sae]
-        _, f, valid = runtime.encode(runtime.tokenize(text)[:, :1024])
-        return f[0][valid[0]].float().cpu().numpy()
-
     best: tuple[tuple[int, float], SteerPick] | None = None
     for topic in topics:
-        pos = [acts(t) for t in topic.examples]
-        neg = [acts(t) for t in topic.counter]
+        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
+        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
         ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
         pattern = keyword_pattern(topic.keywords)
         for row in ranked.itertuples():
@@ -387,17 +385,10 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
 
 
 def _concept_scorer() -> ConceptScorer:
-    """The project's concept-search scorer: ``concept_scores``, the same function the dashboard's search page
-    calls. It is pure numpy/pandas but lives in ``dashboard/concept.py``, a layer above the pipelines, so it is
-    looked up by name here (a pipelines-level copy, if the module moves down a layer, is preferred)."""
-    import importlib
+    """The project's concept-search scorer: the same ``concept_scores`` the dashboard's search page calls."""
+    from .concept import concept_scores
 
-    for name in ("featuredict.pipelines.concept", "featuredict.dashboard.concept"):
-        try:
-            return importlib.import_module(name).concept_scores
-        except ModuleNotFoundError:
-            continue
-    raise ModuleNotFoundError("no concept_scores found (featuredict.dashboard.concept)")
+    return concept_scores
 
 
 def steering_hint(
