@@ -366,8 +366,10 @@ def pick_steer_feature(
     return None if best is None else best[1]
 
 
-def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: float = 4.0) -> str:
-    """The ``featuredict steer`` command line that adds ``pick``'s feature while the model writes."""
+def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: float = 2.0) -> str:
+    """The ``featuredict steer`` command line that adds ``pick``'s feature while the model writes. Strength 2 (x max
+    activation): on the demo database a sweep of the picked feature turned the story on-topic from about 1.4x on,
+    and collapsed it into broken text from about 3.6x on."""
     args = [
         "steer",
         "--db",

@@ -194,7 +194,7 @@ def test_steering_pick_prefers_the_feature_whose_contexts_are_on_topic(tiny_db: 
         store.close()
     assert pick is not None and pick.feature == on_topic and pick.hits > 0 and pick.topic is topic
     cmd = steer_command("featuredict", tiny_db, sae_id, pick)
-    assert cmd.startswith(f"featuredict steer --db {tiny_db} --sae {sae_id} --prompt Hello --feature {on_topic}=add:4")
+    assert cmd.startswith(f"featuredict steer --db {tiny_db} --sae {sae_id} --prompt Hello --feature {on_topic}=add:2")
 
 
 def test_printed_steering_command_runs_on_the_database(tiny_db: Path, tmp_path: Path, monkeypatch, capsys):
