@@ -81,40 +81,18 @@ class _Sampler:
 
 
 def make_inputs(work: Path, d_sae: int, k: int) -> tuple[str, str, str, str]:
-    """(model, sae folder, corpus, hook): stories260K + TinyStories where ../shared has them, else the tiny model."""
-    import torch
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
+    """(model, sae folder, corpus, hook): stories260K + TinyStories where ../shared has them, else the tiny model;
+    the SAE is a random TopK SAE (timing does not depend on training)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import TINY_HOOK, TINY_TEXT, make_tiny_model, make_tiny_sae
 
     if STORIES.exists() and TINYSTORIES.exists():
         model, corpus, hook, d_in = str(STORIES), str(TINYSTORIES), "model.layers.2", 64
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import TINY_HOOK, TINY_TEXT, make_tiny_model
-
         model, hook, d_in = str(make_tiny_model(work / "model")), TINY_HOOK, 32
         corpus = str(work / "corpus.txt")
         Path(corpus).write_text("\n<|endoftext|>\n".join(TINY_TEXT * 2000), encoding="utf-8")
-    torch.manual_seed(0)
-    cfg = TopKSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=k,
-        metadata=SAEMetadata(
-            model_name=model,
-            model_class_name="AutoModelForCausalLM",
-            hook_name=hook,
-            context_size=64,
-            prepend_bos=True,
-            model_from_pretrained_kwargs={},
-        ),
-    )
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        sae.W_dec.normal_(0, 1.0 / d_in**0.5)
-        sae.W_enc.copy_(sae.W_dec.T * 2.0)
-        sae.b_enc.zero_()
-    sae.save_model(work / "sae")
+    make_tiny_sae(work / "sae", model, d_in=d_in, d_sae=d_sae, k=k, hook=hook, context_size=64)
     return model, str(work / "sae"), corpus, hook
 
 

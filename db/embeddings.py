@@ -313,36 +313,23 @@ def upsert_embeddings(
     return store.write(fn)
 
 
-def touch_embeddings(store: Store, sae_id: str, model: str, features: Sequence[int]) -> int:
-    """Mark stored vectors as verified current (their text did not change): sets ``updated_at`` to now."""
+def _on_features(store: Store, head: str, params: list[Any], sae_id: str, model: str, features: Sequence[int]) -> int:
+    """Run ``head`` (a constant UPDATE/DELETE on feature_embeddings) on the rows of ``features``; how many."""
     ids = _ids(features)
     if not ids:
         return 0
-    return store.write(
-        lambda cur: len(
-            cur.execute(
-                """UPDATE feature_embeddings SET updated_at = ?
-                   WHERE sae_id = ? AND model = ? AND feature IN (SELECT unnest(?::INTEGER[])) RETURNING feature""",
-                [utc_now(), sae_id, model, ids],
-            ).fetchall()
-        )
-    )
+    sql = head + " WHERE sae_id = ? AND model = ? AND feature IN (SELECT unnest(?::INTEGER[])) RETURNING feature"
+    return store.write(lambda cur: len(cur.execute(sql, [*params, sae_id, model, ids]).fetchall()))
+
+
+def touch_embeddings(store: Store, sae_id: str, model: str, features: Sequence[int]) -> int:
+    """Mark stored vectors as verified current (their text did not change): sets ``updated_at`` to now."""
+    return _on_features(store, "UPDATE feature_embeddings SET updated_at = ?", [utc_now()], sae_id, model, features)
 
 
 def delete_embeddings(store: Store, sae_id: str, model: str, features: Sequence[int]) -> int:
     """Delete the stored vectors of ``features`` (features without words or contexts any more)."""
-    ids = _ids(features)
-    if not ids:
-        return 0
-    return store.write(
-        lambda cur: len(
-            cur.execute(
-                """DELETE FROM feature_embeddings
-                   WHERE sae_id = ? AND model = ? AND feature IN (SELECT unnest(?::INTEGER[])) RETURNING feature""",
-                [sae_id, model, ids],
-            ).fetchall()
-        )
-    )
+    return _on_features(store, "DELETE FROM feature_embeddings", [], sae_id, model, features)
 
 
 # ------------------------------------------------------------------------------------------- results

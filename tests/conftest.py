@@ -82,8 +82,17 @@ def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def make_tiny_sae(folder: Path, model_dir: Path, d_in: int = 32, d_sae: int = 64, k: int = 4, seed: int = 0) -> Path:
-    """Write a random sae-lens TopK SAE on TINY_HOOK of the tiny model."""
+def make_tiny_sae(
+    folder: Path,
+    model_dir: Path | str,
+    d_in: int = 32,
+    d_sae: int = 64,
+    k: int = 4,
+    seed: int = 0,
+    hook: str = TINY_HOOK,
+    context_size: int = 32,
+) -> Path:
+    """Write a random sae-lens TopK SAE (on ``hook`` of the tiny model unless told otherwise)."""
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
@@ -95,8 +104,8 @@ def make_tiny_sae(folder: Path, model_dir: Path, d_in: int = 32, d_sae: int = 64
         metadata=SAEMetadata(
             model_name=str(model_dir),
             model_class_name="AutoModelForCausalLM",
-            hook_name=TINY_HOOK,
-            context_size=32,
+            hook_name=hook,
+            context_size=context_size,
             prepend_bos=True,
             model_from_pretrained_kwargs={},
         ),
