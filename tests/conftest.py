@@ -36,6 +36,17 @@ TINY_TEXT = [
 TINY_HOOK = "model.layers.1"
 
 
+def run_threads(worker, n: int) -> None:
+    """Start ``worker(t)`` for t in 0..n-1 on n threads at once and wait for all of them."""
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared holds the real offline models and corpora)")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
     from tests import dashboard_fixtures as fx
 except ImportError:
@@ -16,6 +14,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
+from tests.conftest import run_threads
 
 HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID = fx.HOSTILE_FEATURE, fx.HOSTILE_SCRIPT, fx.SAE_ID
 synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
@@ -197,11 +196,7 @@ def test_concurrent_writes_lose_nothing(store):
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker, n_threads)
     assert not errors, errors
     tags = q.label(store, SAE_ID, 30)["tags"]
     assert len(tags) == n_threads * n_each == len(set(tags))

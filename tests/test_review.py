@@ -4,7 +4,6 @@ feature page's review control / conflict notice / history (synthetic database, b
 from __future__ import annotations
 
 import json
-import threading
 
 try:
     from tests import dashboard_fixtures as fx
@@ -20,6 +19,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import USER_TABLES, copy_kept_rows, create_schema
 from featuredict.db.store import Store
+from tests.conftest import run_threads
 
 SAE_ID = fx.SAE_ID
 synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
@@ -139,11 +139,7 @@ def test_threads_lose_no_history_and_report_conflicts(store):
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker, n_threads)
     assert not errors, errors
     for t in range(n_threads):
         assert len(_history(store, 50 + t)) == n_each

@@ -7,6 +7,7 @@ history, add-to-list, and a link to steer with the feature."""
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 
 import pandas as pd
 import streamlit as st
@@ -29,6 +30,26 @@ from featuredict.dashboard.data import cached_map_points, clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import REVIEW_STATUSES
+
+
+def keep_mine_or_theirs(what: str, save_mine: Callable[[], object], snapshot_key: str) -> None:
+    """After a conflicting save of ``what`` (review or label): "Keep mine" saves this form's version, "Keep
+    theirs" drops it; either way the conflict and the form's snapshot are cleared and the page reruns. Both
+    versions are in the history already."""
+    conflict_key = f"_{what}_conflict_{sae_id}_{fid}"
+    ch = st.columns(2)
+    if ch[0].button("Keep mine", key=f"{what}_mine_{sae_id}_{fid}"):
+        try:
+            save_mine()
+        except Exception as e:  # noqa: BLE001
+            show_error(f"Could not save the {what}", e)
+            return
+    elif not ch[1].button("Keep theirs", key=f"{what}_theirs_{sae_id}_{fid}"):
+        return
+    st.session_state.pop(conflict_key, None)
+    st.session_state.pop(snapshot_key, None)
+    st.rerun()
+
 
 ctx = page_context()
 store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae
@@ -277,21 +298,13 @@ with right:
             ),
             hide_index=True,
         )
-        ch = st.columns(2)
-        if ch[0].button("Keep mine", key=f"review_mine_{sae_id}_{fid}"):
-            try:
-                writes.set_review(
-                    store, sae_id, fid, mine["status"], mine["reason"], editor, expected_version=theirs["version"]
-                )
-                st.session_state.pop(f"_review_conflict_{sae_id}_{fid}", None)
-                st.session_state.pop(review_snap, None)
-                st.rerun()
-            except Exception as e:  # noqa: BLE001
-                show_error("Could not save the review", e)
-        if ch[1].button("Keep theirs", key=f"review_theirs_{sae_id}_{fid}"):
-            st.session_state.pop(f"_review_conflict_{sae_id}_{fid}", None)
-            st.session_state.pop(review_snap, None)
-            st.rerun()
+        keep_mine_or_theirs(
+            "review",
+            lambda: writes.set_review(
+                store, sae_id, fid, mine["status"], mine["reason"], editor, expected_version=theirs["version"]
+            ),
+            review_snap,
+        )
     if review_now["version"]:
         st.caption(
             f"Reviewed {pd.Timestamp(review_now['updated_at']):%Y-%m-%d %H:%M}"
@@ -352,21 +365,12 @@ with right:
             pd.DataFrame([{"field": k, "theirs (stored)": v["theirs"], "mine": v["mine"]} for k, v in lconf.items()]),
             hide_index=True,
         )
-        ch = st.columns(2)
-        if ch[0].button("Keep mine", key=f"label_mine_{sae_id}_{fid}"):
-            try:
-                mine = {k: v["mine"] for k, v in lconf.items()}
-                writes.update_label(store, sae_id, fid, author=editor, **mine)
-                clear_label_caches()
-                st.session_state.pop(f"_label_conflict_{sae_id}_{fid}", None)
-                st.session_state.pop(label_snap, None)
-                st.rerun()
-            except Exception as e:  # noqa: BLE001
-                show_error("Could not save the label", e)
-        if ch[1].button("Keep theirs", key=f"label_theirs_{sae_id}_{fid}"):
-            st.session_state.pop(f"_label_conflict_{sae_id}_{fid}", None)
-            st.session_state.pop(label_snap, None)
-            st.rerun()
+
+        def save_label() -> None:
+            writes.update_label(store, sae_id, fid, author=editor, **{k: v["mine"] for k, v in lconf.items()})
+            clear_label_caches()
+
+        keep_mine_or_theirs("label", save_label, label_snap)
     if current:
         st.caption(
             f"Last edited {pd.Timestamp(current['updated_at']):%Y-%m-%d %H:%M}"
