@@ -93,6 +93,16 @@ class ModelBackend(ABC):
         start); with ``incremental`` False the caller passes the whole sequence each time and the cache is None.
         """
 
+    def forward_after_prefix(self, prefix: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1 + L, vocab]`` of ``prefix + rest[b]`` for each row ``b`` of ``rest`` ``[B, L]``, at the
+        prefix's last position and at each position of ``rest`` (inputs already on the device). Every row
+        continues the same ``prefix`` ``[1, P]``; rows of ``rest`` may be right-padded, as positions are causal.
+
+        This default runs the whole sequence per row; a backend with a KV cache runs the prefix once.
+        """
+        ids = torch.cat([prefix.expand(rest.shape[0], -1), rest], dim=1)
+        return self.forward(ids)[:, prefix.shape[1] - 1 :]
+
     # ---- weights and facts ------------------------------------------------------------------------------
     @abstractmethod
     def unembedding_matrix(self) -> torch.Tensor:
@@ -209,6 +219,13 @@ class HFBackend(ModelBackend):
         if new_cache is None:
             new_cache = getattr(out, "past_key_values", None)
         return out.logits[0, -1], new_cache
+
+    def forward_after_prefix(self, prefix: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The prefix runs once (batch 1); its KV cache is repeated over the rows of ``rest``."""
+        first, cache = self.step(prefix, None)
+        cache.batch_repeat_interleave(int(rest.shape[0]))
+        out = self.model(input_ids=rest, use_cache=True, **{self._cache_kwarg(): cache})
+        return torch.cat([first.view(1, 1, -1).expand(rest.shape[0], 1, -1), out.logits], dim=1)
 
     def unembedding_matrix(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.detach().float().T

@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         context_size=args.context_size,
         batch_tokens=args.batch_tokens,
         lr=args.lr,
+        lr_decay=args.lr_decay,
+        activations=args.activations,
         device=args.device,
         seed=args.seed,
         dtype=args.dtype,
@@ -81,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     r = train_sae(cfg)
     print(
         f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
-        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s, model in {r.dtype})"
+        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s, model in {r.dtype}, activations {r.mode})"
     )
     print(f"FVE={r.fve:.3f}  L0={r.l0:.1f}  dead={r.dead_fraction:.1%}  -> {r.out}")
     return 0
@@ -152,8 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, default=32, help="TopK k (default 32)")
     t.add_argument("--tokens", type=int, default=100_000, help="training tokens (default 100k)")
     t.add_argument("--context-size", type=int, default=128)
-    t.add_argument("--batch-tokens", type=int, default=256)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument(
+        "--activations",
+        choices=["auto", "stream", "cache"],
+        default="auto",
+        help="cache: run the model once over the corpus and train epochs over the activations in memory; stream: "
+        "sae-lens runs the model for every training token; auto (default): cache when they fit in 2 GiB",
+    )
+    t.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default: 512 cached, 256 streamed)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3 cached, 3e-3 streamed)")
+    t.add_argument(
+        "--lr-decay",
+        type=float,
+        default=None,
+        help="fraction of the steps, at the end, over which the lr decays to a tenth (default: 0.2 cached, 0 streamed)",
+    )
     t.add_argument("--seed", type=int, default=42)
     _device_args(t)
     t.set_defaults(func=cmd_train)

@@ -116,6 +116,17 @@ class HookSite:
         with self.intervene(fn):
             return self.loaded.forward(ids, mask)
 
+    @torch.no_grad()
+    def logits_after_prefix(self, prefix: torch.Tensor, rest: torch.Tensor, fn: ActFn | None = None) -> torch.Tensor:
+        """``ModelBackend.forward_after_prefix`` (logits at the prefix's last position and over ``rest``), with
+        ``fn`` applied at the hook on every pass it runs. The last activation ``fn`` sees covers ``rest``'s
+        positions at its end (``act[:, -rest.shape[1]:]``), whether or not the backend re-ran the prefix."""
+        dev = self.loaded.device
+        if fn is None:
+            return self.loaded.forward_after_prefix(prefix.to(dev), rest.to(dev))
+        with self.intervene(fn):
+            return self.loaded.forward_after_prefix(prefix.to(dev), rest.to(dev))
+
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)

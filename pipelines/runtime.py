@@ -62,6 +62,35 @@ def norm_outliers(x: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.T
     return (v & (norms > ratio * med.unsqueeze(1))).to(valid.device)
 
 
+OUTLIER_NORM_RATIO = 10.0
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that never count in statistics: BOS and pad."""
+    ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
+    return {int(i) for i in ids if i is not None}
+
+
+def valid_mask(
+    input_ids: torch.Tensor,
+    specials: set[int],
+    attention_mask: torch.Tensor | None = None,
+    x: torch.Tensor | None = None,
+    outlier_norm_ratio: float = OUTLIER_NORM_RATIO,
+) -> torch.Tensor:
+    """``[batch, pos]`` bool: True where the token counts (not a special id, not masked, not a norm outlier of
+    the hook activations ``x`` when given and ``outlier_norm_ratio`` > 0). ``Runtime.valid_mask`` and
+    train-sae's activation cache both use it."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    for sid in specials:
+        mask &= input_ids != sid
+    if attention_mask is not None:
+        mask &= attention_mask.bool()
+    if x is not None and outlier_norm_ratio > 0:
+        mask &= ~norm_outliers(x, mask, outlier_norm_ratio)
+    return mask
+
+
 @dataclass
 class Runtime:
     loaded: ModelBackend
@@ -73,7 +102,7 @@ class Runtime:
     # Positions whose hook-activation norm exceeds this multiple of their context's median norm are excluded
     # from statistics like BOS ("massive activations" at attention-sink positions; SmolLM2 has ~50x outliers
     # on some first tokens). 0 disables.
-    outlier_norm_ratio: float = 10.0
+    outlier_norm_ratio: float = OUTLIER_NORM_RATIO
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -94,9 +123,7 @@ class Runtime:
         return self.sae.W_dec
 
     def special_ids(self) -> set[int]:
-        tok = self.tokenizer
-        ids = {getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None)}
-        return {int(i) for i in ids if i is not None}
+        return special_ids(self.tokenizer)
 
     def tokenize(self, text: str, max_len: int | None = None) -> torch.Tensor:
         """``[1, pos]`` token ids, with BOS prepended when the SAE was trained that way."""
@@ -119,14 +146,7 @@ class Runtime:
 
         Norm outliers are only detected when the hook activations ``x`` ``[batch, pos, d_in]`` are given.
         """
-        mask = torch.ones_like(input_ids, dtype=torch.bool)
-        for sid in self.special_ids():
-            mask &= input_ids != sid
-        if attention_mask is not None:
-            mask &= attention_mask.bool()
-        if x is not None and self.outlier_norm_ratio > 0:
-            mask &= ~norm_outliers(x, mask, self.outlier_norm_ratio)
-        return mask
+        return valid_mask(input_ids, self.special_ids(), attention_mask, x, self.outlier_norm_ratio)
 
     def check_width(self, d_in: int) -> Runtime:
         """Raise ValueError unless activations at the hook have the SAE's input width."""

@@ -186,25 +186,27 @@ def scan_text(runtime: Runtime, text: str, watch: Watch, line: int = 0, max_len:
     tokens = runtime.token_strings(ids[0].tolist())
     res = ScanResult(line=line, n_tokens=int(ids.shape[1]), truncated=full.shape[1] > max_len, tokens=tokens)
     n_valid = max(int(ok.sum()), 1)
-    for j, feat in enumerate(watch.features.tolist()):
+    cuts = watch.thresholds * watch.max_acts  # [n_watched]
+    over = ok[:, None] & (acts > 0) & (acts >= cuts[None, :])  # [pos, n_watched]
+    hit_cols = np.flatnonzero(over.any(axis=0))
+    if len(hit_cols):  # the per-feature work below runs only for the features that crossed
+        masked = np.where(ok[:, None], acts[:, hit_cols], 0.0)
+        peaks = masked.max(axis=0) if ok.any() else np.zeros(len(hit_cols))
+        means = masked.sum(axis=0) / n_valid
+    for k, j in enumerate(hit_cols.tolist()):
         a = acts[:, j]
         peak = float(watch.max_acts[j])
-        cut = float(watch.thresholds[j]) * peak
-        over = ok & (a > 0) & (a >= cut)
-        if not over.any():
-            continue
-        spans = _spans(over)
         res.hits.append(
             {
-                "feature": int(feat),
+                "feature": int(watch.features[j]),
                 "severity": watch.severities[j],
                 "threshold": float(watch.thresholds[j]),
-                "max_act": float(a[ok].max()),
-                "mean_act": float(a[ok].sum() / n_valid),
-                "score": float(a[ok].max() / peak) if peak > 0 else 1.0,  # never fired in the corpus: at its max
+                "max_act": float(peaks[k]),
+                "mean_act": float(means[k]),
+                "score": float(peaks[k] / peak) if peak > 0 else 1.0,  # never fired in the corpus: at its max
                 "spans": [
                     {"start": s, "end": e, "text": "".join(tokens[s:e]), "max_act": float(a[s:e].max())}
-                    for s, e in spans
+                    for s, e in _spans(over[:, j])
                 ],
             }
         )
@@ -216,7 +218,7 @@ def torch_index(features: np.ndarray, device: Any) -> Any:
     """``features`` as a long tensor on ``device`` (to pick the watched columns out of ``f``)."""
     import torch
 
-    return torch.as_tensor(features, dtype=torch.long, device=device)
+    return torch.as_tensor(np.array(features, dtype=np.int64), device=device)  # a writable copy
 
 
 def reaches(severity: str | None, fail_on: str | None) -> bool:

@@ -82,7 +82,8 @@ def test_half_precision_model_feeds_the_sae_in_its_own_dtype(tiny_model_dir: Pat
     assert valid.dtype == torch.bool and not bool(valid[0, 0]) and (f[0, 1:] > 0).any()
 
 
-def test_train_sae_runs_the_model_in_fp32_on_cpu(tmp_path: Path, fp16_model_dir: Path, tiny_corpus: Path):
+@pytest.mark.parametrize("mode", ["stream", "cache"])
+def test_train_sae_runs_the_model_in_fp32_on_cpu(tmp_path: Path, fp16_model_dir: Path, tiny_corpus: Path, mode: str):
     from featuredict.pipelines.corpus import CorpusSpec
     from featuredict.pipelines.train_sae import SUMMARY_FILE, TrainConfig, train_sae
 
@@ -97,10 +98,12 @@ def test_train_sae_runs_the_model_in_fp32_on_cpu(tmp_path: Path, fp16_model_dir:
         context_size=16,
         batch_tokens=64,
         device="cpu",
+        activations=mode,
     )
     with model_dtypes_in_forward() as seen:
         res = train_sae(cfg, progress=False)
-    assert len(seen) > 50  # sae-lens's training forward passes and the evaluation's were seen
+    # the training's forward passes (sae-lens's per step, or the cache's once) and the evaluation's were seen
+    assert len(seen) > (50 if mode == "stream" else 5)
     assert set(seen) == {torch.float32}
     assert res.dtype == "float32"
     assert json.loads((res.out / SUMMARY_FILE).read_text())["model_dtype"] == "float32"

@@ -157,6 +157,29 @@ def test_hf_adapter_facts_and_cached_step(tiny_runtime):
             torch.testing.assert_close(logits, full[0, i], atol=1e-5, rtol=1e-5)
 
 
+
+def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
+    """The prefix runs once and its KV cache serves every row: each row's logits (right-padded rows included)
+    equal a full forward pass over that row alone, for the HF adapter and for the base class's recompute."""
+    from featuredict.pipelines.backends import ModelBackend
+
+    loaded = tiny_runtime.loaded
+    prefix = tiny_runtime.tokenize("Once upon a time")
+    tok = tiny_runtime.tokenizer
+    texts = (" there was a big dog", " a cat", " it rained all day long")
+    conts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    width = max(len(c) for c in conts)
+    rest = torch.full((len(conts), width), tiny_runtime.pad_id, dtype=torch.long)
+    for k, c in enumerate(conts):
+        rest[k, : len(c)] = c
+    p = prefix.shape[1]
+    with torch.no_grad():
+        for got in (loaded.forward_after_prefix(prefix, rest), ModelBackend.forward_after_prefix(loaded, prefix, rest)):
+            assert got.shape[:2] == (len(conts), width + 1)
+            for k, c in enumerate(conts):
+                full = loaded.forward(torch.cat([prefix[0], c]).unsqueeze(0))[0, p - 1 :]
+                torch.testing.assert_close(got[k, : len(c) + 1], full, atol=1e-5, rtol=1e-5)
+
 def test_encode_is_the_one_activation_path(tiny_runtime):
     """``encode`` gives hook activations in the SAE's dtype and device, features zeroed where not valid."""
     ids = torch.cat([tiny_runtime.tokenize("The cat sat on the mat"), torch.full((1, 3), tiny_runtime.pad_id)], 1)

@@ -13,8 +13,9 @@ the position that predicts ``y_t`` (prefix ``p + y_<t``) and ``s_t`` the logits 
 
 Cost: the run's own logits give ``s_t`` (``keep_logits``). An unsteered run's logits are ``u_t`` themselves, and
 its recorded activations are unedited, so it needs no extra pass. A steered run needs one unedited forward pass
-over ``p + y``, batched with the others (right padding, attention mask), which gives ``u_t`` and, through a
-read-only hook at the SAE's hook, the concept activations.
+over ``p + y``, batched with the other rows of the same prompt: the prompt runs once and its KV cache serves
+every row (``ModelBackend.forward_after_prefix``; continuations right-padded, which causal attention makes
+exact). It gives ``u_t`` and, through a read-only hook at the SAE's hook, the concept activations.
 """
 
 from __future__ import annotations
@@ -127,16 +128,20 @@ def score_rows(
             need.append(i)
     if need:
         vocab = int(results[need[0]].logits.shape[-1])  # type: ignore[union-attr]
-        group: list[int] = []
-        longest = 0
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
         for i in need:
-            n = len(results[i].prompt_ids) + len(results[i].token_ids)
-            if group and (len(group) + 1) * max(longest, n) * vocab * 4 > pass_bytes:
-                _unedited_pass(rt, results, group, feats, max_acts, out)
-                group, longest = [], 0
-            group.append(i)
-            longest = max(longest, n)
-        _unedited_pass(rt, results, group, feats, max_acts, out)
+            by_prompt.setdefault(tuple(results[i].prompt_ids), []).append(i)
+        for rows in by_prompt.values():
+            group: list[int] = []
+            longest = 0
+            for i in rows:
+                n = len(results[i].token_ids) + 1
+                if group and (len(group) + 1) * max(longest, n) * vocab * 4 > pass_bytes:
+                    _unedited_pass(rt, results, group, feats, max_acts, out)
+                    group, longest = [], 0
+                group.append(i)
+                longest = max(longest, n)
+            _unedited_pass(rt, results, group, feats, max_acts, out)
     assert all(q is not None for q in out)
     return [q for q in out if q is not None]
 
@@ -150,30 +155,29 @@ def _unedited_pass(
     max_acts: Mapping[int, float] | None,
     out: list[Quality | None],
 ) -> None:
-    """One unedited forward pass over ``prompt + tokens`` of ``rows`` (right-padded), reading the hook."""
-    seqs = [results[i].prompt_ids + results[i].token_ids for i in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(rows), width), rt.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for k, s in enumerate(seqs):
-        ids[k, : len(s)] = torch.tensor(s)
-        mask[k, : len(s)] = 1
+    """One unedited forward pass over ``prompt + tokens`` of ``rows`` (all with the same prompt, run once; the
+    continuations right-padded), reading the hook."""
+    width = max(len(results[i].token_ids) for i in rows)
+    rest = torch.full((len(rows), width), rt.pad_id, dtype=torch.long)
+    for k, i in enumerate(rows):
+        rest[k, : len(results[i].token_ids)] = torch.tensor(results[i].token_ids)
+    prefix = torch.tensor([results[rows[0]].prompt_ids], dtype=torch.long)
     seen: list[torch.Tensor] = []
 
     def read(act: torch.Tensor) -> None:  # read-only: the activation passes unchanged
         seen.append(act.detach())
 
-    logits = rt.site.logits(ids, None if bool(mask.all()) else mask, fn=read)
-    x = to_sae(rt.sae, seen[-1])
+    logits = rt.site.logits_after_prefix(prefix, rest, fn=read)  # [rows, 1 + width, vocab]
+    x = to_sae(rt.sae, seen[-1][:, -width:])
     encode = fast_encoder(rt.sae)
     for k, i in enumerate(rows):
         res = results[i]
-        p, n = len(res.prompt_ids), len(res.token_ids)
-        unsteered = logits[k, p - 1 : p - 1 + n].float().cpu()
+        n = len(res.token_ids)
+        unsteered = logits[k, :n].float().cpu()  # position t predicts token t (0: the prompt's last position)
         assert res.logits is not None
         ppl, div = _fluency(res.logits, unsteered, res.token_ids, kl=res.steered)
         if not res.steered:
             div = 0.0
         fi = torch.tensor(feats[i], dtype=torch.long, device=x.device)
-        acts = encode(x[k, p : p + n])[:, fi].float().cpu() if feats[i] else torch.zeros(n, 0)
+        acts = encode(x[k, :n])[:, fi].float().cpu() if feats[i] else torch.zeros(n, 0)
         out[i] = Quality(n, ppl, div, tuple(feats[i]), _concept(acts, feats[i], max_acts))
