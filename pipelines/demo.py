@@ -330,6 +330,47 @@ def keyword_hits(store: Any, sae_id: str, feature: int, pattern: re.Pattern[str]
 ConceptScorer = Callable[..., Any]
 
 
+def steer_candidates(
+    store: Any,
+    sae_id: str,
+    runtime: Any,
+    scorer: ConceptScorer,
+    topics: Sequence[SteerTopic] = STEER_TOPICS,
+    candidates: int = 5,
+    n_top: int = 10,
+) -> list[SteerPick]:
+    """(topic, feature) candidates for a steering demo, found by meaning, best first.
+
+    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page
+    uses it, run on the topic's example and counter-example texts through ``runtime``) ranks features; of its
+    top ``candidates``, the topic's candidate is the one whose top stored contexts most often contain a topic
+    keyword (ties: higher concept score). Topics are then ordered the same way (ties: earlier topic). Empty when
+    no feature fires more on any topic's examples than on its counter-examples.
+    """
+    from featuredict.db import queries as q
+
+    from .prompt import dense_valid_acts
+
+    d_sae = int(runtime.d_sae)
+    base = q.feature_baselines(store, sae_id, d_sae)
+    picks: list[tuple[tuple[int, float, int], SteerPick]] = []
+    for order, topic in enumerate(topics):
+        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
+        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
+        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
+        pattern = keyword_pattern(topic.keywords)
+        best: tuple[tuple[int, float, int], SteerPick] | None = None
+        for row in ranked.itertuples():
+            hits, n = keyword_hits(store, sae_id, int(row.feature), pattern, n_top)
+            key = (hits, float(row.score), -order)
+            if best is None or key > best[0]:
+                best = (key, SteerPick(topic, int(row.feature), float(row.score), hits, n))
+        if best is not None:
+            picks.append(best)
+    picks.sort(key=lambda kp: kp[0], reverse=True)
+    return [p for _, p in picks]
+
+
 def pick_steer_feature(
     store: Any,
     sae_id: str,
@@ -339,39 +380,64 @@ def pick_steer_feature(
     candidates: int = 5,
     n_top: int = 10,
 ) -> SteerPick | None:
-    """The best (topic, feature) for a steering demo, found by meaning.
+    """The best of ``steer_candidates``, or None."""
+    picks = steer_candidates(store, sae_id, runtime, scorer, topics, candidates, n_top)
+    return picks[0] if picks else None
 
-    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page uses it, run on the topic's example
-    and counter-example texts through ``runtime``) ranks features; of its top ``candidates``, the pick is the
-    one whose top stored contexts most often contain a topic keyword (ties: higher concept score, earlier
-    topic). None when no feature fires more on any topic's examples than on its counter-examples.
-    """
-    from featuredict.db import queries as q
 
-    from .prompt import dense_valid_acts
+DEMO_STRENGTHS = (1.0, 1.5, 2.0, 3.0, 4.0)  # add, in units of the feature's max activation
+STEER_TOKENS = 48
 
-    d_sae = int(runtime.d_sae)
-    base = q.feature_baselines(store, sae_id, d_sae)
 
-    best: tuple[tuple[int, float], SteerPick] | None = None
-    for topic in topics:
-        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
-        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
-        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
-        pattern = keyword_pattern(topic.keywords)
-        for row in ranked.itertuples():
-            hits, n = keyword_hits(store, sae_id, int(row.feature), pattern, n_top)
-            pick = SteerPick(topic, int(row.feature), float(row.score), hits, n)
-            key = (hits, float(row.score))
-            if best is None or key > best[0]:
-                best = (key, pick)
-    return None if best is None else best[1]
+@dataclass(frozen=True)
+class SteerCheck:
+    """The outcome of running a pick's steering command at several strengths (one greedy batch)."""
+
+    strength: float | None  # the lowest strength whose steered text is on topic; None: none was
+    hits: int  # topic keywords in the steered text at ``strength`` (or the most at any strength)
+    baseline_hits: int  # topic keywords in the unsteered text
+    text: str  # the steered text at ``strength`` (or at the strength with the most hits)
+    baseline: str
+
+
+def _distinct_words(text: str) -> float:
+    words = re.findall(r"[^\W_]+", text.lower())
+    return len(set(words)) / len(words) if words else 0.0
+
+
+def check_steer(
+    runtime: Any, pick: SteerPick, max_act: float, strengths: Sequence[float] = DEMO_STRENGTHS
+) -> SteerCheck:
+    """Run ``pick``'s steering command (its prompt, add, greedy, ``STEER_TOKENS`` new tokens) at every strength as
+    one sweep batch (``steering.run_sweep``: token for token what ``featuredict steer`` prints). A strength
+    counts as on topic when the steered text has at least 2 topic keywords, more than the baseline, and is not
+    collapsed into repeats (at least half of its words distinct)."""
+    from .steering import FeatureEdit, GenerationSettings, SteeringConfig, SweepSettings, run_sweep
+
+    cfg = SteeringConfig(
+        prompt=pick.topic.prompt,
+        edits=(FeatureEdit(pick.feature, "add", 1.0),),
+        chat_template=bool(runtime.loaded.is_chat),
+        generation=GenerationSettings(max_new_tokens=STEER_TOKENS, temperature=0.0),
+    )
+    res = run_sweep(runtime, cfg, SweepSettings(strengths=tuple(strengths)), {pick.feature: max_act})
+    pattern = keyword_pattern(pick.topic.keywords)
+    baseline = res.baselines[0].result.text
+    base_hits = len(pattern.findall(baseline))
+    most: tuple[int, str] = (-1, "")
+    for row in sorted(res.steered, key=lambda r: float(r.strength or 0)):
+        text = row.result.text
+        hits = len(pattern.findall(text))
+        if hits >= 2 and hits > base_hits and _distinct_words(text) >= 0.5:
+            return SteerCheck(row.strength, hits, base_hits, text, baseline)
+        if hits > most[0]:
+            most = (hits, text)
+    return SteerCheck(None, max(most[0], 0), base_hits, most[1], baseline)
 
 
 def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: float = 2.0) -> str:
-    """The ``featuredict steer`` command line that adds ``pick``'s feature while the model writes. Strength 2 (x max
-    activation): on the demo database a sweep of the picked feature turned the story on-topic from about 1.4x on,
-    and collapsed it into broken text from about 3.6x on."""
+    """The ``featuredict steer`` command line that adds ``pick``'s feature (``strength`` x its max activation) while
+    the model writes ``STEER_TOKENS`` tokens."""
     args = [
         "steer",
         "--db",
@@ -383,7 +449,7 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
         "--feature",
         f"{pick.feature}=add:{strength:g}",
         "--max-new-tokens",
-        "48",
+        str(STEER_TOKENS),
     ]
     return " ".join([cli, *(shlex.quote(a) for a in args)])
 
@@ -396,9 +462,16 @@ def _concept_scorer() -> ConceptScorer:
 
 
 def steering_hint(
-    db: Path, sae_id: str, device: str | None = None, topics: Sequence[SteerTopic] = STEER_TOPICS
+    db: Path,
+    sae_id: str,
+    device: str | None = None,
+    topics: Sequence[SteerTopic] = STEER_TOPICS,
+    tries: int = 3,
 ) -> str | None:
-    """Lines that show a steering command for a feature picked by concept search, or None if none fits."""
+    """Lines that show a steering command for a feature picked by concept search and checked by running it
+    (``check_steer``), or None if no topic has a candidate. The first of the top ``tries`` candidates whose
+    steered text is on topic wins; when none is, the best candidate is shown at strength 2 and the lines say
+    that the check failed."""
     from featuredict.db import queries as q
     from featuredict.db.store import Store
 
@@ -410,15 +483,37 @@ def steering_hint(
         if row is None:
             return None
         rt = runtime_from_row(row, device=device)
-        pick = pick_steer_feature(store, sae_id, rt, _concept_scorer(), topics)
+        picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]
+        max_act = q.feature_baselines(store, sae_id, int(rt.d_sae))["max_act"]
     finally:
         store.close()
-    if pick is None:
+    if not picks:
         return None
+    for pick in picks:
+        check = check_steer(rt, pick, float(max_act[pick.feature]))
+        if check.strength is not None:
+            return _hint(db, sae_id, pick, check.strength) + (
+                f"\n  Checked here: the steered text mentions {pick.topic.name} {check.hits} times (baseline "
+                f"{check.baseline_hits}):\n    {_one_line(check.text)}"
+            )
+    pick = picks[0]
+    return _hint(db, sae_id, pick, 2.0) + (
+        f"\n  (Checked here at add {', '.join(f'{x:g}' for x in DEMO_STRENGTHS)} for the top {len(picks)} "
+        "candidates: no steered text turned clearly on topic. Try other features from the dashboard's concept "
+        "search, or `featuredict sweep`.)"
+    )
+
+
+def _one_line(text: str, cap: int = 240) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= cap else flat[: cap - 1] + "…"
+
+
+def _hint(db: Path, sae_id: str, pick: SteerPick, strength: float) -> str:
     return (
         f'Steer with a feature found by meaning: concept search for "{pick.topic.name}" picked feature '
         f"{pick.feature} (score {pick.score:.2f}; {pick.hits} of its top {pick.n_top} contexts mention "
-        f"{pick.topic.name}). Baseline vs steered text:\n  {steer_command(_cli_name(), db, sae_id, pick)}"
+        f"{pick.topic.name}). Baseline vs steered text:\n  {steer_command(_cli_name(), db, sae_id, pick, strength)}"
     )
 
 

@@ -62,10 +62,10 @@ class TrainConfig:
     k: int = 32
     training_tokens: int = 100_000
     context_size: int = 128
-    # None: the measured default of the mode: streamed 256 tokens at 3e-3, constant (4e-4 barely moves a TopK
-    # SAE in ~100k tokens: FVE 0.00 vs 0.81 on stories260K); cached 512 tokens at 2e-3, the last 20% of steps
-    # decaying linearly to a tenth (demo corpus, 8 epochs: FVE 0.84 / dead 3%, against 0.79 / 3% at 4e-3 and
-    # 0.77 / 54% at 1e-3; without the decay 0.74 at 3e-3).
+    # None: the measured default of the mode (docs/cli.md): streamed 256 tokens at 3e-3, constant (4e-4 barely
+    # moves a TopK SAE in ~100k tokens: FVE 0.00 vs 0.81 on stories260K); cached 512 tokens at 2e-3, the last 20%
+    # of steps decaying linearly to a tenth (demo corpus, 8 epochs: FVE 0.84 / dead 3%; 6 epochs at 4e-3: 0.76,
+    # at 1e-3: 0.77 with 54% dead; constant 3e-3 at 256 tokens: 0.74).
     batch_tokens: int | None = None
     lr: float | None = None
     lr_decay: float | None = None  # fraction of the steps, at the end, over which the lr decays to lr / 10

@@ -217,9 +217,63 @@ def test_printed_steering_command_runs_on_the_database(tiny_db: Path, tmp_path: 
     db.write_bytes(tiny_db.read_bytes())
     hint = steering_hint(db, "tiny/model.layers.1/64", device="cpu", topics=[topic])
     assert hint is not None and 'concept search for "baking" picked feature' in hint
-    cmd = hint.splitlines()[-1].strip()
+    assert "Checked here" in hint  # the command was run, on topic or not, and the hint says which
+    cmd = next(line.strip() for line in hint.splitlines() if line.strip().startswith("featuredict steer"))
     argv = shlex.split(cmd)
     assert argv[:2] == ["featuredict", "steer"] and "--feature" in argv
     assert main([*argv[1:], "--max-new-tokens", "4", "--no-activations"]) == 0
     out = capsys.readouterr().out
     assert "=== baseline ===" in out and "=== steered:" in out
+
+
+def _pick(feature: int = 3):
+    from featuredict.pipelines.demo import SteerPick
+    from featuredict.pipelines.demo_topics import SteerTopic
+
+    topic = SteerTopic("baking", ("Bake bread.",), ("The market fell.",), ("bread", "flour"), "To bake bread")
+    return SteerPick(topic, feature, 1.0, 5, 10)
+
+
+def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapsed(monkeypatch):
+    from types import SimpleNamespace
+
+    import featuredict.pipelines.steering as steering
+    from featuredict.pipelines.demo import check_steer
+
+    def fake_sweep(texts, baseline):
+        def run(rt, cfg, settings, max_acts):
+            assert cfg.edits[0].mode == "add" and cfg.generation.temperature == 0 and max_acts == {3: 2.5}
+            row = lambda s, t: SimpleNamespace(strength=s, result=SimpleNamespace(text=t))  # noqa: E731
+            return SimpleNamespace(
+                baselines=[row(None, baseline)], steered=[row(s, t) for s, t in zip(settings.strengths, texts)]
+            )
+
+        return run
+
+    rt = SimpleNamespace(loaded=SimpleNamespace(is_chat=False))
+    texts = ["one bread here", "bread bread bread bread", "fresh bread and flour at dawn", "bread, flour, breads"]
+    monkeypatch.setattr(steering, "run_sweep", fake_sweep(texts, "a walk"))
+    c = check_steer(rt, _pick(), 2.5, strengths=(1.0, 1.5, 2.0, 3.0))
+    assert (c.strength, c.hits, c.baseline_hits, c.text) == (2.0, 2, 0, texts[2])  # 1.5 collapsed, 1.0 one hit
+    monkeypatch.setattr(steering, "run_sweep", fake_sweep(texts, "bread, flour and more bread"))
+    c = check_steer(rt, _pick(), 2.5, strengths=(1.0, 1.5, 2.0, 3.0))
+    assert c.strength is None and c.baseline_hits == 3 and c.hits == 4  # never more than the baseline
+
+
+def test_steer_check_texts_are_what_the_printed_command_prints(tiny_db: Path, tiny_runtime, capsys):
+    """What the demo reports as checked is token for token what `featuredict steer` prints for that strength."""
+    from featuredict.pipelines.demo import STEER_TOKENS, check_steer, steer_command
+
+    pick = _pick(feature=5)
+    con = duckdb.connect(str(tiny_db), read_only=True)
+    try:
+        (max_act,) = con.execute("SELECT max_act FROM features WHERE feature = 5").fetchone()
+    finally:
+        con.close()
+    c = check_steer(tiny_runtime, pick, max_act, strengths=(2.0,))  # one strength: c.text is its steered text
+    argv = shlex.split(steer_command("featuredict", tiny_db, "tiny/model.layers.1/64", pick, 2.0))
+    assert argv[argv.index("--max-new-tokens") + 1] == str(STEER_TOKENS)
+    assert main([*argv[1:], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["baseline"]["text"] == c.baseline and out["steered"]["text"] == c.text
+    assert c.text != c.baseline  # the edit did something
