@@ -245,7 +245,8 @@ def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapse
             assert cfg.edits[0].mode == "add" and cfg.generation.temperature == 0 and max_acts == {3: 2.5}
             row = lambda s, t: SimpleNamespace(strength=s, result=SimpleNamespace(text=t))  # noqa: E731
             return SimpleNamespace(
-                baselines=[row(None, baseline)], steered=[row(s, t) for s, t in zip(settings.strengths, texts)]
+                baselines=[row(None, baseline)],
+                steered=[row(s, t) for s, t in zip(settings.strengths, texts, strict=True)],
             )
 
         return run

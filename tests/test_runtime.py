@@ -157,7 +157,6 @@ def test_hf_adapter_facts_and_cached_step(tiny_runtime):
             torch.testing.assert_close(logits, full[0, i], atol=1e-5, rtol=1e-5)
 
 
-
 def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
     """The prefix runs once and its KV cache serves every row: each row's logits (right-padded rows included)
     equal a full forward pass over that row alone, for the HF adapter and for the base class's recompute."""
@@ -179,6 +178,7 @@ def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
             for k, c in enumerate(conts):
                 full = loaded.forward(torch.cat([prefix[0], c]).unsqueeze(0))[0, p - 1 :]
                 torch.testing.assert_close(got[k, : len(c) + 1], full, atol=1e-5, rtol=1e-5)
+
 
 def test_encode_is_the_one_activation_path(tiny_runtime):
     """``encode`` gives hook activations in the SAE's dtype and device, features zeroed where not valid."""
