@@ -221,7 +221,12 @@ class HFBackend(ModelBackend):
         return out.logits[0, -1], new_cache
 
     def forward_after_prefix(self, prefix: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        """The prefix runs once (batch 1); its KV cache is repeated over the rows of ``rest``."""
+        """The prefix runs once (batch 1); its KV cache is repeated over the rows of ``rest``. One row runs as one
+        pass with logits only where asked (nothing to share)."""
+        if rest.shape[0] == 1:
+            ids = torch.cat([prefix, rest], dim=1)
+            keep = int(rest.shape[1]) + 1
+            return self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         first, cache = self.step(prefix, None)
         cache.batch_repeat_interleave(int(rest.shape[0]))
         out = self.model(input_ids=rest, use_cache=True, **{self._cache_kwarg(): cache})

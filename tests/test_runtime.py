@@ -178,6 +178,9 @@ def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
             for k, c in enumerate(conts):
                 full = loaded.forward(torch.cat([prefix[0], c]).unsqueeze(0))[0, p - 1 :]
                 torch.testing.assert_close(got[k, : len(c) + 1], full, atol=1e-5, rtol=1e-5)
+        one = loaded.forward_after_prefix(prefix, conts[0].unsqueeze(0))  # one row: one pass, no cache
+        full = loaded.forward(torch.cat([prefix[0], conts[0]]).unsqueeze(0))[:, p - 1 :]
+        torch.testing.assert_close(one, full, atol=1e-5, rtol=1e-5)
 
 
 def test_encode_is_the_one_activation_path(tiny_runtime):
