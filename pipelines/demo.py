@@ -9,10 +9,12 @@
    sample of the English prose of the Python language reference that ships inside every CPython
    (``pydoc_data.topics``; about a fifth of the corpus, so code is one topic among many). The demo prints
    which text it used and stores the description in the database.
-3. SAE: a TopK SAE trained here with sae-lens on the layer-15 residual (``model.layers.15``).
+3. SAE: a TopK SAE trained here with sae-lens on the layer-15 residual (``model.layers.15``), ~8 epochs over the
+   corpus's activations cached in memory (``train_sae``'s ``cache`` mode).
 4. Build: harvest + logit effects + neighbours + UMAP into DuckDB.
 5. Steering: concept search (the dashboard's "search by concept") for a few built-in topics picks a feature by
-   meaning, and the demo prints a ``featuredict steer`` command that uses it on the database just built.
+   meaning; the demo runs the steering command at a few strengths (``check_steer``) and prints the lowest one
+   whose text is on topic, as a ``featuredict steer`` command for the database just built.
 
 Budgets (tokens the model writes, SAE training tokens, harvest tokens) left unset are chosen for the machine:
 ``CPU_BUDGETS`` fit ``featuredict demo`` from nothing in about 8 minutes on 2 CPU cores; with a CUDA GPU they are
@@ -369,20 +371,6 @@ def steer_candidates(
             picks.append(best)
     picks.sort(key=lambda kp: kp[0], reverse=True)
     return [p for _, p in picks]
-
-
-def pick_steer_feature(
-    store: Any,
-    sae_id: str,
-    runtime: Any,
-    scorer: ConceptScorer,
-    topics: Sequence[SteerTopic] = STEER_TOPICS,
-    candidates: int = 5,
-    n_top: int = 10,
-) -> SteerPick | None:
-    """The best of ``steer_candidates``, or None."""
-    picks = steer_candidates(store, sae_id, runtime, scorer, topics, candidates, n_top)
-    return picks[0] if picks else None
 
 
 DEMO_STRENGTHS = (1.0, 1.5, 2.0, 3.0, 4.0)  # add, in units of the feature's max activation

@@ -176,7 +176,7 @@ def test_steering_pick_prefers_the_feature_whose_contexts_are_on_topic(tiny_db: 
     import pandas as pd
 
     from featuredict.db.store import Store
-    from featuredict.pipelines.demo import pick_steer_feature, steer_command
+    from featuredict.pipelines.demo import steer_candidates, steer_command
     from featuredict.pipelines.demo_topics import SteerTopic
 
     sae_id = "tiny/model.layers.1/64"
@@ -189,10 +189,10 @@ def test_steering_pick_prefers_the_feature_whose_contexts_are_on_topic(tiny_db: 
 
     store = Store(str(tiny_db), read_only=True)
     try:
-        pick = pick_steer_feature(store, sae_id, tiny_runtime, scorer, [topic])
+        (pick,) = steer_candidates(store, sae_id, tiny_runtime, scorer, [topic])
     finally:
         store.close()
-    assert pick is not None and pick.feature == on_topic and pick.hits > 0 and pick.topic is topic
+    assert pick.feature == on_topic and pick.hits > 0 and pick.topic is topic
     cmd = steer_command("featuredict", tiny_db, sae_id, pick)
     assert cmd.startswith(f"featuredict steer --db {tiny_db} --sae {sae_id} --prompt Hello --feature {on_topic}=add:2")
 
