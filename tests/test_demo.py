@@ -40,8 +40,9 @@ def test_small_demo_builds_a_database_and_prints_the_serve_command(tmp_path: Pat
     assert "SmolLM2-135M-Instruct wrote" in out and "Python language reference" in out  # says which text it used
     assert "the model wrote" in out  # the real generation path ran (40 tokens)
     # the last line: a steering command for a feature found by concept search, which works as printed
-    steer = out.strip().splitlines()[-1].strip()
+    steer = next((ln.strip() for ln in out.splitlines() if ln.strip().startswith(".venv/bin/featuredict steer")), "")
     assert steer.startswith(f".venv/bin/featuredict steer --db {db} --sae "), out[-2000:]
+    assert "Checked here" in out  # the printed command was run, on topic or not
     assert main([*shlex.split(steer)[1:], "--max-new-tokens", "3", "--no-activations"]) == 0
     assert "=== steered:" in capsys.readouterr().out
     con = duckdb.connect(str(db), read_only=True)
