@@ -236,12 +236,12 @@ def sweep_chart(
     recommended: float | None = None,
     height: int = 220,
 ) -> alt.HConcatChart:
-    """A strength sweep (``SweepResult.summary()`` rows: strength, concept, perplexity, divergence) as two
+    """A strength sweep (``SweepResult.summary()`` rows: strength, concept, perplexity, divergence, distinct) as two
     panels over a log strength axis: the concept score, and the perplexity under the unsteered model with the
     baseline's (solid) and the allowed ``max_ppl_ratio`` x baseline (dashed) as rules. The recommended
     strength, when given, is a red vertical rule in both."""
-    df = summary[["strength", "concept", "perplexity", "divergence"]].astype(float).copy()
-    df["within"] = df["perplexity"] <= max_ppl_ratio * baseline_perplexity
+    cols = [c for c in ("strength", "concept", "perplexity", "divergence", "distinct") if c in summary]
+    df = summary[cols].astype(float).copy()
     x = alt.X("strength:Q", scale=alt.Scale(type="log"), title="strength (x max activation)")
     tips = [
         alt.Tooltip("strength:Q", format=".3g"),
@@ -249,6 +249,8 @@ def sweep_chart(
         alt.Tooltip("perplexity:Q", format=".3g"),
         alt.Tooltip("divergence:Q", title="KL (nats/token)", format=".3f"),
     ]
+    if "distinct" in df:
+        tips.append(alt.Tooltip("distinct:Q", title="distinct tokens", format=".2f"))
     base = alt.Chart(df).encode(x=x, tooltip=tips)
     concept = base.mark_line(point=True, color=BAR_COLOUR).encode(
         y=alt.Y("concept:Q", title="concept score (x max act)")

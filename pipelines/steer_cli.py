@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .steering import (
+    MIN_DISTINCT,
     MODE_HELP,
     GenerationResult,
     GenerationStream,
@@ -228,13 +229,16 @@ def _num(x: float, fmt: str = ".3g") -> str:
 
 
 def format_scores(base: Quality, steered: Quality) -> str:
-    """The quality scores as text: fluency (both perplexities), divergence and each feature's concept score."""
+    """The quality scores as text: fluency (both perplexities), divergence, distinct tokens and each feature's
+    concept score."""
     ratio = steered.perplexity / base.perplexity if base.perplexity > 0 else float("nan")
     lines = [
         "quality (the unsteered model is the reference):",
         f"  fluency: perplexity under the unsteered model: baseline {_num(base.perplexity)} | steered "
         f"{_num(steered.perplexity)} (x{_num(ratio, '.2f')})",
         f"  divergence: mean KL(steered || unsteered) {_num(steered.divergence)} nats per generated token",
+        f"  distinct tokens (share; below {MIN_DISTINCT:g} = collapsed into repeats): baseline {_num(base.distinct, '.2f')}"
+        f" | steered {_num(steered.distinct, '.2f')}",
     ]
     cells = [
         f"#{f} baseline {_num(b)} | steered {_num(s)}"
@@ -391,7 +395,8 @@ def format_sweep(res: SweepResult, max_acts: Mapping[int, float], width: int = 6
     lines = [f"baseline (seed {res.baselines[0].seed}): {res.baselines[0].result.text!r}"[: width + 30]]
     lines.append(f"baseline perplexity {_num(base_ppl)}, concept score {_num(res.baseline_concept)}")
     lines.append(
-        f"{'strength':>9} {'concept':>8} {'perplexity':>10} {'x base':>7}  {'KL':>7}  text (seed {res.settings.seeds[0]})"
+        f"{'strength':>9} {'concept':>8} {'perplexity':>10} {'x base':>7}  {'KL':>7} {'distinct':>8}  "
+        f"text (seed {res.settings.seeds[0]})"
     )
     first = {r.strength: r for r in reversed(res.steered)}
     for row in res.summary():
@@ -402,16 +407,19 @@ def format_sweep(res: SweepResult, max_acts: Mapping[int, float], width: int = 6
         mark = "" if row["within"] else " !"
         lines.append(
             f"{s:>9g} {_num(row['concept'], '.3f'):>8} {_num(row['perplexity'], '.3g'):>10} "
-            f"{_num(ratio, '.2f'):>7}{mark:<2}{_num(row['divergence'], '.3f'):>7}  {text}"
+            f"{_num(ratio, '.2f'):>7}{mark:<2}{_num(row['divergence'], '.3f'):>7} {_num(row['distinct'], '.2f'):>8}  {text}"
         )
     rec = res.recommended
     if rec is None:
-        lines.append(f"no strength keeps perplexity within {res.settings.max_ppl_ratio:g}x the baseline's (! marks)")
+        lines.append(
+            f"no strength keeps perplexity within {res.settings.max_ppl_ratio:g}x the baseline's with at least "
+            f"{MIN_DISTINCT:g} distinct tokens (! marks)"
+        )
     else:
         flags = " ".join(f"--feature {e.spec()}" for e in res.config_at(rec, max_acts).edits)
         lines.append(
             f"recommended strength: {rec:g} (highest concept score with perplexity <= "
-            f"{res.settings.max_ppl_ratio:g}x the baseline's); use: {flags}"
+            f"{res.settings.max_ppl_ratio:g}x the baseline's, not collapsed); use: {flags}"
         )
     return "\n".join(lines) + "\n"
 

@@ -586,6 +586,19 @@ def test_page_shows_quality_scores(app, db_copy):
     assert m[f"Concept #{f}"] == f"{s['concept'][str(f)]:.3f}"
     at.run()  # a rerun shows the stored result and its scores again, without generating
     assert metrics(at) == m
+    collapsed = s["distinct_tokens"] < 0.5
+    assert any("collapsed into repeats" in w.value for w in at.warning) == collapsed
+
+
+def test_page_warns_when_the_steered_text_collapses(app, db_copy):
+    """A strong add drives the tiny model into one repeated token; perplexity may not show it, the page says so."""
+    f = live_feature(db_copy)
+    at = app(sae=SAE_ID, feature=f"{f}=add:16", prompt="Once upon a time", chat="0", n="16").run()
+    at.button(key="steer_run").click().run()
+    assert not at.exception, at.exception
+    s = at.session_state["steer_result"]["scores"]["steered"]
+    assert s["distinct_tokens"] < 0.5, s
+    assert any("collapsed into repeats" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
 def test_page_reads_every_method_from_the_url(app, db_copy):
@@ -607,13 +620,15 @@ def test_page_sweep_chart_and_recommended_strength(app, db_copy):
     f = live_feature(db_copy)
     at = app(sae=SAE_ID, feature=f"{f}=add:1", prompt="Once upon a time", chat="0", n="5").run()
     at.number_input(key="steer_sw_n").set_value(3)
-    at.number_input(key="steer_sw_ratio").set_value(1000.0)  # every strength qualifies: the best concept wins
+    at.number_input(key="steer_sw_ratio").set_value(1000.0)  # any perplexity qualifies; collapsed text does not
     at.button(key="steer_sweep_run").click().run()
     assert not at.exception, at.exception
     assert not errors(at), errors(at)
     sw = at.session_state["steer_sweep"]
     assert sw["sweep"]["strengths"] == [0.5, 2.83, 16.0] and len(sw["rows"]) == 3
-    best = max(sw["summary"], key=lambda r: (r["concept"], -r["strength"]))["strength"]
+    ok = [r for r in sw["summary"] if r["within"]]
+    assert ok and all(r["distinct"] >= 0.5 for r in ok)
+    best = max(ok, key=lambda r: (r["concept"], -r["strength"]))["strength"]
     assert sw["recommended_strength"] == best
     assert len(at.get("vega_lite_chart")) == 1 and "Concept score" in at.get("vega_lite_chart")[0].proto.spec
     at.button(key="steer_sweep_use").click().run()

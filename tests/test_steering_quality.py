@@ -277,6 +277,8 @@ def test_quality_scores_equal_a_direct_computation(tiny_runtime, mx, positions):
     qb, qs = score_rows(rt, [base, steered], mx)
     ppl, kl, concept = brute_quality(rt, cfg, steered, [f, g], mx)
     assert qs.perplexity == pytest.approx(ppl, rel=1e-4)
+    assert qs.distinct == len(set(steered.token_ids)) / len(steered.token_ids)
+    assert qb.distinct == len(set(base.token_ids)) / len(base.token_ids)
     assert qs.divergence == pytest.approx(kl, rel=1e-3, abs=1e-5)
     assert qs.concept == pytest.approx(tuple(concept), rel=1e-4, abs=1e-6)
     assert qs.divergence > 0.01 and qs.concept[0] > qb.concept[0]  # the edit moved the text and the feature
@@ -335,7 +337,11 @@ def test_batched_sweep_equals_one_at_a_time(tiny_runtime, mx):
             assert row.concept == pytest.approx(sum(concept) / 2, rel=1e-4, abs=1e-6)  # both are swept (g clamped)
     # the recommendation follows the rule on the summary it reports
     summ = sweep.summary()
-    ok = [r for r in summ if r["perplexity"] <= 2 * sweep.baseline_perplexity]
+    for r in summ:  # one seed: the row's distinct share is its own text's
+        (row,) = [x for x in sweep.steered if x.strength == r["strength"]]
+        assert r["distinct"] == len(set(row.result.token_ids)) / len(row.result.token_ids)
+    ok = [r for r in summ if r["perplexity"] <= 2 * sweep.baseline_perplexity and r["distinct"] >= 0.5]
+    assert [r["within"] for r in summ] == [r in ok for r in summ]
     want = max(ok, key=lambda r: (r["concept"], -r["strength"]))["strength"] if ok else None
     assert sweep.recommended == want
     assert not rt.site.active and not rt.loaded.model._forward_hooks  # every hook removed
@@ -415,6 +421,10 @@ def test_recommend_rule():
     assert recommend(rows, 10.0, 2.5) == 4.0
     assert recommend(rows, 1.0, 2.0) is None
     assert recommend(rows, float("nan"), 2.0) is None
+    # a text collapsed into repeats never qualifies, however low its perplexity (48 repeated spaces: 2.45)
+    collapsed = [{**rows[0], "distinct": 0.6}, {"strength": 9.75, "concept": 0.5, "perplexity": 2.45, "distinct": 0.02}]
+    assert recommend(collapsed, 10.0, 2.0) == 0.5
+    assert recommend([{**collapsed[0], "distinct": float("nan")}], 10.0, 2.0) is None
 
 
 # ---- batched generation keeps the one-row semantics --------------------------------------------------------

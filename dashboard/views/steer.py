@@ -27,6 +27,7 @@ from featuredict.db import queries
 from featuredict.db.presets import PresetError, feature_max_acts
 from featuredict.pipelines.steering import (
     MAX_ACT_UNITS,
+    MIN_DISTINCT,
     FeatureEdit,
     GenerationSettings,
     SteeringConfig,
@@ -340,6 +341,13 @@ def show_scores(scores: dict[str, Any] | None) -> None:
         base_v = b["concept"].get(f)
         delta = None if v is None or base_v is None else f"{v - base_v:+.3f} vs baseline"
         col.metric(f"Concept #{f}", _fmt(v, ".3f"), delta=delta)
+    sd, bd = s.get("distinct_tokens"), b.get("distinct_tokens")
+    if sd is not None and sd < MIN_DISTINCT:
+        st.warning(
+            f"The steered text has collapsed into repeats: only {sd:.0%} of its tokens are distinct (baseline "
+            f"{_fmt(bd, '.0%')}). Perplexity can stay low on repeated tokens; try a "
+            "lower strength."
+        )
 
 
 def show_details(res: dict[str, Any]) -> None:
@@ -506,7 +514,7 @@ with st.expander("Strength sweep", expanded="steer_sweep" in ss):
         "Generate at a grid of strengths (in units of each feature's max activation: the value of add, "
         "orthogonal and cap, strength x max act for clamp; ablated features stay ablated) x seeds, as one batch, "
         "and score each. The recommended strength has the highest concept score whose perplexity stays within "
-        "the factor of the baseline's."
+        "the factor of the baseline's and whose text keeps at least half of its tokens distinct (not collapsed)."
     )
     w = st.columns(5)
     w[0].number_input("From (x max act)", key="steer_sw_lo", value=0.5, min_value=0.01, step=0.5)
@@ -537,7 +545,9 @@ with st.expander("Strength sweep", expanded="steer_sweep" in ss):
             st.error(md(f"Sweep stopped: {_one_line(e)}"))
     sw = ss.get("steer_sweep")
     if sw:
-        summary = pd.DataFrame(sw["summary"]).astype({"concept": float, "perplexity": float, "divergence": float})
+        summary = pd.DataFrame(sw["summary"]).astype(
+            {"concept": float, "perplexity": float, "divergence": float, "distinct": float}
+        )
         base_ppl = sw["baseline_perplexity"] if sw["baseline_perplexity"] is not None else float("nan")
         rec = sw["recommended_strength"]
         for n in sw["notes"]:
@@ -549,12 +559,16 @@ with st.expander("Strength sweep", expanded="steer_sweep" in ss):
         table = summary.assign(text=[texts.get(s, "") for s in summary["strength"]])
         st.dataframe(table, hide_index=True, width="stretch", key="steer_sweep_table")
         if rec is None:
-            st.warning(f"No strength keeps the perplexity within {sw['sweep']['max_ppl_ratio']:g}x the baseline's.")
+            st.warning(
+                f"No strength keeps the perplexity within {sw['sweep']['max_ppl_ratio']:g}x the baseline's with at "
+                f"least {MIN_DISTINCT:g} distinct tokens (a text collapsed into repeats does not count)."
+            )
         else:
             st.success(
                 md(
                     f"Recommended strength: {rec:g} x max activation (the highest concept score whose perplexity "
-                    f"stays within {sw['sweep']['max_ppl_ratio']:g}x the baseline's)."
+                    f"stays within {sw['sweep']['max_ppl_ratio']:g}x the baseline's and whose text has not "
+                    "collapsed into repeats)."
                 )
             )
             st.button(f"Use strength {rec:g}", key="steer_sweep_use", on_click=_use_strength, args=(rec,))

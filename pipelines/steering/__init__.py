@@ -66,8 +66,8 @@ from .generation import (
 )
 from .presets import Preset, list_presets, load_preset, save_preset
 from .prompts import chat_messages, check_prompt, format_prompt, has_chat_template, prepare, prompt_ids
-from .quality import Quality, score_rows
-from .sweep import SweepResult, SweepRow, edits_at, recommend, run_sweep, swept_features
+from .quality import MIN_DISTINCT, Quality, score_rows
+from .sweep import SweepResult, SweepRow, edits_at, qualifies, recommend, run_sweep, swept_features
 
 __all__ = [
     "BatchStream",
@@ -86,6 +86,7 @@ __all__ = [
     "MAX_SWEEP_STRENGTHS",
     "MAX_TEMPERATURE",
     "MAX_TURNS",
+    "MIN_DISTINCT",
     "MIN_TEMPERATURE",
     "MODES",
     "MODE_HELP",
@@ -124,6 +125,7 @@ __all__ = [
     "plan_values",
     "prepare",
     "prompt_ids",
+    "qualifies",
     "recommend",
     "run_sweep",
     "save_preset",

@@ -9,7 +9,10 @@ the position that predicts ``y_t`` (prefix ``p + y_<t``) and ``s_t`` the logits 
   distributions are from the unsteered model's on the same prefixes (0 for an unsteered run, by definition);
 - **concept score** of feature ``i``: ``(1/N) Σ_t f_i(x_t) / max_act_i``, the feature's activation on the
   generated tokens measured in an UNEDITED pass (``x_t`` is the hook's activation at ``y_t``'s position with no
-  edit anywhere), in units of its max observed activation (NaN when ``max_act_i`` is not positive).
+  edit anywhere), in units of its max observed activation (NaN when ``max_act_i`` is not positive);
+- **distinct tokens**: ``|{y_t}| / N``, the share of distinct token ids in the continuation (NaN when empty). A
+  text collapsed into one repeated token scores ~1/N; perplexity alone can miss that (48 repeated no-break
+  spaces had perplexity 2.45 under SmolLM2, as low as fluent text), so sweeps also require ``MIN_DISTINCT``.
 
 Cost: the run's own logits give ``s_t`` (``keep_logits``). An unsteered run's logits are ``u_t`` themselves, and
 its recorded activations are unedited, so it needs no extra pass. A steered run needs one unedited forward pass
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from .generation import GenerationResult
 
 PASS_BYTES = 256 * 2**20  # logits held at once by the unedited pass (rows are processed in groups under this)
+MIN_DISTINCT = 0.5  # below this share of distinct tokens a continuation counts as collapsed (fluent text: ~0.6-0.9)
 
 
 def _nan_none(x: float) -> float | None:
@@ -50,6 +54,7 @@ class Quality:
     divergence: float
     features: tuple[int, ...]
     concept: tuple[float, ...]
+    distinct: float = float("nan")  # share of distinct token ids in the continuation
 
     def concept_mean(self, features: Sequence[int] | None = None) -> float:
         """Mean concept score over ``features`` (default: all) with a finite score; NaN when there is none."""
@@ -58,11 +63,12 @@ class Quality:
         return sum(vals) / len(vals) if vals else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (NaN -> None): tokens, perplexity, divergence_kl, concept {feature: score}."""
+        """JSON-ready (NaN -> None): tokens, perplexity, divergence_kl, distinct_tokens, concept {feature: score}."""
         return {
             "tokens": self.n_tokens,
             "perplexity": _nan_none(self.perplexity),
             "divergence_kl": _nan_none(self.divergence),
+            "distinct_tokens": _nan_none(self.distinct),
             "concept": {str(f): _nan_none(c) for f, c in zip(self.features, self.concept, strict=True)},
         }
 
@@ -77,6 +83,11 @@ def _concept(acts: torch.Tensor, features: Sequence[int], max_acts: Mapping[int,
         else:
             out.append(float(acts[:, j].double().mean()) / mx)
     return tuple(out)
+
+
+def distinct_share(tokens: Sequence[int]) -> float:
+    """Share of distinct ids in ``tokens`` (NaN when empty)."""
+    return len(set(tokens)) / len(tokens) if tokens else float("nan")
 
 
 def _fluency(own: torch.Tensor, unsteered: torch.Tensor, tokens: list[int], kl: bool) -> tuple[float, float]:
@@ -120,7 +131,8 @@ def score_rows(
             acts = res.acts_before if recorded else torch.zeros(len(res.token_ids), 0)
             assert acts is not None
             concept = _concept(acts, feats[i], max_acts) if feats[i] else ()
-            out[i] = Quality(len(res.token_ids), ppl, 0.0 if res.token_ids else float("nan"), tuple(feats[i]), concept)
+            div = 0.0 if res.token_ids else float("nan")
+            out[i] = Quality(len(res.token_ids), ppl, div, tuple(feats[i]), concept, distinct_share(res.token_ids))
         elif not res.token_ids:
             nan = float("nan")
             out[i] = Quality(0, nan, nan, tuple(feats[i]), tuple(nan for _ in feats[i]))
@@ -180,4 +192,6 @@ def _unedited_pass(
             div = 0.0
         fi = torch.tensor(feats[i], dtype=torch.long, device=x.device)
         acts = encode(x[k, :n])[:, fi].float().cpu() if feats[i] else torch.zeros(n, 0)
-        out[i] = Quality(n, ppl, div, tuple(feats[i]), _concept(acts, feats[i], max_acts))
+        out[i] = Quality(
+            n, ppl, div, tuple(feats[i]), _concept(acts, feats[i], max_acts), distinct_share(res.token_ids)
+        )

@@ -7,10 +7,11 @@ unsteered baseline row per seed and one steered row per (strength, seed), all fr
 padding is needed: the edit's values are a per-row tensor and the hook leaves the baseline rows untouched
 (``generation.BatchStream``). Every row is scored by ``quality.score_rows`` in one shared unedited pass.
 
-Recommendation: per strength, the concept score (mean over the swept features, then over seeds) and the
-perplexity (mean over seeds; NaN when any seed's row is empty or stopped on an error). The recommended
-strength is the one with the highest concept score whose perplexity is at most ``max_ppl_ratio`` x the
-baseline's (mean over seeds); ties go to the lower strength; None when no strength qualifies.
+Recommendation: per strength, the concept score (mean over the swept features, then over seeds), the
+perplexity (mean over seeds; NaN when any seed's row is empty or stopped on an error) and the share of distinct
+tokens (mean over seeds). The recommended strength is the one with the highest concept score whose perplexity
+is at most ``max_ppl_ratio`` x the baseline's (mean over seeds) and whose text has not collapsed (distinct share
+at least ``quality.MIN_DISTINCT``); ties go to the lower strength; None when no strength qualifies.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .config import FeatureEdit, SteeringConfig, SteeringInputError, SweepSettings, validate_config
 from .generation import BatchStream, GenerationResult, RowSpec
 from .prompts import prepare
-from .quality import Quality, score_rows
+from .quality import MIN_DISTINCT, Quality, score_rows
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -58,17 +59,25 @@ def swept_features(config: SteeringConfig) -> tuple[int, ...]:
     return tuple(e.feature for e in config.edits if e.mode != "ablate")
 
 
+def qualifies(row: Mapping[str, Any], limit: float) -> bool:
+    """Whether a summary row (``perplexity``, optional ``distinct``) is fluent enough to recommend: perplexity
+    finite and at most ``limit``, and not collapsed into repeats (distinct share >= ``MIN_DISTINCT``)."""
+    ppl = float(row["perplexity"])
+    distinct = float(row.get("distinct", 1.0))
+    return math.isfinite(ppl) and ppl <= limit and math.isfinite(distinct) and distinct >= MIN_DISTINCT
+
+
 def recommend(summary: Sequence[Mapping[str, Any]], baseline_perplexity: float, max_ppl_ratio: float) -> float | None:
     """The strength with the highest ``concept`` among ``summary`` rows (``strength``, ``concept``,
-    ``perplexity``) whose perplexity is finite and at most ``max_ppl_ratio`` x ``baseline_perplexity``; ties go
-    to the lower strength. None when the baseline's perplexity is not finite or no strength qualifies."""
+    ``perplexity``, ``distinct``) that ``qualifies`` under ``max_ppl_ratio`` x ``baseline_perplexity``; ties go to
+    the lower strength. None when the baseline's perplexity is not finite or no strength qualifies."""
     if not math.isfinite(baseline_perplexity):
         return None
     limit = max_ppl_ratio * baseline_perplexity
     best: tuple[float, float] | None = None  # (concept, -strength)
     for row in summary:
-        ppl, concept, s = float(row["perplexity"]), float(row["concept"]), float(row["strength"])
-        if not (math.isfinite(ppl) and ppl <= limit and math.isfinite(concept)):
+        concept, s = float(row["concept"]), float(row["strength"])
+        if not (qualifies(row, limit) and math.isfinite(concept)):
             continue
         if best is None or (concept, -s) > best:
             best = (concept, -s)
@@ -126,8 +135,8 @@ class SweepResult:
         return sum(vals) / len(vals) if vals else float("nan")
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per strength (ascending): mean concept score, perplexity and divergence over seeds, and whether the
-        perplexity is within the factor of the baseline's."""
+        """Per strength (ascending): mean concept score, perplexity, divergence and distinct-token share over
+        seeds, and whether the row ``qualifies`` (perplexity within the factor of the baseline's, not collapsed)."""
         limit = self.settings.max_ppl_ratio * self.baseline_perplexity
         out = []
         for s in self.settings.strengths:
@@ -136,18 +145,14 @@ class SweepResult:
                 continue
             n = len(rows)
             concept = [r.concept for r in rows if math.isfinite(r.concept)]
-            ppl = sum(r.quality.perplexity for r in rows) / n
-            div = sum(r.quality.divergence for r in rows) / n
-            out.append(
-                {
-                    "strength": s,
-                    "concept": sum(concept) / len(concept) if concept else float("nan"),
-                    "perplexity": ppl,
-                    "divergence": div,
-                    "within": bool(math.isfinite(ppl) and ppl <= limit),
-                    "seeds": n,
-                }
-            )
+            row = {
+                "strength": s,
+                "concept": sum(concept) / len(concept) if concept else float("nan"),
+                "perplexity": sum(r.quality.perplexity for r in rows) / n,
+                "divergence": sum(r.quality.divergence for r in rows) / n,
+                "distinct": sum(r.quality.distinct for r in rows) / n,
+            }
+            out.append({**row, "within": qualifies(row, limit), "seeds": n})
         return out
 
     @property
