@@ -388,19 +388,14 @@ class SteerCheck:
     baseline: str
 
 
-def _distinct_words(text: str) -> float:
-    words = re.findall(r"[^\W_]+", text.lower())
-    return len(set(words)) / len(words) if words else 0.0
-
-
 def check_steer(
     runtime: Any, pick: SteerPick, max_act: float, strengths: Sequence[float] = DEMO_STRENGTHS
 ) -> SteerCheck:
     """Run ``pick``'s steering command (its prompt, add, greedy, ``STEER_TOKENS`` new tokens) at every strength as
     one sweep batch (``steering.run_sweep``: token for token what ``featuredict steer`` prints). A strength
     counts as on topic when the steered text has at least 2 topic keywords, more than the baseline, and is not
-    collapsed into repeats (at least half of its words distinct)."""
-    from .steering import FeatureEdit, GenerationSettings, SteeringConfig, SweepSettings, run_sweep
+    collapsed into repeats (its distinct-token share, ``Quality.distinct``, at least ``MIN_DISTINCT``)."""
+    from .steering import MIN_DISTINCT, FeatureEdit, GenerationSettings, SteeringConfig, SweepSettings, run_sweep
 
     cfg = SteeringConfig(
         prompt=pick.topic.prompt,
@@ -416,7 +411,7 @@ def check_steer(
     for row in sorted(res.steered, key=lambda r: float(r.strength or 0)):
         text = row.result.text
         hits = len(pattern.findall(text))
-        if hits >= 2 and hits > base_hits and _distinct_words(text) >= 0.5:
+        if hits >= 2 and hits > base_hits and row.quality.distinct >= MIN_DISTINCT:
             return SteerCheck(row.strength, hits, base_hits, text, baseline)
         if hits > most[0]:
             most = (hits, text)

@@ -244,7 +244,14 @@ def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapse
     def fake_sweep(texts, baseline):
         def run(rt, cfg, settings, max_acts):
             assert cfg.edits[0].mode == "add" and cfg.generation.temperature == 0 and max_acts == {3: 2.5}
-            row = lambda s, t: SimpleNamespace(strength=s, result=SimpleNamespace(text=t))  # noqa: E731
+
+            def row(s, t):
+                toks = t.split()  # one token per word here
+                distinct = len(set(toks)) / len(toks)
+                return SimpleNamespace(
+                    strength=s, result=SimpleNamespace(text=t), quality=SimpleNamespace(distinct=distinct)
+                )
+
             return SimpleNamespace(
                 baselines=[row(None, baseline)],
                 steered=[row(s, t) for s, t in zip(settings.strengths, texts, strict=True)],
