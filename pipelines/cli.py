@@ -138,6 +138,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train_sae import CACHED_DEFAULTS, STREAMED_DEFAULTS  # torch is imported here anyway (the demo's parser)
+
     p = argparse.ArgumentParser(prog="featuredict", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"featuredict {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -161,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache: run the model once over the corpus and train epochs over the activations in memory; stream: "
         "sae-lens runs the model for every training token; auto (default): cache when they fit in 2 GiB",
     )
-    t.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default: 512 cached, 256 streamed)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3 cached, 3e-3 streamed)")
+    (cb, clr, cdec), (sb, slr, sdec) = CACHED_DEFAULTS, STREAMED_DEFAULTS
+    t.add_argument(
+        "--batch-tokens", type=int, default=None, help=f"tokens per step (default: {cb} cached, {sb} streamed)"
+    )
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {clr:g} cached, {slr:g} streamed)")
     t.add_argument(
         "--lr-decay",
         type=float,
         default=None,
-        help="fraction of the steps, at the end, over which the lr decays to a tenth (default: 0.2 cached, 0 streamed)",
+        help=f"fraction of the steps, at the end, over which the lr decays to a tenth (default: {cdec:g} cached, "
+        f"{sdec:g} streamed)",
     )
     t.add_argument("--seed", type=int, default=42)
     _device_args(t)

@@ -50,6 +50,9 @@ SUMMARY_FILE = "featuredict_train.json"
 Activations = Literal["auto", "stream", "cache"]
 ACTIVATION_MODES: tuple[str, ...] = ("auto", "stream", "cache")
 CACHE_BYTES = 2 * 2**30  # ``auto`` caches when the training tokens' activations fit in this
+# (batch tokens, lr, lr decay fraction) when not given, per activation source (measured: see TrainConfig)
+CACHED_DEFAULTS: tuple[int, float, float] = (512, 2e-3, 0.2)
+STREAMED_DEFAULTS: tuple[int, float, float] = (256, 3e-3, 0.0)
 
 
 @dataclass
@@ -104,11 +107,11 @@ class TrainConfig:
 
     def settings(self, d_in: int) -> tuple[int, float, float]:
         """``(batch_tokens, lr, lr_decay)`` with the mode's defaults filled in."""
-        cached = self.mode(d_in) == "cache"
+        batch, lr, decay = CACHED_DEFAULTS if self.mode(d_in) == "cache" else STREAMED_DEFAULTS
         return (
-            self.batch_tokens or (512 if cached else 256),
-            self.lr or (2e-3 if cached else 3e-3),
-            self.lr_decay if self.lr_decay is not None else (0.2 if cached else 0.0),
+            self.batch_tokens or batch,
+            self.lr or lr,
+            self.lr_decay if self.lr_decay is not None else decay,
         )
 
 
