@@ -97,9 +97,9 @@ def make_inputs(work: Path, d_sae: int, k: int) -> tuple[str, str, str, str]:
 
 
 def _cfg(args, tokens: int, db: str):
-    from featuredict.pipelines.build import BuildConfig
-    from featuredict.pipelines.corpus import CorpusSpec
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.harvest.build import BuildConfig
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.model.saes import SaeSource
 
     return BuildConfig(
         model=args.model,
@@ -119,10 +119,10 @@ def _cfg(args, tokens: int, db: str):
 def child(args) -> dict:
     """One measurement in this fresh process; prints JSON."""
     t_start = time.perf_counter()
-    from featuredict.pipelines.build import build
-    from featuredict.pipelines.distributed import RayOptions
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.harvest.build import build
+    from featuredict.pipelines.harvest.sharding import RayOptions
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     out: dict = {"import_s": time.perf_counter() - t_start}
     work = Path(args.work)

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
 from featuredict.pipelines.explain import ExplainConfig, run_explain  # noqa: E402
-from featuredict.pipelines.explain.llm import ChatSettings  # noqa: E402
+from featuredict.pipelines.explain.clients import ChatSettings  # noqa: E402
 from tests.test_explain import FakeLLM  # noqa: E402
 
 

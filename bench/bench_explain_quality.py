@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from featuredict.db.store import Store
     from featuredict.pipelines.explain import ExplainConfig, run_explain
     from featuredict.pipelines.explain.data import load_features, negative_pool
-    from featuredict.pipelines.explain.scoring import KeywordScorer
+    from featuredict.pipelines.explain.scorers import KeywordScorer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", required=True, help="a built featuredict database (not changed)")

@@ -22,7 +22,7 @@ import torch
 
 
 def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
-    from featuredict.pipelines.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
+    from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
 
     tok = rt.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -38,10 +38,10 @@ def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
 
 
 def throughput(args) -> dict:
-    from featuredict.pipelines.build import PAD_SLOT
-    from featuredict.pipelines.harvest import HarvestConfig, HarvestState, update
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.harvest.build import PAD_SLOT
+    from featuredict.pipelines.harvest.state import HarvestConfig, HarvestState, update
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
@@ -80,10 +80,10 @@ def throughput(args) -> dict:
 
 
 def memory_child(args) -> None:
-    from featuredict.pipelines.build import BuildConfig, harvest_corpus
-    from featuredict.pipelines.corpus import CorpusSpec
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.harvest.build import BuildConfig, harvest_corpus
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

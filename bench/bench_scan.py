@@ -30,7 +30,7 @@ def main() -> None:
 
     from featuredict.db import queries as q
     from featuredict.db.store import Store
-    from featuredict.pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
     from featuredict.pipelines.scan import Record, Watch, read_records, scan_text
 
     store = Store(args.db, read_only=True)

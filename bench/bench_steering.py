@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 
 
 def bench_cache() -> Path:
-    from featuredict.pipelines.models import cache_dir
+    from featuredict.pipelines.model.loading import cache_dir
 
     return cache_dir() / "bench"
 
@@ -149,7 +149,7 @@ def random_sae(model_path: str, hook_name: str, d_in: int, d_sae: int, k: int) -
 
 
 def smollm2_sae() -> Path:
-    from featuredict.pipelines.models import smollm2_folder
+    from featuredict.pipelines.model.loading import smollm2_folder
 
     out = bench_cache() / "smollm2-l15-topk4608"
     if (out / "cfg.json").exists():
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from featuredict.pipelines.runtime import load_runtime, runtime_from_row
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.model.runtime import load_runtime, runtime_from_row
+    from featuredict.pipelines.model.saes import SaeSource
 
     results = []
     if "stories260k" in args.models:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             max_acts = feature_max_acts(store, args.sae_id)
             sae_desc = f"{args.sae_id} from {args.db}"
         elif args.random_sae:
-            from featuredict.pipelines.models import smollm2_folder
+            from featuredict.pipelines.model.loading import smollm2_folder
 
             folder = random_sae(str(smollm2_folder()), "model.layers.15", 576, 4608, 32)
             rt = load_runtime("smollm2-135m", SaeSource(kind="folder", path=str(folder)), device="cpu")

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from featuredict.pipelines.demo_topics import words  # noqa: E402
+from featuredict.pipelines.demo.topics import words  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -406,7 +406,7 @@ TOPICS: tuple[Topic, ...] = (
 
 
 def default_db() -> Path:
-    from featuredict.pipelines.models import cache_dir
+    from featuredict.pipelines.model.loading import cache_dir
 
     return cache_dir() / "demo" / "smollm2-demo.duckdb"
 
@@ -415,8 +415,8 @@ def run(db: Path, sae_id: str | None, device: str | None, top: int, need: int) -
     from featuredict.dashboard import concept, prompt
     from featuredict.db import queries as q
     from featuredict.db.store import Store
-    from featuredict.pipelines.demo import context_text, keyword_pattern
-    from featuredict.pipelines.runtime import runtime_from_row
+    from featuredict.pipelines.demo.run import context_text, keyword_pattern
+    from featuredict.pipelines.model.runtime import runtime_from_row
 
     store = Store(str(db), read_only=True)
     try:

@@ -5,7 +5,7 @@
 Three figures, measured in one run (compare ratios, not absolute times from different days):
 1. forward to the hook, fp32 and fp16 weights, tokens/s (batches of 8 x 128 tokens; the model is cut after
    the hook layer the way the harvest stops there): the fp16/fp32 ratio tells whether this CPU has fast fp16;
-2. ``train-sae`` (sae-lens, through featuredict.pipelines.train_sae) on ``--tokens`` tokens, tokens/s;
+2. ``train-sae`` (sae-lens, through featuredict.pipelines.train.sae) on ``--tokens`` tokens, tokens/s;
 3. the ratio train/forward(fp32). Target: at least 0.5.
 ``--activations cache`` times train-sae's cached mode instead (one forward pass over the corpus, then epochs over
 the cached activations; the ratio can exceed 1 when training runs several epochs).
@@ -36,8 +36,8 @@ def cpu_model() -> str:
 
 
 def forward_tokens_per_s(folder: str, hook: str, dtype: torch.dtype, batches: list[torch.Tensor]) -> float:
-    from featuredict.pipelines.hooks import HookSite
-    from featuredict.pipelines.models import load_model
+    from featuredict.pipelines.model.hooks import HookSite
+    from featuredict.pipelines.model.loading import load_model
 
     loaded = load_model(folder, dtype=dtype, device="cpu")
     assert next(loaded.model.parameters()).dtype == dtype, "the model did not load in the dtype asked for"
@@ -71,9 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from featuredict.pipelines.corpus import CorpusSpec
-    from featuredict.pipelines.models import resolve_hf_path
-    from featuredict.pipelines.train_sae import TrainConfig, train_sae
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.model.loading import resolve_hf_path
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
     folder = resolve_hf_path(args.model)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +84,7 @@ def main() -> None:
     corpus = args.corpus
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:
-            from featuredict.pipelines.demo import python_docs_paragraphs
+            from featuredict.pipelines.demo.run import python_docs_paragraphs
 
             corpus = str(Path(tmp) / "docs.txt")
             Path(corpus).write_text("\n<|endoftext|>\n".join(python_docs_paragraphs()))

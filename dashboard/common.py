@@ -313,7 +313,7 @@ def get_runtime(sae_row: dict[str, Any]) -> Any:
 
     Raises whatever loading raises; callers show it with ``show_error``.
     """
-    from featuredict.pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     return cached_runtime_from_row(sae_row)
 

@@ -1,9 +1,9 @@
-"""Model + SAE runs on pasted text for the search page: the code lives in ``featuredict.pipelines.prompt``
+"""Model + SAE runs on pasted text for the search page: the code lives in ``featuredict.pipelines.search.by_prompt``
 (shared with ``featuredict search --mode prompt|concept``); this module re-exports it for the dashboard."""
 
 from __future__ import annotations
 
-from featuredict.pipelines.prompt import (
+from featuredict.pipelines.search.by_prompt import (
     MAX_TOKENS,
     PromptResult,
     dense_valid_acts,

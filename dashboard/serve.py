@@ -1,6 +1,6 @@
 """``featuredict serve``: start the Streamlit dashboard on a database.
 
-The ``featuredict`` CLI (``pipelines/cli.py``) calls ``register(subparsers)``; ``run(args)`` replaces the process with
+The ``featuredict`` CLI (``pipelines/cli/__init__.py``) calls ``register(subparsers)``; ``run(args)`` replaces the process with
 ``python -m streamlit run dashboard/app.py [server flags] -- --db PATH``.
 """
 

@@ -1,7 +1,7 @@
 """Reads and writes behind search by meaning: the ``feature_embeddings`` table and the words it embeds.
 
 A feature's words are its explanations, label, tags and notes plus a short summary of its top contexts
-(``pipelines/meaning.py`` composes them into one text). This module only moves rows: every statement is a
+(``pipelines/search/meaning.py`` composes them into one text). This module only moves rows: every statement is a
 constant and values travel as parameters (bulk rows as a registered Arrow table). Writes go through
 ``Store.write`` (one lock, one transaction), like ``db/writes.py``.
 
@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .queries import Reader, SearchFilters, filter_clauses, top_tokens
-from .store import Store
+from featuredict.db.queries import Reader, SearchFilters, filter_clauses, top_tokens
+from featuredict.db.store import Store
 
 
 def utc_now() -> datetime:

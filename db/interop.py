@@ -1,4 +1,4 @@
-"""Reads and writes behind Neuronpedia import / export (``pipelines/interop.py``).
+"""Reads and writes behind Neuronpedia import / export (``pipelines/neuronpedia.py``).
 
 Imported explanations go into ``explanations`` through ``Store.write`` (one lock, one transaction), with ids
 ``max(id) + 1, + 2, ...`` read under that lock, as ``db/writes.py`` assigns them. An import never duplicates: a
@@ -16,8 +16,8 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from .queries import Reader
-from .store import Store
+from featuredict.db.queries import Reader
+from featuredict.db.store import Store
 
 IMPORT_FIELDS = ("sae_id", "feature", "text", "method", "explainer_model", "author", "source", "created_at")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import duckdb
 
-from .filelock import RebuildInProgress, opening
+from featuredict.db.filelock import RebuildInProgress, opening
 
 SCHEMA_VERSION = 1
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import duckdb
 import pandas as pd
 
-from .schema import connect
+from featuredict.db.schema import connect
 
 T = TypeVar("T")
 

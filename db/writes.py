@@ -19,8 +19,8 @@ from typing import Any, Literal, get_args
 import duckdb
 import pyarrow as pa
 
-from .schema import REVIEW_STATUSES, SEVERITIES
-from .store import Store
+from featuredict.db.schema import REVIEW_STATUSES, SEVERITIES
+from featuredict.db.store import Store
 
 MAX_TEXT = 10_000  # characters kept of a label / note / list name
 MAX_TAG = 64

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .runtime import Runtime
+from featuredict.pipelines.model.runtime import Runtime
 
 SEVERITY_ORDER = ("low", "medium", "high", "critical")
 MAX_TOKENS = 1024  # tokens scanned per record (longer records are cut; the report says so)

@@ -149,18 +149,18 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runtime(tiny_model_dir: Path, tiny_sae_dir: Path):
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     return load_runtime(str(tiny_model_dir), SaeSource(kind="folder", path=str(tiny_sae_dir)), device="cpu")
 
 
 def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw) -> Path:
     """Build a real database with the full pipeline from the tiny model + SAE (no network, ~seconds)."""
-    from featuredict.pipelines.build import BuildConfig, build
-    from featuredict.pipelines.corpus import CorpusSpec
-    from featuredict.pipelines.harvest import HarvestConfig
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.harvest.state import HarvestConfig
+    from featuredict.pipelines.model.saes import SaeSource
 
     cfg = BuildConfig(
         model=str(model_dir),

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from featuredict.db.schema import SCHEMA_VERSION
-from featuredict.pipelines import build as build_mod
 from featuredict.pipelines.cli import main
-from featuredict.pipelines.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
-from featuredict.pipelines.harvest import HarvestConfig
-
-from .conftest import STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
+from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
+from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.harvest.state import build as build_mod
+from tests.conftest import STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
 
 def _q(db: Path, sql: str, params=None):
@@ -242,10 +241,10 @@ def test_stories260k_end_to_end(tmp_path: Path):
     """Real pretrained model + real TinyStories text: train an SAE with sae-lens, build, check truthfulness."""
     model = require_shared(STORIES_MODEL)
     corpus = require_shared(TINYSTORIES)
-    from featuredict.pipelines.build import BuildConfig, build
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
-    from featuredict.pipelines.train_sae import TrainConfig, train_sae
+    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
     small = tmp_path / "stories.txt"
     small.write_text(corpus.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
@@ -341,7 +340,7 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
 
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from featuredict.pipelines.backends import HFBackend, TLBackend
+    from featuredict.pipelines.model.backends import HFBackend, TLBackend
 
     torch.manual_seed(0)
     d_model, vocab = 32, 300
@@ -394,7 +393,7 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
 
 
 def test_train_sae_reads_only_as_much_corpus_as_it_needs(tmp_path: Path):
-    from featuredict.pipelines.train_sae import _dataset
+    from featuredict.pipelines.train.sae import _dataset
 
     corpus = tmp_path / "big.txt"
     corpus.write_text("\n<|endoftext|>\n".join(f"document {i} " + "word " * 50 for i in range(2_000)))

@@ -72,7 +72,7 @@ def _no_network(monkeypatch):
 
 
 def test_topic_prompts_cover_everyday_and_safety_topics_deterministically():
-    from featuredict.pipelines.demo_topics import EXTRA_PROMPTS, TOPICS, topic_prompts
+    from featuredict.pipelines.demo.topics import EXTRA_PROMPTS, TOPICS, topic_prompts
 
     prompts = topic_prompts()
     assert prompts == topic_prompts()  # deterministic
@@ -129,7 +129,7 @@ def test_builtin_corpus_is_mostly_topic_text_deterministic_and_offline(tmp_path:
 
 
 def test_budgets_fit_the_machine_and_keep_what_the_user_gave():
-    from featuredict.pipelines.demo import CPU_BUDGETS, CUDA_SCALE, DemoConfig, resolve_budgets
+    from featuredict.pipelines.demo.run import CPU_BUDGETS, CUDA_SCALE, DemoConfig, resolve_budgets
 
     cfg, note = resolve_budgets(DemoConfig(), cuda=False)
     assert (cfg.gen_tokens, cfg.train_tokens, cfg.tokens) == (
@@ -145,7 +145,7 @@ def test_budgets_fit_the_machine_and_keep_what_the_user_gave():
 
 
 def test_keyword_matching_is_whole_words_with_endings():
-    from featuredict.pipelines.demo import context_text, keyword_pattern
+    from featuredict.pipelines.demo.run import context_text, keyword_pattern
 
     p = keyword_pattern(["dog", "storm", "black hole"])
     assert p.search("Two Dogs barked") and p.search("the storms") and p.search("a black hole")
@@ -155,7 +155,7 @@ def test_keyword_matching_is_whole_words_with_endings():
 
 def _feature_with_and_without(db: Path, sae_id: str, word: str) -> tuple[int, int]:
     """(a feature whose top contexts mention ``word`` most, one whose top contexts never do)."""
-    from featuredict.pipelines.demo import context_text
+    from featuredict.pipelines.demo.run import context_text
 
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -177,8 +177,8 @@ def test_steering_pick_prefers_the_feature_whose_contexts_are_on_topic(tiny_db: 
     import pandas as pd
 
     from featuredict.db.store import Store
-    from featuredict.pipelines.demo import steer_candidates, steer_command
-    from featuredict.pipelines.demo_topics import SteerTopic
+    from featuredict.pipelines.demo.run import steer_candidates, steer_command
+    from featuredict.pipelines.demo.topics import SteerTopic
 
     sae_id = "tiny/model.layers.1/64"
     on_topic, off_topic = _feature_with_and_without(tiny_db, sae_id, "bread")
@@ -202,10 +202,9 @@ def test_printed_steering_command_runs_on_the_database(tiny_db: Path, tmp_path: 
     """steering_hint runs the real concept search and prints a command that `featuredict steer` accepts."""
     import shlex
 
-    from featuredict.pipelines.demo import steering_hint
-    from featuredict.pipelines.demo_topics import SteerTopic
-
-    from .conftest import TINY_TEXT
+    from featuredict.pipelines.demo.run import steering_hint
+    from featuredict.pipelines.demo.topics import SteerTopic
+    from tests.conftest import TINY_TEXT
 
     topic = SteerTopic(
         "baking",
@@ -228,8 +227,8 @@ def test_printed_steering_command_runs_on_the_database(tiny_db: Path, tmp_path: 
 
 
 def _pick(feature: int = 3):
-    from featuredict.pipelines.demo import SteerPick
-    from featuredict.pipelines.demo_topics import SteerTopic
+    from featuredict.pipelines.demo.run import SteerPick
+    from featuredict.pipelines.demo.topics import SteerTopic
 
     topic = SteerTopic("baking", ("Bake bread.",), ("The market fell.",), ("bread", "flour"), "To bake bread")
     return SteerPick(topic, feature, 1.0, 5, 10)
@@ -239,7 +238,7 @@ def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapse
     from types import SimpleNamespace
 
     import featuredict.pipelines.steering as steering
-    from featuredict.pipelines.demo import check_steer
+    from featuredict.pipelines.demo.run import check_steer
 
     def fake_sweep(texts, baseline):
         def run(rt, cfg, settings, max_acts):
@@ -271,7 +270,7 @@ def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapse
 
 def test_steer_check_texts_are_what_the_printed_command_prints(tiny_db: Path, tiny_runtime, capsys):
     """What the demo reports as checked is token for token what `featuredict steer` prints for that strength."""
-    from featuredict.pipelines.demo import STEER_TOKENS, check_steer, steer_command
+    from featuredict.pipelines.demo.run import STEER_TOKENS, check_steer, steer_command
 
     pick = _pick(feature=5)
     con = duckdb.connect(str(tiny_db), read_only=True)

@@ -13,20 +13,19 @@ import duckdb
 import numpy as np
 import pytest
 
-from featuredict.pipelines.build import (
+from featuredict.pipelines.cli import main
+from featuredict.pipelines.harvest.build import (
     BuildConfig,
     SpanPlanner,
     build,
     join_spans,
     span_batches,
 )
-from featuredict.pipelines.cli import main
-from featuredict.pipelines.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
-from featuredict.pipelines.distributed import RayMissingError, RayOptions, ShardFailedError, map_shards
-from featuredict.pipelines.harvest import HarvestConfig
-from featuredict.pipelines.saes import SaeSource
-
-from .conftest import build_tiny_db
+from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
+from featuredict.pipelines.harvest.sharding import RayMissingError, RayOptions, ShardFailedError, map_shards
+from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.model.saes import SaeSource
+from tests.conftest import build_tiny_db
 
 try:  # imported while collecting: Ray binds its log handler to the stderr of the moment it is imported
     import ray

@@ -16,11 +16,10 @@ import duckdb
 import pytest
 import torch
 
-from featuredict.pipelines.models import default_dtype, dtype_name, load_model, resolve_dtype
-from featuredict.pipelines.runtime import load_runtime, row_dtype
-from featuredict.pipelines.saes import SaeSource
-
-from .conftest import build_tiny_db
+from featuredict.pipelines.model.loading import default_dtype, dtype_name, load_model, resolve_dtype
+from featuredict.pipelines.model.runtime import load_runtime, row_dtype
+from featuredict.pipelines.model.saes import SaeSource
+from tests.conftest import build_tiny_db
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +83,8 @@ def test_half_precision_model_feeds_the_sae_in_its_own_dtype(tiny_model_dir: Pat
 
 @pytest.mark.parametrize("mode", ["stream", "cache"])
 def test_train_sae_runs_the_model_in_fp32_on_cpu(tmp_path: Path, fp16_model_dir: Path, tiny_corpus: Path, mode: str):
-    from featuredict.pipelines.corpus import CorpusSpec
-    from featuredict.pipelines.train_sae import SUMMARY_FILE, TrainConfig, train_sae
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.train.sae import SUMMARY_FILE, TrainConfig, train_sae
 
     cfg = TrainConfig(
         model=str(fp16_model_dir),

@@ -31,10 +31,10 @@ from featuredict.db import writes
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.explain import ExplainConfig, parse_features, run_explain
+from featuredict.pipelines.explain.clients import BadAnswer, ChatError, ChatFatal, ChatSettings, OpenAIChat
 from featuredict.pipelines.explain.data import load_features, negative_pool
-from featuredict.pipelines.explain.llm import BadAnswer, ChatError, ChatFatal, ChatSettings, OpenAIChat
-from featuredict.pipelines.explain.methods import parse_explanation, tokens_phrase
-from featuredict.pipelines.explain.scoring import (
+from featuredict.pipelines.explain.explainers import parse_explanation, tokens_phrase
+from featuredict.pipelines.explain.scorers import (
     KeywordScorer,
     LLMScorer,
     balanced_accuracy,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featuredict.pipelines.harvest import (
+from featuredict.pipelines.harvest.state import (
     ExampleSlots,
     HarvestConfig,
     HarvestState,

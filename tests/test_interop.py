@@ -1,4 +1,4 @@
-"""Neuronpedia import / export (``pipelines/interop.py``, ``db/interop.py``, ``featuredict neuronpedia``) on copies
+"""Neuronpedia import / export (``pipelines/neuronpedia.py``, ``db/interop.py``, ``featuredict neuronpedia``) on copies
 of the tiny database the real build writes (conftest.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.interop import insert_explanations
 from featuredict.db.store import Store
-from featuredict.pipelines import interop
+from featuredict.pipelines import neuronpedia as interop
 from featuredict.pipelines.cli import main
 
 SAE = "tiny/model.layers.1/64"

@@ -32,4 +32,4 @@ def test_upward_import_is_caught(tmp_path):
     store.write_text(store.read_text() + "\n\ndef _leak():\n    from featuredict.pipelines import runtime  # noqa\n")
     res = _lint(tmp_path)
     assert res.returncode != 0
-    assert "featuredict.db.store -> featuredict.pipelines.runtime" in res.stdout
+    assert "featuredict.db.store -> featuredict.pipelines.model.runtime" in res.stdout

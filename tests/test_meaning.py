@@ -1,4 +1,4 @@
-"""Search by meaning (``pipelines/meaning.py``, ``db/embeddings.py``), the ``search`` / ``embed`` commands and the
+"""Search by meaning (``pipelines/search/meaning.py``, ``db/embeddings.py``), the ``search`` / ``embed`` commands and the
 search page's meaning mode.
 
 The embedding model is the real all-MiniLM-L6-v2, loaded offline (``HF_HUB_OFFLINE=1``, conftest.py) from the
@@ -26,8 +26,8 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.interop import insert_explanations
 from featuredict.db.store import Store
-from featuredict.pipelines import meaning
 from featuredict.pipelines.cli import main
+from featuredict.pipelines.search import meaning
 
 SAE = "tiny/model.layers.1/64"
 MODEL = meaning.DEFAULT_MODEL

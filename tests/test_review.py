@@ -393,9 +393,9 @@ def test_queue_watchlist_and_concept_orders(store):
 def test_concept_priority_runs_the_builtin_texts(tiny_runtime):
     import numpy as np
 
-    from featuredict.pipelines.concept import concept_scores
-    from featuredict.pipelines.prompt import dense_valid_acts
-    from featuredict.pipelines.review import SAFETY_CONCEPTS, concept_names, concept_priority
+    from featuredict.pipelines.search.by_prompt import dense_valid_acts
+    from featuredict.pipelines.search.concept import concept_scores
+    from featuredict.pipelines.search.priorities import SAFETY_CONCEPTS, concept_names, concept_priority
 
     assert concept_names() == ["deception", "scams", "weapons", "self-harm", "sycophancy", "power-seeking"]
     d = tiny_runtime.d_sae

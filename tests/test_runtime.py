@@ -74,7 +74,7 @@ def test_interventions_are_per_thread(tiny_runtime):
 
 
 def test_norm_outliers_are_per_context_and_excluded():
-    from featuredict.pipelines.runtime import norm_outliers
+    from featuredict.pipelines.model.runtime import norm_outliers
 
     x = torch.ones(2, 6, 4)
     x[0, 1] *= 50  # a "massive activation" in context 0
@@ -136,7 +136,7 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
 
 def test_hf_adapter_facts_and_cached_step(tiny_runtime):
     """The HF adapter's one-step KV-cached forward continues exactly where a full forward pass would be."""
-    from featuredict.pipelines.backends import HFBackend
+    from featuredict.pipelines.model.backends import HFBackend
 
     loaded = tiny_runtime.loaded
     model = loaded.model
@@ -160,7 +160,7 @@ def test_hf_adapter_facts_and_cached_step(tiny_runtime):
 def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
     """The prefix runs once and its KV cache serves every row: each row's logits (right-padded rows included)
     equal a full forward pass over that row alone, for the HF adapter and for the base class's recompute."""
-    from featuredict.pipelines.backends import ModelBackend
+    from featuredict.pipelines.model.backends import ModelBackend
 
     loaded = tiny_runtime.loaded
     prefix = tiny_runtime.tokenize("Once upon a time")
@@ -202,7 +202,7 @@ def test_encode_is_the_one_activation_path(tiny_runtime):
 def test_pad_id_rule():
     from types import SimpleNamespace
 
-    from featuredict.pipelines.runtime import pad_token_id
+    from featuredict.pipelines.model.runtime import pad_token_id
 
     assert pad_token_id(SimpleNamespace(pad_token_id=2, eos_token_id=1)) == 2
     assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=1)) == 1

@@ -674,8 +674,8 @@ def stories_runtime(tmp_path_factory):
     require_shared(TINYSTORIES)
     import importlib.util
 
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     spec = importlib.util.spec_from_file_location("bench_steering", ROOT / "bench" / "bench_steering.py")
     bench = importlib.util.module_from_spec(spec)

@@ -17,8 +17,8 @@ from featuredict.db.presets import PresetError, delete_preset, feature_max_acts
 from featuredict.db.queries import SearchFilters, features_by_ids, search
 from featuredict.db.schema import create_schema
 from featuredict.db.store import Store
-from featuredict.pipelines.saes import SaeSource
-from featuredict.pipelines.steer_cli import register
+from featuredict.pipelines.cli.steer import register
+from featuredict.pipelines.model.saes import SaeSource
 from featuredict.pipelines.steering import (
     FeatureEdit,
     GenerationSettings,
@@ -261,7 +261,7 @@ def test_cli_json_has_texts_settings_and_scores(db_copy, capsys):
 
 def test_cli_multi_turn_chat(db_copy, capsys):
     from featuredict.db.queries import sae_info
-    from featuredict.pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     store = Store(db_copy, read_only=True)
     row = sae_info(store, SAE_ID)
@@ -655,7 +655,7 @@ CHAT_TEMPLATE = (
 def chat_tokenizer(db_copy):
     """The page's (process-wide, cached) runtime with a chat template on its tokenizer for the test."""
     from featuredict.db.queries import sae_info
-    from featuredict.pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     store = Store(db_copy, read_only=True)
     row = sae_info(store, SAE_ID)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from featuredict.pipelines.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
-from featuredict.pipelines.train_sae import TrainConfig, cache_activations, shuffled_batches, train_sae
+from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
+from featuredict.pipelines.train.sae import TrainConfig, cache_activations, shuffled_batches, train_sae
 
 
 def tiny_cfg(model: Path, corpus: Path, out: Path, **kw) -> TrainConfig:
@@ -67,8 +67,8 @@ def test_cached_activations_are_the_builds_valid_tokens(tiny_runtime, tiny_model
 
 
 def test_both_modes_train_an_sae_that_loads_with_the_same_metadata(tiny_model_dir, tiny_corpus, tmp_path):
-    from featuredict.pipelines.runtime import load_runtime
-    from featuredict.pipelines.saes import SaeSource
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     metas = {}
     for mode in ("cache", "stream"):

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from featuredict.pipelines.backends import BACKENDS, HFBackend, TLBackend, backend_for_hook
-from featuredict.pipelines.build import PAD_SLOT, BuildConfig, harvest_corpus
-from featuredict.pipelines.corpus import CorpusSpec
-from featuredict.pipelines.harvest import HarvestConfig
-from featuredict.pipelines.hooks import HookSite
-from featuredict.pipelines.runtime import Runtime
-from featuredict.pipelines.saes import SaeSource
+from featuredict.pipelines.harvest.build import PAD_SLOT, BuildConfig, harvest_corpus
+from featuredict.pipelines.harvest.corpus import CorpusSpec
+from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.model.backends import BACKENDS, HFBackend, TLBackend, backend_for_hook
+from featuredict.pipelines.model.hooks import HookSite
+from featuredict.pipelines.model.runtime import Runtime
+from featuredict.pipelines.model.saes import SaeSource
 from featuredict.pipelines.steering import (
     EditPlan,
     FeatureEdit,

@@ -25,7 +25,7 @@ from featuredict.dashboard.data import cached_baselines, clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import REVIEW_STATUSES
-from featuredict.pipelines.review import concept_names, concept_priority
+from featuredict.pipelines.search.priorities import concept_names, concept_priority
 
 ctx = page_context()
 store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae

@@ -38,7 +38,7 @@ from featuredict.dashboard.data import cached_baselines
 from featuredict.dashboard.steer_links import steer_button
 from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
-from featuredict.pipelines import meaning
+from featuredict.pipelines.search import meaning
 
 ctx = page_context()
 store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae

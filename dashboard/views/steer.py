@@ -400,7 +400,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _runtime() -> Any:
-    from featuredict.pipelines.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     with st.spinner("Loading the model and SAE (first time only)..."):
         return cached_runtime_from_row(row)

@@ -2,6 +2,6 @@
 (``scoring``), LLM clients for OpenAI-compatible endpoints and in-process Hugging Face models (``llm``), and what
 a feature's contexts look like to them (``data``)."""
 
-from .run import ExplainConfig, ExplainStopped, ExplainSummary, parse_features, run_explain
+from featuredict.pipelines.explain.run import ExplainConfig, ExplainStopped, ExplainSummary, parse_features, run_explain
 
 __all__ = ["ExplainConfig", "ExplainStopped", "ExplainSummary", "parse_features", "run_explain"]

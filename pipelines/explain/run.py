@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.store import Store
-
-from .data import FeatureData, load_features, negative_pool
-from .llm import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
-from .methods import EXPLAINERS, LLMExplainer, TokensExplainer
-from .scoring import SCORERS, KeywordScorer, LLMScorer
+from featuredict.pipelines.explain.clients import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
+from featuredict.pipelines.explain.data import FeatureData, load_features, negative_pool
+from featuredict.pipelines.explain.explainers import EXPLAINERS, LLMExplainer, TokensExplainer
+from featuredict.pipelines.explain.scorers import SCORERS, KeywordScorer, LLMScorer
 
 Method = Literal["tokens", "openai", "hf"]
 FLUSH_EVERY = 32  # rows buffered before a write

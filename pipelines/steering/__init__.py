@@ -15,9 +15,8 @@
 """
 
 from featuredict.db.presets import PresetError
-
-from .chat import MAX_TURNS, Turn, chat_streams, side_history
-from .config import (
+from featuredict.pipelines.steering.chat import MAX_TURNS, Turn, chat_streams, side_history
+from featuredict.pipelines.steering.config import (
     MAX_ABS_VALUE,
     MAX_ACT_UNITS,
     MAX_ADD,
@@ -44,7 +43,7 @@ from .config import (
     unsteered,
     validate_config,
 )
-from .edits import (
+from featuredict.pipelines.steering.edits import (
     NORM_SCALED,
     EditPlan,
     check_steerable,
@@ -54,7 +53,15 @@ from .edits import (
     plan_values,
     steer_activations,
 )
-from .generation import (
+from featuredict.pipelines.steering.formatting import (
+    chat_messages,
+    check_prompt,
+    format_prompt,
+    has_chat_template,
+    prepare,
+    prompt_ids,
+)
+from featuredict.pipelines.steering.generation import (
     BatchStream,
     GenerationResult,
     GenerationStream,
@@ -64,10 +71,17 @@ from .generation import (
     paired_streams,
     side_by_side,
 )
-from .presets import Preset, list_presets, load_preset, save_preset
-from .prompts import chat_messages, check_prompt, format_prompt, has_chat_template, prepare, prompt_ids
-from .quality import MIN_DISTINCT, Quality, score_rows
-from .sweep import SweepResult, SweepRow, edits_at, qualifies, recommend, run_sweep, swept_features
+from featuredict.pipelines.steering.presets import Preset, list_presets, load_preset, save_preset
+from featuredict.pipelines.steering.quality import MIN_DISTINCT, Quality, score_rows
+from featuredict.pipelines.steering.sweep import (
+    SweepResult,
+    SweepRow,
+    edits_at,
+    qualifies,
+    recommend,
+    run_sweep,
+    swept_features,
+)
 
 __all__ = [
     "BatchStream",

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import SteeringConfig, SteeringInputError
-from .generation import GenerationStream
-from .prompts import prepare
+from featuredict.pipelines.steering.config import SteeringConfig, SteeringInputError
+from featuredict.pipelines.steering.formatting import prepare
+from featuredict.pipelines.steering.generation import GenerationStream
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from featuredict.pipelines.model.runtime import Runtime
 
 MAX_TURNS = 32
 

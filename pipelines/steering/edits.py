@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..saes import to_sae
-from .config import MAX_ACT_UNITS, FeatureEdit, Mode, SteeringInputError
+from featuredict.pipelines.model.saes import to_sae
+from featuredict.pipelines.steering.config import MAX_ACT_UNITS, FeatureEdit, Mode, SteeringInputError
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..saes import to_sae
-from .config import FeatureEdit, GenerationSettings, SteeringConfig, SteeringInputError
-from .edits import EditPlan, fast_encoder, plan_values, steer_activations
-from .prompts import prepare
+from featuredict.pipelines.model.saes import to_sae
+from featuredict.pipelines.steering.config import FeatureEdit, GenerationSettings, SteeringConfig, SteeringInputError
+from featuredict.pipelines.steering.edits import EditPlan, fast_encoder, plan_values, steer_activations
+from featuredict.pipelines.steering.formatting import prepare
 
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformers import PreTrainedTokenizerBase
 
-    from ..backends import ModelBackend
-    from ..runtime import Runtime
+    from featuredict.pipelines.model.backends import ModelBackend
+    from featuredict.pipelines.model.runtime import Runtime
 
 
 class _Halt(Exception):

@@ -7,8 +7,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from featuredict.db.presets import PresetError, read_preset, read_presets, write_preset
-
-from .config import SteeringConfig, SteeringInputError
+from featuredict.pipelines.steering.config import SteeringConfig, SteeringInputError
 
 if TYPE_CHECKING:
     from featuredict.db.store import Store

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..saes import to_sae
-from .edits import fast_encoder
+from featuredict.pipelines.model.saes import to_sae
+from featuredict.pipelines.steering.edits import fast_encoder
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
-    from .generation import GenerationResult
+    from featuredict.pipelines.model.runtime import Runtime
+    from featuredict.pipelines.steering.generation import GenerationResult
 
 PASS_BYTES = 256 * 2**20  # logits held at once by the unedited pass (rows are processed in groups under this)
 MIN_DISTINCT = 0.5  # below this share of distinct tokens a continuation counts as collapsed (fluent text: ~0.6-0.9)

@@ -22,13 +22,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .config import FeatureEdit, SteeringConfig, SteeringInputError, SweepSettings, validate_config
-from .generation import BatchStream, GenerationResult, RowSpec
-from .prompts import prepare
-from .quality import MIN_DISTINCT, Quality, score_rows
+from featuredict.pipelines.steering.config import (
+    FeatureEdit,
+    SteeringConfig,
+    SteeringInputError,
+    SweepSettings,
+    validate_config,
+)
+from featuredict.pipelines.steering.formatting import prepare
+from featuredict.pipelines.steering.generation import BatchStream, GenerationResult, RowSpec
+from featuredict.pipelines.steering.quality import MIN_DISTINCT, Quality, score_rows
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from featuredict.pipelines.model.runtime import Runtime
 
 SWEEP_LOGIT_BYTES = 1 << 30  # the kept logits of a whole sweep (see BatchStream.max_logit_bytes)
 

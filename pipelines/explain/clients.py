@@ -227,7 +227,7 @@ class HFChat:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from ..models import ModelLoadError, pick_device, resolve_dtype, resolve_hf_path
+            from featuredict.pipelines.model.loading import ModelLoadError, pick_device, resolve_dtype, resolve_hf_path
 
             dev = pick_device(self.settings.device)
             path = resolve_hf_path(self.model)

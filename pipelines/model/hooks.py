@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .backends import ModelBackend
+from featuredict.pipelines.model.backends import ModelBackend
 
 ActFn = Callable[[torch.Tensor], torch.Tensor | None]  # [batch, pos, d_in] -> same, or None for unchanged
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Context, FeatureData, activating, render, window
-from .llm import BadAnswer, HFChat, Messages, OpenAIChat
+from featuredict.pipelines.explain.clients import BadAnswer, HFChat, Messages, OpenAIChat
+from featuredict.pipelines.explain.data import Context, FeatureData, activating, render, window
 
 DETECTION_SYSTEM = (
     "You check explanations of a feature of a language model. You get an explanation of when the feature fires "

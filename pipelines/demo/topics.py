@@ -1,6 +1,6 @@
 """Built-in topic prompts for the demo's offline corpus, and the topics the demo steers by meaning.
 
-The demo corpus is mostly text SmolLM2-135M-Instruct writes from these prompts (``pipelines/demo.py``), so the
+The demo corpus is mostly text SmolLM2-135M-Instruct writes from these prompts (``pipelines/demo/run.py``), so the
 SAE trained on it learns features about everyday and safety-relevant *topics* (animals, food, weather, money,
 medicine, war, music, code, emotions, deception, scams, violence, ...), not only syntax.
 

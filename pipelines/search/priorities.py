@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .concept import concept_scores
-from .prompt import dense_valid_acts
-from .runtime import Runtime
+from featuredict.pipelines.model.runtime import Runtime
+from featuredict.pipelines.search.by_prompt import dense_valid_acts
+from featuredict.pipelines.search.concept import concept_scores
 
 SAFETY_CONCEPTS: Mapping[str, tuple[str, ...]] = {
     "deception": (

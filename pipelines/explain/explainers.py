@@ -20,9 +20,8 @@ import pandas as pd
 
 from featuredict.db import queries as q
 from featuredict.db.queries import Reader
-
-from .data import FeatureData, activating, render, visible, window
-from .llm import BadAnswer, HFChat, Messages, OpenAIChat
+from featuredict.pipelines.explain.clients import BadAnswer, HFChat, Messages, OpenAIChat
+from featuredict.pipelines.explain.data import FeatureData, activating, render, visible, window
 
 MAX_PHRASE = 300
 

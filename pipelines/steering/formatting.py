@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SteeringConfig, SteeringInputError, validate_config
-from .edits import check_steerable
+from featuredict.pipelines.steering.config import SteeringConfig, SteeringInputError, validate_config
+from featuredict.pipelines.steering.edits import check_steerable
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from featuredict.pipelines.model.runtime import Runtime
 
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}

@@ -14,17 +14,16 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from featuredict.pipelines import __version__
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _expected() -> tuple[type[BaseException], ...]:
     from featuredict.db.schema import DatabaseError
-
-    from .corpus import CorpusError
-    from .models import ModelLoadError
-    from .saes import SaeLoadError
+    from featuredict.pipelines.harvest.corpus import CorpusError
+    from featuredict.pipelines.model.loading import ModelLoadError
+    from featuredict.pipelines.model.saes import SaeLoadError
 
     return (DatabaseError, CorpusError, ModelLoadError, SaeLoadError, ValueError, FileNotFoundError, PermissionError)
 
@@ -55,13 +54,13 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _corpus(args: argparse.Namespace):
-    from .corpus import CorpusSpec
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
 
     return CorpusSpec(args.corpus, text_field=args.text_field, separator=args.separator, split=args.split)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train_sae import TrainConfig, train_sae
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
     cfg = TrainConfig(
         model=args.model,
@@ -90,10 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import BuildConfig, build
-    from .distributed import DistributedError, RayOptions
-    from .harvest import HarvestConfig
-    from .saes import SaeSource
+    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.sharding import DistributedError, RayOptions
+    from featuredict.pipelines.harvest.state import HarvestConfig
+    from featuredict.pipelines.model.saes import SaeSource
 
     source = SaeSource(kind="registry", release=args.sae_release, sae_id=args.sae_id) if args.sae_release else None
     if source is None:
@@ -138,7 +137,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train_sae import CACHED_DEFAULTS, STREAMED_DEFAULTS  # torch is imported here anyway (the demo's parser)
+    from featuredict.pipelines.train.sae import (  # torch is imported here anyway (the demo's parser)
+        CACHED_DEFAULTS,
+        STREAMED_DEFAULTS,
+    )
 
     p = argparse.ArgumentParser(prog="featuredict", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"featuredict {__version__}")
@@ -226,13 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     from featuredict.dashboard.serve import register as register_serve
-
-    from .demo import register as register_demo
-    from .explain.cli import register as register_explain
-    from .interop_cli import register as register_interop
-    from .scan_cli import register as register_scan
-    from .search_cli import register as register_search
-    from .steer_cli import register as register_steer
+    from featuredict.pipelines.cli.explain import register as register_explain
+    from featuredict.pipelines.cli.neuronpedia import register as register_interop
+    from featuredict.pipelines.cli.scan import register as register_scan
+    from featuredict.pipelines.cli.search import register as register_search
+    from featuredict.pipelines.cli.steer import register as register_steer
+    from featuredict.pipelines.demo.run import register as register_demo
 
     register_demo(sub)
     register_serve(sub)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .models import SMOLLM2_PRESET, ModelLoadError, resolve_hf_path
+from featuredict.pipelines.model.loading import SMOLLM2_PRESET, ModelLoadError, resolve_hf_path
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

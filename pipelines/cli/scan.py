@@ -1,6 +1,6 @@
 """``featuredict watch`` (set watched members of a list) and ``featuredict scan`` (scan a file of texts for them).
 
-``register(subparsers)`` adds the command (``pipelines/cli.py``). Exit codes: 0 no hit reached ``--fail-on``
+``register(subparsers)`` adds the command (``pipelines/cli/__init__.py``). Exit codes: 0 no hit reached ``--fail-on``
 (or no ``--fail-on``), 1 some record reached it, 2 bad usage (no database, unknown SAE, empty watchlist,
 unreadable input). Bad records are reported on stderr with their line number and skipped.
 """
@@ -19,8 +19,7 @@ from tqdm import tqdm
 from featuredict.db import queries as q
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
-
-from .scan import SEVERITY_ORDER, BadRecord, ScanResult, Watch, reaches, read_records, scan_text
+from featuredict.pipelines.scan import SEVERITY_ORDER, BadRecord, ScanResult, Watch, reaches, read_records, scan_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return _err("--out must end in .jsonl or .html")
     if args.max_tokens < 1:
         return _err("--max-tokens must be at least 1")
-    from .runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     try:
         runtime = cached_runtime_from_row(dict(row))

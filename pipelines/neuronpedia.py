@@ -41,8 +41,7 @@ from tqdm.auto import tqdm
 from featuredict.db import interop as dbi
 from featuredict.db import queries as q
 from featuredict.db.store import Store
-
-from . import __version__
+from featuredict.pipelines import __version__
 
 IMPORT_METHOD = "import"
 SOURCE_PREFIX = "neuronpedia:"

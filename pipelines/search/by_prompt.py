@@ -17,7 +17,7 @@ import pandas as pd
 if TYPE_CHECKING:
     import torch
 
-    from .runtime import Runtime
+    from featuredict.pipelines.model.runtime import Runtime
 
 MAX_TOKENS = 1024
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .backends import ModelBackend, backend_for_hook
-from .hooks import HookSite
-from .models import load_model, pick_device
-from .saes import SaeSource, load_sae, sae_metadata, to_sae
+from featuredict.pipelines.model.backends import ModelBackend, backend_for_hook
+from featuredict.pipelines.model.hooks import HookSite
+from featuredict.pipelines.model.loading import load_model, pick_device
+from featuredict.pipelines.model.saes import SaeSource, load_sae, sae_metadata, to_sae
 
 if TYPE_CHECKING:
     from sae_lens import SAE

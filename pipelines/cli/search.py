@@ -95,8 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from featuredict.db.store import Store
-
-    from .meaning import embed_features
+    from featuredict.pipelines.search.meaning import embed_features
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -136,7 +135,7 @@ def pick_sae(store: Any, wanted: str | None) -> str:
 
 def read_texts(path: str | None) -> list[str]:
     """Texts of a file: separated by blank lines, or one per line (``concept.split_texts``)."""
-    from .concept import split_texts
+    from featuredict.pipelines.search.concept import split_texts
 
     if not path:
         return []
@@ -186,8 +185,7 @@ def _filters(args: argparse.Namespace) -> Any:
 
 def _text(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
     from featuredict.db import queries as q
-
-    from .meaning import attach_explanations
+    from featuredict.pipelines.search.meaning import attach_explanations
 
     res = q.search(store, sae_id, query, _filters(args), limit=args.top)
     res = attach_explanations(store, sae_id, res)
@@ -207,7 +205,7 @@ def _text(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict
 
 
 def _meaning(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
-    from .meaning import default_model, meaning_search
+    from featuredict.pipelines.search.meaning import default_model, meaning_search
 
     model = args.model or default_model(store, sae_id)
     res = meaning_search(
@@ -219,8 +217,7 @@ def _meaning(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> d
 
 def _runtime(store: Any, sae_id: str, device: str | None) -> Any:
     from featuredict.db import queries as q
-
-    from .runtime import runtime_from_row
+    from featuredict.pipelines.model.runtime import runtime_from_row
 
     row = q.sae_info(store, sae_id)
     return runtime_from_row(row, device=device)
@@ -228,8 +225,7 @@ def _runtime(store: Any, sae_id: str, device: str | None) -> Any:
 
 def _labels(store: Any, sae_id: str, df: pd.DataFrame) -> pd.DataFrame:
     from featuredict.db import queries as q
-
-    from .meaning import attach_explanations
+    from featuredict.pipelines.search.meaning import attach_explanations
 
     info = q.features_by_ids(store, sae_id, df["feature"].tolist())[["feature", "label", "top_tokens", "density"]]
     return attach_explanations(store, sae_id, df.merge(info, on="feature", how="left"))
@@ -237,8 +233,7 @@ def _labels(store: Any, sae_id: str, df: pd.DataFrame) -> pd.DataFrame:
 
 def _prompt(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
     from featuredict.db import queries as q
-
-    from .prompt import run_prompt, whole_text_features
+    from featuredict.pipelines.search.by_prompt import run_prompt, whole_text_features
 
     rt = _runtime(store, sae_id, args.device)
     res = run_prompt(rt, query)
@@ -258,9 +253,8 @@ def _prompt(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> di
 
 def _concept(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
     from featuredict.db import queries as q
-
-    from .concept import concept_scores
-    from .prompt import dense_valid_acts
+    from featuredict.pipelines.search.by_prompt import dense_valid_acts
+    from featuredict.pipelines.search.concept import concept_scores
 
     examples = [t.strip() for t in [*args.query, *args.example] if t.strip()] + read_texts(args.examples_file)
     counter = [t.strip() for t in args.counter if t.strip()] + read_texts(args.counter_file)

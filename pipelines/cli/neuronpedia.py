@@ -46,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
     from featuredict.db.store import Store
-
-    from .interop import import_neuronpedia
+    from featuredict.pipelines.neuronpedia import import_neuronpedia
 
     store = Store(args.db)
     try:
@@ -60,8 +59,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from featuredict.db.store import Store
-
-    from .interop import export_neuronpedia
+    from featuredict.pipelines.neuronpedia import export_neuronpedia
 
     store = Store(args.db, read_only=True)
     try:

@@ -98,10 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``featuredict explain``; 0 on success, 2 on bad input or a run that stopped early."""
     from featuredict.db.schema import DatabaseError
-
-    from ..models import ModelLoadError
-    from .llm import ChatSettings
-    from .run import ExplainConfig, run_explain
+    from featuredict.pipelines.explain.clients import ChatSettings
+    from featuredict.pipelines.explain.run import ExplainConfig, run_explain
+    from featuredict.pipelines.model.loading import ModelLoadError
 
     try:
         cfg = ExplainConfig(

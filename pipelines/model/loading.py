@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .backends import ModelBackend
+    from featuredict.pipelines.model.backends import ModelBackend
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def load_model(
     ``dtype`` None picks ``default_dtype`` for the device: float32 on CPU, whatever dtype the checkpoint is
     stored in. Raises ModelLoadError with one line fit to show a user.
     """
-    from .backends import get_backend
+    from featuredict.pipelines.model.backends import get_backend
 
     dev = pick_device(device)
     tdtype = resolve_dtype(dtype, dev)

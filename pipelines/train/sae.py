@@ -41,8 +41,8 @@ from typing import Any, Literal
 
 import torch
 
-from .corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
-from .models import ModelLoadError, dtype_name, pick_device, resolve_dtype, resolve_hf_path
+from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
+from featuredict.pipelines.model.loading import ModelLoadError, dtype_name, pick_device, resolve_dtype, resolve_hf_path
 
 SUMMARY_FILE = "featuredict_train.json"
 
@@ -273,9 +273,9 @@ def cache_activations(cfg: TrainConfig, dtype: str, progress: bool = True) -> to
 
     from tqdm.auto import tqdm
 
-    from .hooks import HookSite
-    from .models import load_model
-    from .runtime import pad_token_id, special_ids, valid_mask
+    from featuredict.pipelines.model.hooks import HookSite
+    from featuredict.pipelines.model.loading import load_model
+    from featuredict.pipelines.model.runtime import pad_token_id, special_ids, valid_mask
 
     loaded = load_model(cfg.model, device=cfg.device, dtype=dtype)
     site = HookSite(loaded, cfg.hook)
@@ -363,9 +363,9 @@ def evaluate(
 ) -> tuple[float, float, float]:
     """FVE, L0 and dead fraction of a saved SAE on the first ``max_tokens`` of the corpus (model in ``dtype``,
     else ``cfg.dtype``, else the device's default)."""
-    from .harvest import HarvestConfig, HarvestState, update
-    from .runtime import load_runtime
-    from .saes import SaeSource
+    from featuredict.pipelines.harvest.state import HarvestConfig, HarvestState, update
+    from featuredict.pipelines.model.runtime import load_runtime
+    from featuredict.pipelines.model.saes import SaeSource
 
     rt = load_runtime(
         cfg.model, SaeSource(kind="folder", path=str(sae_dir)), device=cfg.device, dtype=dtype or cfg.dtype

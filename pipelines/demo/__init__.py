@@ -1,0 +1,1 @@
+"""``featuredict demo``: an offline dictionary from nothing but pip."""

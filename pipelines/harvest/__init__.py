@@ -1,0 +1,1 @@
+"""Building a dictionary: corpus streaming, the mergeable harvest state, sharding, and the build."""

@@ -1,0 +1,1 @@
+"""Training SAEs (``featuredict train-sae``)."""
