@@ -7,7 +7,7 @@ Usage (from the repo root):
     python -m bench.bench_topics --json out.json         # also write the per-topic results
 
 For each of the 20 everyday and safety-relevant topics below, concept search (the dashboard's "search by
-concept": ``dashboard.concept.concept_scores`` on ``dashboard.prompt.dense_valid_acts`` of the topic's 3 example
+concept": ``pipelines.search.concept.concept_scores`` on ``pipelines.search.by_prompt.dense_valid_acts`` of the topic's 3 example
 sentences and 3 counter-examples, through the runtime that built the database) picks its best feature. The
 topic counts as **covered** when at least ``--need`` (5) of that feature's top ``--top`` (10) stored contexts
 (table ``examples``, kind 'top') contain one of the topic's keywords: a whole word, case-insensitive, also with
@@ -412,11 +412,12 @@ def default_db() -> Path:
 
 
 def run(db: Path, sae_id: str | None, device: str | None, top: int, need: int) -> list[dict]:
-    from featuredict.dashboard import concept, prompt
     from featuredict.db import queries as q
     from featuredict.db.store import Store
     from featuredict.pipelines.demo.run import context_text, keyword_pattern
     from featuredict.pipelines.model.runtime import runtime_from_row
+    from featuredict.pipelines.search import by_prompt as prompt
+    from featuredict.pipelines.search import concept
 
     store = Store(str(db), read_only=True)
     try:

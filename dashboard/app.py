@@ -13,7 +13,7 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
-from featuredict.dashboard.common import PAGES, available_pages, draw_frame, page_file, show_error, use_context
+from featuredict.dashboard.common import PAGES, draw_frame, page_file, show_error, use_context
 
 # Streamlit ships chart data as Arrow (its own transformer has no row cap); lift altair's 5,000-row guard
 # too, for anything that serialises a chart outside Streamlit (the map draws 65k+ points).
@@ -21,7 +21,7 @@ alt.data_transformers.disable_max_rows()
 
 st.set_page_config(page_title="featuredict", page_icon=":material/dictionary:", layout="wide")
 
-names = available_pages()
+names = list(PAGES)
 page = st.navigation(
     [
         st.Page(page_file(name), title=PAGES[name][0], icon=PAGES[name][1], url_path=name, default=i == 0)

@@ -32,6 +32,7 @@ import streamlit as st
 from featuredict.dashboard.data import db_key
 from featuredict.dashboard.render import md
 from featuredict.db import queries as q
+from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
 
@@ -49,7 +50,6 @@ PAGES: dict[str, tuple[str, str]] = {
     "scan": ("Scan", ":material/policy:"),
     "steer": ("Steer", ":material/tune:"),
 }
-OPTIONAL_PAGES = frozenset({"steer"})
 log = logging.getLogger("featuredict.dashboard")
 
 
@@ -118,7 +118,7 @@ def _store_or_stop() -> Store:
         raise  # unreachable: st.stop raises
     except Exception as e:  # noqa: BLE001 - any other open failure: a message, never a traceback
         log.exception("opening %s failed", path)
-        st.error(md(f"Cannot open the database {path}: {type(e).__name__}: {first_line(e)}"))
+        st.error(md(f"Cannot open the database {path}: {one_line(e, 500, with_type=True)}"))
         st.stop()
         raise
 
@@ -197,11 +197,6 @@ def page_context() -> PageContext:
     return ctx if ctx is not None else draw_frame()
 
 
-def available_pages(views_dir: Path = VIEWS_DIR) -> list[str]:
-    """Names of ``PAGES`` to offer, in order: optional ones only when their file exists in ``views_dir``."""
-    return [name for name in PAGES if name not in OPTIONAL_PAGES or (views_dir / f"{name}.py").exists()]
-
-
 # ------------------------------------------------------------------------------------------ URL state
 
 
@@ -254,11 +249,6 @@ def page_file(name: str) -> str:
     return f"views/{name}.py"
 
 
-def steer_available() -> bool:
-    """Whether the steering page (written by another module) is installed."""
-    return "steer" in available_pages()
-
-
 def url(page: str, **params: Any) -> str:
     """Relative URL of a page with query parameters (None values dropped), e.g. ``feature?sae=x&feature=3``."""
     query = urlencode({k: str(v) for k, v in params.items() if v is not None and v != ""})
@@ -285,15 +275,10 @@ def go_feature(sae_id: str, feature: int) -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:500] if s else type(e).__name__
-
-
 def show_error(context: str, e: BaseException) -> None:
     """Log the exception with its traceback on the server, show one line to the user."""
     log.exception("%s", context)
-    st.error(f"{context}: {md(type(e).__name__ + ': ' + first_line(e))}")
+    st.error(f"{context}: {md(one_line(e, 500, with_type=True))}")
 
 
 def guarded(context: str, fn: Callable[[], Any]) -> Any:

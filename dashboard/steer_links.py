@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import streamlit as st
 
-from featuredict.dashboard.common import PageContext, page_file, steer_available, url
+from featuredict.dashboard.common import PageContext, page_file, url
 from featuredict.dashboard.render import md
 from featuredict.pipelines.steering.config import (
     MAX_FEATURES,
@@ -108,7 +108,7 @@ def steer_button(
 ) -> None:
     """Under concept search results: the suggested steering set (top features with strengths, editable) and
     one link that opens the steer page with that set in its URL. Errors show as one line."""
-    if not steer_available() or concept_result_df.empty:
+    if concept_result_df.empty:
         return
     st.markdown("**Steer with this concept**")
     n = st.number_input(

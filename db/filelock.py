@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from featuredict.db.errors import UserError
 
-class RebuildInProgress(RuntimeError):
+
+class RebuildInProgress(UserError, RuntimeError):
     """Another process is replacing the database file right now."""
 
 

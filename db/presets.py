@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from featuredict.db.errors import UserError
 from featuredict.db.store import Store
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,79}")
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """A preset that cannot be saved or loaded, with a one-line message fit to show a user."""
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from featuredict.db.errors import UserError
+
 
 class Reader(Protocol):
     def df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame: ...
@@ -46,6 +48,25 @@ SAE_COLUMNS = (
 def sae_ids(db: Reader) -> list[str]:
     """Every SAE id in the database, sorted."""
     return [str(r[0]) for r in db.rows("SELECT sae_id FROM saes ORDER BY sae_id")]
+
+
+class UnknownSae(UserError, ValueError):
+    """An SAE id the database does not hold, or none given where the database holds several."""
+
+
+def resolve_sae(db: Reader, wanted: str | None, where: object | None = None) -> str:
+    """``wanted`` when the database holds it; the only SAE when ``wanted`` is None; else ``UnknownSae`` naming
+    the SAEs there are. ``where`` names the database in the message (default: the reader's ``path``)."""
+    ids = sae_ids(db)
+    place = where if where is not None else getattr(db, "path", "the database")
+    listing = ", ".join(ids) or "none"
+    if wanted is None:
+        if len(ids) == 1:
+            return ids[0]
+        raise UnknownSae(f"give --sae: {place} holds {len(ids)} SAEs ({listing})")
+    if wanted not in ids:
+        raise UnknownSae(f"no SAE {wanted!r} in {place} (it holds: {listing})")
+    return wanted
 
 
 def sae_overview(db: Reader) -> pd.DataFrame:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import duckdb
 
+from featuredict.db.errors import UserError
 from featuredict.db.filelock import RebuildInProgress, opening
 
 SCHEMA_VERSION = 1
@@ -240,7 +241,7 @@ DDL: tuple[str, ...] = (
 _USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(UserError, RuntimeError):
     """A database that cannot be used, with a message fit to show a user as is."""
 
 

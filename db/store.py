@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 import duckdb
 import pandas as pd
 
+from featuredict.db.errors import UserError
 from featuredict.db.schema import connect
 
 T = TypeVar("T")
 
 
-class ReadOnlyError(PermissionError):
+class ReadOnlyError(UserError, PermissionError):
     """A write refused because the store was opened read-only (``featuredict serve --read-only``)."""
 
 

@@ -279,7 +279,7 @@ def set_review(
     """
     if status not in REVIEW_STATUSES:
         raise ValueError(f"review status must be one of {', '.join(REVIEW_STATUSES)}; got {status!r}")
-    mine = {"status": status, "reviewer": _one_line(reviewer, 200), "reason": _text(reason)}
+    mine = {"status": status, "reviewer": _clean(reviewer, 200), "reason": _text(reason)}
 
     def fn(cur: duckdb.DuckDBPyConnection) -> ReviewSave:
         known = cur.execute("SELECT count(*) FROM features WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
@@ -468,7 +468,7 @@ MAX_EXPLANATION = 2_000  # characters kept of an explanation's text
 MAX_ERROR = 500
 
 
-def _one_line(v: object, cap: int) -> str | None:
+def _clean(v: object, cap: int) -> str | None:
     if v is None:
         return None
     s = re.sub(r"\s+", " ", str(v)).strip()[:cap]
@@ -488,14 +488,14 @@ def _explanation_row(r: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(r) - set(EXPLANATION_FIELDS) - {"created_at"}
     if unknown:
         raise ValueError(f"unknown explanation fields: {', '.join(sorted(unknown))}")
-    method = _one_line(r.get("method"), 100)
+    method = _clean(r.get("method"), 100)
     if not method:
         raise ValueError("an explanation needs a method")
     if not r.get("sae_id"):
         raise ValueError("an explanation needs an sae_id")
     text = r.get("text")
     text = None if text is None else (str(text).strip()[:MAX_EXPLANATION] or None)
-    error = _one_line(r.get("error"), MAX_ERROR)
+    error = _clean(r.get("error"), MAX_ERROR)
     if text is None and error is None:
         error = "empty explanation"
     tokens_used = r.get("tokens_used")
@@ -504,14 +504,14 @@ def _explanation_row(r: Mapping[str, Any]) -> dict[str, Any]:
         "feature": int(r["feature"]),
         "text": text,
         "method": method,
-        "explainer_model": _one_line(r.get("explainer_model"), 300),
+        "explainer_model": _clean(r.get("explainer_model"), 300),
         "detection": _score(r.get("detection")),
         "fuzzing": _score(r.get("fuzzing")),
-        "scorer_model": _one_line(r.get("scorer_model"), 300),
+        "scorer_model": _clean(r.get("scorer_model"), 300),
         "error": None if text is not None else error,
-        "author": _one_line(r.get("author"), 200),
-        "source": _one_line(r.get("source"), 1000),
-        "sae_fingerprint": _one_line(r.get("sae_fingerprint"), 200),
+        "author": _clean(r.get("author"), 200),
+        "source": _clean(r.get("source"), 1000),
+        "sae_fingerprint": _clean(r.get("sae_fingerprint"), 200),
         "tokens_used": None if tokens_used is None else int(tokens_used),
         "created_at": r.get("created_at"),
     }
@@ -580,7 +580,7 @@ def add_explanations(store: Store, rows: Sequence[Mapping[str, Any]], replace: b
 def set_explanation_scores(store: Store, scores: Sequence[tuple[int, float | None, float | None, str | None]]) -> int:
     """Store scores: ``(id, detection, fuzzing, scorer_model)`` per explanation (a None score stays NULL); one
     transaction. Returns how many rows were updated (ids that no longer exist are skipped)."""
-    clean = [(int(i), _score(d), _score(f), _one_line(m, 300)) for i, d, f, m in scores]
+    clean = [(int(i), _score(d), _score(f), _clean(m, 300)) for i, d, f, m in scores]
 
     def fn(cur: duckdb.DuckDBPyConnection) -> int:
         n = 0

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from featuredict.db import interop as dbi
 from featuredict.db import queries as q
+from featuredict.db.errors import UserError
 from featuredict.db.store import Store
 from featuredict.pipelines import __version__
 
@@ -53,7 +54,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # Neuronpedia model and source 
 _BATCH_RE = re.compile(r"batch-(\d+)\.jsonl(\.gz)?$")
 
 
-class InteropError(ValueError):
+class InteropError(UserError, ValueError):
     """Bad interop input (message fit to show as is)."""
 
 
@@ -203,8 +204,7 @@ def import_neuronpedia(
     layer) is ``source`` (``MODEL/LAYER``) into ``sae_id``'s explanations. Everything else is counted in the
     report, not imported. Raises InteropError / FileNotFoundError / ValueError (one line) on bad input."""
     model, layer = parse_source(source)
-    if q.sae_info(store, sae_id) is None:
-        raise InteropError(f"no SAE {sae_id!r} in {store.path} (it has: {', '.join(q.sae_ids(store)) or 'none'})")
+    q.resolve_sae(store, sae_id)
     known = set(dbi.feature_range(store, sae_id))
     files = batch_files(paths)
     rep = ImportReport(source=f"{model}/{layer}", sae_id=sae_id, files=[str(f) for f in files])
@@ -327,9 +327,8 @@ def export_neuronpedia(
     model, layer = parse_source(source)
     if batch_size < 1:
         raise InteropError("--batch-size must be at least 1")
-    info = q.sae_info(store, sae_id)
-    if info is None:
-        raise InteropError(f"no SAE {sae_id!r} in {store.path} (it has: {', '.join(q.sae_ids(store)) or 'none'})")
+    info = q.sae_info(store, q.resolve_sae(store, sae_id))
+    assert info is not None
     root = Path(out).expanduser() / model / layer
     existing = [p for d in FOLDERS for p in (root / d).glob("batch-*.jsonl*")] if root.exists() else []
     if existing and not force:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from featuredict.dashboard.common import open_store, steer_available
+from featuredict.dashboard.common import open_store
 from featuredict.dashboard.export import export_list
 from featuredict.db import queries as q
 from featuredict.db import writes
@@ -118,7 +118,7 @@ def test_feature_page_content(monkeypatch, synth_db):
     assert [e.label for e in at.expander if e.label.startswith("Band")], "interval bands"
     links = [p.value for p in at.get("page_link")]
     assert any(lab.startswith(f"#{f['neighbours'][0]} · cos") for lab in links)
-    assert ("Steer with this feature" in links) == steer_available()
+    assert "Steer with this feature" in links
     assert "Neighbourhood on the map" in links
     assert len(at.get("vega_lite_chart")) == 2  # activation histogram + place on the map
     promoted = at.dataframe[0].value
@@ -333,7 +333,7 @@ def test_lists_empty(monkeypatch, synth_db):
 # --------------------------------------------------------------------------------------- broken databases
 
 
-PAGES = [None, "search", "feature", "map", "lists", "review", "scan", *(["steer"] if steer_available() else [])]
+PAGES = [None, "search", "feature", "map", "lists", "review", "scan", "steer"]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -435,7 +435,6 @@ def test_every_page_runs_in_the_one_frame(monkeypatch, synth_db, page):
     assert at.query_params["sae"] == SAE_ID
 
 
-@pytest.mark.skipif(not steer_available(), reason="the steering page is not installed")
 def test_steer_max_acts_follow_a_rebuild(monkeypatch, synth_db):
     """The steer page's max-activation cache is keyed like the others: a rebuild (new built_at) refreshes it,
     even where the new file would reuse the old inode."""

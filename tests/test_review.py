@@ -314,9 +314,10 @@ def test_serve_read_only_flag_reaches_the_app():
     import argparse
 
     from featuredict.dashboard import serve
+    from featuredict.pipelines.cli import serve as serve_cli
 
     ap = argparse.ArgumentParser()
-    serve.register(ap.add_subparsers(dest="cmd"))
+    serve_cli.register(ap.add_subparsers(dest="cmd"))
     argv = serve.streamlit_argv(ap.parse_args(["serve", "--db", "x.duckdb", "--read-only"]))
     assert argv[argv.index("--") + 1 :][-1] == "--read-only"
     assert "--read-only" not in serve.streamlit_argv(ap.parse_args(["serve", "--db", "x.duckdb"]))

@@ -22,7 +22,6 @@ from featuredict.dashboard.common import (
     reviewer_name,
     set_param,
     show_error,
-    steer_available,
     sync_widget,
     url,
 )
@@ -116,15 +115,12 @@ m[3].metric("Firing tokens", f"{int(feat['fire_count']):,}")
 m[4].metric("Decoder norm", f"{feat['decoder_norm']:.3f}")
 
 links = st.columns(4)
-if steer_available():
-    links[0].page_link(
-        page_file("steer"),
-        label="Steer with this feature",
-        icon=":material/tune:",
-        query_params={"sae": sae_id, "feature": str(fid)},
-    )
-else:
-    links[0].caption("Steering page not installed")
+links[0].page_link(
+    page_file("steer"),
+    label="Steer with this feature",
+    icon=":material/tune:",
+    query_params={"sae": sae_id, "feature": str(fid)},
+)
 links[1].page_link(
     page_file("map"),
     label="Neighbourhood on the map",

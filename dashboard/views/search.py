@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from featuredict.dashboard import concept, prompt, render
+from featuredict.dashboard import render
 from featuredict.dashboard.common import (
     get_runtime,
     go_feature,
@@ -38,7 +38,8 @@ from featuredict.dashboard.data import cached_baselines
 from featuredict.dashboard.steer_links import steer_button
 from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
-from featuredict.pipelines.search import meaning
+from featuredict.pipelines.search import by_prompt as prompt
+from featuredict.pipelines.search import concept, meaning
 
 ctx = page_context()
 store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae

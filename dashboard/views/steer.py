@@ -24,6 +24,7 @@ from featuredict.dashboard.charts import sweep_chart
 from featuredict.dashboard.common import page_context
 from featuredict.dashboard.render import md, text_block
 from featuredict.db import queries
+from featuredict.db.errors import one_line
 from featuredict.db.presets import PresetError, feature_max_acts
 from featuredict.pipelines.steering import (
     MAX_ACT_UNITS,
@@ -394,11 +395,6 @@ def columns_header(describe: str) -> list[Any]:
     return cols
 
 
-def _one_line(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{type(e).__name__}: {first}"
-
-
 def _runtime() -> Any:
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
@@ -419,7 +415,7 @@ def _stream_into(streams: dict[str, Any], slots: dict[str, Any], rt: Any) -> dic
         st.error(md(f"Generation stopped: {e}"))
         return None
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        st.error(md(f"Generation stopped: {_one_line(e)}"))
+        st.error(md(f"Generation stopped: {one_line(e, with_type=True)}"))
         return None
     for name, slot in slots.items():
         slot.markdown(_text_box(res[name]), unsafe_allow_html=True)
@@ -437,7 +433,7 @@ def _start(make: Any) -> tuple[Any, dict[str, Any]] | None:
     except SteeringInputError as e:
         st.error(md(e))
     except Exception as e:  # noqa: BLE001 - loading failures: one line, never a traceback
-        st.error(md(f"Cannot steer: {_one_line(e)}"))
+        st.error(md(f"Cannot steer: {one_line(e, with_type=True)}"))
     return None
 
 
@@ -542,7 +538,7 @@ with st.expander("Strength sweep", expanded="steer_sweep" in ss):
         except SteeringInputError as e:
             st.error(md(e))
         except Exception as e:  # noqa: BLE001 - one line, never a traceback
-            st.error(md(f"Sweep stopped: {_one_line(e)}"))
+            st.error(md(f"Sweep stopped: {one_line(e, with_type=True)}"))
     sw = ss.get("steer_sweep")
     if sw:
         summary = pd.DataFrame(sw["summary"]).astype(

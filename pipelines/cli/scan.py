@@ -94,8 +94,7 @@ def run_watch(args: argparse.Namespace) -> int:
     except DatabaseError as e:
         return _err(str(e))
     try:
-        if q.sae_info(store, args.sae) is None:
-            return _err(f"no SAE {args.sae!r} in {args.db}")
+        q.resolve_sae(store, args.sae, args.db)
         n = writes.set_watch(store, args.watchlist, args.sae, ids, args.threshold, args.severity, args.author)
     except ValueError as e:
         return _err(str(e))
@@ -113,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
     except DatabaseError as e:
         return _err(str(e))
     try:
-        row = q.sae_info(store, args.sae)
-        if row is None:
-            return _err(f"no SAE {args.sae!r} in {args.db}")
+        try:
+            row = q.sae_info(store, q.resolve_sae(store, args.sae, args.db))
+        except q.UnknownSae as e:
+            return _err(str(e))
         wl = q.watchlist(store, args.watchlist, args.sae)
         if wl.empty:
             return _err(f"list {args.watchlist!r} has no features of SAE {args.sae!r}")

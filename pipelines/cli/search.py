@@ -120,17 +120,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def pick_sae(store: Any, wanted: str | None) -> str:
-    """``wanted`` when the database has it; the only SAE when none is given; else ValueError (one line)."""
+    """``wanted`` when the database has it; the only SAE when none is given; else ``UnknownSae`` (one line)."""
     from featuredict.db import queries as q
 
-    ids = q.sae_ids(store)
-    if wanted is None:
-        if len(ids) == 1:
-            return ids[0]
-        raise ValueError(f"give --sae: {store.path} holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
-    if wanted not in ids:
-        raise ValueError(f"no SAE {wanted!r} in {store.path} (it has: {', '.join(ids) or 'none'})")
-    return wanted
+    return q.resolve_sae(store, wanted)
 
 
 def read_texts(path: str | None) -> list[str]:

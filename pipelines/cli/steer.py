@@ -171,15 +171,11 @@ def _setup(args: argparse.Namespace, command: str) -> _Setup | int:
                 if sae_id is not None and sae_id != preset_sae:
                     raise _BadInput(f"preset {args.preset!r} is for SAE {preset_sae!r}, not {sae_id!r}")
                 sae_id = preset_sae
-            if sae_id is None:
-                ids = queries.sae_ids(store)
-                if len(ids) != 1:
-                    raise _BadInput(f"give --sae: the database holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
-                sae_id = ids[0]
+            try:
+                sae_id = queries.resolve_sae(store, sae_id, args.db)
+            except queries.UnknownSae as e:
+                raise _BadInput(str(e)) from None
             row = queries.sae_info(store, sae_id)
-            if row is None:
-                known = ", ".join(queries.sae_ids(store)) or "none"
-                raise _BadInput(f"no SAE {sae_id!r} in {args.db} (it holds: {known})")
             config = build_config(args, base)
             if not config.edits:
                 raise _BadInput("give at least one --feature ID=VALUE (or ID=MODE:VALUE), or a --preset")

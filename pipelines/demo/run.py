@@ -24,7 +24,6 @@ a rerun skips finished steps.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 
+from featuredict.db.errors import one_line
 from featuredict.pipelines.demo.topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
 from featuredict.pipelines.model.loading import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
 
@@ -482,7 +482,7 @@ def steering_hint(
         if check.strength is not None:
             return _hint(db, sae_id, pick, check.strength) + (
                 f"\n  Checked here: the steered text mentions {pick.topic.name} {check.hits} times (baseline "
-                f"{check.baseline_hits}):\n    {_one_line(check.text)}"
+                f"{check.baseline_hits}):\n    {one_line(check.text, 240)}"
             )
     pick = picks[0]
     return _hint(db, sae_id, pick, 2.0) + (
@@ -490,11 +490,6 @@ def steering_hint(
         "candidates: no steered text turned clearly on topic. Try other features from the dashboard's concept "
         "search, or `featuredict sweep`.)"
     )
-
-
-def _one_line(text: str, cap: int = 240) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= cap else flat[: cap - 1] + "…"
 
 
 def _hint(db: Path, sae_id: str, pick: SteerPick, strength: float) -> str:
@@ -589,55 +584,3 @@ def run_demo(cfg: DemoConfig) -> int:
     if hint:
         print(hint)
     return 0
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``demo`` subcommand (budgets default to None = chosen for the machine, see ``resolve_budgets``)."""
-    d = subparsers.add_parser("demo", help="offline demo: SmolLM2-135M + a TopK SAE trained here + a harvest + UMAP")
-    c = CPU_BUDGETS
-    d.add_argument("--db", default=None, help="database file (default: $FEATUREDICT_CACHE/demo/smollm2-demo.duckdb)")
-    d.add_argument("--corpus", default=None, help="corpus file; default: built-in topic texts the model writes")
-    d.add_argument(
-        "--tokens", type=int, default=None, help=f"harvest token budget (default {c.tokens:,}; x{CUDA_SCALE} on CUDA)"
-    )
-    d.add_argument(
-        "--train-tokens",
-        type=int,
-        default=None,
-        help=f"SAE training tokens (default {c.train_tokens:,}; x{CUDA_SCALE} on CUDA)",
-    )
-    d.add_argument("--d-sae", type=int, default=4608)
-    d.add_argument("--k", type=int, default=32)
-    d.add_argument(
-        "--gen-tokens",
-        type=int,
-        default=None,
-        help=f"tokens the model writes for the built-in corpus (default {c.gen_tokens:,}; x{CUDA_SCALE} on CUDA)",
-    )
-    d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
-    d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
-    d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
-    d.add_argument("--force", action="store_true", help="redo every step even where cached")
-    d.set_defaults(func=cmd_demo)
-    return d
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(
-        DemoConfig(
-            db=args.db,
-            corpus=args.corpus,
-            tokens=args.tokens,
-            train_tokens=args.train_tokens,
-            d_sae=args.d_sae,
-            k=args.k,
-            layer=args.layer,
-            force=args.force,
-            gen_tokens=args.gen_tokens,
-            device=getattr(args, "device", None),
-            steer_hint=not getattr(args, "no_steer_hint", False),
-        )
-    )

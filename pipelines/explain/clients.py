@@ -27,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
+from featuredict.db.errors import UserError, one_line
+
 T = TypeVar("T")
 Messages = list[dict[str, str]]
 API_KEY_ENVS = ("FEATUREDICT_API_KEY", "OPENAI_API_KEY")
 
 
-class ChatError(RuntimeError):
+class ChatError(UserError, RuntimeError):
     """A call that still failed after every retry (one line)."""
 
 
@@ -100,11 +102,6 @@ def _wait(settings: ChatSettings, attempt: int, retry_after: float | None = None
         time.sleep(delay)
 
 
-def _first_line(text: str, cap: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line[:cap] + ("…" if len(line) > cap else "")
-
-
 class OpenAIChat:
     """An OpenAI-compatible ``/chat/completions`` endpoint over HTTP (stdlib only; thread-safe)."""
 
@@ -137,7 +134,7 @@ class OpenAIChat:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            shown = _first_line(raw.decode(errors="replace"), 80)
+            shown = one_line(raw.decode(errors="replace"), 80)
             raise BadAnswer(f"malformed JSON from the endpoint: {shown!r}") from None
         if not isinstance(data, dict):
             raise BadAnswer("the endpoint answered JSON that is not an object")
@@ -174,7 +171,7 @@ class OpenAIChat:
             except urllib.error.HTTPError as e:
                 detail = ""
                 try:
-                    detail = _first_line(e.read().decode(errors="replace"), 120)
+                    detail = one_line(e.read().decode(errors="replace"), 120)
                 except Exception:  # noqa: BLE001 - the body is only a hint
                     pass
                 last = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
@@ -199,7 +196,7 @@ class OpenAIChat:
                     else f"cannot reach {self.url}: {reason}"
                 )
             except (ConnectionError, OSError) as e:  # reset / dropped connection mid-answer
-                last = f"connection error: {type(e).__name__}: {_first_line(str(e), 100)}"
+                last = f"connection error: {type(e).__name__}: {one_line(e, 100)}"
             except BadAnswer as e:
                 last = str(e)
             if attempt < self.settings.retries:
@@ -234,13 +231,13 @@ class HFChat:
             try:
                 tok = AutoTokenizer.from_pretrained(path)
             except Exception as e:  # noqa: BLE001 - any loader failure is one line
-                raise ModelLoadError(f"cannot load explainer model {self.model!r}: {_first_line(str(e))}") from e
+                raise ModelLoadError(f"cannot load explainer model {self.model!r}: {one_line(e, 200)}") from e
             if not getattr(tok, "chat_template", None):
                 raise ModelLoadError(f"{self.model!r} has no chat template (give an instruct model)")
             try:
                 lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(None, dev)).to(dev).eval()
             except Exception as e:  # noqa: BLE001 - any loader failure is one line
-                raise ModelLoadError(f"cannot load explainer model {self.model!r}: {_first_line(str(e))}") from e
+                raise ModelLoadError(f"cannot load explainer model {self.model!r}: {one_line(e, 200)}") from e
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
             self._loaded = (tok, lm, dev)

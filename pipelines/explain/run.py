@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from featuredict.db import queries as q
 from featuredict.db import writes
+from featuredict.db.errors import UserError, one_line
 from featuredict.db.store import Store
 from featuredict.pipelines.explain.clients import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
 from featuredict.pipelines.explain.data import FeatureData, load_features, negative_pool
@@ -40,7 +41,7 @@ FLUSH_EVERY = 32  # rows buffered before a write
 LOAD_CHUNK = 128  # features whose contexts are read in one query
 
 
-class ExplainStopped(RuntimeError):
+class ExplainStopped(UserError, RuntimeError):
     """The run stopped early (a failure retrying cannot fix, or too many failures in a row)."""
 
 
@@ -182,25 +183,14 @@ def _chunks(xs: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
         yield xs[i : i + n]
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg[:300]
-
-
 class _Run:
     """State of one run: the store, the SAE, the summary and the output streams."""
 
     def __init__(self, cfg: ExplainConfig, store: Store, out: TextIO):
         self.cfg, self.store, self.out = cfg, store, out
-        ids = q.sae_ids(store)
-        sae_id = cfg.sae_id
-        if sae_id is None:
-            if len(ids) != 1:
-                raise ValueError(f"give --sae: {cfg.db} holds {len(ids)} SAEs ({', '.join(ids) or 'none'})")
-            sae_id = ids[0]
+        sae_id = q.resolve_sae(store, cfg.sae_id, cfg.db)
         info = q.sae_info(store, sae_id)
-        if info is None:
-            raise ValueError(f"no SAE {sae_id!r} in {cfg.db} (it holds: {', '.join(ids) or 'none'})")
+        assert info is not None
         self.sae_id = sae_id
         self.skip_first = bool(info.get("prepend_bos"))
         self.summary = ExplainSummary(sae_id=sae_id)
@@ -334,9 +324,9 @@ class _Run:
                             except ChatFatal as e:
                                 for p in pending:
                                     p.cancel()
-                                raise ExplainStopped(_one_line(e)) from None
+                                raise ExplainStopped(one_line(e)) from None
                             except Exception as e:  # noqa: BLE001 - one bad feature never stops the run
-                                err = _one_line(e)
+                                err = one_line(e)
                                 buf.append(self.row(f, None, explainer.method, explainer.model, error=err))
                                 s.failed += 1
                                 s.errors[err] = s.errors.get(err, 0) + 1
@@ -404,9 +394,9 @@ class _Run:
                             except ChatFatal as e:
                                 for p in pending:
                                     p.cancel()
-                                raise ExplainStopped(_one_line(e)) from None
+                                raise ExplainStopped(one_line(e)) from None
                             except Exception as e:  # noqa: BLE001 - one bad answer never stops the run
-                                err = "scoring: " + _one_line(e)
+                                err = "scoring: " + one_line(e)
                                 s.score_failed += 1
                                 s.errors[err] = s.errors.get(err, 0) + 1
                             bar.update(1)

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from featuredict.db.errors import UserError, one_line
 
-class CorpusError(RuntimeError):
+
+class CorpusError(UserError, RuntimeError):
     """A corpus that cannot be read, with a one-line message fit to show a user."""
 
 
@@ -82,8 +84,7 @@ def _hf_docs(spec: CorpusSpec) -> Iterator[str]:
     try:
         ds = load_dataset(spec.source, spec.dataset_config, split=spec.split, streaming=True)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorpusError(f"cannot stream dataset {spec.source!r}: {first}") from e
+        raise CorpusError(f"cannot stream dataset {spec.source!r}: {one_line(e)}") from e
     for row in ds:
         t = row.get(spec.text_field)
         if t is None:

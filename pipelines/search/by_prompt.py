@@ -1,6 +1,6 @@
 """Running the model + SAE on pasted text for search "by prompt" and "by concept" (no Streamlit here).
 
-Shared by the dashboard's search page (``dashboard/prompt.py`` re-exports it) and ``featuredict search``.
+Shared by the dashboard's search page and ``featuredict search``.
 
 ``run_prompt`` keeps only the non-zero activations as (position, feature, value) triplets, so a result
 for a 65k-feature SAE stays small enough to cache per text.

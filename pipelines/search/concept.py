@@ -2,7 +2,7 @@
 
 Pure numpy/pandas (no Streamlit, no database), so it is unit-tested directly. It lives in the pipelines layer so
 that the dashboard's search page, ``featuredict search --mode concept`` and the demo share one implementation
-(``dashboard/concept.py`` re-exports it).
+(the dashboard imports it from here).
 
 Inputs are per-text activation matrices ``acts [pos, d_sae]`` restricted to valid (non-BOS/pad) tokens.
 Activations are first put on each feature's own scale by dividing by its corpus ``max_act`` (so a feature

