@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from featuredict.db import embeddings as emb  # noqa: E402
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
-from featuredict.pipelines import meaning  # noqa: E402
+from featuredict.pipelines.search import meaning  # noqa: E402
 
 QUERIES = [
     "telling people untrue things",

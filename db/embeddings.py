@@ -47,7 +47,7 @@ def feature_words(db: Reader, sae_id: str, features: Sequence[int] | None = None
     texts of explanations with text, best first: highest mean score, LLM/imported before the ``tokens`` summary,
     newest), label, tags (list[str] or None), notes. ``features`` None: every feature of the SAE.
     Texts are untrusted (LLM output, imports, user input)."""
-    scope, params = "sae_id = ?", [sae_id]
+    scope, params = "sae_id = ?", list[Any]([sae_id])
     if features is not None:
         scope += " AND feature IN (SELECT unnest(?::INTEGER[]))"
         params.append(_ids(features))
@@ -79,7 +79,7 @@ def context_windows(
     """A few tokens around the max token of each feature's ``n_examples`` strongest top contexts: columns
     feature, rank, window (list[str]: up to ``before`` tokens, the max token, up to ``after`` tokens), ordered
     by feature, rank. ``skip_first``: position 0 is BOS, never part of a window. Raw corpus text."""
-    scope, params = "", [1 if skip_first else 0, int(before), int(after), sae_id, int(n_examples)]
+    scope, params = "", list[Any]([1 if skip_first else 0, int(before), int(after), sae_id, int(n_examples)])
     if features is not None:
         scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
         params.append(_ids(features))
@@ -96,7 +96,7 @@ def context_windows(
 def max_tokens(db: Reader, sae_id: str, features: Sequence[int] | None = None) -> pd.DataFrame:
     """``features.max_tokens`` (the token at the max position of each top example): columns feature,
     max_tokens (list[str] or None)."""
-    scope, params = "", [sae_id]
+    scope, params = "", list[Any]([sae_id])
     if features is not None:
         scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
         params.append(_ids(features))
@@ -202,7 +202,7 @@ def not_checked_since_build(db: Reader, sae_id: str, model: str) -> int:
 
 def stored_hashes(db: Reader, sae_id: str, model: str, features: Sequence[int] | None = None) -> dict[int, str]:
     """feature -> text_hash of the stored vectors of (SAE, model) (only ``features`` when given)."""
-    scope, params = "", [sae_id, model]
+    scope, params = "", list[Any]([sae_id, model])
     if features is not None:
         scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
         params.append(_ids(features))

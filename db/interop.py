@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from featuredict.db.queries import Reader
-from featuredict.db.store import Store
+from featuredict.db.store import Store, scalar
 
 IMPORT_FIELDS = ("sae_id", "feature", "text", "method", "explainer_model", "author", "source", "created_at")
 
@@ -49,7 +49,7 @@ def insert_explanations(store: Store, rows: Sequence[Mapping[str, Any]]) -> tupl
     def fn(cur: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         cur.register("_import_rows", tbl)
         try:
-            base = int(cur.execute("SELECT coalesce(max(id), 0) FROM explanations").fetchone()[0])
+            base = int(scalar(cur, "SELECT coalesce(max(id), 0) FROM explanations"))
             inserted = cur.execute(
                 """INSERT INTO explanations (id, sae_id, feature, text, method, explainer_model, author, source,
                        created_at)

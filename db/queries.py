@@ -362,7 +362,7 @@ def best_explanations(
     LLM/imported words before the ``tokens`` summary, then newest. One query, whatever the number of features.
     ``text`` is untrusted (LLM output or an import): escape it before HTML."""
     if features is None:
-        scope, params = "e.sae_id = ?", [sae_id]
+        scope, params = "e.sae_id = ?", list[Any]([sae_id])
     else:
         ids = [int(f) for f in features]
         if not ids:
@@ -646,14 +646,14 @@ def search(db: Reader, sae_id: str, query: str, filters: SearchFilters | None = 
         score_params: list[Any] = []
         matched_params: list[Any] = []
         for t in terms:
-            term_match.append("(" + " OR ".join(f"contains(t_{name}, ?)" for name, _, _ in _FIELDS) + ")")
+            term_match.append("(" + " OR ".join(f"contains(t_{name}, ?)" for name, _e, _w in _FIELDS) + ")")
             term_params += [t] * len(_FIELDS)
-            for name, _, w in _FIELDS:
-                score_parts.append(f"CASE WHEN contains(t_{name}, ?) THEN {w} ELSE 0 END")
+            for name, _e, weight in _FIELDS:
+                score_parts.append(f"CASE WHEN contains(t_{name}, ?) THEN {weight} ELSE 0 END")
                 score_params.append(t)
             score_parts.append("ln(1 + (length(t_context) - length(replace(t_context, ?, ''))) / ?)")
             score_params += [t, len(t)]
-        for name, _, _ in _FIELDS:
+        for name, _e, _w in _FIELDS:
             matched_parts.append(f"CASE WHEN {' OR '.join(f'contains(t_{name}, ?)' for _ in terms)} THEN '{name}' END")
             matched_params += terms
         id_clause = " OR feature = ?" if fid is not None else ""

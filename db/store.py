@@ -16,9 +16,17 @@ import duckdb
 import pandas as pd
 
 from featuredict.db.errors import UserError
-from featuredict.db.schema import connect
+from featuredict.db.schema import DatabaseError, connect
 
 T = TypeVar("T")
+
+
+def scalar(cur: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first column of the first row of ``sql`` (a query that always returns one row, like ``count(*)``)."""
+    row = cur.execute(sql, list(params)).fetchone()
+    if row is None:
+        raise DatabaseError(f"no row from: {sql.split()[0]} ...")
+    return row[0]
 
 
 class ReadOnlyError(UserError, PermissionError):

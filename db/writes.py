@@ -14,13 +14,13 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import duckdb
 import pyarrow as pa
 
 from featuredict.db.schema import REVIEW_STATUSES, SEVERITIES
-from featuredict.db.store import Store
+from featuredict.db.store import Store, scalar
 
 MAX_TEXT = 10_000  # characters kept of a label / note / list name
 MAX_TAG = 64
@@ -79,7 +79,7 @@ def _log(cur: duckdb.DuckDBPyConnection, changes: Sequence[Change]) -> None:
     """Append ``changes`` to ``history`` inside the caller's write transaction (ids: max + 1 under the lock)."""
     if not changes:
         return
-    base = int(cur.execute("SELECT coalesce(max(id), 0) FROM history").fetchone()[0])
+    base = int(scalar(cur, "SELECT coalesce(max(id), 0) FROM history"))
     cur.executemany(
         """INSERT INTO history (id, sae_id, feature, field, old_value, new_value, author, action, changed_at)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)""",
@@ -111,7 +111,7 @@ def _apply_label(
     new_notes = old_notes if notes is _UNSET else _text(notes)
     new_author = _text(author) or old_author
     changes = [
-        Change(sae_id, int(feature), name, old, new, _text(author))
+        Change(sae_id, int(feature), cast(HistoryField, name), old, new, _text(author))
         for name, old, new in (
             ("label", old_label, new_label),
             ("notes", old_notes, new_notes),
@@ -134,6 +134,8 @@ def _apply_label(
         "SELECT label, tags, notes, author, updated_at FROM labels WHERE sae_id = ? AND feature = ?",
         [sae_id, int(feature)],
     ).fetchone()
+    if out is None:
+        raise ValueError(f"no label row for feature {int(feature)} of SAE {sae_id}")
     d = dict(zip(("label", "tags", "notes", "author", "updated_at"), out, strict=True))
     d["tags"] = list(d["tags"] or [])
     return d
@@ -282,8 +284,7 @@ def set_review(
     mine = {"status": status, "reviewer": _clean(reviewer, 200), "reason": _text(reason)}
 
     def fn(cur: duckdb.DuckDBPyConnection) -> ReviewSave:
-        known = cur.execute("SELECT count(*) FROM features WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)])
-        if not known.fetchone()[0]:
+        if not scalar(cur, "SELECT count(*) FROM features WHERE sae_id = ? AND feature = ?", [sae_id, int(feature)]):
             raise ValueError(f"SAE {sae_id} has no feature {int(feature)}")
         cur_row = _review_row(cur, sae_id, feature)
         old = {k: cur_row[k] for k in ("status", "reviewer", "reason")} if cur_row["version"] else None
@@ -322,7 +323,7 @@ def add_to_list(
     """Add features (one id or many) to a list, creating it; existing members keep their note and time
     unless a note is given. Returns how many were new. Raises ValueError for ids the SAE does not have."""
     name = clean_list_name(list_name)
-    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in features]
+    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in cast(Sequence[int], features)]
     ids = list(dict.fromkeys(ids))
     if any(not -(2**31) <= f < 2**31 for f in ids):
         raise ValueError(f"feature ids must be between 0 and 2^31; got {max(ids, key=abs)}")
@@ -376,7 +377,7 @@ def set_watch(
     t = float(threshold)
     if not 0.0 < t <= 10.0:  # NaN fails too
         raise ValueError(f"threshold is a fraction of the feature's max activation in (0, 10]; got {threshold!r}")
-    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in features]
+    ids = [int(features)] if isinstance(features, numbers.Integral) else [int(f) for f in cast(Sequence[int], features)]
     add_to_list(store, list_name, sae_id, ids, author=author)
     name = clean_list_name(list_name)
 
@@ -560,7 +561,7 @@ def add_explanations(store: Store, rows: Sequence[Mapping[str, Any]], replace: b
                        WHERE e.sae_id = n.sae_id AND e.feature = n.feature AND e.method = n.method
                          AND e.explainer_model IS NOT DISTINCT FROM n.explainer_model"""
                 )
-            base = int(cur.execute("SELECT coalesce(max(id), 0) FROM explanations").fetchone()[0])
+            base = int(scalar(cur, "SELECT coalesce(max(id), 0) FROM explanations"))
             cur.execute(
                 """INSERT INTO explanations (id, sae_id, feature, text, method, explainer_model, detection, fuzzing,
                        scorer_model, error, author, source, sae_fingerprint, tokens_used, created_at)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
@@ -183,7 +184,7 @@ class HFBackend(ModelBackend):
         path = resolve_hf_path(spec)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
-        model.to(device)
+        cast(torch.nn.Module, model).to(device)
         model.eval()
         name = "SmolLM2-135M-Instruct" if spec == SMOLLM2_PRESET else Path(spec).name or spec
         return cls(model, tokenizer, spec=spec, name=name, device=device, dtype=dtype, kwargs=model_kwargs)
@@ -204,6 +205,7 @@ class HFBackend(ModelBackend):
         """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
         ``past_key_values`` (older)."""
         if self._cache_kw is None:
+            params: Mapping[str, Any]
             try:
                 params = inspect.signature(self.model.forward).parameters
             except (TypeError, ValueError):

@@ -140,7 +140,7 @@ def smollm2_folder(progress: bool = True) -> Path:
             except AttributeError:
                 setattr(model.config, attr, None)
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - not a declared attribute of nn.Module
     tmp = target.with_name(target.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)

@@ -43,10 +43,10 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[st
         s = cache.get(i)
         if s is None:
             piece = tokenizer.convert_ids_to_tokens(int(i))
-            s = tokenizer.decode([int(i)])
-            if isinstance(piece, str) and piece.startswith("\u2581") and not s.startswith(" "):
-                s = " " + s
-            cache[i] = s
+            text = str(tokenizer.decode([int(i)]))
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            cache[i] = s = text
         out.append(s)
     return out
 
