@@ -293,7 +293,7 @@ def guarded(context: str, fn: Callable[[], Any]) -> Any:
 # ------------------------------------------------------------------------------------------- runtime
 
 
-def get_runtime(sae_row: dict[str, Any]) -> Any:
+def get_runtime(sae_row: Mapping[str, Any]) -> Any:
     """The model + SAE that built ``sae_row`` (loaded once per process, shared by all sessions).
 
     Raises whatever loading raises; callers show it with ``show_error``.

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from featuredict.db.errors import UserError
+from featuredict.db.records import SaeRecord
 
 
 class Reader(Protocol):
@@ -199,6 +200,12 @@ def feature_baselines(db: Reader, sae_id: str, d_sae: int) -> dict[str, np.ndarr
     for k in out:
         out[k][idx[ok]] = df[k].to_numpy(dtype=np.float64)[ok]
     return out
+
+
+def sae_record(db: Reader, sae_id: str) -> SaeRecord | None:
+    """The ``saes`` row of one SAE as a typed record (JSON parsed), or None."""
+    info = sae_info(db, sae_id)
+    return None if info is None else SaeRecord.from_row(info)
 
 
 # ------------------------------------------------------------------------------------------------ map

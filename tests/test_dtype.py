@@ -16,8 +16,9 @@ import duckdb
 import pytest
 import torch
 
+from featuredict.db.records import SaeRecord
 from featuredict.pipelines.model.loading import default_dtype, dtype_name, load_model, resolve_dtype
-from featuredict.pipelines.model.runtime import load_runtime, row_dtype
+from featuredict.pipelines.model.runtime import load_runtime
 from featuredict.pipelines.model.saes import SaeSource
 from tests.conftest import build_tiny_db
 
@@ -125,16 +126,17 @@ def test_build_runs_the_model_in_fp32_on_cpu_and_records_it(
 
 
 def test_reloading_a_build_keeps_an_explicit_dtype_and_redoes_a_default_one():
-    auto = {"dtype": "bfloat16", "config_json": json.dumps({"dtype": None})}  # built on a GPU by default
-    assert row_dtype(auto) is None  # so on a CPU it reloads in float32
-    asked = {"dtype": "float16", "config_json": json.dumps({"dtype": "float16"})}
-    assert row_dtype(asked) == "float16"
-    legacy = {"dtype": "float32", "config_json": "{}"}
-    assert row_dtype(legacy) == "float32"
+    row = {"sae_id": "s", "model_spec": "m", "sae_source": "{}", "hook_name": "h", "d_in": 8, "d_sae": 16}
+    auto = {**row, "dtype": "bfloat16", "config_json": json.dumps({"dtype": None})}  # built on a GPU by default
+    assert SaeRecord.from_row(auto).reload_dtype is None  # so on a CPU it reloads in float32
+    asked = {**row, "dtype": "float16", "config_json": json.dumps({"dtype": "float16"})}
+    assert SaeRecord.from_row(asked).reload_dtype == "float16"
+    legacy = {**row, "dtype": "float32", "config_json": "{}"}
+    assert SaeRecord.from_row(legacy).reload_dtype == "float32"
 
 
 def test_stale_fp16_smollm2_cache_is_not_used(tmp_path: Path, monkeypatch):
-    from featuredict.pipelines import models
+    from featuredict.pipelines.model import loading as models
 
     monkeypatch.setenv("FEATUREDICT_CACHE", str(tmp_path))
 

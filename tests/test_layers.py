@@ -30,7 +30,9 @@ def test_upward_import_is_caught(tmp_path):
     for d in ("pipelines", "db", "dashboard"):
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     store = tmp_path / "db" / "store.py"
-    store.write_text(store.read_text() + "\n\ndef _leak():\n    from featuredict.pipelines.model import runtime  # noqa\n")
+    store.write_text(
+        store.read_text() + "\n\ndef _leak():\n    from featuredict.pipelines.model import runtime  # noqa\n"
+    )
     res = _lint(tmp_path)
     assert res.returncode != 0
     assert "featuredict.db.store -> featuredict.pipelines.model.runtime" in res.stdout

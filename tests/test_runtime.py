@@ -106,7 +106,7 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
     import json
     import shutil
 
-    from featuredict.pipelines import runtime as rtm
+    from featuredict.pipelines.model import runtime as rtm
 
     sae_dir = tmp_path / "sae"
     shutil.copytree(tiny_sae_dir, sae_dir)
@@ -114,6 +114,9 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
     monkeypatch.setattr(rtm, "runtime_from_row", lambda row, device=None: loads.append(dict(row)) or object())
     monkeypatch.setattr(rtm, "_CACHE", {})
     row = {
+        "sae_id": "tiny",
+        "d_in": 32,
+        "d_sae": 64,
         "model_spec": str(tiny_model_dir),
         "sae_source": json.dumps({"kind": "folder", "release": None, "sae_id": None, "path": str(sae_dir)}),
         "hook_name": "model.layers.1",

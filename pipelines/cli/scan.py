@@ -17,6 +17,7 @@ from typing import IO
 from tqdm import tqdm
 
 from featuredict.db import queries as q
+from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
 from featuredict.pipelines.scan import SEVERITY_ORDER, BadRecord, ScanResult, Watch, reaches, read_records, scan_text
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return _err(str(e))
     try:
         try:
-            row = q.sae_info(store, q.resolve_sae(store, args.sae, args.db))
+            rec = q.sae_record(store, q.resolve_sae(store, args.sae, args.db))
         except q.UnknownSae as e:
             return _err(str(e))
         wl = q.watchlist(store, args.watchlist, args.sae)
@@ -130,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     try:
-        runtime = cached_runtime_from_row(dict(row))
+        runtime = cached_runtime_from_row(rec)
     except Exception as e:  # noqa: BLE001 - any load failure: one line, not a traceback
-        return _err(f"cannot load the model and SAE of {args.sae!r}: {str(e).splitlines()[0] if str(e) else e!r}")
+        return _err(f"cannot load the model and SAE of {args.sae!r}: {one_line(e)}")
     fh: IO[str] = out_path.open("w", encoding="utf-8") if out_path else sys.stdout
     is_html = out_path is not None and out_path.suffix.lower() == ".html"
     n = n_bad = n_hit = 0

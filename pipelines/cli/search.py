@@ -212,8 +212,10 @@ def _runtime(store: Any, sae_id: str, device: str | None) -> Any:
     from featuredict.db import queries as q
     from featuredict.pipelines.model.runtime import runtime_from_row
 
-    row = q.sae_info(store, sae_id)
-    return runtime_from_row(row, device=device)
+    rec = q.sae_record(store, sae_id)
+    if rec is None:
+        raise q.UnknownSae(f"no SAE {sae_id!r} in {store.path}")
+    return runtime_from_row(rec, device=device)
 
 
 def _labels(store: Any, sae_id: str, df: pd.DataFrame) -> pd.DataFrame:

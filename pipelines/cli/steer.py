@@ -175,15 +175,16 @@ def _setup(args: argparse.Namespace, command: str) -> _Setup | int:
                 sae_id = queries.resolve_sae(store, sae_id, args.db)
             except queries.UnknownSae as e:
                 raise _BadInput(str(e)) from None
-            row = queries.sae_info(store, sae_id)
+            rec = queries.sae_record(store, sae_id)
+            assert rec is not None  # resolve_sae found it
             config = build_config(args, base)
             if not config.edits:
                 raise _BadInput("give at least one --feature ID=VALUE (or ID=MODE:VALUE), or a --preset")
             max_acts = feature_max_acts(store, sae_id)
-            validate_config(config, int(row["d_sae"]), max_acts)  # before the (slow) model load
+            validate_config(config, rec.d_sae, max_acts)  # before the (slow) model load
             if save:
                 check_preset_name(save)
-            rt = cached_runtime_from_row(row, device=args.device)
+            rt = cached_runtime_from_row(rec, device=args.device)
             _, notes = prepare(rt, config, max_acts)
             if save:
                 name = save_preset(store, save, sae_id, config)

@@ -467,10 +467,10 @@ def steering_hint(
 
     store = Store(str(db), read_only=True)
     try:
-        row = q.sae_info(store, sae_id)
-        if row is None:
+        rec = q.sae_record(store, sae_id)
+        if rec is None:
             return None
-        rt = runtime_from_row(row, device=device)
+        rt = runtime_from_row(rec, device=device)
         picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]
         max_act = q.feature_baselines(store, sae_id, int(rt.d_sae))["max_act"]
     finally:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from featuredict.db.records import SaeRecord, sae_record
 from featuredict.pipelines.model.backends import ModelBackend, backend_for_hook
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.loading import load_model, pick_device
@@ -228,42 +230,22 @@ _CACHE: dict[tuple, Runtime] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
-    """Load the runtime that built a ``saes`` table row (model_spec, sae_source, hook_name, dtype...)."""
-    source = SaeSource.from_json(row["sae_source"])
-    kwargs = json.loads(row.get("model_kwargs") or "{}")
+def runtime_from_row(row: SaeRecord | Mapping[str, Any], device: str | None = None) -> Runtime:
+    """Load the runtime that built a ``saes`` row (an ``SaeRecord``, or the row's mapping)."""
+    rec = sae_record(row)
     rt = load_runtime(
-        row["model_spec"],
-        source,
-        hook_name=row["hook_name"],
+        rec.model_spec,
+        SaeSource.from_json(rec.sae_source),
+        hook_name=rec.hook_name,
         device=device,
-        dtype=row_dtype(row),
-        model_kwargs=kwargs,
+        dtype=rec.reload_dtype,
+        model_kwargs=dict(rec.model_kwargs),
     )
-    rt.prepend_bos = bool(row.get("prepend_bos", rt.prepend_bos))
-    rt.outlier_norm_ratio = _outlier_ratio(row)
+    rt.prepend_bos = rec.prepend_bos
+    rt.outlier_norm_ratio = rec.outlier_norm_ratio
     # rt.context_size stays the SAE's training context (from its config): saes.context_size is the build's
     # (usually shorter) display window, not what the SAE was trained on
     return rt
-
-
-def row_dtype(row: dict[str, Any]) -> str | None:
-    """The dtype to reload a build's model in: the one it ran in, unless the build picked it by default
-    (``config_json`` dtype null), in which case None: the default for the device it is reloaded on."""
-    try:
-        config = json.loads(row.get("config_json") or "{}")
-    except (TypeError, ValueError):
-        config = {}
-    if isinstance(config, dict) and "dtype" in config and config["dtype"] is None:
-        return None
-    return row.get("dtype") or None
-
-
-def _outlier_ratio(row: dict[str, Any]) -> float:
-    try:
-        return float(json.loads(row.get("config_json") or "{}").get("outlier_norm_ratio", 10.0))
-    except (TypeError, ValueError, AttributeError):
-        return 10.0
 
 
 def _weights_stamp(source: str) -> int | None:
@@ -277,31 +259,33 @@ def _weights_stamp(source: str) -> int | None:
         return None
 
 
-def runtime_cache_key(row: dict[str, Any], device: str | None = None) -> tuple:
+def runtime_cache_key(row: SaeRecord | Mapping[str, Any], device: str | None = None) -> tuple:
     """Everything ``runtime_from_row`` reads from the row, plus the device and the SAE folder's file times."""
+    rec = sae_record(row)
     return (
-        row["model_spec"],
-        row["sae_source"],
-        row.get("hook_name"),
-        row_dtype(row),
-        row.get("model_kwargs") or "{}",
-        bool(row.get("prepend_bos", True)),
-        _outlier_ratio(row),
+        rec.model_spec,
+        rec.sae_source,
+        rec.hook_name,
+        rec.reload_dtype,
+        json.dumps(rec.model_kwargs, sort_keys=True),
+        rec.prepend_bos,
+        rec.outlier_norm_ratio,
         device,
-        _weights_stamp(row["sae_source"]),
+        _weights_stamp(rec.sae_source),
     )
 
 
-def cached_runtime_from_row(row: dict[str, Any], device: str | None = None) -> Runtime:
+def cached_runtime_from_row(row: SaeRecord | Mapping[str, Any], device: str | None = None) -> Runtime:
     """Process-wide cache of runtimes (each loaded once), keyed by ``runtime_cache_key``.
 
     Rows that differ in settings get their own runtime. One loaded from older files of the same SAE folder
     (retrained since) is dropped, so a retrained SAE is not served stale and old copies do not pile up.
     """
-    key = runtime_cache_key(row, device)
+    rec = sae_record(row)
+    key = runtime_cache_key(rec, device)
     with _CACHE_LOCK:
         if key not in _CACHE:
             for old in [k for k in _CACHE if k[:2] == key[:2] and k[-1] != key[-1]]:
                 del _CACHE[old]
-            _CACHE[key] = runtime_from_row(row, device)
+            _CACHE[key] = runtime_from_row(rec, device)
         return _CACHE[key]
