@@ -336,7 +336,7 @@ def bench_one(
     base = SteeringConfig(
         prompt=prompt,
         edits=(),
-        chat_template=rt.loaded.is_chat,
+        chat_template=rt.backend.is_chat,
         generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0),
     )
     ids = prompt_ids(rt, base)
@@ -347,7 +347,7 @@ def bench_one(
     cfg = SteeringConfig(
         prompt=prompt,
         edits=(FeatureEdit(f_clamp, "clamp", 2.0 * mx), FeatureEdit(f_add, "add", 1.0)),
-        chat_template=rt.loaded.is_chat,
+        chat_template=rt.backend.is_chat,
         generation=base.generation,
     )
     torch.manual_seed(0)
@@ -360,7 +360,7 @@ def bench_one(
         one = SteeringConfig(
             prompt=prompt,
             edits=(FeatureEdit(f_add, "add", 1.0),),
-            chat_template=rt.loaded.is_chat,
+            chat_template=rt.backend.is_chat,
             generation=base.generation,
         )
         out["sweep"] = time_sweep(rt, one, acts, max(1, repeats // 2 + 1), sweep_tokens)

@@ -69,7 +69,7 @@ def test_logit_effects_and_neighbours_match_brute_force(tiny_db: Path, tiny_runt
         tiny_db, "SELECT feature, pos_values, neg_values, neighbours, neighbour_cos FROM features ORDER BY feature"
     )
     w_dec = tiny_runtime.sae.W_dec.detach().float()
-    model = tiny_runtime.loaded.model
+    model = tiny_runtime.backend.model
     logits = (w_dec * model.model.norm.weight) @ model.lm_head.weight.T  # [d_sae, vocab]
     w = torch.nn.functional.normalize(w_dec, dim=1)
     cos = w @ w.T
@@ -380,7 +380,7 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
         for name, p in norm.named_parameters():
             p.copy_(torch.rand_like(p) * 2 + 0.1 if name in ("weight", "w") else torch.randn_like(p))
     backend = TLBackend if kind == "transformer_lens" else HFBackend
-    rt = SimpleNamespace(loaded=backend(model, None))
+    rt = SimpleNamespace(backend=backend(model, None))
     w_u, centre = build_mod.unembedding(rt)
     assert centre == ("layernorm" in arch)
     d = torch.randn(20, d_model)

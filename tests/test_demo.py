@@ -258,7 +258,7 @@ def test_steer_check_takes_the_lowest_strength_that_is_on_topic_and_not_collapse
 
         return run
 
-    rt = SimpleNamespace(loaded=SimpleNamespace(is_chat=False))
+    rt = SimpleNamespace(backend=SimpleNamespace(is_chat=False))
     texts = ["one bread here", "bread bread bread bread", "fresh bread and flour at dawn", "bread, flour, breads"]
     monkeypatch.setattr(steering, "run_sweep", fake_sweep(texts, "a walk"))
     c = check_steer(rt, _pick(), 2.5, strengths=(1.0, 1.5, 2.0, 3.0))

@@ -67,7 +67,7 @@ def test_fp16_folder_loads_as_fp32_on_cpu(fp16_model_dir: Path, tiny_sae_dir: Pa
     assert loaded.dtype == torch.float32
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     rt = load_runtime(str(fp16_model_dir), SaeSource(kind="folder", path=str(tiny_sae_dir)), device="cpu")
-    assert {p.dtype for p in rt.loaded.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in rt.backend.model.parameters()} == {torch.float32}
     explicit = load_model(str(fp16_model_dir), device="cpu", dtype="bfloat16")
     assert {p.dtype for p in explicit.model.parameters()} == {torch.bfloat16}
 
@@ -76,7 +76,7 @@ def test_half_precision_model_feeds_the_sae_in_its_own_dtype(tiny_model_dir: Pat
     rt = load_runtime(
         str(tiny_model_dir), SaeSource(kind="folder", path=str(tiny_sae_dir)), device="cpu", dtype="bfloat16"
     )
-    assert {p.dtype for p in rt.loaded.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in rt.backend.model.parameters()} == {torch.bfloat16}
     x, f, valid = rt.encode(rt.tokenize("The cat sat on the mat"))
     assert x.dtype == f.dtype == rt.sae.W_dec.dtype == torch.float32
     assert valid.dtype == torch.bool and not bool(valid[0, 0]) and (f[0, 1:] > 0).any()

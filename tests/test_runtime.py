@@ -14,10 +14,10 @@ def test_hook_acts_match_full_forward(tiny_runtime):
     ids = tiny_runtime.tokenize("Once upon a time there was a cat")
     acts = tiny_runtime.hook_acts(ids)
     seen = []
-    layer = tiny_runtime.loaded.model.model.layers[1]
+    layer = tiny_runtime.backend.model.model.layers[1]
     h = layer.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
     try:
-        tiny_runtime.loaded.model(input_ids=ids)
+        tiny_runtime.backend.model(input_ids=ids)
     finally:
         h.remove()
     assert acts.shape == (1, ids.shape[1], 32)
@@ -141,7 +141,7 @@ def test_hf_adapter_facts_and_cached_step(tiny_runtime):
     """The HF adapter's one-step KV-cached forward continues exactly where a full forward pass would be."""
     from featuredict.pipelines.model.backends import HFBackend
 
-    loaded = tiny_runtime.loaded
+    loaded = tiny_runtime.backend
     model = loaded.model
     assert isinstance(loaded, HFBackend) and loaded.incremental
     assert loaded.hook_kind == tiny_runtime.site.kind == "hf_module"
@@ -165,7 +165,7 @@ def test_forward_after_prefix_equals_full_forward_per_row(tiny_runtime):
     equal a full forward pass over that row alone, for the HF adapter and for the base class's recompute."""
     from featuredict.pipelines.model.backends import ModelBackend
 
-    loaded = tiny_runtime.loaded
+    loaded = tiny_runtime.backend
     prefix = tiny_runtime.tokenize("Once upon a time")
     tok = tiny_runtime.tokenizer
     texts = (" there was a big dog", " a cat", " it rained all day long")

@@ -417,7 +417,7 @@ def test_clamp_to_zero_moves_logits_against_the_decoder_direction(tiny_runtime):
     """Removing a strongly active feature changes the next-token logits along -D[i] @ W_U (through the final
     RMSNorm's gain; the tiny SAE sits on the last layer, so the first-order prediction is nearly exact)."""
     rt = tiny_runtime
-    model = rt.loaded.model
+    model = rt.backend.model
     for text in TINY_TEXT[:4]:
         ids = rt.tokenize(text)
         f = rt.feature_acts(ids)[0, -1]
@@ -483,7 +483,7 @@ def test_generated_only_leaves_the_prompt_alone(tiny_runtime):
     ids = rt.tokenize(prompt)
     seen: list[torch.Tensor] = []
     # the tiny SAE sits on the last layer: the final norm's input is the (edited) hook output
-    h = rt.loaded.model.model.norm.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+    h = rt.backend.model.model.norm.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
     try:
         GenerationStream(
             rt, SteeringConfig(**{**cfg_for(prompt, edits, n=1).__dict__, "positions": "generated"}), max_acts=mx

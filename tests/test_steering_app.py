@@ -39,7 +39,7 @@ def build_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
     acts = [rt.feature_acts(rt.tokenize(t))[0, 1:] for t in TINY_TEXT]  # [pos, d_sae], BOS dropped
     f = torch.cat(acts)
     n_tok = f.shape[0]
-    wu = rt.loaded.model.lm_head.weight.detach()
+    wu = rt.backend.model.lm_head.weight.detach()
     con = duckdb.connect(str(path))
     create_schema(con)
     con.execute(

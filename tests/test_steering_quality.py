@@ -344,7 +344,7 @@ def test_batched_sweep_equals_one_at_a_time(tiny_runtime, mx):
     assert [r["within"] for r in summ] == [r in ok for r in summ]
     want = max(ok, key=lambda r: (r["concept"], -r["strength"]))["strength"] if ok else None
     assert sweep.recommended == want
-    assert not rt.site.active and not rt.loaded.model._forward_hooks  # every hook removed
+    assert not rt.site.active and not rt.backend.model._forward_hooks  # every hook removed
 
 
 def test_sampled_sweep_rows_equal_one_at_a_time(tiny_runtime, mx):
@@ -363,7 +363,7 @@ def test_sweep_stops_at_eos_per_row(tiny_runtime, mx, monkeypatch):
     cfg = cfg_for("Once upon a time", [FeatureEdit(top_feature(mx), "add", 1.0)], n=10)
     free = generate(rt, cfg, steer=False, max_acts=mx, stop_at_eos=False, record=False)
     eos = free.token_ids[3]  # make the baseline's 4th token an end of sequence
-    monkeypatch.setattr(type(rt.loaded), "eos_ids", lambda self: {eos})
+    monkeypatch.setattr(type(rt.backend), "eos_ids", lambda self: {eos})
     sweep = run_sweep(rt, cfg, SweepSettings(strengths=(0.5, 8.0)), mx)
     singles = one_at_a_time(rt, sweep, mx)
     assert sweep.rows[0].result.finish == "eos" and len(sweep.rows[0].result.token_ids) == 3
@@ -387,7 +387,7 @@ def test_a_row_with_nan_logits_stops_alone(tiny_runtime, mx, monkeypatch):
     assert all(len(r.result.token_ids) == 6 for r in sweep.rows if r.strength != 8.0)
     assert any("strength 8" in n for n in sweep.notes)
     assert sweep.recommended != 8.0
-    assert not rt.site.active and not rt.loaded.model._forward_hooks
+    assert not rt.site.active and not rt.backend.model._forward_hooks
 
 
 def test_sweep_refuses_bad_input(tiny_runtime, mx):
@@ -403,7 +403,7 @@ def test_sweep_refuses_bad_input(tiny_runtime, mx):
             run_sweep(rt, cfg_for("hi", [FeatureEdit(dead, "clamp", 1.0)]), SweepSettings(), mx)
     with pytest.raises(SteeringInputError, match="MiB of logits"):
         run_sweep(rt, cfg_for("hi", [FeatureEdit(f, "add", 1.0)]), SweepSettings(), mx, max_logit_bytes=1000)
-    assert not rt.site.active and not rt.loaded.model._forward_hooks
+    assert not rt.site.active and not rt.backend.model._forward_hooks
     # greedy: one seed only, with a note
     sweep = run_sweep(rt, cfg_for("hi", [FeatureEdit(f, "add", 1.0)], n=3), SweepSettings((1.0,), (0, 1, 2)), mx)
     assert sweep.settings.seeds == (0,) and any("greedy" in n for n in sweep.notes)
@@ -498,4 +498,4 @@ def test_sweep_and_scores_with_full_recompute(tl_runtime):  # noqa: F811
     assert sweep.rows[-1].quality.perplexity == pytest.approx(ppl, rel=1e-4)
     assert sweep.rows[-1].quality.divergence == pytest.approx(kl, rel=1e-3, abs=1e-5)
     assert sweep.rows[-1].quality.concept == pytest.approx(tuple(concept), rel=1e-4, abs=1e-6)
-    assert not rt.site.active and not rt.loaded.model._forward_hooks
+    assert not rt.site.active and not rt.backend.model._forward_hooks

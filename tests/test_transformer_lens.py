@@ -67,7 +67,7 @@ def tl_runtime(tiny_model_dir: Path) -> Runtime:
         sae.W_enc.copy_(sae.W_dec.T * 2.0)
         sae.b_enc.zero_()
     return Runtime(
-        loaded=loaded, sae=sae, site=HookSite(loaded, HOOK), source=SaeSource(kind="folder", path="-"), context_size=32
+        backend=loaded, sae=sae, site=HookSite(loaded, HOOK), source=SaeSource(kind="folder", path="-"), context_size=32
     )
 
 
@@ -82,7 +82,7 @@ def test_hook_names_choose_the_backend():
 
 
 def test_tl_adapter_facts(tl_runtime: Runtime):
-    loaded = tl_runtime.loaded
+    loaded = tl_runtime.backend
     model = loaded.model
     assert loaded.hook_kind == tl_runtime.site.kind == "transformer_lens" and not loaded.incremental
     assert loaded.context_length == 64 and loaded.n_layers == 2
@@ -96,7 +96,7 @@ def test_tl_adapter_facts(tl_runtime: Runtime):
 
 
 def test_activations_match_run_with_cache_and_stop_at_the_hook(tl_runtime: Runtime):
-    model = tl_runtime.loaded.model
+    model = tl_runtime.backend.model
     ids = _ids(tl_runtime)
     _, cache = model.run_with_cache(ids)
     ran_last_block = []
@@ -112,11 +112,11 @@ def test_activations_match_run_with_cache_and_stop_at_the_hook(tl_runtime: Runti
 
 def test_unknown_tl_hook_is_a_clear_error(tl_runtime: Runtime):
     with pytest.raises(ValueError, match="not a TransformerLens hook point"):
-        HookSite(tl_runtime.loaded, "blocks.9.hook_resid_pre")
+        HookSite(tl_runtime.backend, "blocks.9.hook_resid_pre")
 
 
 def test_edit_at_the_hook_changes_logits_like_run_with_hooks(tl_runtime: Runtime):
-    model = tl_runtime.loaded.model
+    model = tl_runtime.backend.model
     ids = _ids(tl_runtime)
     direction = tl_runtime.W_dec[3].detach()
 

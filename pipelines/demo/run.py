@@ -406,7 +406,7 @@ def check_steer(
     cfg = SteeringConfig(
         prompt=pick.topic.prompt,
         edits=(FeatureEdit(pick.feature, "add", 1.0),),
-        chat_template=bool(runtime.loaded.is_chat),
+        chat_template=bool(runtime.backend.is_chat),
         generation=GenerationSettings(max_new_tokens=STEER_TOKENS, temperature=0.0),
     )
     res = run_sweep(runtime, cfg, SweepSettings(strengths=tuple(strengths)), {pick.feature: max_act})

@@ -255,7 +255,7 @@ def harvest_span(
             f"the corpus {cfg.corpus.describe()} changed while building: {span} gave {state.n_contexts} contexts"
         )
     wire = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state_dict(state).items()}
-    return wire | {"model_dtype": dtype_name(rt.loaded.dtype)}
+    return wire | {"model_dtype": dtype_name(rt.backend.dtype)}
 
 
 def _fold_state(acc: HarvestState | None, wire: dict[str, Any]) -> HarvestState:
@@ -356,8 +356,8 @@ def unembedding(rt: Runtime) -> tuple[torch.Tensor, bool]:
     scaling: decoder directions must then be centred too (RMSNorm does not centre). The norm's 1/rms factor
     is positive and the same for every token, so it does not change which tokens a direction promotes.
     """
-    w_u = rt.loaded.unembedding_matrix()
-    norm = rt.loaded.final_norm()
+    w_u = rt.backend.unembedding_matrix()
+    norm = rt.backend.final_norm()
     name = type(norm).__name__.lower() if norm is not None else ""
     centre = "layernorm" in name and "rms" not in name
     scale = None
@@ -656,9 +656,9 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
     rt.outlier_norm_ratio = cfg.outlier_norm_ratio
     hook = rt.site.hook_name
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
-    dtype = dtype_name(rt.loaded.dtype)  # with Ray: replaced below by the dtype the shards ran in
+    dtype = dtype_name(rt.backend.dtype)  # with Ray: replaced below by the dtype the shards ran in
     if cfg.progress:
-        print(f"model {rt.loaded.name} runs in {dtype} on {rt.loaded.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}")
+        print(f"model {rt.backend.name} runs in {dtype} on {rt.backend.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}")
     ran: dict[str, Any] | None = None
     if ray is None:
         state = harvest_corpus(rt, cfg)
@@ -686,8 +686,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
     row = {
         "sae_id": sae_id,
         "model_spec": cfg.model,
-        "model_name": rt.loaded.name,
-        "model_kwargs": json.dumps(rt.loaded.kwargs),
+        "model_name": rt.backend.name,
+        "model_kwargs": json.dumps(rt.backend.kwargs),
         "dtype": dtype,  # what the model ran in (config_json keeps what was asked for: null = the default)
         "sae_source": cfg.sae.to_json(),
         "hook_name": hook,

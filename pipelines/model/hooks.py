@@ -36,10 +36,10 @@ class _StopForward(Exception):
 
 
 class HookSite:
-    def __init__(self, loaded: ModelBackend, hook_name: str):
-        self.loaded = loaded
+    def __init__(self, backend: ModelBackend, hook_name: str):
+        self.backend = backend
         self.hook_name = hook_name
-        self.module = loaded.hook_module(hook_name)  # ValueError naming the problem when there is none
+        self.module = backend.hook_module(hook_name)  # ValueError naming the problem when there is none
         self._lock = threading.Lock()
         self._fns: dict[int, ActFn] = {}  # thread id -> active function
         self._handle: RemovableHandle | None = None
@@ -47,7 +47,7 @@ class HookSite:
     @property
     def kind(self) -> str:
         """The hook kind the database stores (``hf_module`` or ``transformer_lens``)."""
-        return self.loaded.hook_kind
+        return self.backend.hook_kind
 
     # ---- dispatching hook -------------------------------------------------------------------------------
     def _dispatch(self, module: torch.nn.Module, inputs: Any, output: Any) -> Any:
@@ -96,7 +96,7 @@ class HookSite:
 
         with self.intervene(stop):
             try:
-                self.loaded.forward(input_ids.to(self.loaded.device), _to(attention_mask, self.loaded.device))
+                self.backend.forward(input_ids.to(self.backend.device), _to(attention_mask, self.backend.device))
             except _StopForward as s:
                 return s.act
         raise RuntimeError(f"the forward pass never reached hook {self.hook_name}")
@@ -109,23 +109,23 @@ class HookSite:
         fn: ActFn | None = None,
     ) -> torch.Tensor:
         """Full forward pass, ``[batch, pos, vocab]`` logits, with ``fn`` applied at the hook if given."""
-        ids = input_ids.to(self.loaded.device)
-        mask = _to(attention_mask, self.loaded.device)
+        ids = input_ids.to(self.backend.device)
+        mask = _to(attention_mask, self.backend.device)
         if fn is None:
-            return self.loaded.forward(ids, mask)
+            return self.backend.forward(ids, mask)
         with self.intervene(fn):
-            return self.loaded.forward(ids, mask)
+            return self.backend.forward(ids, mask)
 
     @torch.no_grad()
     def logits_after_prefix(self, prefix: torch.Tensor, rest: torch.Tensor, fn: ActFn | None = None) -> torch.Tensor:
         """``ModelBackend.forward_after_prefix`` (logits at the prefix's last position and over ``rest``), with
         ``fn`` applied at the hook on every pass it runs. The last activation ``fn`` sees covers ``rest``'s
         positions at its end (``act[:, -rest.shape[1]:]``), whether or not the backend re-ran the prefix."""
-        dev = self.loaded.device
+        dev = self.backend.device
         if fn is None:
-            return self.loaded.forward_after_prefix(prefix.to(dev), rest.to(dev))
+            return self.backend.forward_after_prefix(prefix.to(dev), rest.to(dev))
         with self.intervene(fn):
-            return self.loaded.forward_after_prefix(prefix.to(dev), rest.to(dev))
+            return self.backend.forward_after_prefix(prefix.to(dev), rest.to(dev))
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -95,7 +95,7 @@ def valid_mask(
 
 @dataclass
 class Runtime:
-    loaded: ModelBackend
+    backend: ModelBackend
     sae: SAE[Any]
     site: HookSite
     source: SaeSource
@@ -108,7 +108,7 @@ class Runtime:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.loaded.tokenizer
+        return self.backend.tokenizer
 
     @property
     def pad_id(self) -> int:
@@ -217,7 +217,7 @@ def load_runtime(
     d_in = int(sae.cfg.d_in)
     prepend = meta.get("prepend_bos")
     return Runtime(
-        loaded=loaded,
+        backend=loaded,
         sae=sae,
         site=site,
         source=source,

@@ -60,7 +60,7 @@ def check_prompt(rt: Runtime, config: SteeringConfig, ids: torch.Tensor) -> list
     bos = getattr(rt.tokenizer, "bos_token_id", None)
     if n == 0 or (n == 1 and bos is not None and int(ids[0, 0]) == bos):
         raise SteeringInputError("the prompt is empty after tokenisation; type a prompt to continue")
-    ctx = rt.loaded.context_length
+    ctx = rt.backend.context_length
     total = n + config.generation.max_new_tokens
     if ctx is not None and n >= ctx:
         what = "conversation" if config.multi_turn else "prompt"

@@ -349,8 +349,8 @@ class BatchStream:
                 row_on=row_on,
             )
         self._ids = ids
-        self._step = rt.loaded.step
-        self._incremental = rt.loaded.incremental
+        self._step = rt.backend.step
+        self._incremental = rt.backend.incremental
         self._it = self._run()
 
     def _plan(self, max_acts: Mapping[int, float] | None) -> EditPlan | None:
@@ -389,7 +389,7 @@ class BatchStream:
     def _forward(self, chunk: torch.Tensor, start: int, cache: Any, halt: bool = False) -> tuple[torch.Tensor, Any]:
         """One forward pass over ``chunk`` ``[rows, L]`` at absolute ``start``; ``([rows, vocab]`` last logits,
         cache)."""
-        dev = self.rt.loaded.device
+        dev = self.rt.backend.device
         hook = self._hook
         with torch.no_grad():
             if chunk.shape[0] == 1:  # one row: the adapter's own step, no output hook
@@ -403,8 +403,8 @@ class BatchStream:
             if hook is not None:
                 hook.start, hook.chunk, hook.halt = start, chunk, halt
                 with self.rt.site.intervene(hook):
-                    return step_rows(self.rt.loaded, chunk.to(dev), cache)
-            return step_rows(self.rt.loaded, chunk.to(dev), cache)
+                    return step_rows(self.rt.backend, chunk.to(dev), cache)
+            return step_rows(self.rt.backend, chunk.to(dev), cache)
 
     def _check_memory(self, vocab: int) -> None:
         need = len(self.rows) * self.config.generation.max_new_tokens * vocab * 4
@@ -416,19 +416,16 @@ class BatchStream:
             )
 
     def _run(self) -> Iterator[tuple[int, str]]:
+        """The token loop: sample every live row, accept the picks, stream the new text, advance one step."""
         results = self.results
         n_rows = len(self.rows)
-        g = self.config.generation
-        tok = self.rt.tokenizer
-        incremental = self._incremental
-        stops = self.rt.loaded.eos_ids() if self.stop_at_eos else set()
-        pad = self.rt.pad_id
         gens = [torch.Generator(device="cpu").manual_seed(int(r.seed)) for r in self.rows]
         ids = self._ids.expand(n_rows, -1).contiguous() if n_rows > 1 else self._ids
         seqs = [ids[0].tolist() for _ in range(n_rows)]
         kept: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
         shown = [""] * n_rows
         live = list(range(n_rows))
+        stops = self.rt.backend.eos_ids() if self.stop_at_eos else set()
         vocab = 0
         for res in results:
             res.finish = "closed"
@@ -437,49 +434,13 @@ class BatchStream:
             vocab = int(logits.shape[-1])
             self._check_memory(vocab)
             while live:
-                if n_rows == 1:
-                    try:
-                        picks: dict[int, int | None] = {0: _sample(logits[0], g, gens[0])}
-                    except SteeringInputError:  # NaN/inf logits
-                        picks = {0: None}
-                else:
-                    picks = _sample_rows(logits, g, gens, live)
-                for r in list(live):
-                    res, nxt = results[r], picks[r]
-                    if nxt is None:
-                        if self.row_errors == "raise":
-                            raise SteeringInputError(NAN_MESSAGE)
-                        res.finish, res.error = "error", NAN_MESSAGE
-                        live.remove(r)
-                        continue
-                    if nxt in stops:
-                        res.finish = "eos"
-                        live.remove(r)
-                        continue
-                    res.token_ids.append(nxt)
-                    if self.keep_logits:
-                        kept[r].append(logits[r].clone())  # a copy: the step's logits may view a larger tensor
-                    if len(res.token_ids) == g.max_new_tokens:
-                        res.finish = "length"
-                        live.remove(r)
+                self._accept(self._pick(logits, gens, live), logits, live, kept, stops)
                 if self.stream:
-                    for r in range(n_rows):
-                        piece = self._piece(r, tok, shown)
-                        if piece:
-                            yield r, piece
+                    yield from self._new_pieces(shown)
                 if not live:
                     break
-                step = [results[r].token_ids[-1] if r in live else pad for r in range(n_rows)]
-                for r in range(n_rows):
-                    seqs[r].append(step[r])
-                if incremental:
-                    logits, cache = self._forward(torch.tensor(step).unsqueeze(1), len(seqs[0]) - 1, cache)
-                else:
-                    logits, _ = self._forward(torch.tensor(seqs), 0, None)
-            for r, res in enumerate(results):
-                res.text = _decode(tok, res.token_ids)
-                if self.stream and res.text != shown[r] and res.text[_common_prefix(shown[r], res.text) :]:
-                    yield r, res.text[_common_prefix(shown[r], res.text) :]
+                logits, cache = self._advance(seqs, live, cache)
+            yield from self._final_texts(shown)
             self._record_last(results, seqs, cache)
         except GeneratorExit:
             for res in results:
@@ -490,15 +451,83 @@ class BatchStream:
                 res.finish = "error"
             raise
         finally:
-            hook = self._hook
-            if hook is not None and hook.record_features is not None and not any(r.finish == "error" for r in results):
-                for res, (before, after) in zip(
-                    results, hook.finalize([len(r.token_ids) for r in results]), strict=True
-                ):
-                    res.acts_before, res.acts_after = before, after
+            self._collect(kept, vocab)
+
+    def _pick(self, logits: torch.Tensor, gens: list[torch.Generator], live: list[int]) -> dict[int, int | None]:
+        """The next token of every live row (None where its logits are NaN/inf)."""
+        g = self.config.generation
+        if len(self.rows) > 1:
+            return _sample_rows(logits, g, gens, live)
+        try:
+            return {0: _sample(logits[0], g, gens[0])}
+        except SteeringInputError:  # NaN/inf logits
+            return {0: None}
+
+    def _accept(
+        self,
+        picks: dict[int, int | None],
+        logits: torch.Tensor,
+        live: list[int],
+        kept: list[list[torch.Tensor]],
+        stops: set[int],
+    ) -> None:
+        """Append each row's pick, or end the row (error, EOS, length); ended rows leave ``live``."""
+        max_new = self.config.generation.max_new_tokens
+        for r in list(live):
+            res, nxt = self.results[r], picks[r]
+            if nxt is None:
+                if self.row_errors == "raise":
+                    raise SteeringInputError(NAN_MESSAGE)
+                res.finish, res.error = "error", NAN_MESSAGE
+                live.remove(r)
+                continue
+            if nxt in stops:
+                res.finish = "eos"
+                live.remove(r)
+                continue
+            res.token_ids.append(nxt)
             if self.keep_logits:
-                for res, rows in zip(results, kept, strict=True):
-                    res.logits = torch.stack(rows).float().cpu() if rows else torch.zeros(0, vocab)
+                kept[r].append(logits[r].clone())  # a copy: the step's logits may view a larger tensor
+            if len(res.token_ids) == max_new:
+                res.finish = "length"
+                live.remove(r)
+
+    def _new_pieces(self, shown: list[str]) -> Iterator[tuple[int, str]]:
+        tok = self.rt.tokenizer
+        for r in range(len(self.rows)):
+            piece = self._piece(r, tok, shown)
+            if piece:
+                yield r, piece
+
+    def _advance(self, seqs: list[list[int]], live: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward step: each live row's last token (ended rows get padding) through the KV cache, or the
+        whole sequences again where the model has no incremental path."""
+        step = [self.results[r].token_ids[-1] if r in live else self.rt.pad_id for r in range(len(self.rows))]
+        for r, seq in enumerate(seqs):
+            seq.append(step[r])
+        if self._incremental:
+            return self._forward(torch.tensor(step).unsqueeze(1), len(seqs[0]) - 1, cache)
+        logits, _ = self._forward(torch.tensor(seqs), 0, None)
+        return logits, cache
+
+    def _final_texts(self, shown: list[str]) -> Iterator[tuple[int, str]]:
+        """Decode every row's tokens; when streaming, yield what the pieces held back (a split character)."""
+        tok = self.rt.tokenizer
+        for r, res in enumerate(self.results):
+            res.text = _decode(tok, res.token_ids)
+            if self.stream and res.text != shown[r] and res.text[_common_prefix(shown[r], res.text) :]:
+                yield r, res.text[_common_prefix(shown[r], res.text) :]
+
+    def _collect(self, kept: list[list[torch.Tensor]], vocab: int) -> None:
+        """Hand the recorded activations and kept logits to the results (also after an early close)."""
+        results = self.results
+        hook = self._hook
+        if hook is not None and hook.record_features is not None and not any(r.finish == "error" for r in results):
+            for res, (before, after) in zip(results, hook.finalize([len(r.token_ids) for r in results]), strict=True):
+                res.acts_before, res.acts_after = before, after
+        if self.keep_logits:
+            for res, rows in zip(results, kept, strict=True):
+                res.logits = torch.stack(rows).float().cpu() if rows else torch.zeros(0, vocab)
 
     def _piece(self, r: int, tok: PreTrainedTokenizerBase, shown: list[str]) -> str:
         res = self.results[r]
