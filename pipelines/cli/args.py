@@ -21,6 +21,23 @@ def default(config: type, name: str) -> Any:
     raise KeyError(f"{config.__name__} has no field {name!r} with a default")
 
 
+def add_option(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    config: type,
+    field: str,
+    help: str,
+    fmt: str = "",
+    **kw: Any,
+) -> None:
+    """``p.add_argument(flag)`` whose default is ``config``'s default for ``field`` (typed like it), with the
+    default shown at the end of ``help`` (formatted with ``fmt``, e.g. "," for 200,000)."""
+    value = default(config, field)
+    if value is not None and "type" not in kw and "action" not in kw and not isinstance(value, str):
+        kw["type"] = type(value)
+    p.add_argument(flag, default=value, help=f"{help} (default {value:{fmt}})", **kw)
+
+
 def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--corpus",

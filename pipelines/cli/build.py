@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, corpus_spec, default
+from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, corpus_spec
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,39 +19,23 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--sae-release", help="sae-lens registry release (e.g. gpt2-small-res-jb)")
     b.add_argument("--sae-id", help="SAE id within the release (e.g. blocks.8.hook_resid_pre)")
     add_corpus_args(b)
-    d = {f: default(BuildConfig, f) for f in ("db", "context_size", "max_tokens", "batch_size", "outlier_norm_ratio")}
-    h = {f: default(HarvestConfig, f) for f in ("top_k", "samples_per_band")}
-    b.add_argument("--db", default=d["db"], help=f"database file (default: {d['db']})")
+    add_option(b, "--db", BuildConfig, "db", "database file")
     b.add_argument("--name", default=None, help="SAE name in the database (default: MODEL/HOOK/D_SAE)")
     b.add_argument("--hook", default=None, help="override the SAE's hook name (normally read from the SAE)")
-    b.add_argument(
-        "--context-size",
-        type=int,
-        default=d["context_size"],
-        help=f"tokens per context incl. BOS (default {d['context_size']})",
-    )
-    b.add_argument(
-        "--max-tokens", type=int, default=d["max_tokens"], help=f"token budget (default {d['max_tokens']:,})"
-    )
-    b.add_argument(
-        "--batch-size", type=int, default=d["batch_size"], help=f"contexts per forward pass (default {d['batch_size']})"
-    )
-    b.add_argument(
-        "--top-k", type=int, default=h["top_k"], help=f"top activating contexts kept per feature (default {h['top_k']})"
-    )
-    b.add_argument(
-        "--interval-samples",
-        type=int,
-        default=h["samples_per_band"],
-        help=f"samples per activation band (default {h['samples_per_band']})",
-    )
+    add_option(b, "--context-size", BuildConfig, "context_size", "tokens per context incl. BOS")
+    add_option(b, "--max-tokens", BuildConfig, "max_tokens", "token budget", ",")
+    add_option(b, "--batch-size", BuildConfig, "batch_size", "contexts per forward pass")
+    add_option(b, "--top-k", HarvestConfig, "top_k", "top activating contexts kept per feature")
+    add_option(b, "--interval-samples", HarvestConfig, "samples_per_band", "samples per activation band")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
-    b.add_argument(
+    add_option(
+        b,
         "--outlier-norm-ratio",
-        type=float,
-        default=d["outlier_norm_ratio"],
-        help="exclude positions whose activation norm is > this x their context's median, like BOS "
-        f"(attention-sink 'massive activations'); 0 disables (default {d['outlier_norm_ratio']:g})",
+        BuildConfig,
+        "outlier_norm_ratio",
+        "exclude positions whose activation norm is > this x their context's median, like BOS "
+        "(attention-sink 'massive activations'); 0 disables",
+        "g",
     )
     add_device_args(b)
     rg = b.add_argument_group("Ray (optional extra: pip install 'featuredict[ray]'; see docs/distributed.md)")

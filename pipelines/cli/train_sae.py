@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, corpus_spec, default
+from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, corpus_spec, default
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,16 +14,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="preset (smollm2-135m), local HF folder or HF id")
     add_corpus_args(t)
     t.add_argument("--out", required=True, help="output folder (sae-lens format)")
-    d = {f: default(TrainConfig, f) for f in ("hook", "d_sae", "k", "training_tokens", "context_size", "seed")}
-    t.add_argument("--hook", default=d["hook"], help=f"HF module name whose output is read (default: {d['hook']})")
-    t.add_argument("--d-sae", type=int, default=d["d_sae"], help=f"SAE width (default {d['d_sae']})")
-    t.add_argument("--k", type=int, default=d["k"], help=f"TopK k (default {d['k']})")
-    t.add_argument(
-        "--tokens", type=int, default=d["training_tokens"], help=f"training tokens (default {d['training_tokens']:,})"
-    )
-    t.add_argument(
-        "--context-size", type=int, default=d["context_size"], help=f"tokens per context (default {d['context_size']})"
-    )
+    add_option(t, "--hook", TrainConfig, "hook", "HF module name whose output is read")
+    add_option(t, "--d-sae", TrainConfig, "d_sae", "SAE width")
+    add_option(t, "--k", TrainConfig, "k", "TopK k")
+    add_option(t, "--tokens", TrainConfig, "training_tokens", "training tokens", ",")
+    add_option(t, "--context-size", TrainConfig, "context_size", "tokens per context")
     t.add_argument(
         "--activations",
         choices=list(ACTIVATION_MODES),
@@ -43,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"fraction of the steps, at the end, over which the lr decays to a tenth (default: {cdec:g} cached, "
         f"{sdec:g} streamed)",
     )
-    t.add_argument("--seed", type=int, default=d["seed"])
+    add_option(t, "--seed", TrainConfig, "seed", "random seed")
     add_device_args(t)
     t.set_defaults(func=run)
     return t
