@@ -1,4 +1,4 @@
-"""``featuredict explain``: words for every feature, generated and scored (see ``pipelines/explain.py``).
+"""``featuredict explain``: words for every feature, generated and scored (``pipelines/explain``).
 
     featuredict explain --db DB [--sae SAE_ID] (--features 0-499,1000 | --all) --explainer tokens
     featuredict explain --db DB --all --explainer openai:http://localhost:8000/v1 --model NAME --concurrency 8 --score
