@@ -338,7 +338,9 @@ def export_neuronpedia(
             shutil.rmtree(root / d)
     source_set = layer.split("-", 1)[1] if re.match(r"^\d+-.", layer) else layer
     edges = np.asarray(info["hist_edges"], dtype=np.float64)
-    centres = np.sqrt(np.clip(edges[:-1], 1e-30, None) * np.clip(edges[1:], 1e-30, None)) if len(edges) > 1 else []
+    centres: np.ndarray | list[float] = (
+        np.sqrt(np.clip(edges[:-1], 1e-30, None) * np.clip(edges[1:], 1e-30, None)) if len(edges) > 1 else []
+    )
     data_source = (info.get("corpus") or None) and str(info["corpus"])[:500]
     ids = dbi.feature_range(store, sae_id)
     n_feat = n_act = n_files = 0

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     try:
+        assert rec is not None  # resolve_sae found it
         runtime = cached_runtime_from_row(rec)
     except Exception as e:  # noqa: BLE001 - any load failure: one line, not a traceback
         return _err(f"cannot load the model and SAE of {args.sae!r}: {one_line(e)}")

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
 
 from featuredict.db.errors import UserError, one_line
 
@@ -235,7 +235,8 @@ class HFChat:
             if not getattr(tok, "chat_template", None):
                 raise ModelLoadError(f"{self.model!r} has no chat template (give an instruct model)")
             try:
-                lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(None, dev)).to(dev).eval()
+                lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(None, dev))
+                lm = cast(torch.nn.Module, lm).to(dev).eval()
             except Exception as e:  # noqa: BLE001 - any loader failure is one line
                 raise ModelLoadError(f"cannot load explainer model {self.model!r}: {one_line(e, 200)}") from e
             if self.settings.threads:

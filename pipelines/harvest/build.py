@@ -658,7 +658,9 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
     dtype = dtype_name(rt.backend.dtype)  # with Ray: replaced below by the dtype the shards ran in
     if cfg.progress:
-        print(f"model {rt.backend.name} runs in {dtype} on {rt.backend.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}")
+        print(
+            f"model {rt.backend.name} runs in {dtype} on {rt.backend.device}; SAE in {dtype_name(rt.sae.W_dec.dtype)}"
+        )
     ran: dict[str, Any] | None = None
     if ray is None:
         state = harvest_corpus(rt, cfg)

@@ -232,7 +232,7 @@ def map_shards(
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=opts.poll_seconds, fetch_local=False)
-            if progress is not None:
+            if progress is not None and on_progress is not None:
                 on_progress(ray.get(progress.total.remote()))
             for ref in ready:
                 i = pending.pop(ref)
@@ -245,7 +245,7 @@ def map_shards(
                     ) from e
                 acc = fold(acc, result)
                 del result
-        if progress is not None:
+        if progress is not None and on_progress is not None:
             on_progress(ray.get(progress.total.remote()))
     finally:
         for ref in pending:

@@ -20,7 +20,7 @@ their activations are outliers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -415,7 +415,7 @@ class BatchStream:
                 "MiB); use fewer strengths or seeds, or fewer new tokens"
             )
 
-    def _run(self) -> Iterator[tuple[int, str]]:
+    def _run(self) -> Generator[tuple[int, str], None, None]:
         """The token loop: sample every live row, accept the picks, stream the new text, advance one step."""
         results = self.results
         n_rows = len(self.rows)
@@ -651,7 +651,7 @@ def paired_streams(
     }
 
 
-def interleave(streams: Mapping[str, GenerationStream]) -> Iterator[tuple[str, str]]:
+def interleave(streams: Mapping[str, GenerationStream]) -> Generator[tuple[str, str], None, None]:
     """Advance the streams in turn, one token each, yielding ``(name, piece)`` until all are done. Closing
     this generator closes every stream."""
     live = dict(streams)
