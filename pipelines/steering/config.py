@@ -148,7 +148,7 @@ class FeatureEdit:
             value = float(val.strip())
         except ValueError:
             raise SteeringInputError(f"value of feature {feature}: {val.strip()!r} is not a number") from None
-        return cls(feature, cast(Mode, mode), value)
+        return cls(feature, mode, value)
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class TrainConfig:
         the most tokens it could cache fit in ``cache_bytes`` at float32. That is the training tokens, or for a
         local file the file's size in bytes when smaller (a token is never shorter than a byte)."""
         if self.activations != "auto":
-            return self.activations  # type: ignore[return-value]
+            return self.activations
         bound = self.training_tokens
         local = Path(self.corpus.source)
         if local.is_file() and not self.max_docs:
