@@ -4,21 +4,26 @@ copied to /tmp/fd/screens/ for humans."""
 
 from __future__ import annotations
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
 import pytest
 
-CHROMIUM, CHROMIUM_ARGS, running_app, shot = fx.CHROMIUM, fx.CHROMIUM_ARGS, fx.running_app, fx.screenshot
-synth_db_master = fx.synth_db_master
+from tests.helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    HOSTILE_FEATURE,
+    HOSTILE_IMG,
+    HOSTILE_SCRIPT,
+    SAE_ID,
+    copy_db,
+    running_app,
+    screenshot,
+)
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
 def server(synth_db_master, tmp_path):
-    db = fx.copy_db(synth_db_master, tmp_path / "browser.duckdb")
+    db = copy_db(synth_db_master, tmp_path / "browser.duckdb")
     with running_app(db, "--client.showErrorDetails", "none") as base:
         yield base, db
 
@@ -36,10 +41,10 @@ def test_browser_search_and_feature_page(server, tmp_path):
 
     s = Store(db, read_only=True)
     word = min(
-        (t.strip() for t in q.feature(s, fx.SAE_ID, 7)["max_tokens"]),
+        (t.strip() for t in q.feature(s, SAE_ID, 7)["max_tokens"]),
         key=lambda w: s.rows("SELECT count(*) FROM features WHERE contains(search_text, ?)", [w])[0][0],
     )
-    nb = int(q.feature(s, fx.SAE_ID, 7)["neighbours"][0])
+    nb = int(q.feature(s, SAE_ID, 7)["neighbours"][0])
     s.close()
 
     dialogs: list[str] = []
@@ -53,22 +58,22 @@ def test_browser_search_and_feature_page(server, tmp_path):
             page.get_by_text("Feature density", exact=False).first.wait_for(timeout=30_000)
 
             # search: type a word from feature 7's contexts
-            page.goto(f"{base}/search?sae={fx.SAE_ID}", wait_until="domcontentloaded")
+            page.goto(f"{base}/search?sae={SAE_ID}", wait_until="domcontentloaded")
             box = page.get_by_role("textbox", name="Search features")
             box.wait_for(timeout=30_000)
             box.fill(word)
             box.press("Enter")
             page.get_by_text("Select a row (or use 'open') to see a feature", exact=False).wait_for(timeout=30_000)
             assert f"query={word}" in page.url  # shareable
-            shot(page, tmp_path, "browser_search")
+            screenshot(page, tmp_path, "browser_search")
 
             # feature page by URL: highlighted tokens with activation in the title attribute
-            page.goto(f"{base}/feature?sae={fx.SAE_ID}&feature=7", wait_until="domcontentloaded")
+            page.goto(f"{base}/feature?sae={SAE_ID}&feature=7", wait_until="domcontentloaded")
             page.get_by_role("heading", name="Feature 7").wait_for(timeout=30_000)
             spans = page.locator("span[title*='act ']")
             spans.first.wait_for(timeout=30_000)
             assert spans.count() > 100
-            shot(page, tmp_path, "browser_feature")
+            screenshot(page, tmp_path, "browser_feature")
 
             # follow a decoder-neighbour link inside the app
             page.get_by_text(f"#{nb} · cos", exact=False).first.click()
@@ -76,24 +81,24 @@ def test_browser_search_and_feature_page(server, tmp_path):
             page.wait_for_url(f"**feature={nb}**", timeout=10_000)  # the URL follows (shareable)
 
             # the map: clicking a point opens that feature's page (300 points: SVG marks we can click)
-            page.goto(f"{base}/map?sae={fx.SAE_ID}", wait_until="domcontentloaded")
+            page.goto(f"{base}/map?sae={SAE_ID}", wait_until="domcontentloaded")
             mark = page.locator(".vega-embed .mark-symbol path").nth(7)
             mark.wait_for(timeout=30_000)
-            shot(page, tmp_path, "browser_map")
+            screenshot(page, tmp_path, "browser_map")
             mark.click(force=True)
             page.wait_for_url("**/feature?**", timeout=20_000)
             page.get_by_role("heading", name="Feature ").first.wait_for(timeout=30_000)
             assert "feature=" in page.url
 
             # hostile corpus/label text is shown as text, never run
-            page.goto(f"{base}/feature?sae={fx.SAE_ID}&feature={fx.HOSTILE_FEATURE}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name=f"Feature {fx.HOSTILE_FEATURE}").wait_for(timeout=30_000)
+            page.goto(f"{base}/feature?sae={SAE_ID}&feature={HOSTILE_FEATURE}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name=f"Feature {HOSTILE_FEATURE}").wait_for(timeout=30_000)
             page.locator("span[title*='act ']").first.wait_for(timeout=30_000)
-            assert page.get_by_text(fx.HOSTILE_SCRIPT, exact=True).count() >= 1
-            assert page.get_by_text(fx.HOSTILE_IMG, exact=True).count() >= 1
+            assert page.get_by_text(HOSTILE_SCRIPT, exact=True).count() >= 1
+            assert page.get_by_text(HOSTILE_IMG, exact=True).count() >= 1
             page.wait_for_timeout(500)
             assert page.locator("img[src='x']").count() == 0
-            shot(page, tmp_path, "browser_hostile")
+            screenshot(page, tmp_path, "browser_hostile")
             assert not dialogs, f"script ran: {dialogs}"
             assert not page.locator("text=Traceback").count()
         finally:

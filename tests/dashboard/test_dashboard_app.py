@@ -10,10 +10,6 @@ import re
 import subprocess
 import sys
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
 import duckdb
 import pyarrow as pa
 import pytest
@@ -24,64 +20,19 @@ from featuredict.dashboard.export import export_list
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.store import Store
-
-SAE_ID = fx.SAE_ID
-synth_db_master, synth_db, big_map_db, model_db_master = (
-    fx.synth_db_master,
-    fx.synth_db,
-    fx.big_map_db,
-    fx.model_db_master,
+from tests.helpers import (
+    HOSTILE_FEATURE,
+    HOSTILE_IMG,
+    HOSTILE_SCRIPT,
+    SAE_ID,
+    assert_clean,
+    copy_db,
+    frame,
+    htmls,
+    open_app,
+    texts,
+    widget,
 )
-
-
-def open_app(monkeypatch, db, page: str | None = None, **params: str) -> AppTest:
-    """Run app.py on ``db``; then (optionally) switch to ``views/<page>.py`` with query ``params``."""
-    monkeypatch.setenv("FEATUREDICT_DB", str(db))
-    at = AppTest.from_file(fx.APP, default_timeout=90)
-    at.run()
-    if page:
-        for k, v in params.items():
-            at.query_params[k] = v
-        at.switch_page(f"views/{page}.py")
-        at.run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    """No uncaught exception (traceback) on the page."""
-    assert not at.exception, [e.message for e in at.exception]
-
-
-def htmls(at: AppTest) -> str:
-    return "\n".join(h.value for h in at.get("html"))
-
-
-def texts(at: AppTest) -> str:
-    """All markdown / caption / title / error text of the page."""
-    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [t.value for t in at.title]
-    parts += [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
-    return "\n".join(parts)
-
-
-def frame(at: AppTest, key: str):
-    """The dataframe shown under widget ``key`` (dataframes with on_select carry their key in the id)."""
-    for d in at.dataframe:
-        if key in (d.proto.id or ""):
-            return d.value
-    raise AssertionError(f"no dataframe {key!r}")
-
-
-def widget(items, label: str):
-    for w in items:
-        if w.label == label:
-            return w
-    raise AssertionError(f"no widget labelled {label!r}: {[w.label for w in items]}")
-
-
-@pytest.fixture
-def model_db(model_db_master, tmp_path):
-    return fx.copy_db(model_db_master, tmp_path / "model.duckdb")
-
 
 # ---------------------------------------------------------------------------------------------- overview
 
@@ -126,16 +77,16 @@ def test_feature_page_content(monkeypatch, synth_db):
 
 
 def test_feature_page_escapes_corpus_and_labels(monkeypatch, synth_db):
-    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature=str(fx.HOSTILE_FEATURE))
+    at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature=str(HOSTILE_FEATURE))
     assert_clean(at)
     body = htmls(at)
-    assert html.escape(fx.HOSTILE_SCRIPT) in body and html.escape(fx.HOSTILE_IMG) in body
+    assert html.escape(HOSTILE_SCRIPT) in body and html.escape(HOSTILE_IMG) in body
     assert "<script" not in body and "<img" not in body
     shown = texts(at)
     assert "<script" not in shown and "<img" not in shown
-    assert html.escape(fx.HOSTILE_SCRIPT) in shown  # the label, shown as text
+    assert html.escape(HOSTILE_SCRIPT) in shown  # the label, shown as text
     lab = widget(at.text_input, "Label")
-    assert lab.value == f"evil {fx.HOSTILE_SCRIPT}"  # the editor holds the raw text (a text box, not HTML)
+    assert lab.value == f"evil {HOSTILE_SCRIPT}"  # the editor holds the raw text (a text box, not HTML)
 
 
 def test_feature_label_editor_persists(monkeypatch, synth_db):
@@ -217,7 +168,7 @@ def test_search_sql_injection_and_hostile_text(monkeypatch, synth_db):
     at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query="<script>alert(1)")
     assert_clean(at)
     res = frame(at, "search_results")
-    assert res["feature"].iloc[0] == fx.HOSTILE_FEATURE  # shown in a data grid: text, never HTML
+    assert res["feature"].iloc[0] == HOSTILE_FEATURE  # shown in a data grid: text, never HTML
     assert "<script" not in htmls(at)
 
 
@@ -266,7 +217,7 @@ def chart_rows(chart) -> list[int]:
 
 
 def test_map_draws_65536_features(monkeypatch, big_map_db, tmp_path):
-    db = fx.copy_db(big_map_db, tmp_path / "big.duckdb")
+    db = copy_db(big_map_db, tmp_path / "big.duckdb")
     at = open_app(monkeypatch, db, "map", sae=SAE_ID, feature="123")
     assert_clean(at)
     charts = at.get("vega_lite_chart")
@@ -375,7 +326,7 @@ def test_wrong_version_message(monkeypatch, synth_db):
 
 
 def test_locked_database_message(monkeypatch, tmp_path, synth_db_master):
-    db = fx.copy_db(synth_db_master, tmp_path / "locked.duckdb")
+    db = copy_db(synth_db_master, tmp_path / "locked.duckdb")
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -464,7 +415,7 @@ def test_steer_max_acts_follow_a_rebuild(monkeypatch, synth_db):
 @pytest.fixture
 def real_db(tiny_db, tmp_path):
     """A copy of the database the real pipeline built from the tiny model (conftest.tiny_db)."""
-    return fx.copy_db(tiny_db, tmp_path / "real.duckdb")
+    return copy_db(tiny_db, tmp_path / "real.duckdb")
 
 
 def test_real_db_pages(monkeypatch, real_db):

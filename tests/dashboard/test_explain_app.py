@@ -7,26 +7,21 @@ from __future__ import annotations
 import html
 import json
 
-try:
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
 from streamlit.testing.v1 import AppTest
 
 from featuredict.dashboard import charts, render
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.store import Store
+from tests.helpers import APP, HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID
 
-SAE_ID = fx.SAE_ID
-synth_db_master, synth_db = fx.synth_db_master, fx.synth_db
-EVIL = f"fires on {fx.HOSTILE_SCRIPT} and {fx.HOSTILE_IMG} **bold** [link](http://x)"
+EVIL = f"fires on {HOSTILE_SCRIPT} and {HOSTILE_IMG} **bold** [link](http://x)"
 F = 5
 
 
 def open_app(monkeypatch, db, page: str, **params: str) -> AppTest:
     monkeypatch.setenv("FEATUREDICT_DB", str(db))
-    at = AppTest.from_file(fx.APP, default_timeout=90)
+    at = AppTest.from_file(APP, default_timeout=90)
     at.run()
     for k, v in params.items():
         at.query_params[k] = v
@@ -52,13 +47,13 @@ def _seed(db) -> str:
     writes.add_explanations(
         s,
         [
-            {"sae_id": SAE_ID, "feature": F, "text": EVIL, "method": "openai", "explainer_model": f"gpt {fx.HOSTILE_IMG}",
+            {"sae_id": SAE_ID, "feature": F, "text": EVIL, "method": "openai", "explainer_model": f"gpt {HOSTILE_IMG}",
              "detection": 0.84, "fuzzing": 0.71, "scorer_model": "keyword", "sae_fingerprint": fp,
-             "author": fx.HOSTILE_SCRIPT},
+             "author": HOSTILE_SCRIPT},
             {"sae_id": SAE_ID, "feature": F, "text": '"bread" (40%)', "method": "tokens", "sae_fingerprint": fp},
             {"sae_id": SAE_ID, "feature": F, "text": "old words", "method": "import", "sae_fingerprint": "dec-sha256:0"},
             {"sae_id": SAE_ID, "feature": F, "text": None, "method": "hf", "explainer_model": "smollm2-135m",
-             "error": f"empty answer {fx.HOSTILE_IMG}"},
+             "error": f"empty answer {HOSTILE_IMG}"},
         ],
     )  # fmt: skip
     s.close()
@@ -69,7 +64,7 @@ def test_feature_page_shows_explanations_escaped(monkeypatch, synth_db):
     _seed(synth_db)
     at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature=str(F))
     body, shown = htmls(at), texts(at)
-    for raw in (fx.HOSTILE_SCRIPT, fx.HOSTILE_IMG):
+    for raw in (HOSTILE_SCRIPT, HOSTILE_IMG):
         assert raw not in body and raw not in shown
     assert "<script" not in body and "<img" not in body and "<script" not in shown and "<img" not in shown
     assert html.escape(EVIL, quote=True) in body  # every explanation, as text
@@ -109,9 +104,9 @@ def test_lists_page_and_map_tooltip_show_best_explanation(monkeypatch, synth_db)
 
 def test_render_explanations_html_escapes_everything():
     rows = [
-        {"text": EVIL, "method": fx.HOSTILE_SCRIPT, "explainer_model": fx.HOSTILE_IMG, "detection": 0.5,
-         "fuzzing": None, "scorer_model": fx.HOSTILE_SCRIPT, "stale": True, "sae_fingerprint": '"><script>x',
-         "source": fx.HOSTILE_IMG, "created_at": None},
+        {"text": EVIL, "method": HOSTILE_SCRIPT, "explainer_model": HOSTILE_IMG, "detection": 0.5,
+         "fuzzing": None, "scorer_model": HOSTILE_SCRIPT, "stale": True, "sae_fingerprint": '"><script>x',
+         "source": HOSTILE_IMG, "created_at": None},
         {"text": None, "method": "hf", "error": "boom"},
     ]  # fmt: skip
     out = render.explanations_html(rows)

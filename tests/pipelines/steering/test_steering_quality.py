@@ -33,7 +33,7 @@ from featuredict.pipelines.steering import (
     validate_config,
 )
 from featuredict.pipelines.steering import generation as steering_generation
-from tests.test_steering import SAE_KINDS, decode_after_encode, make_sae, natural_max_acts
+from tests.helpers import SAE_KINDS, decode_after_encode, make_sae, natural_max_acts
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -482,10 +482,7 @@ def test_chat_keeps_two_conversations(tiny_runtime, mx, monkeypatch):
 
 
 # ---- TransformerLens: full recompute instead of a KV cache -----------------------------------------------
-from tests.test_transformer_lens import tl_runtime  # noqa: E402,F401 - the fixture
-
-
-def test_sweep_and_scores_with_full_recompute(tl_runtime):  # noqa: F811
+def test_sweep_and_scores_with_full_recompute(tl_runtime):
     rt = tl_runtime
     mx = {i: 1.0 for i in range(rt.d_sae)}
     cfg = cfg_for("the cat sat", [FeatureEdit(5, "add", 1.0)], n=6)

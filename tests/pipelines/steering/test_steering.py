@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,60 +26,17 @@ from featuredict.pipelines.steering import (
     validate_config,
 )
 from featuredict.pipelines.steering import generation as steering_generation
-from tests.conftest import STORIES_MODEL, TINY_TEXT, require_shared
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---- helpers ----------------------------------------------------------------------------------------------
-def natural_max_acts(rt) -> dict[int, float]:
-    """features.max_act as a build computes it: the max activation over a small corpus (BOS excluded)."""
-    mx = torch.zeros(rt.d_sae)
-    for text in TINY_TEXT:
-        mx = torch.maximum(mx, rt.feature_acts(rt.tokenize(text))[0].amax(0))
-    return {i: float(v) for i, v in enumerate(mx)}
-
-
-def make_sae(kind: str, d_in: int = 24, d_sae: int = 48, seed: int = 0):
-    """Random sae-lens SAEs covering the decode variants: TopK with rescale_acts_by_decoder_norm and
-    non-unit decoder norms, Standard with constant_norm_rescale / layer_norm, JumpReLU."""
-    from sae_lens import (
-        JumpReLUSAE,
-        JumpReLUSAEConfig,
-        StandardSAE,
-        StandardSAEConfig,
-        TopKSAE,
-        TopKSAEConfig,
-    )
-
-    torch.manual_seed(seed)
-    if kind == "topk_rescale":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6, rescale_acts_by_decoder_norm=True))
-    elif kind == "topk":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6))
-    elif kind in ("constant_norm_rescale", "layer_norm"):
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, normalize_activations=kind))
-    elif kind == "jumprelu":
-        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():
-        # decoder rows with norms far from 1 (0.1 .. 3), so a missed rescale shows
-        sae.W_dec.copy_(torch.randn(d_sae, d_in) * torch.linspace(0.1, 3.0, d_sae).unsqueeze(1) / d_in**0.5)
-        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in**0.5)
-        sae.b_dec.copy_(torch.randn(d_in) * 0.3)
-        if hasattr(sae, "b_enc"):
-            sae.b_enc.copy_(torch.rand(d_sae) * 0.2)
-        if hasattr(sae, "threshold"):
-            sae.threshold.fill_(0.05)
-    sae.eval()
-    return sae
-
-
-def decode_after_encode(sae, x, f):
-    """``sae.decode(f)`` for input ``x``: sae-lens' normalising decode needs the preceding encode's state."""
-    sae.encode(x)
-    return sae.decode(f)
+from tests.helpers import (
+    ROOT,
+    SAE_KINDS,
+    STORIES_MODEL,
+    TINY_TEXT,
+    TINYSTORIES,
+    decode_after_encode,
+    make_sae,
+    natural_max_acts,
+    require_shared,
+)
 
 
 # ---- config parsing and validation ------------------------------------------------------------------------
@@ -273,9 +229,6 @@ def test_reading_presets_does_not_import_the_pipelines():
 
 
 # ---- the edit ---------------------------------------------------------------------------------------------
-SAE_KINDS = ["topk_rescale", "topk", "constant_norm_rescale", "layer_norm", "jumprelu"]
-
-
 @pytest.mark.parametrize("kind", SAE_KINDS)
 def test_edit_equals_decode_difference(kind):
     """x_new - x == decode(f') - decode(f), f' = f with the edited features set (clamp) / raised (add)."""
@@ -666,11 +619,6 @@ def test_chat_template_applied_without_doubling_bos(tiny_runtime, monkeypatch):
 @pytest.fixture(scope="module")
 def stories_runtime(tmp_path_factory):
     require_shared(STORIES_MODEL)
-    try:
-        from tests.conftest import TINYSTORIES
-    except ImportError:
-        from conftest import TINYSTORIES
-
     require_shared(TINYSTORIES)
     import importlib.util
 

@@ -8,23 +8,14 @@ tested for real over HTTP. Databases: SYNTHETIC (bench/synth_db.py) and the tiny
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
 import pytest
-
-try:
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
 
 from featuredict.db import queries as q
 from featuredict.db import writes
@@ -41,107 +32,15 @@ from featuredict.pipelines.explain.scorers import (
     keywords,
     parse_binary_list,
 )
+from tests.helpers import SAE_ID, FakeLLM, copy_db, make_synth_db
 
-SAE = fx.SAE_ID
+SAE = SAE_ID
 FAST = ChatSettings(retries=2, backoff_s=0.01, max_backoff_s=0.05, timeout_s=0.5, concurrency=4)
 ZEBRA_FEATURE = 11  # the synthetic feature given a known meaning below: it fires on " zebra"
 
 
 # ------------------------------------------------------------------------------------- the test double
-
-
-def _judge_keywords(explanation: str) -> list[str]:
-    quoted = re.findall(r'"([^"]+)"', explanation)
-    words = quoted or re.findall(r"[a-z]{4,}", explanation.lower())
-    return [w.strip().lower() for w in words if w.strip()]
-
-
-class FakeLLM:
-    """A localhost chat-completions server (test double, not a model). ``faults`` maps a word to a failure
-    mode for every request whose prompt contains it: '500', '429', 'timeout', 'malformed', 'empty', 'nochoices',
-    'flaky' (the first two tries fail with 500, then a good answer), '401'."""
-
-    def __init__(self, faults: dict[str, str] | None = None, delay: float = 0.0):
-        self.faults = dict(faults or {})
-        self.delay = delay
-        self.hits: Counter[str] = Counter()
-        self.requests = 0
-        self.auth: list[str | None] = []
-        self.lock = threading.Lock()
-        llm = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                try:
-                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                    llm.serve(self, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _send(self, h: BaseHTTPRequestHandler, code: int, payload: bytes, headers: dict | None = None) -> None:
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(payload)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(payload)
-
-    def _answer(self, h: BaseHTTPRequestHandler, content: str | None) -> None:
-        msg = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": {"total_tokens": 10}}
-        self._send(h, 200, json.dumps(msg).encode())
-
-    def serve(self, h: BaseHTTPRequestHandler, body: dict) -> None:
-        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
-        with self.lock:
-            self.requests += 1
-            self.auth.append(h.headers.get("Authorization"))
-            fault = next((mode for word, mode in self.faults.items() if word in user), None)
-            if fault:
-                self.hits[fault] += 1
-                n = self.hits[fault]
-        if self.delay:
-            time.sleep(self.delay)
-        if fault == "flaky" and n % 3 != 0:
-            fault = "500"
-        elif fault == "flaky":
-            fault = None
-        if fault in ("500", "429", "401"):
-            return self._send(h, int(fault), b'{"error": "nope"}', {"Retry-After": "0"} if fault == "429" else None)
-        if fault == "timeout":
-            time.sleep(1.5)
-            return self._answer(h, "EXPLANATION: too late")
-        if fault == "malformed":
-            return self._send(h, 200, b'{"choices": [ this is not json')
-        if fault == "empty":
-            return self._answer(h, "   ")
-        if fault == "nochoices":
-            return self._send(h, 200, b'{"usage": {"total_tokens": 3}}')
-        if "JSON list" in system:  # a scoring request: judge each excerpt by keyword matching
-            expl = re.search(r"^Explanation: (.*)$", user, re.M).group(1)
-            kws = _judge_keywords(expl)
-            items = re.findall(r"^\d+\. (.*)$", user.split("Excerpts:", 1)[1], re.M)
-            if "marked" in system:
-                preds = [int(any(k in m.lower() for m in re.findall(r"<<(.+?)>>", t) for k in kws)) for t in items]
-            else:
-                preds = [int(any(k in t.lower() for k in kws)) for t in items]
-            return self._answer(h, f"Here you go: {json.dumps(preds)}")
-        marked = Counter(w for m in re.findall(r"<<(.+?)>>", user) for w in m.lower().split())
-        word = marked.most_common(1)[0][0] if marked else "nothing"
-        return self._answer(h, f'Thinking...\nEXPLANATION: the word "{word}".')
+# FakeLLM (tests/helpers.py): a localhost chat-completions server.
 
 
 @pytest.fixture
@@ -155,7 +54,7 @@ def llm() -> Iterator[FakeLLM]:
 def zebra_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 synthetic features; feature ZEBRA_FEATURE's stored contexts carry ' zebra' at their max position
     (and nowhere else in the database), so its meaning is known."""
-    p = fx.make_synth_db(tmp_path_factory.mktemp("zebra") / "z.duckdb", n_features=300, seed=5)
+    p = make_synth_db(tmp_path_factory.mktemp("zebra") / "z.duckdb", n_features=300, seed=5)
     con = duckdb.connect(str(p))
     try:
         con.execute(
@@ -173,7 +72,7 @@ def zebra_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def zebra_db(zebra_master: Path, tmp_path: Path) -> Path:
-    return fx.copy_db(zebra_master, tmp_path / "z.duckdb")
+    return copy_db(zebra_master, tmp_path / "z.duckdb")
 
 
 def _cfg(db: Path, **kw) -> ExplainConfig:

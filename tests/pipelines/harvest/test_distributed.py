@@ -25,7 +25,7 @@ from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, ite
 from featuredict.pipelines.harvest.sharding import RayMissingError, RayOptions, ShardFailedError, map_shards
 from featuredict.pipelines.harvest.state import HarvestConfig
 from featuredict.pipelines.model.saes import SaeSource
-from tests.conftest import build_tiny_db
+from tests.helpers import build_tiny_db
 
 try:  # imported while collecting: Ray binds its log handler to the stderr of the moment it is imported
     import ray
@@ -36,7 +36,7 @@ NAME = "tiny/model.layers.1/64"
 
 
 def _cfg(db: Path, model: Path, sae: Path, corpus: Path, **kw) -> BuildConfig:
-    """The settings of conftest.build_tiny_db, with UMAP off (its layout is not part of the harvest)."""
+    """The settings of helpers.build_tiny_db, with UMAP off (its layout is not part of the harvest)."""
     return BuildConfig(
         model=str(model),
         sae=SaeSource(kind="folder", path=str(sae)),

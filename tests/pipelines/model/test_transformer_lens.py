@@ -27,48 +27,7 @@ from featuredict.pipelines.steering import (
     generate,
     steer_activations,
 )
-
-HOOK = "blocks.1.hook_resid_pre"
-
-
-@pytest.fixture(scope="module")
-def tl_runtime(tiny_model_dir: Path) -> Runtime:
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=64,
-        d_head=8,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=len(tok),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
-    model = HookedTransformer(cfg, tokenizer=tok).eval()
-    loaded = TLBackend(model, model.tokenizer, spec="tiny-tl", device=torch.device("cpu"), dtype=torch.float32)
-    torch.manual_seed(0)
-    sae = TopKSAE(
-        TopKSAEConfig(
-            d_in=32,
-            d_sae=48,
-            k=4,
-            metadata=SAEMetadata(model_name="tiny-tl", hook_name=HOOK, context_size=32, prepend_bos=True),
-        )
-    )
-    with torch.no_grad():
-        sae.W_dec.normal_(0, 1.0 / 32**0.5)
-        sae.W_enc.copy_(sae.W_dec.T * 2.0)
-        sae.b_enc.zero_()
-    return Runtime(
-        backend=loaded, sae=sae, site=HookSite(loaded, HOOK), source=SaeSource(kind="folder", path="-"), context_size=32
-    )
+from tests.helpers import TL_HOOK
 
 
 def _ids(rt: Runtime, text: str = "the cat sat on the mat") -> torch.Tensor:
@@ -76,7 +35,7 @@ def _ids(rt: Runtime, text: str = "the cat sat on the mat") -> torch.Tensor:
 
 
 def test_hook_names_choose_the_backend():
-    assert backend_for_hook(HOOK) is TLBackend and backend_for_hook("blocks.8.hook_resid_post") is TLBackend
+    assert backend_for_hook(TL_HOOK) is TLBackend and backend_for_hook("blocks.8.hook_resid_post") is TLBackend
     assert backend_for_hook("model.layers.15") is HFBackend and backend_for_hook("transformer.h.3") is HFBackend
     assert BACKENDS == {"hf_module": HFBackend, "transformer_lens": TLBackend}
 
@@ -105,7 +64,7 @@ def test_activations_match_run_with_cache_and_stop_at_the_hook(tl_runtime: Runti
         got = tl_runtime.site.activations(ids)
     finally:
         handle.remove()
-    torch.testing.assert_close(got, cache[HOOK])
+    torch.testing.assert_close(got, cache[TL_HOOK])
     assert not ran_last_block  # the forward pass stopped at blocks.1's input
     assert not tl_runtime.site.active and not tl_runtime.site.module._forward_hooks
 
@@ -124,7 +83,7 @@ def test_edit_at_the_hook_changes_logits_like_run_with_hooks(tl_runtime: Runtime
         return act + 5.0 * direction
 
     got = tl_runtime.site.logits(ids, fn=push)
-    want = model.run_with_hooks(ids, return_type="logits", fwd_hooks=[(HOOK, lambda act, hook: push(act))])
+    want = model.run_with_hooks(ids, return_type="logits", fwd_hooks=[(TL_HOOK, lambda act, hook: push(act))])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(tl_runtime.site.logits(ids), model(ids, return_type="logits"))  # hook-free again
     assert not (got - model(ids, return_type="logits")).abs().max() < 1e-3  # the edit did something

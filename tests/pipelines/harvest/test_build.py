@@ -16,7 +16,7 @@ from featuredict.pipelines.cli import main
 from featuredict.pipelines.harvest import build as build_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from tests.conftest import STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
+from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
 
 def _q(db: Path, sql: str, params=None):
@@ -120,9 +120,8 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
     import sys
 
     db = build_tiny_db(tmp_path / "w.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
-    root = Path(__file__).resolve().parents[1]
     crash = (
-        f"import os, sys; sys.path.insert(0, {str(root)!r})\n"
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from db.store import Store; from db import writes\n"
         f"s = Store({str(db)!r}); writes.update_label(s, 'tiny/model.layers.1/64', 5, label='saved before a crash')\n"
         "os._exit(1)\n"

@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from tests import dashboard_fixtures as fx
-    from tests.test_steering_app import SAE_ID, build_db, live_feature
-except ImportError:
-    import dashboard_fixtures as fx
-    from test_steering_app import SAE_ID, build_db, live_feature
-
-CHROMIUM = fx.CHROMIUM
+from tests.helpers import CHROMIUM, STEER_SAE_ID, build_steer_db, live_feature, running_app, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -23,8 +16,8 @@ def server(tmp_path, tiny_runtime, tiny_model_dir, tiny_sae_dir):
     if CHROMIUM is None:
         pytest.skip("no system Chromium for the browser test")
     pytest.importorskip("playwright")
-    db = build_db(tmp_path / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
-    with fx.running_app(db) as base:
+    db = build_steer_db(tmp_path / "steer.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
+    with running_app(db) as base:
         yield base, db
 
 
@@ -37,7 +30,7 @@ def test_steer_page_in_a_browser(server, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 1400})
-            page.goto(f"{base}/steer?sae={SAE_ID}&feature={f}", wait_until="networkidle")
+            page.goto(f"{base}/steer?sae={STEER_SAE_ID}&feature={f}", wait_until="networkidle")
             expect(page.get_by_role("heading", name="Steer")).to_be_visible(timeout=30_000)
             expect(page.get_by_text(f"#{f}").first).to_be_visible()
             prompt = page.get_by_role("textbox", name="Prompt", exact=True)
@@ -51,7 +44,7 @@ def test_steer_page_in_a_browser(server, tmp_path):
             assert base_text.strip() and steered_text.strip() and base_text != steered_text
             assert page.locator("[data-testid='stException']").count() == 0
             page.wait_for_timeout(1500)  # let the data grids paint before the screenshot
-            fx.screenshot(page, tmp_path, "steer")
+            screenshot(page, tmp_path, "steer")
         finally:
             browser.close()
 
@@ -67,23 +60,24 @@ def test_scan_page_in_a_browser(tmp_path, tiny_runtime, tiny_model_dir, tiny_sae
     from featuredict.db import writes
     from featuredict.db.store import Store
 
-    db = build_db(tmp_path / "scan.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
+    db = build_steer_db(tmp_path / "scan.duckdb", tiny_runtime, tiny_model_dir, tiny_sae_dir)
     store = Store(db)
     try:
         live = [
-            int(r[0]) for r in store.rows("SELECT feature FROM features WHERE sae_id = ? AND max_act > 0", [SAE_ID])
+            int(r[0])
+            for r in store.rows("SELECT feature FROM features WHERE sae_id = ? AND max_act > 0", [STEER_SAE_ID])
         ]
-        writes.set_watch(store, "watched", SAE_ID, live, threshold=0.01, severity="high")
+        writes.set_watch(store, "watched", STEER_SAE_ID, live, threshold=0.01, severity="high")
     finally:
         store.close()
     hostile = "<script>alert(1)</script> Once upon a time there was a little cat."
-    with fx.running_app(db) as base, sync_playwright() as p:
+    with running_app(db) as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         dialogs: list[str] = []
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 1400})
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"{base}/scan?sae={SAE_ID}", wait_until="networkidle")
+            page.goto(f"{base}/scan?sae={STEER_SAE_ID}", wait_until="networkidle")
             expect(page.get_by_role("heading", name="Scan text for watched features")).to_be_visible(timeout=30_000)
             page.get_by_role("textbox", name="Text to scan (one record)").fill(hostile)
             page.get_by_role("button", name="Scan").click()
@@ -91,13 +85,13 @@ def test_scan_page_in_a_browser(tmp_path, tiny_runtime, tiny_model_dir, tiny_sae
             assert page.get_by_text("<script>", exact=False).count() >= 1  # shown as text
             assert not dialogs and page.locator("[data-testid='stException']").count() == 0
             page.wait_for_timeout(1000)
-            fx.screenshot(page, tmp_path, "scan")
+            screenshot(page, tmp_path, "scan")
 
-            page.goto(f"{base}/review?sae={SAE_ID}", wait_until="networkidle")
+            page.goto(f"{base}/review?sae={STEER_SAE_ID}", wait_until="networkidle")
             expect(page.get_by_role("heading", name="Review queue")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("Batch actions", exact=False)).to_be_visible(timeout=30_000)
             assert page.locator("[data-testid='stException']").count() == 0
             page.wait_for_timeout(1000)
-            fx.screenshot(page, tmp_path, "review")
+            screenshot(page, tmp_path, "review")
         finally:
             browser.close()
