@@ -40,8 +40,6 @@ from pathlib import Path
 
 import duckdb
 
-from .filelock import RebuildInProgress, opening
-
 SCHEMA_VERSION = 1
 
 BUILD_TABLES = ("saes", "features", "examples")
@@ -328,31 +326,42 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         con.execute(f"DETACH {old}")
 
 
-def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open an existing featuredict database, checking it exists, is not locked and has our schema.
-
-    Raises DatabaseError with a one-line, user-facing message on any problem.
-    """
+def check_file(path: str | Path) -> Path:
+    """``path`` as a Path once it exists and is not empty; raises DatabaseError with a one-line message."""
     p = Path(path)
     if not p.exists():
         raise DatabaseError(f"No database at {p}. Build one with `featuredict build` or `featuredict demo`.")
     if p.stat().st_size == 0:
         raise DatabaseError(f"{p} is empty (0 bytes). Rebuild it with `featuredict build`.")
+    return p
+
+
+def missing_user_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """User tables the open file lacks (a file written before they existed; a read-write open adds them)."""
+    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return [t for t in USER_TABLES if t not in have]
+
+
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open an existing featuredict database, checking it exists, is not locked and has our schema.
+
+    Raises DatabaseError with a one-line, user-facing message on any problem. featuredict processes take turns
+    through ``db.filelock`` (``db.store.Store`` does that); a lock error here means a program outside
+    featuredict holds the file.
+    """
+    p = check_file(path)
     try:
-        with opening(p):  # not while a build swaps in a new file (its writes would be lost with the old one)
-            con = duckdb.connect(str(p), read_only=read_only)
-    except RebuildInProgress as e:
-        raise DatabaseError(str(e)) from None
+        con = duckdb.connect(str(p), read_only=read_only)
     except duckdb.ConnectionException as e:  # this process already has it open with other settings
         msg = str(e).splitlines()[0]
         raise DatabaseError(
             f"{p} is already open in this process with other settings (read-write vs read-only): {msg}"
         ) from e
-    except duckdb.IOException as e:  # another process holds the write lock
+    except duckdb.IOException as e:  # another program holds the write lock
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():
             raise DatabaseError(
-                f"{p} is locked by another process (a running build or another app). Close it and retry. ({msg})"
+                f"{p} is locked by a program outside featuredict. Close it and retry. ({msg})"
             ) from e
         raise DatabaseError(f"Cannot open {p}: {msg}") from e
     except duckdb.Error as e:
