@@ -306,7 +306,7 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         msg = str(e).splitlines()[0]
         raise DatabaseError(
             f"cannot read the existing {path} to keep its labels and other SAEs: {msg}. "
-            "If the dashboard has it open, stop it, or build into another file."
+            "If a program outside featuredict has it open, close it, or build into another file."
         ) from e
     try:
         check_version(con, path, catalog=_OLD)

@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from featuredict.db.filelock import replacing
-from featuredict.db.schema import copy_kept_rows, create_schema
+from featuredict.db.filelock import LockError, lock_for
+from featuredict.db.schema import DatabaseError, copy_kept_rows, create_schema
 
 from . import __version__
 from .corpus import CorpusError, CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
@@ -566,39 +566,42 @@ def feature_frames(
 
 
 def write_database(path: Path, sae_row: dict[str, Any], feats: pd.DataFrame, ex: pd.DataFrame) -> None:
-    """Write one SAE's tables into ``path`` atomically, keeping other SAEs and every user table."""
+    """Write one SAE's tables into ``path`` atomically, keeping other SAEs and every user table.
+
+    The new SAE's rows go into a temporary file without any lock; only the copy of the kept rows from the
+    current file and the swap (``os.replace``) run under the file's exclusive lock, so dashboards and other
+    commands keep working on the old file until then and reopen the new one on their next read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     for p in (tmp, Path(str(tmp) + ".wal")):
         p.unlink(missing_ok=True)
-    sae_id = sae_row["sae_id"]
-    with replacing(path):  # openers and other builds of this file wait out the whole read-write-swap
-        _write_and_swap(path, tmp, sae_id, sae_row, feats, ex)
-
-
-def _write_and_swap(
-    path: Path, tmp: Path, sae_id: str, sae_row: dict[str, Any], feats: pd.DataFrame, ex: pd.DataFrame
-) -> None:
     try:
         con = duckdb.connect(str(tmp))
         try:
             create_schema(con)
-            if path.exists() and path.stat().st_size > 0:
-                copy_kept_rows(con, path, sae_id)  # other SAEs and every user table
-            con.register("new_saes", pd.DataFrame([sae_row]))
-            con.execute("INSERT INTO saes BY NAME SELECT * FROM new_saes")
-            con.register("new_features", feats)
-            con.execute("INSERT INTO features BY NAME SELECT * FROM new_features")
-            con.register("new_examples", ex)
-            con.execute("INSERT INTO examples BY NAME SELECT * FROM new_examples")
-            con.execute("CHECKPOINT")
+            for name, frame, table in (
+                ("new_saes", pd.DataFrame([sae_row]), "saes"),
+                ("new_features", feats, "features"),
+                ("new_examples", ex, "examples"),
+            ):
+                con.register(name, frame)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")  # noqa: S608 - constants
+                con.unregister(name)
+            with lock_for(path).exclusive():  # readers close; other builds and writers of this file wait
+                if path.exists() and path.stat().st_size > 0:
+                    copy_kept_rows(con, path, sae_row["sae_id"])  # other SAEs and every user table
+                con.execute("CHECKPOINT")
+                con.close()
+                os.replace(tmp, path)
+                # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no
+                # longer matches the new file and would stop it from opening.
+                Path(str(path) + ".wal").unlink(missing_ok=True)
         finally:
             con.close()
-        os.replace(tmp, path)
-        # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no longer
-        # matches the new file and would stop it from opening.
-        Path(str(path) + ".wal").unlink(missing_ok=True)
+    except LockError as e:
+        raise DatabaseError(str(e)) from None
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)

@@ -135,25 +135,35 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
     assert _q(db, "SELECT label FROM labels WHERE feature = 5").label.tolist() == ["saved before a crash"]
 
 
-def test_nobody_opens_the_file_while_a_build_swaps_it(
+def test_an_opener_waits_out_a_build_swap_and_sees_the_new_file(
     tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
 ):
-    from featuredict.db.schema import DatabaseError
+    import threading
+
     from featuredict.db.store import Store
 
     db = build_tiny_db(tmp_path / "r.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
-    real_replace, refused = build_mod.os.replace, []
+    real_replace, seen, errors = build_mod.os.replace, [], []
+
+    def dashboard_reads() -> None:
+        try:
+            seen.append(Store(db).rows("SELECT max(n_tokens) FROM saes")[0][0])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    reader = threading.Thread(target=dashboard_reads)
 
     def dashboard_opens_mid_swap(src, dst):  # a dashboard starting up between the copy and the swap
-        with pytest.raises(DatabaseError, match="a build is replacing") as e:
-            Store(dst)
-        refused.append(str(e.value))
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not seen  # it waits for the swap instead of reading the file being replaced
         real_replace(src, dst)
 
     monkeypatch.setattr(build_mod.os, "replace", dashboard_opens_mid_swap)
     build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=800)
-    assert len(refused) == 1
-    Store(db).close()  # and it opens again once the build is done
+    reader.join(timeout=30)
+    assert not errors, errors
+    assert seen == [_q(db, "SELECT max(n_tokens) AS n FROM saes").n[0]]  # what it read is the rebuilt file
 
 
 def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, capsys):
@@ -306,7 +316,7 @@ def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae
 def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     import threading
 
-    from featuredict.db.filelock import replacing
+    from featuredict.db.filelock import lock_for
 
     db = build_tiny_db(tmp_path / "two.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     errors: list[BaseException] = []
@@ -317,7 +327,7 @@ def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_m
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    with replacing(db):  # another build is writing and swapping the file
+    with lock_for(db).exclusive():  # another build is swapping the file
         t = threading.Thread(target=second)
         t.start()
         t.join(timeout=8)  # long enough to harvest; it must then wait at the swap
