@@ -92,6 +92,20 @@ def point_at_tiny_model(path: Path, model_dir: Path, sae_dir: Path, d_in: int = 
         con.close()
 
 
+@contextmanager
+def raw_connection(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A plain read-write DuckDB connection to ``path`` taken the way featuredict writers take one (under the
+    file's exclusive lock): a Store of this process closes its read connection first, and reopens after."""
+    from featuredict.db.filelock import lock_for
+
+    with lock_for(path).exclusive():
+        con = duckdb.connect(str(path))
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def copy_db(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     return dst

@@ -302,8 +302,8 @@ def test_read_only_store_refuses_every_write(synth_db):
                 attempt()
         with pytest.raises(ReadOnlyError):
             presets.write_preset(ro, "p", SAE_ID, {"prompt": "x"})
-        with pytest.raises(duckdb.Error):  # the file itself is open read-only: even a raw write fails
-            ro.cursor().execute("DELETE FROM labels")
+        with pytest.raises(duckdb.Error), ro.reading() as cur:  # reads run on a read-only connection
+            cur.execute("DELETE FROM labels")
         assert q.label(ro, SAE_ID, 3)["label"] == "kept"
         assert ro.rows("SELECT count(*) FROM history")[0][0] == n_hist
     finally:
