@@ -38,6 +38,7 @@ from .scoring import SCORERS, KeywordScorer, LLMScorer
 
 Method = Literal["tokens", "openai", "hf"]
 FLUSH_EVERY = 32  # rows buffered before a write
+WRITE_BATCH = 2048  # most rows in one write: the file's lock is free between writes (other processes get in)
 LOAD_CHUNK = 128  # features whose contexts are read in one query
 
 
@@ -298,7 +299,8 @@ class _Run:
                         rows.append(self.row(f, None, "tokens", None, error=err))
                         s.failed += 1
                         s.errors[err] = s.errors.get(err, 0) + 1
-                writes.add_explanations(self.store, rows)
+                for part in _chunks(rows, WRITE_BATCH):
+                    writes.add_explanations(self.store, part)
                 bar.update(len(chunk))
 
     def _explain_llm(self, explainer: LLMExplainer, todo: list[int]) -> None:
