@@ -27,6 +27,7 @@ runs one process.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import sys
@@ -41,6 +42,9 @@ DEFAULT_TIMEOUT_S = 600.0
 SAY_AFTER_S = 0.5  # a wait longer than this says so, on one line
 WATCH_EVERY_S = 0.02  # how often a reader looks for a queued writer
 IDLE_CLOSE_S = 30.0  # a reader that read nothing for this long lets its shared lock go
+SAY_AGAIN_S = 10.0  # a process repeats the waiting line at most this often (a busy file: one line, not many)
+
+_said_at = [float("-inf")]  # when this process last printed a waiting line
 
 
 class LockError(RuntimeError):
@@ -94,6 +98,9 @@ class _Wait:
             )
         if not self.said and waited >= SAY_AFTER_S:
             self.said = True
+            if time.monotonic() - _said_at[0] < SAY_AGAIN_S:
+                return
+            _said_at[0] = time.monotonic()
             print(
                 f"featuredict: waiting for {what} on {self.path} "
                 f"({waited:.1f} s so far, up to {self.timeout:g} s: {LOCK_TIMEOUT_ENV})...",
@@ -139,6 +146,7 @@ class FileLock:
         self._last_used = time.monotonic()
         self._hooks: list[Callable[[], None]] = []
         self._watcher: threading.Thread | None = None
+        self._stopping = False  # the interpreter is exiting: the watcher stops, connections close
 
     @staticmethod
     def _open(p: Path) -> int | None:
@@ -225,7 +233,7 @@ class FileLock:
         while True:
             time.sleep(WATCH_EVERY_S)
             with self._cond:
-                if not self._shared_held:
+                if not self._shared_held or self._stopping:
                     self._watcher = None
                     return
                 idle = self._active == 0 and time.monotonic() - self._last_used >= IDLE_CLOSE_S
@@ -281,7 +289,7 @@ class FileLock:
                 self._acquiring = False
                 self._shared_held = self._cross
                 self._active += 1
-                if self._shared_held and self._watcher is None:
+                if self._shared_held and self._watcher is None and not self._stopping:
                     self._watcher = threading.Thread(target=self._watch, name="featuredict-lock-watch", daemon=True)
                     self._watcher.start()
                 self._cond.notify_all()
@@ -348,9 +356,29 @@ class FileLock:
                 self._cond.wait(0.05)
             self._let_go_locked()
 
+    def shutdown(self) -> None:
+        """At interpreter exit: stop the watcher and close connections from the main thread (a daemon thread
+        must not be inside DuckDB while the interpreter tears down)."""
+        with self._cond:
+            self._stopping = True
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.join(timeout=1.0)
+        with self._cond:
+            if not self._active and not self._writer:
+                self._let_go_locked()
+
 
 _LOCKS: dict[Path, FileLock] = {}
 _LOCKS_GUARD = threading.Lock()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    with _LOCKS_GUARD:
+        locks = list(_LOCKS.values())
+    for lock in locks:
+        lock.shutdown()
 
 
 def lock_for(path: str | Path) -> FileLock:

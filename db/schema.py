@@ -360,9 +360,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
     except duckdb.IOException as e:  # another program holds the write lock
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():
-            raise DatabaseError(
-                f"{p} is locked by a program outside featuredict. Close it and retry. ({msg})"
-            ) from e
+            raise DatabaseError(f"{p} is locked by a program outside featuredict. Close it and retry. ({msg})") from e
         raise DatabaseError(f"Cannot open {p}: {msg}") from e
     except duckdb.Error as e:
         raise DatabaseError(f"{p} is not a readable DuckDB file: {str(e).splitlines()[0]}") from e

@@ -182,7 +182,10 @@ def test_every_command_at_once(tiny_db: Path, tiny_model_dir: Path, tiny_sae_dir
         if page is not None:
             page.goto(f"{base}/feature?sae={TINY_SAE}&feature=5", wait_until="domcontentloaded")
             page.get_by_role("heading", name="kept through it all").wait_for(timeout=60_000)
-        procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, c in commands.items()}
+        procs = {
+            k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for k, c in commands.items()
+        }
         outs = {k: p.communicate(timeout=600) for k, p in procs.items()}
         for k, p in procs.items():
             assert p.returncode == 0, (k, outs[k][1])

@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 
+from featuredict.db import filelock
 from featuredict.db.filelock import LockError, LockTimeout, lock_for, lock_path, lock_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,7 @@ def test_a_wait_says_so_on_one_line_and_gives_up_at_the_timeout(tmp_path: Path, 
     holder = _holder(db, "exclusive")
     try:
         monkeypatch.setenv("FEATUREDICT_LOCK_TIMEOUT", "1.5")
+        monkeypatch.setattr(filelock, "_said_at", [float("-inf")])  # no line printed recently in this process
         with pytest.raises(LockTimeout, match="gave up after 1.5 s waiting for another process writing it"):
             with lock_for(db).shared():
                 pass
