@@ -150,8 +150,14 @@ class FileLock:
 
     @staticmethod
     def _open(p: Path) -> int | None:
+        """The lock file, made when missing (mode 0o666 less the umask, so other users' processes share it);
+        read-only where it belongs to someone else (``flock`` works on that too)."""
         try:
-            return os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            pass
+        try:
+            return os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
 
