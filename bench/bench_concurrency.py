@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_dashboard import pct, timed  # noqa: E402
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.filelock import lock_for  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
@@ -81,21 +82,6 @@ def page_fn(db: Any, sae: str, picks: Callable[[], int]) -> Callable[[], None]:
         q.lists_of_feature(db, sae, f)
 
     return page
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
-def pct(xs: list[float], p: float) -> float:
-    return float(np.percentile(np.asarray(xs), p))
 
 
 IDLE_DASHBOARD = """

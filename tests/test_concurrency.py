@@ -46,12 +46,7 @@ def serving(db: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
         fx.wait_healthy(base, proc, timeout=120)
         yield base, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        fx.stop(proc)
 
 
 @contextmanager
