@@ -172,6 +172,10 @@ def test_every_command_at_once(tiny_db: Path, tiny_model_dir: Path, tiny_sae_dir
             "--batch-size", "4", "--no-umap", "--device", "cpu",
         ],
         "embed": [FEATUREDICT, "embed", "--db", str(db), "--sae", TINY_SAE],
+        "watch": [
+            FEATUREDICT, "watch", "--db", str(db), "--sae", TINY_SAE, "--watchlist", "second list", "--features",
+            "1,2,3", "--severity", "critical",
+        ],
     }  # fmt: skip
     with serving(db) as (base, server), browser_page() as page:
         if page is not None:
@@ -195,6 +199,7 @@ def test_every_command_at_once(tiny_db: Path, tiny_model_dir: Path, tiny_sae_dir
     try:
         assert set(q.sae_ids(s)) == {TINY_SAE, "second"}
         assert q.label(s, TINY_SAE, 5)["label"] == "kept through it all"
+        assert q.watchlist(s, "second list", TINY_SAE)["severity"].tolist() == ["critical"] * 3
         n_tokens = s.rows("SELECT count(*) FROM explanations WHERE method = 'tokens' AND sae_id = ?", [TINY_SAE])
         assert n_tokens[0][0] == 64  # explain's rows survived the build's swap (copied as kept rows, or after)
     finally:
