@@ -3,7 +3,8 @@
 Usage::
 
     python bench/synth_db.py /tmp/fd/full.duckdb            # SYNTHETIC 65,536 features x 20 x 64 tokens
-    python bench/bench_concurrency.py /tmp/fd/full.duckdb [--repeats 200] [--rounds 4]
+    cp /tmp/fd/full.duckdb /tmp/fd/control.duckdb                   # optional: for --control
+    python bench/bench_concurrency.py /tmp/fd/full.duckdb [--repeats 200] [--rounds 4] [--control /tmp/fd/control.duckdb]
 
 Three feature-page figures, each the whole page of bench_dashboard.py (header row, top examples, interval
 samples, neighbours, label, lists) for random live features:
@@ -14,7 +15,9 @@ samples, neighbours, label, lists) for random live features:
 - ``during explain --all``: the same while ``featuredict explain --all --explainer tokens --force`` writes
   every feature's explanation from another process (batches of 2,048 rows, the lock free in between).
 
-The first two alternate in ``--rounds`` rounds so a busy machine slows both alike. Then the CLI wait: a second
+With ``--control COPY`` (a copy of the database), explain first runs on the copy while the page loads run on
+the original: the same CPU share, no lock in common, so the gap to ``during explain --all`` is what sharing
+the file costs. The first two alternate in ``--rounds`` rounds so a busy machine slows both alike. Then the CLI wait: a second
 process that holds a Store with its read connection open and idle (an open dashboard) is running while this
 one takes the exclusive lock, ``--waits`` times; the figure is the time from asking to holding it.
 The explain run writes explanations into the file: run this on a copy.
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--waits", type=int, default=20, help="CLI lock waits measured against an idle dashboard")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--control",
+        default=None,
+        help="a copy of the database: explain --all runs on it first, so the page shares the CPU but not the lock",
+    )
     args = ap.parse_args(argv)
     path = str(Path(args.db).resolve())
 
@@ -127,25 +135,40 @@ def main(argv: list[str] | None = None) -> int:
         res["idle"] += timed(page_fn(store, sae, nxt), args.repeats)
 
     store.close()
-    explain = subprocess.Popen(
-        [FEATUREDICT, "explain", "--db", path, "--all", "--explainer", "tokens", "--force", "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    during: list[float] = []
-    page = page_fn(store, sae, nxt)
+    explain_lines: list[str] = []
+
+    def during_explain(target: str) -> list[float] | None:
+        """Page loads (ms) on ``path`` while ``explain --all`` runs on ``target``; None when explain failed."""
+        explain = subprocess.Popen(
+            [FEATUREDICT, "explain", "--db", target, "--all", "--explainer", "tokens", "--force", "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ts: list[float] = []
+        page = page_fn(store, sae, nxt)
+        while explain.poll() is None:
+            t0 = time.perf_counter()
+            page()
+            ts.append((time.perf_counter() - t0) * 1000)
+        out, err = explain.communicate()
+        if explain.returncode != 0:
+            print(f"explain failed ({explain.returncode}): {err.strip()}", file=sys.stderr)
+            return None
+        explain_lines.append(next((ln for ln in out.splitlines() if "explained" in ln), out.strip()).strip())
+        return ts
+
+    if args.control:  # the same CPU load, no lock shared with the page: what the lock itself costs is the gap
+        control = during_explain(str(Path(args.control).resolve()))
+        if control is None:
+            return 1
+        res["during explain --all on another file (control)"] = control
     gens0 = store.generation()
-    while explain.poll() is None:
-        t0 = time.perf_counter()
-        page()
-        during.append((time.perf_counter() - t0) * 1000)
-    out, err = explain.communicate()
-    if explain.returncode != 0:
-        print(f"explain failed ({explain.returncode}): {err.strip()}", file=sys.stderr)
+    during = during_explain(path)
+    if during is None:
         return 1
     writes_seen = store.generation() - gens0
-    explain_line = next((ln for ln in out.splitlines() if "explained" in ln), out.strip().splitlines()[-1])
+    explain_line = "; ".join(explain_lines)
     res["during explain --all"] = during
 
     dash = subprocess.Popen(
@@ -172,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Database: `{args.db}` — SAE `{sae}`: {n_feat:,} features ({Path(path).stat().st_size / 2**20:,.0f} MiB); "
         f"{args.rounds} rounds x {args.repeats} page loads per idle variant, alternating; "
-        f"{len(during)} page loads during explain ({explain_line.strip()}; {writes_seen} writes).\n"
+        f"{len(during)} page loads during explain ({explain_line}; {writes_seen} writes to this file).\n"
     )
     print("| whole feature page | n | p50 ms | p95 ms | max ms | p50 vs one connection |")
     print("|---|---:|---:|---:|---:|---:|")
