@@ -124,11 +124,10 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
     root = Path(__file__).resolve().parents[1]
     crash = (
         f"import os, sys; sys.path.insert(0, {str(root)!r})\n"
-        "import duckdb; from db import writes\n"
-        "class Raw:  # a writer that dies before its connection closes: its commit is only in the WAL\n"
-        "    def __init__(self, p): self.con = duckdb.connect(p)\n"
-        "    def write(self, fn): return fn(self.con)\n"
-        f"writes.update_label(Raw({str(db)!r}), 'tiny/model.layers.1/64', 5, label='saved before a crash')\n"
+        "import duckdb\n"  # a writer that dies before its connection closes: its commit is only in the WAL
+        f"con = duckdb.connect({str(db)!r})\n"
+        "con.execute(\"INSERT INTO labels VALUES ('tiny/model.layers.1/64', 5, 'saved before a crash', NULL, NULL, \"\n"
+        '            "NULL, now())")\n'
         "os._exit(1)\n"
     )
     subprocess.run([sys.executable, "-c", crash], check=False)
