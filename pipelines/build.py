@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -34,9 +35,10 @@ from featuredict.db.schema import copy_kept_rows, create_schema
 from . import __version__
 from .corpus import CorpusError, CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
 from .distributed import DistributedError, RayOptions, check_reachable, map_shards, ray_session, require_ray
-from .harvest import HarvestConfig, HarvestState, choose_bands, from_state_dict, merge, state_dict, update
+from .harvest import PAD_SLOT, HarvestConfig, HarvestState, from_state_dict, merge, state_dict, update
 from .layout import UMAP_NEIGHBOURS, Knn, cosine_knn, umap_layout
 from .models import dtype_name
+from .rows import EXAMPLES_SCHEMA, example_batches, feature_table, top_text
 from .runtime import Runtime, load_runtime, token_strings
 from .saes import SaeSource
 from .stages import StageTimes, timed
@@ -388,119 +390,6 @@ def logit_effects(
 # ---- tables ---------------------------------------------------------------------------------------------
 
 
-PAD_SLOT = -1  # token id stored for padding positions of a harvested window
-
-
-def _trim(ids: list[int], pad: int | None = PAD_SLOT) -> int:
-    """Length of a stored window without its trailing padding."""
-    n = len(ids)
-    while n > 1 and pad is not None and ids[n - 1] == pad:
-        n -= 1
-    return n
-
-
-def _example_rows(
-    sae_id: str, rt: Runtime, state: HarvestState, n_bands_show: int
-) -> tuple[pd.DataFrame, list[list[str]]]:
-    tok = rt.tokenizer
-    pad = PAD_SLOT
-    cfg = state.cfg
-    edges = cfg.band_edges()
-    rows: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "sae_id",
-            "feature",
-            "kind",
-            "band",
-            "band_lo",
-            "band_hi",
-            "rank",
-            "context_id",
-            "max_act",
-            "max_pos",
-            "token_ids",
-            "tokens",
-            "acts",
-        )
-    }
-    max_tokens: list[list[str]] = [[] for _ in range(state.d_sae)]
-
-    def add(f: int, kind: str, band: int, lo, hi, rank: int, ctx: int, val: float, pos: int, ids_t, acts_t):
-        ids = ids_t.tolist()
-        n = _trim(ids, pad)
-        ids = ids[:n]
-        strs = token_strings(tok, ids)
-        for k, v in (
-            ("sae_id", sae_id),
-            ("feature", f),
-            ("kind", kind),
-            ("band", band),
-            ("band_lo", lo),
-            ("band_hi", hi),
-            ("rank", rank),
-            ("context_id", ctx),
-            ("max_act", val),
-            ("max_pos", pos),
-            ("token_ids", ids),
-            ("tokens", strs),
-            ("acts", acts_t[:n].tolist()),
-        ):
-            rows[k].append(v)
-        if kind == "top":
-            max_tokens[f].append(strs[pos] if pos < len(strs) else "")
-
-    top_ctx = state.top.ctx.numpy()
-    smp_ctx = state.smp.ctx.numpy()
-    for f in range(state.d_sae):
-        for r in range(top_ctx.shape[1]):
-            if top_ctx[f, r] < 0:
-                break
-            add(
-                f,
-                "top",
-                0,
-                None,
-                None,
-                r,
-                int(top_ctx[f, r]),
-                float(state.top.val[f, r]),
-                int(state.top.pos[f, r]),
-                state.top.tok[f, r],
-                state.top.act[f, r],
-            )
-        populated = [b for b in range(cfg.n_bands) if smp_ctx.shape[2] and smp_ctx[f, b, 0] >= 0]
-        for b in choose_bands(populated, n_bands_show):
-            lo = 0.0 if b == 0 else float(edges[b])
-            hi = float("inf") if b == cfg.n_bands - 1 else float(edges[b + 1])
-            for r in range(smp_ctx.shape[2]):
-                if smp_ctx[f, b, r] < 0:
-                    break
-                add(
-                    f,
-                    "interval",
-                    b,
-                    lo,
-                    hi,
-                    r,
-                    int(smp_ctx[f, b, r]),
-                    float(state.smp.val[f, b, r]),
-                    int(state.smp.pos[f, b, r]),
-                    state.smp.tok[f, b, r],
-                    state.smp.act[f, b, r],
-                )
-    return pd.DataFrame(rows), max_tokens
-
-
-def _search_text(ex: pd.DataFrame, d_sae: int, pos_tokens: list[list[str]]) -> list[str]:
-    """Per feature: text around the max token of each top example, plus promoted logit tokens."""
-    parts: list[list[str]] = [[] for _ in range(d_sae)]
-    top = ex[ex["kind"] == "top"]
-    for f, toks, pos in zip(top["feature"], top["tokens"], top["max_pos"], strict=True):
-        parts[f].append("".join(toks[max(0, pos - 6) : pos + 3]).strip())
-    return [" | ".join(p + [" ".join(t.strip() for t in pos_tokens[f])]) for f, p in enumerate(parts)]
-
-
 def decoder_knn(rt: Runtime, cfg: BuildConfig) -> Knn:
     """Exact cosine kNN of the decoder directions, wide enough for the neighbours table and UMAP's graph."""
     w_dec = rt.sae.W_dec.detach().float().cpu().numpy()
@@ -515,9 +404,10 @@ def feature_frames(
     stages: StageTimes | None = None,
     knn: Knn | None = None,
     layout: np.ndarray | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``features`` and ``examples`` rows of one SAE. ``knn`` (``decoder_knn``) and ``layout`` (the UMAP
-    positions) are computed here when not given; ``stages`` gets the time of each step."""
+) -> tuple[pa.Table, pa.RecordBatchReader]:
+    """The ``features`` rows and a stream of the ``examples`` rows of one SAE (``pipelines.rows``; the stream is
+    read once, by the write). ``knn`` (``decoder_knn``) and ``layout`` (the UMAP positions) are computed here when
+    not given; ``stages`` gets the time of each step."""
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
@@ -538,7 +428,7 @@ def feature_frames(
         layout = None
     say("writing examples and features...", flush=True)
     with timed(stages, "rows"):
-        return _frames(rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), (nc, nidx), layout)
+        return _frames(rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), (nc, nidx), layout, stages)
 
 
 def _frames(
@@ -550,40 +440,28 @@ def _frames(
     logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     nbrs: tuple[np.ndarray, np.ndarray],
     layout: np.ndarray | None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    F = w_dec.shape[0]
+    stages: StageTimes | None,
+) -> tuple[pa.Table, pa.RecordBatchReader]:
     pv, pi, nv, ni = logits
-    nc, nidx = nbrs
     tok = rt.tokenizer
     pos_tokens = [token_strings(tok, r) for r in pi.tolist()]
     neg_tokens = [token_strings(tok, r) for r in ni.tolist()]
-    ex, max_tokens = _example_rows(sae_id, rt, state, cfg.n_interval_bands)
-    mean = state.mean_act()
-    feats = pd.DataFrame(
-        {
-            "sae_id": sae_id,
-            "feature": np.arange(F, dtype=np.int32),
-            "max_act": state.max_act.numpy().astype(np.float32),
-            "fire_count": state.fire_count.numpy(),
-            "density": state.density().numpy(),
-            "mean_act": [None if np.isnan(m) else float(m) for m in mean.numpy()],
-            "dead": (state.fire_count == 0).numpy(),
-            "hist_counts": list(state.hist.numpy()),
-            "pos_tokens": pos_tokens,
-            "pos_values": list(pv.numpy()),
-            "neg_tokens": neg_tokens,
-            "neg_values": list(nv.numpy()),
-            "decoder": list(w_dec.numpy()),
-            "decoder_norm": w_dec.norm(dim=1).numpy(),
-            "neighbours": list(nidx.astype(np.int32)),
-            "neighbour_cos": list(nc.astype(np.float32)),
-            "umap_x": layout[:, 0] if layout is not None else None,
-            "umap_y": layout[:, 1] if layout is not None else None,
-            "max_tokens": max_tokens,
-            "search_text": _search_text(ex, F, pos_tokens),
-        }
+    max_tokens, search_text = top_text(tok, state, pos_tokens)
+    feats = feature_table(
+        sae_id, state, w_dec, (pv.numpy(), pos_tokens, nv.numpy(), neg_tokens), nbrs, layout, max_tokens, search_text
     )
-    return feats, ex
+    # examples stream into the write a block of features at a time; their making still counts as ``rows``
+    batches = _timed_batches(example_batches(sae_id, tok, state, cfg.n_interval_bands), stages)
+    return feats, pa.RecordBatchReader.from_batches(EXAMPLES_SCHEMA, batches)
+
+
+def _timed_batches(batches: Iterator[pa.RecordBatch], stages: StageTimes | None) -> Iterator[pa.RecordBatch]:
+    while True:
+        with timed(stages, "rows"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 # ---- atomic database write ------------------------------------------------------------------------------
@@ -592,8 +470,8 @@ def _frames(
 def write_database(
     path: Path,
     sae_row: dict[str, Any],
-    feats: pd.DataFrame,
-    ex: pd.DataFrame,
+    feats: pd.DataFrame | pa.Table,
+    ex: pd.DataFrame | pa.Table | pa.RecordBatchReader,
     stages: StageTimes | None = None,
     started: float | None = None,
 ) -> None:
@@ -625,12 +503,13 @@ def _write_and_swap(
     tmp: Path,
     sae_id: str,
     sae_row: dict[str, Any],
-    feats: pd.DataFrame,
-    ex: pd.DataFrame,
+    feats: pd.DataFrame | pa.Table,
+    ex: pd.DataFrame | pa.Table | pa.RecordBatchReader,
     stages: StageTimes | None = None,
     started: float | None = None,
 ) -> None:
     t = time.perf_counter()
+    rows_before = stages.get("rows") if stages is not None else 0.0
     try:
         con = duckdb.connect(str(tmp))
         try:
@@ -645,7 +524,8 @@ def _write_and_swap(
             con.execute("INSERT INTO examples BY NAME SELECT * FROM new_examples")
             con.execute("CHECKPOINT")
             if stages is not None:  # the rows are in: store the write's time too (one small row, one more checkpoint)
-                stages.add("write", time.perf_counter() - t)
+                # the examples stream is made while DuckDB reads it: that part is ``rows``, not ``write``
+                stages.add("write", time.perf_counter() - t - (stages.get("rows") - rows_before))
                 _stamp(con, sae_id, stages, started)
                 con.execute("CHECKPOINT")
         finally:
