@@ -11,6 +11,7 @@ over lower-cased compact columns (label, tags, notes, ``max_tokens``, promoted l
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import threading
@@ -56,6 +57,26 @@ def sae_overview(db: Reader) -> pd.DataFrame:
                (SELECT count(*) FROM labels l WHERE l.sae_id = s.sae_id) AS n_labelled
             FROM saes s ORDER BY sae_id"""
     )
+
+
+def stage_seconds(db: Reader, sae_id: str) -> dict[str, float]:
+    """``{stage: seconds}`` of the SAE's build, in build order (``saes.stage_seconds``); empty when the build
+    did not time its stages, the value is unreadable, or the file predates the column (opened read-only)."""
+    has = db.rows(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'saes' AND column_name = 'stage_seconds'"
+    )
+    if not has or not has[0][0]:
+        return {}
+    rows = db.rows("SELECT stage_seconds FROM saes WHERE sae_id = ?", [sae_id])
+    if not rows or not rows[0][0]:
+        return {}
+    try:
+        data = json.loads(rows[0][0])
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def sae_info(db: Reader, sae_id: str) -> dict[str, Any] | None:

@@ -29,7 +29,8 @@ User tables (never deleted or rewritten by a build):
 - ``watch_settings``    per member of a list used as a watchlist: threshold (fraction of the feature's max
                         activation) and severity (``SEVERITIES``); members without a row use the defaults.
 
-A read-write open creates user tables that an older file lacks, so adding a user table needs no version bump.
+A read-write open creates user tables that an older file lacks, and adds the columns of ``ADDED_COLUMNS`` an
+older file lacks (NULL in its rows), so adding a user table or a nullable column needs no version bump.
 
 All statements here are constants; values always travel as parameters.
 """
@@ -88,7 +89,8 @@ DDL: tuple[str, ...] = (
         build_seconds   DOUBLE,
         built_at        TIMESTAMP,
         tool_version    VARCHAR,
-        config_json     VARCHAR               -- the full build config
+        config_json     VARCHAR,              -- the full build config
+        stage_seconds   VARCHAR               -- JSON {stage: seconds} in build order (pipelines.stages.STAGES)
     )
     """,
     """
@@ -237,6 +239,17 @@ DDL: tuple[str, ...] = (
 
 _USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))
 
+# Nullable columns added to a table after files of this schema version were written: (table, column, type).
+# A read-write open adds the ones a file lacks; readers of such a column tolerate it missing (read-only opens
+# of old files). Each must also be in the table's DDL above.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("saes", "stage_seconds", "VARCHAR"),)
+
+
+def add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for every entry of ``ADDED_COLUMNS`` (constants only)."""
+    for table, column, kind in ADDED_COLUMNS:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+
 
 class DatabaseError(RuntimeError):
     """A database that cannot be used, with a message fit to show a user as is."""
@@ -252,7 +265,9 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-_OLD = "old"  # catalog name a rebuild attaches the previous file under
+# Catalog name a rebuild attaches the previous file under. DuckDB names a file's own catalog after its stem
+# (``old.duckdb`` is catalog "old"), so a short common word here collides with such a file: use an unlikely one.
+_OLD = "featuredict_rebuild_source"
 
 
 def _catalog(name: str) -> str:
@@ -311,7 +326,8 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
     try:
         check_version(con, path, catalog=_OLD)
         for t in BUILD_TABLES:
-            con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
+            # by name: a file written before a column of ADDED_COLUMNS existed gets NULL there
+            con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
         kept = {
             r[0]
             for r in con.execute(
@@ -320,7 +336,7 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         }
         for t in USER_TABLES:
             if t in kept:  # a file written before this user table existed has none to keep
-                con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t}")  # noqa: S608
+                con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM {old}.{t}")  # noqa: S608
 
     finally:
         con.execute(f"DETACH {old}")
@@ -370,6 +386,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
             # User tables may be missing in files written by older builds of the same version.
             for stmt in _USER_DDL:
                 con.execute(stmt)
+            add_missing_columns(con)
     except Exception:
         con.close()
         raise
