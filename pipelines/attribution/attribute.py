@@ -240,7 +240,10 @@ class Attribution:
     tokens: list[str]
     saes: list[SaeNodes]
     token_attr: torch.Tensor  # [T]
-    grads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # hook -> g [T, d_in]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # hook -> g [1, T, d_in]
+    acts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # hook -> x [1, T, d_in]
+    errors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # hook -> error [T, d_in]
+    emb: torch.Tensor | None = field(default=None, repr=False)  # [1, T, d_model] token embeddings
     top_predictions: list[tuple[str, float]] = field(default_factory=list)
 
     def ranked(self, k: int | None = None) -> list[dict[str, Any]]:
@@ -298,8 +301,9 @@ def gradients(
     return logits.detach(), acts, gs
 
 
-def sae_nodes(slot: Slot, ids: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> SaeNodes:
-    """Activation x gradient for one SAE from its activations ``x`` and ``g = dT/dx`` (both ``[1, T, d_in]``)."""
+def sae_nodes(slot: Slot, ids: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> tuple[SaeNodes, torch.Tensor]:
+    """Activation x gradient for one SAE from its activations ``x`` and ``g = dT/dx`` (both ``[1, T, d_in]``);
+    also returns the error vectors ``[T, d_in]``."""
     with torch.no_grad():
         xs = to_sae(slot.sae, x)
         gs = to_sae(slot.sae, g)
@@ -317,7 +321,7 @@ def sae_nodes(slot: Slot, ids: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -
             gradient=grad.float().cpu(), attribution=(act * grad).float().cpu(),
             error_attr=(err[0] * gs[0]).sum(-1).float().cpu(), error_norm=err[0].norm(dim=-1).float().cpu(),
             valid=valid[0].cpu(),
-        )
+        ), err[0]
 
 
 def linearised(loaded: ModelBackend, mode: Mode, ids: torch.Tensor):
@@ -347,7 +351,8 @@ def attribute(
     Call inside ``linearised(loaded, mode, ids)`` for ``direct`` (``run`` does that for you)."""
     ids = prompt.ids
     logits, acts, gs = gradients(loaded, slots, ids, target)
-    nodes = [sae_nodes(s, ids, acts[s.hook], gs[s.hook]) for s in slots]
+    pairs = [sae_nodes(s, ids, acts[s.hook], gs[s.hook]) for s in slots]
+    nodes = [n for n, _ in pairs]
     emb, gemb = acts["<emb>"], gs["<emb>"]
     token_attr = (emb.float() * gemb.float()).sum(-1)[0].cpu()
     probs = torch.softmax(logits[0, target.position].float(), -1)
@@ -356,4 +361,6 @@ def attribute(
     return Attribution(
         mode=mode, target=target, target_value=float(target.value(logits)[0]), ids=ids, tokens=prompt.tokens,
         saes=nodes, token_attr=token_attr, grads={s.hook: gs[s.hook] for s in slots}, top_predictions=preds,
+        acts={s.hook: acts[s.hook] for s in slots}, errors={s.hook: e for s, (_, e) in zip(slots, pairs, strict=True)},
+        emb=emb,
     )
