@@ -1,6 +1,6 @@
 """The ``featuredict`` command line: build, browse, explain, search, review and steer SAE feature dictionaries.
 
-Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan.
+Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan, attribute.
 
 Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
 prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from featuredict.dashboard.serve import register as register_serve
 
+    from .attribute_cli import register as register_attribute
     from .demo import register as register_demo
     from .explain.cli import register as register_explain
     from .interop_cli import register as register_interop
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_search(sub)
     register_interop(sub)
     register_scan(sub)
+    register_attribute(sub)
     return p
 
 

@@ -93,7 +93,7 @@ def spliced(
 ) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
     """Every forward pass inside the block runs with each slot spliced in (see the module docstring).
 
-    Yields a dict filled per slot name with the last pass's ``f``, ``error`` and ``valid`` (detached).
+    Yields a dict filled per slot name with the last pass's ``x``, ``f``, ``error`` and ``valid`` (detached).
     ``ids`` are the input ids of the passes (for the valid mask); every pass must use them.
     """
     seen: dict[str, dict[str, torch.Tensor]] = {}
@@ -104,7 +104,7 @@ def spliced(
             valid = slot.valid(ids.expand(act.shape[0], -1), xs)
             with torch.no_grad():
                 f, recon, err = slot.parts(xs, valid)
-            seen[slot.name] = {"f": f, "error": err, "valid": valid}
+            seen[slot.name] = {"x": xs.detach(), "f": f, "error": err, "valid": valid}
             if zero:
                 new = torch.zeros_like(xs)
             else:

@@ -1,0 +1,89 @@
+"""The quality figures the field reports for an SAE, through the splice path (``splice.spliced``).
+
+On batches of token ids ``[B, T]`` (no padding), with the SAE spliced at the positions that count (not BOS,
+not a norm outlier; elsewhere the activation passes untouched):
+
+- ``ce_clean``: mean next-token cross-entropy of the plain model over positions ``0..T-2``;
+- ``ce_sae``: the same with ``decode(encode(x))`` in place of ``x`` (the error dropped);
+- ``ce_zero``: the same with ``0`` in place of ``x`` (zero-ablation);
+- ``delta_lm_loss = ce_sae - ce_clean``; ``loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``;
+- ``kl``: mean ``KL(p_clean || p_sae)`` of the next-token distributions, in nats;
+- ``fve = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the positions that count;
+- ``l0``: mean number of active features per position that counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..backends import ModelBackend
+from .splice import Slot, spliced
+
+
+@dataclass
+class SaeEval:
+    tokens: int
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    delta_lm_loss: float
+    loss_recovered: float | None
+    kl: float
+    fve: float
+    l0: float
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1]`` cross-entropy of each position's prediction of the next token."""
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -lp.gather(-1, ids[:, 1:].unsqueeze(-1).to(lp.device)).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) -> SaeEval:
+    """The figures of the module docstring over ``batches`` of token ids."""
+    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    kl = 0.0
+    n_pred = 0
+    sse = 0.0
+    sum_x = None
+    sum_x2 = 0.0
+    n_valid = 0
+    l0 = 0.0
+    for ids in batches:
+        ids = ids.to(loaded.device)
+        clean = loaded.forward(ids)
+        with spliced([slot], ids, keep_error=False) as seen:
+            sae_logits = loaded.forward(ids)
+        with spliced([slot], ids, zero=True):
+            zero_logits = loaded.forward(ids)
+        ce["clean"] += float(next_token_ce(clean, ids).sum())
+        ce["sae"] += float(next_token_ce(sae_logits, ids).sum())
+        ce["zero"] += float(next_token_ce(zero_logits, ids).sum())
+        lp_c = torch.log_softmax(clean[:, :-1].float(), -1)
+        lp_s = torch.log_softmax(sae_logits[:, :-1].float(), -1)
+        kl += float((lp_c.exp() * (lp_c - lp_s)).sum())
+        n_pred += int(ids.shape[0] * (ids.shape[1] - 1))
+        part = seen[slot.name]
+        valid, f, err = part["valid"], part["f"], part["error"]
+        xv = part["x"][valid].double()
+        sse += float(err[valid].double().pow(2).sum())
+        sum_x = xv.sum(0) if sum_x is None else sum_x + xv.sum(0)
+        sum_x2 += float(xv.pow(2).sum())
+        n_valid += int(valid.sum())
+        l0 += float((f[valid] != 0).sum())
+    if n_pred == 0 or n_valid == 0 or sum_x is None:
+        raise ValueError("no tokens to evaluate on")
+    sst = sum_x2 - float(sum_x.pow(2).sum()) / n_valid
+    c, s, z = (ce[k] / n_pred for k in ("clean", "sae", "zero"))
+    return SaeEval(
+        tokens=n_valid, ce_clean=c, ce_sae=s, ce_zero=z, delta_lm_loss=s - c,
+        loss_recovered=(z - s) / (z - c) if z != c else None, kl=kl / n_pred,
+        fve=1.0 - sse / sst if sst > 0 else float("nan"), l0=l0 / n_valid,
+    )
