@@ -13,9 +13,8 @@ from tests.conftest import build_tiny_db, make_tiny_model, make_tiny_sae
 L0, L1 = "tiny/model.layers.0/64", "tiny/model.layers.1/64"
 
 
-@pytest.fixture(scope="module")
-def two_sae_db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_corpus: Path) -> Path:
-    root = tmp_path_factory.mktemp("attr_cli")
+def make_two_sae_db(root: Path, tiny_model_dir: Path, tiny_corpus: Path) -> Path:
+    """SAEs at layers 0 and 1 of the tiny model, and one SAE of another tiny model, in one database."""
     db = root / "two.duckdb"
     s1 = make_tiny_sae(root / "s1", tiny_model_dir, hook="model.layers.1", seed=5, k=6)
     s0 = make_tiny_sae(root / "s0", tiny_model_dir, hook="model.layers.0", seed=6, k=6)
@@ -25,6 +24,11 @@ def two_sae_db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, t
     so = make_tiny_sae(root / "so", other, hook="model.layers.1", seed=7)
     build_tiny_db(db, other, so, tiny_corpus, sae_name="other/model.layers.1/64", umap=False)
     return db
+
+
+@pytest.fixture(scope="module")
+def two_sae_db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_corpus: Path) -> Path:
+    return make_two_sae_db(tmp_path_factory.mktemp("attr_cli"), tiny_model_dir, tiny_corpus)
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:

@@ -14,7 +14,9 @@ Backends:
   handled here raises ``FreezeError`` rather than being silently left unfrozen.
 - TransformerLens: the ``hook_pattern`` and ``hook_scale`` hook points are recorded and replayed.
 
-Every hook is a handle removed in ``finally``, and the attention implementation is restored on exit.
+Every hook is a handle removed in ``finally``, and the attention implementation is restored on exit. Hooks act
+only on the thread that opened the block (the frozen attention function computes plain eager attention for any
+other thread), so a steering session sharing the model is not frozen by an attribution running beside it.
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def _register_attention() -> None:
 
 def _norm_hook(st: _State):
     def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        if _state() is not st:  # another thread's pass: the model as it is
+            return None
         x = inputs[0]
         xf = x.float()
         if isinstance(module, torch.nn.LayerNorm):
@@ -153,7 +157,9 @@ def frozen(loaded: ModelBackend) -> Iterator[_State]:
         if isinstance(loaded, TLBackend):
             for name, hp in loaded.model.hook_dict.items():
                 if name.endswith("hook_pattern") or name.endswith("hook_scale"):
-                    handles.append(hp.register_forward_hook(lambda m, i, o: st.put(id(m), o)))
+                    handles.append(hp.register_forward_hook(
+                        lambda m, i, o: st.put(id(m), o) if _state() is st else None
+                    ))
         elif isinstance(loaded, HFBackend):
             _register_attention()
             cfg = loaded.model.config
