@@ -41,8 +41,11 @@ def ranked_bars(rows: Sequence[dict[str, Any]]) -> alt.Chart:
         .encode(
             x=alt.X("attribution:Q", title="attribution (activation x gradient)"),
             y=alt.Y("node:N", sort=None, title=None),
-            color=alt.Color("sign:N", scale=alt.Scale(domain=["raises the target", "lowers the target"],
-                                                       range=[POS, NEG]), legend=alt.Legend(title=None)),
+            color=alt.Color(
+                "sign:N",
+                scale=alt.Scale(domain=["raises the target", "lowers the target"], range=[POS, NEG]),
+                legend=alt.Legend(title=None),
+            ),
             tooltip=["node", "token", alt.Tooltip("attribution:Q", format=".4f"), "words"],
         )
         .properties(height=max(120, 22 * len(df)))
@@ -57,8 +60,14 @@ def token_feature_heatmap(
     data = []
     for sae, f in features:
         for p, tok in enumerate(tokens):
-            data.append({"feature": f"{sae.split('/')[-2] if sae.count('/') >= 2 else sae} #{f}",
-                         "position": p, "token": f"{p}: {tok!r}", "attribution": cell.get((sae, f, p), 0.0)})
+            data.append(
+                {
+                    "feature": f"{sae.split('/')[-2] if sae.count('/') >= 2 else sae} #{f}",
+                    "position": p,
+                    "token": f"{p}: {tok!r}",
+                    "attribution": cell.get((sae, f, p), 0.0),
+                }
+            )
     df = pd.DataFrame(data or [{"feature": "", "position": 0, "token": "", "attribution": 0.0}])
     m = max(1e-9, float(df["attribution"].abs().max()))
     return (
@@ -85,11 +94,17 @@ def layered_graph(graph: dict[str, Any], link_of: Callable[[dict[str, Any]], str
         order[lay] = i + 1
     rows = []
     for n in nodes:
-        rows.append({
-            "id": n["node_id"], "x": int(n["ctx_idx"]), "y": order[n["layer"]], "kind": n["feature_type"],
-            "label": str(n.get("clerp") or "")[:80], "influence": float(n.get("influence") or 0.0),
-            "href": link_of(n) or "",
-        })
+        rows.append(
+            {
+                "id": n["node_id"],
+                "x": int(n["ctx_idx"]),
+                "y": order[n["layer"]],
+                "kind": n["feature_type"],
+                "label": str(n.get("clerp") or "")[:80],
+                "influence": float(n.get("influence") or 0.0),
+                "href": link_of(n) or "",
+            }
+        )
     nd = pd.DataFrame(rows)
     pos = {r["id"]: (r["x"], r["y"]) for r in rows}
     edges = []
@@ -97,17 +112,22 @@ def layered_graph(graph: dict[str, Any], link_of: Callable[[dict[str, Any]], str
         if e["source"] in pos and e["target"] in pos:
             (x1, y1), (x2, y2) = pos[e["source"]], pos[e["target"]]
             sign = "positive" if e["weight"] >= 0 else "negative"
-            edges.append({"edge": i, "x": x1, "y": y1, "x2": x2, "y2": y2, "w": abs(float(e["weight"])),
-                          "sign": sign})
+            edges.append({"edge": i, "x": x1, "y": y1, "x2": x2, "y2": y2, "w": abs(float(e["weight"])), "sign": sign})
     ed = pd.DataFrame(edges or [{"edge": 0, "x": 0, "y": 0, "x2": 0, "y2": 0, "w": 0.0, "sign": "positive"}])
     lines = (
         alt.Chart(ed)
         .mark_rule(opacity=0.45)
         .encode(
-            x="x:Q", y="y:Q", x2="x2:Q", y2="y2:Q",
+            x="x:Q",
+            y="y:Q",
+            x2="x2:Q",
+            y2="y2:Q",
             strokeWidth=alt.StrokeWidth("w:Q", scale=alt.Scale(range=[0.3, 4]), legend=None),
-            color=alt.Color("sign:N", scale=alt.Scale(domain=["positive", "negative"], range=[POS, NEG]),
-                            legend=alt.Legend(title="edge")),
+            color=alt.Color(
+                "sign:N",
+                scale=alt.Scale(domain=["positive", "negative"], range=[POS, NEG]),
+                legend=alt.Legend(title="edge"),
+            ),
         )
     )
     points = (
@@ -115,7 +135,9 @@ def layered_graph(graph: dict[str, Any], link_of: Callable[[dict[str, Any]], str
         .mark_point(filled=True, size=90)
         .encode(
             x=alt.X("x:Q", title="prompt position"),
-            y=alt.Y("y:Q", title="layer (tokens, SAEs, target)", scale=alt.Scale(domain=[-0.3, max(order.values()) + 0.3])),
+            y=alt.Y(
+                "y:Q", title="layer (tokens, SAEs, target)", scale=alt.Scale(domain=[-0.3, max(order.values()) + 0.3])
+            ),
             shape=alt.Shape("kind:N", legend=alt.Legend(title="node")),
             href="href:N",
             tooltip=["id", "kind", "label", alt.Tooltip("influence:Q", format=".3f")],

@@ -42,18 +42,30 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "default: the last, or with --chat the one before the last reply). Without --target/--contrast the "
         "target is log p(the token that follows it), or at the last position of the model's own prediction",
     )
-    p.add_argument("--mode", choices=MODES, default="full",
-                   help="full: full gradient; direct: attention patterns and norm scales frozen (default full)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="full",
+        help="full: full gradient; direct: attention patterns and norm scales frozen (default full)",
+    )
     p.add_argument("--top-k", type=int, default=10, help="features ablated in the intervention check (default 10)")
     p.add_argument("--show", type=int, default=20, help="features listed (default 20)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--graph", metavar="OUT.json", help="also build the pruned graph and write it (circuit-tracer JSON)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="graph: cumulative node influence kept (0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="graph: cumulative edge influence kept (0.98)")
-    p.add_argument("--max-feature-nodes", type=int, default=200,
-                   help="graph: candidate feature nodes before pruning, by |attribution| (default 200)")
-    p.add_argument("--max-tokens", type=int, default=MAX_PROMPT_TOKENS,
-                   help=f"longest prompt accepted, in tokens (default {MAX_PROMPT_TOKENS})")
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=200,
+        help="graph: candidate feature nodes before pruning, by |attribution| (default 200)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"longest prompt accepted, in tokens (default {MAX_PROMPT_TOKENS})",
+    )
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.set_defaults(func=run)
     return p
@@ -83,13 +95,21 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.db).exists():
         return _err(f"no database at {args.db}")
     try:
-        gcfg = (GraphConfig(args.node_threshold, args.edge_threshold, args.max_feature_nodes)
-                if out is not None else None)
+        gcfg = (
+            GraphConfig(args.node_threshold, args.edge_threshold, args.max_feature_nodes) if out is not None else None
+        )
         chat = read_chat(args.chat) if args.chat else None
         req = Request(
-            saes=list(args.sae), prompt=args.prompt, chat=chat, target=args.target,
-            contrast=tuple(args.contrast) if args.contrast else None, position=args.position, mode=args.mode,
-            top_k=args.top_k, graph=gcfg, max_tokens=args.max_tokens,
+            saes=list(args.sae),
+            prompt=args.prompt,
+            chat=chat,
+            target=args.target,
+            contrast=tuple(args.contrast) if args.contrast else None,
+            position=args.position,
+            mode=args.mode,
+            top_k=args.top_k,
+            graph=gcfg,
+            max_tokens=args.max_tokens,
         )
     except (AttributionInputError, ValueError) as e:
         return _err(str(e))
@@ -135,13 +155,19 @@ def render_text(d: dict) -> str:
         )
     err = sorted(d["error_nodes"], key=lambda e: -abs(e["attribution"]))[:5]
     if err:
-        lines.append("largest error nodes: " + ", ".join(
-            f"{e['sae']}@{e['position']} {e['attribution']:+.4f}" for e in err))
+        lines.append(
+            "largest error nodes: " + ", ".join(f"{e['sae']}@{e['position']} {e['attribution']:+.4f}" for e in err)
+        )
     toks = sorted(d["tokens"], key=lambda e: -abs(e["attribution"]))[:5]
-    lines.append("largest tokens: " + ", ".join(f"{e['token']!r}@{e['position']} {e['attribution']:+.4f}" for e in toks))
+    lines.append(
+        "largest tokens: " + ", ".join(f"{e['token']!r}@{e['position']} {e['attribution']:+.4f}" for e in toks)
+    )
     c = d["check"]
-    lines += ["", "intervention check (ablate = clamp to 0 at its position; change of the target):",
-              f"  {'':<44} {'predicted':>10} {'actual':>10}"]
+    lines += [
+        "",
+        "intervention check (ablate = clamp to 0 at its position; change of the target):",
+        f"  {'':<44} {'predicted':>10} {'actual':>10}",
+    ]
     for a in [*c["single"], *([c["together"]] if c["together"] else [])]:
         lines.append(f"  {a['label'][:44]:<44} {a['predicted']:>+10.4f} {a['actual']:>+10.4f}")
     for s in c["sum_check"]:
@@ -149,6 +175,9 @@ def render_text(d: dict) -> str:
             f"  sum check {s['sae']}: T(clean) - T(all its nodes removed) = {s['delta']:+.4f} = features "
             f"{s['features']:+.4f} + error {s['error']:+.4f} + nonlinear remainder {s['remainder']:+.4f}"
         )
-    lines.append(f"  feature pages: featuredict serve --db DB, then open {d['features'][0]['link']}"
-                 if d["features"] and d["features"][0].get("link") else "")
+    lines.append(
+        f"  feature pages: featuredict serve --db DB, then open {d['features'][0]['link']}"
+        if d["features"] and d["features"][0].get("link")
+        else ""
+    )
     return "\n".join(lines)

@@ -227,8 +227,14 @@ def test_graph_edge_weights_match_ablation_between_layers(loaded, sae_dirs) -> N
         t = make_target(loaded.tokenizer, p, loaded.forward(p.ids))
     a = attribute(loaded, slots, p, t, "full")
     g = build_graph(loaded, slots, p, a, GraphConfig(max_feature_nodes=60, node_threshold=1.0, edge_threshold=1.0))
-    links = [e for e in g.links if e["source"].startswith("0_") and "error" not in e["source"]
-             and e["target"].startswith("1_") and "error" not in e["target"]]
+    links = [
+        e
+        for e in g.links
+        if e["source"].startswith("0_")
+        and "error" not in e["source"]
+        and e["target"].startswith("1_")
+        and "error" not in e["target"]
+    ]
     assert links
     e = max(links, key=lambda e: abs(e["weight"]))
     _, f0, p0 = (int(v) for v in e["source"].split("_"))

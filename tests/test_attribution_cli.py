@@ -47,8 +47,25 @@ def test_text_output_names_mode_target_and_check(two_sae_db: Path, capsys) -> No
 def test_json_two_saes_direct_and_graph(two_sae_db: Path, tmp_path: Path, capsys) -> None:
     g = tmp_path / "graph.json"
     rc, out, err = _run(
-        capsys, "--db", str(two_sae_db), "--sae", L1, "--sae", L0, "--prompt", "Once upon a time there was",
-        "--contrast", " a", " the", "--mode", "direct", "--json", "--graph", str(g), "--top-k", "3",
+        capsys,
+        "--db",
+        str(two_sae_db),
+        "--sae",
+        L1,
+        "--sae",
+        L0,
+        "--prompt",
+        "Once upon a time there was",
+        "--contrast",
+        " a",
+        " the",
+        "--mode",
+        "direct",
+        "--json",
+        "--graph",
+        str(g),
+        "--top-k",
+        "3",
     )
     assert rc == 0, err
     data = json.loads(out)
@@ -86,7 +103,15 @@ def test_chat_target_in_assistant_turn(two_sae_db: Path, tmp_path: Path, capsys)
 def test_bad_input_one_line_exit_2_nothing_written(two_sae_db: Path, tmp_path: Path, capsys, extra, message) -> None:
     g = tmp_path / "g.json"
     rc, out, err = _run(
-        capsys, "--db", str(two_sae_db), "--sae", L1, "--prompt", "Once upon a time there was", "--graph", str(g),
+        capsys,
+        "--db",
+        str(two_sae_db),
+        "--sae",
+        L1,
+        "--prompt",
+        "Once upon a time there was",
+        "--graph",
+        str(g),
         *extra,
     )
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -42,22 +42,38 @@ st.caption(
 others = [s for s in q.sae_ids(store) if s != sae_id]
 want_extra = [s for s in qp_str("saes").split(",") if s in others]
 with st.form("attr_form"):
-    kind = st.radio("Input", ["prompt", "chat (JSON)"], horizontal=True,
-                    index=1 if qp_str("chat") else 0, key="attr_kind")
+    kind = st.radio(
+        "Input", ["prompt", "chat (JSON)"], horizontal=True, index=1 if qp_str("chat") else 0, key="attr_kind"
+    )
     text = st.text_area("Prompt", value=qp_str("prompt"), height=100, key="attr_prompt")
     chat_text = st.text_area(
-        "Chat: a JSON list of {role, content} messages", value=qp_str("chat"), height=100, key="attr_chat",
+        "Chat: a JSON list of {role, content} messages",
+        value=qp_str("chat"),
+        height=100,
+        key="attr_chat",
         help='e.g. [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]',
     )
     c1, c2, c3 = st.columns(3)
     extra = c1.multiselect("More SAEs (same model)", others, default=want_extra, key="attr_saes")
-    mode = c2.radio("Mode", list(MODES), index=list(MODES).index(qp_str("mode", "full")) if qp_str("mode", "full")
-                    in MODES else 0, horizontal=True, key="attr_mode", help=" / ".join(MODE_NOTES.values()))
-    position = c3.number_input("Position (blank: the last)", value=qp_int("position"), step=1, key="attr_pos",
-                               help="the position whose next-token prediction is explained; 0 is BOS")
+    mode = c2.radio(
+        "Mode",
+        list(MODES),
+        index=list(MODES).index(qp_str("mode", "full")) if qp_str("mode", "full") in MODES else 0,
+        horizontal=True,
+        key="attr_mode",
+        help=" / ".join(MODE_NOTES.values()),
+    )
+    position = c3.number_input(
+        "Position (blank: the last)",
+        value=qp_int("position"),
+        step=1,
+        key="attr_pos",
+        help="the position whose next-token prediction is explained; 0 is BOS",
+    )
     t1, t2, t3 = st.columns(3)
-    target = t1.text_input("Target token (blank: the model's own prediction)", value=qp_str("target"),
-                           key="attr_target")
+    target = t1.text_input(
+        "Target token (blank: the model's own prediction)", value=qp_str("target"), key="attr_target"
+    )
     ca, cb = qp_str("contrast").split("|", 1) if "|" in qp_str("contrast") else ("", "")
     con_a = t2.text_input("or contrast: token A", value=ca, key="attr_ca")
     con_b = t3.text_input("minus token B", value=cb, key="attr_cb")
@@ -84,9 +100,13 @@ if go or auto:
             if not isinstance(chat, list) or not all(isinstance(m, dict) for m in chat):
                 raise AttributionInputError("the chat must be a JSON list of {role, content} messages")
         req = Request(
-            saes=[sae_id, *extra], prompt=None if is_chat else text, chat=chat, target=target or None,
+            saes=[sae_id, *extra],
+            prompt=None if is_chat else text,
+            chat=chat,
+            target=target or None,
             contrast=(con_a, con_b) if con_a and con_b else None,
-            position=None if position is None else int(position), mode=mode,
+            position=None if position is None else int(position),
+            mode=mode,
             graph=GraphConfig() if graph_on else None,
         )
         rows = sae_rows(store, req.saes)
@@ -108,7 +128,9 @@ data, graph = result
 t = data["target"]
 st.subheader("Target")
 st.markdown(md(f"**{t['label']}** = {t['value']:.4f} · mode **{data['mode']}**: {data['mode_note']}"))
-st.caption("Top predictions there: " + md(", ".join(f"{p['token']!r} {p['prob']:.3f}" for p in data["top_predictions"])))
+st.caption(
+    "Top predictions there: " + md(", ".join(f"{p['token']!r} {p['prob']:.3f}" for p in data["top_predictions"]))
+)
 
 st.subheader("Features that drove it")
 feats = data["features"]
@@ -116,17 +138,37 @@ table = pd.DataFrame(
     [
         {
             "open": url("feature", sae=f["sae"], feature=f["feature"]),
-            "sae": f["sae"], "feature": f["feature"], "position": f["position"], "token": f["token"],
-            "activation": f["activation"], "gradient": f["gradient"], "attribution": f["attribution"],
-            "density": f["density"], "words": f["words"],
+            "sae": f["sae"],
+            "feature": f["feature"],
+            "position": f["position"],
+            "token": f["token"],
+            "activation": f["activation"],
+            "gradient": f["gradient"],
+            "attribution": f["attribution"],
+            "density": f["density"],
+            "words": f["words"],
         }
         for f in feats
     ],
-    columns=["open", "sae", "feature", "position", "token", "activation", "gradient", "attribution", "density",
-             "words"],
+    columns=[
+        "open",
+        "sae",
+        "feature",
+        "position",
+        "token",
+        "activation",
+        "gradient",
+        "attribution",
+        "density",
+        "words",
+    ],
 )
-st.dataframe(table, hide_index=True, width="stretch",
-             column_config={"open": st.column_config.LinkColumn("open", display_text="open")})
+st.dataframe(
+    table,
+    hide_index=True,
+    width="stretch",
+    column_config={"open": st.column_config.LinkColumn("open", display_text="open")},
+)
 st.altair_chart(charts.ranked_bars(feats[:20]), width="stretch")
 
 st.subheader("Token x feature")
@@ -148,24 +190,31 @@ if graph:
         return url("feature", sae=n.get("sae") or sae_id, feature=n["feature"])
 
     st.altair_chart(charts.layered_graph(graph, _link), width="stretch")
-    st.download_button("Download graph JSON (circuit-tracer / Neuronpedia format)",
-                       json.dumps(graph, ensure_ascii=False), file_name="attribution-graph.json",
-                       mime="application/json")
+    st.download_button(
+        "Download graph JSON (circuit-tracer / Neuronpedia format)",
+        json.dumps(graph, ensure_ascii=False),
+        file_name="attribution-graph.json",
+        mime="application/json",
+    )
 
 st.subheader("Checked by intervention")
 chk = data["check"]
 rows_chk = [*chk["single"], *([chk["together"]] if chk["together"] else [])]
 st.dataframe(
-    pd.DataFrame([{"ablation": a["label"], "predicted change": a["predicted"], "actual change": a["actual"]}
-                  for a in rows_chk]),
-    hide_index=True, width="stretch",
+    pd.DataFrame(
+        [{"ablation": a["label"], "predicted change": a["predicted"], "actual change": a["actual"]} for a in rows_chk]
+    ),
+    hide_index=True,
+    width="stretch",
 )
 for s in chk["sum_check"]:
     exact = abs(s["remainder"]) < 1e-3 * max(1.0, abs(s["delta"]))
-    st.markdown(md(
-        f"Sum check, {s['sae']}: T(clean) - T(every node of this SAE removed) = {s['delta']:+.4f} = features "
-        f"{s['features']:+.4f} + error {s['error']:+.4f} + nonlinear remainder {s['remainder']:+.4f}."
-    ))
+    st.markdown(
+        md(
+            f"Sum check, {s['sae']}: T(clean) - T(every node of this SAE removed) = {s['delta']:+.4f} = features "
+            f"{s['features']:+.4f} + error {s['error']:+.4f} + nonlinear remainder {s['remainder']:+.4f}."
+        )
+    )
     if not exact:
         st.caption(
             "The remainder is not zero: the model after this SAE is not linear in its activation (MLPs after a "

@@ -67,8 +67,13 @@ class Target:
         return row[:, self.token] - row[:, self.other]
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "position": self.position, "token": self.token, "other": self.other,
-                "label": self.label}
+        return {
+            "kind": self.kind,
+            "position": self.position,
+            "token": self.token,
+            "other": self.other,
+            "label": self.label,
+        }
 
 
 @dataclass
@@ -130,8 +135,10 @@ def read_chat(path: str) -> list[dict[str, str]]:
     if not isinstance(msgs, list) or not msgs:
         raise AttributionInputError("a chat file holds a non-empty JSON list of {role, content} messages")
     for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
-            m.get("content"), str
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
         ):
             raise AttributionInputError("each chat message needs a role (system/user/assistant) and text content")
     if not any(m["role"] == "assistant" for m in msgs):
@@ -206,8 +213,9 @@ def make_target(
     else:
         t = int(logits[0, position].argmax())
         how = "the model's prediction"
-    return Target("logprob", position, t, None, f"log p({token_strings(tokenizer, [t])[0]!r}) at position {position} "
-                  f"({how})")
+    return Target(
+        "logprob", position, t, None, f"log p({token_strings(tokenizer, [t])[0]!r}) at position {position} ({how})"
+    )
 
 
 @dataclass
@@ -251,11 +259,17 @@ class Attribution:
         rows = []
         for s in self.saes:
             for j in range(int(s.features.numel())):
-                rows.append({
-                    "sae": s.name, "feature": int(s.features[j]), "position": int(s.positions[j]),
-                    "token": self.tokens[int(s.positions[j])], "activation": float(s.activation[j]),
-                    "gradient": float(s.gradient[j]), "attribution": float(s.attribution[j]),
-                })
+                rows.append(
+                    {
+                        "sae": s.name,
+                        "feature": int(s.features[j]),
+                        "position": int(s.positions[j]),
+                        "token": self.tokens[int(s.positions[j])],
+                        "activation": float(s.activation[j]),
+                        "gradient": float(s.gradient[j]),
+                        "attribution": float(s.attribution[j]),
+                    }
+                )
         rows.sort(key=lambda r: -abs(r["attribution"]))
         return rows if k is None else rows[:k]
 
@@ -263,10 +277,12 @@ class Attribution:
 @contextmanager
 def _capture(loaded: ModelBackend, slots: Sequence[Slot], store: dict[str, torch.Tensor]) -> Iterator[None]:
     """Keep each hook's activation and the input embeddings of the passes run inside (graph kept)."""
+
     def keep(name: str):
         def fn(act: torch.Tensor) -> None:
             store[name] = act
             return None
+
         return fn
 
     handle = loaded.input_embedding_module().register_forward_hook(lambda m, i, o: store.__setitem__("<emb>", o))
@@ -317,9 +333,15 @@ def sae_nodes(slot: Slot, ids: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -
         if s is not None:
             grad = grad * s[0, pos, 0]
         return SaeNodes(
-            name=slot.name, hook=slot.hook, positions=pos.cpu(), features=feat.cpu(), activation=act.float().cpu(),
-            gradient=grad.float().cpu(), attribution=(act * grad).float().cpu(),
-            error_attr=(err[0] * gs[0]).sum(-1).float().cpu(), error_norm=err[0].norm(dim=-1).float().cpu(),
+            name=slot.name,
+            hook=slot.hook,
+            positions=pos.cpu(),
+            features=feat.cpu(),
+            activation=act.float().cpu(),
+            gradient=grad.float().cpu(),
+            attribution=(act * grad).float().cpu(),
+            error_attr=(err[0] * gs[0]).sum(-1).float().cpu(),
+            error_norm=err[0].norm(dim=-1).float().cpu(),
             valid=valid[0].cpu(),
         ), err[0]
 
@@ -359,8 +381,16 @@ def attribute(
     top = probs.topk(5)
     preds = list(zip(token_strings(loaded.tokenizer, top.indices.tolist()), top.values.tolist(), strict=True))
     return Attribution(
-        mode=mode, target=target, target_value=float(target.value(logits)[0]), ids=ids, tokens=prompt.tokens,
-        saes=nodes, token_attr=token_attr, grads={s.hook: gs[s.hook] for s in slots}, top_predictions=preds,
-        acts={s.hook: acts[s.hook] for s in slots}, errors={s.hook: e for s, (_, e) in zip(slots, pairs, strict=True)},
+        mode=mode,
+        target=target,
+        target_value=float(target.value(logits)[0]),
+        ids=ids,
+        tokens=prompt.tokens,
+        saes=nodes,
+        token_attr=token_attr,
+        grads={s.hook: gs[s.hook] for s in slots},
+        top_predictions=preds,
+        acts={s.hook: acts[s.hook] for s in slots},
+        errors={s.hook: e for s, (_, e) in zip(slots, pairs, strict=True)},
         emb=emb,
     )

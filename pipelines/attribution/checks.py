@@ -57,8 +57,7 @@ class Check:
 
     def to_json(self) -> dict[str, Any]:
         def ab(a: Ablation) -> dict[str, Any]:
-            return {"label": a.label, "nodes": [list(n) for n in a.nodes], "predicted": a.predicted,
-                    "actual": a.actual}
+            return {"label": a.label, "nodes": [list(n) for n in a.nodes], "predicted": a.predicted, "actual": a.actual}
 
         return {
             "clean_target": self.clean,
@@ -83,7 +82,9 @@ def _edit_fn(slot: Slot, ids: torch.Tensor, ablate: torch.Tensor, remove_all: to
             m = ablate[..., feats].to(xs.device)
             vals = torch.where(m, torch.zeros_like(f[..., feats]), f[..., feats])
             plan = EditPlan(
-                features=feats.to(xs.device), methods=("clamp",) * int(feats.numel()), values=vals,
+                features=feats.to(xs.device),
+                methods=("clamp",) * int(feats.numel()),
+                values=vals,
                 directions=decoder_directions(slot.sae, feats.to(xs.device)).detach(),
             )
             out, _ = steer_activations(slot.sae, act, plan, mask=m.any(-1), f=f)
@@ -129,14 +130,22 @@ def check(
     vals = target.value(logits).cpu().tolist()
     clean = vals[-1]
     singles = [
-        Ablation(f"ablate {n['sae']} #{n['feature']} at {n['position']}", [(n["sae"], n["position"], n["feature"])],
-                 -n["attribution"], vals[r] - clean)
+        Ablation(
+            f"ablate {n['sae']} #{n['feature']} at {n['position']}",
+            [(n["sae"], n["position"], n["feature"])],
+            -n["attribution"],
+            vals[r] - clean,
+        )
         for r, n in enumerate(ranked)
     ]
     tog = None
     if together:
-        tog = Ablation(f"ablate the top {n_single} together", [(n["sae"], n["position"], n["feature"]) for n in ranked],
-                       -sum(n["attribution"] for n in ranked), vals[n_single] - clean)
+        tog = Ablation(
+            f"ablate the top {n_single} together",
+            [(n["sae"], n["position"], n["feature"]) for n in ranked],
+            -sum(n["attribution"] for n in ranked),
+            vals[n_single] - clean,
+        )
     sums = []
     if sum_check:
         for si, s in enumerate(slots):

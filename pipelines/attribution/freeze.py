@@ -157,9 +157,9 @@ def frozen(loaded: ModelBackend) -> Iterator[_State]:
         if isinstance(loaded, TLBackend):
             for name, hp in loaded.model.hook_dict.items():
                 if name.endswith("hook_pattern") or name.endswith("hook_scale"):
-                    handles.append(hp.register_forward_hook(
-                        lambda m, i, o: st.put(id(m), o) if _state() is st else None
-                    ))
+                    handles.append(
+                        hp.register_forward_hook(lambda m, i, o: st.put(id(m), o) if _state() is st else None)
+                    )
         elif isinstance(loaded, HFBackend):
             _register_attention()
             cfg = loaded.model.config

@@ -107,9 +107,7 @@ def _edges_into(
     handle = None
     with torch.enable_grad(), ExitStack() as stack:
         if src_hook is None:
-            handle = loaded.input_embedding_module().register_forward_hook(
-                lambda m, i, o: store.__setitem__("src", o)
-            )
+            handle = loaded.input_embedding_module().register_forward_hook(lambda m, i, o: store.__setitem__("src", o))
         else:
             stack.enter_context(slots[b - 1].site.intervene(keep_src))
         try:
@@ -168,9 +166,19 @@ def build_graph(
 
     for p in range(T):
         tid = int(ids[0, p])
-        add(("tok", p), {"node_id": f"E_{tid}_{p}", "feature": tid, "layer": "E", "ctx_idx": p,
-                         "feature_type": TOKEN_TYPE, "clerp": prompt.tokens[p], "activation": None,
-                         "attribution": float(attribution.token_attr[p])})
+        add(
+            ("tok", p),
+            {
+                "node_id": f"E_{tid}_{p}",
+                "feature": tid,
+                "layer": "E",
+                "ctx_idx": p,
+                "feature_type": TOKEN_TYPE,
+                "clerp": prompt.tokens[p],
+                "activation": None,
+                "attribution": float(attribution.token_attr[p]),
+            },
+        )
     per_sae: list[list[dict[str, Any]]] = [[] for _ in slots]
     slot_no = {s.name: i for i, s in enumerate(slots)}
     for c in cand:
@@ -178,23 +186,52 @@ def build_graph(
     for si, s in enumerate(slots):
         L = layers[si]
         for c in per_sae[si]:
-            add(("f", si, c["position"], c["feature"]), {
-                "node_id": f"{L}_{c['feature']}_{c['position']}", "feature": c["feature"], "layer": str(L),
-                "ctx_idx": c["position"], "feature_type": FEATURE_TYPE, "sae": s.name,
-                "clerp": clerp(s.name, c["feature"]) if clerp else "", "activation": c["activation"],
-                "attribution": c["attribution"],
-            })
+            add(
+                ("f", si, c["position"], c["feature"]),
+                {
+                    "node_id": f"{L}_{c['feature']}_{c['position']}",
+                    "feature": c["feature"],
+                    "layer": str(L),
+                    "ctx_idx": c["position"],
+                    "feature_type": FEATURE_TYPE,
+                    "sae": s.name,
+                    "clerp": clerp(s.name, c["feature"]) if clerp else "",
+                    "activation": c["activation"],
+                    "attribution": c["attribution"],
+                },
+            )
         nd = nodes_of[s.name]
         for p in range(T):
             if bool(nd.valid[p]):
-                add(("e", si, p), {"node_id": f"{L}_error_{p}", "feature": None, "layer": str(L), "ctx_idx": p,
-                                   "feature_type": ERROR_TYPE, "sae": s.name, "clerp": f"error of {s.name}",
-                                   "activation": float(nd.error_norm[p]), "attribution": float(nd.error_attr[p])})
+                add(
+                    ("e", si, p),
+                    {
+                        "node_id": f"{L}_error_{p}",
+                        "feature": None,
+                        "layer": str(L),
+                        "ctx_idx": p,
+                        "feature_type": ERROR_TYPE,
+                        "sae": s.name,
+                        "clerp": f"error of {s.name}",
+                        "activation": float(nd.error_norm[p]),
+                        "attribution": float(nd.error_attr[p]),
+                    },
+                )
     t = attribution.target
-    add(("target",), {"node_id": f"{n_layers}_{t.token}_{t.position}", "feature": t.token, "layer": str(n_layers),
-                      "ctx_idx": t.position, "feature_type": TARGET_TYPE, "clerp": t.label,
-                      "activation": attribution.target_value, "is_target_logit": True,
-                      "token_prob": _prob(attribution)})
+    add(
+        ("target",),
+        {
+            "node_id": f"{n_layers}_{t.token}_{t.position}",
+            "feature": t.token,
+            "layer": str(n_layers),
+            "ctx_idx": t.position,
+            "feature_type": TARGET_TYPE,
+            "clerp": t.label,
+            "activation": attribution.target_value,
+            "is_target_logit": True,
+            "token_prob": _prob(attribution),
+        },
+    )
     N = len(nodes)
     A = torch.zeros(N, N, dtype=torch.float64)
     tgt = index[("target",)]
@@ -209,7 +246,7 @@ def build_graph(
             A[tgt, index[("e", last, p)]] = float(nd_last.error_attr[p])
 
     # ---- edges into each candidate feature from the layer before
-    for si, s in enumerate(slots):
+    for si in range(len(slots)):
         todo = [(c["position"], c["feature"]) for c in per_sae[si]]
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
@@ -232,8 +269,10 @@ def build_graph(
         n["jsNodeId"] = n["node_id"]
         n.setdefault("is_target_logit", False)
         n.setdefault("token_prob", 0.0)
-    links = [{"source": out_nodes[u]["node_id"], "target": out_nodes[v]["node_id"], "weight": float(sub[v, u])}
-             for v, u in edges]
+    links = [
+        {"source": out_nodes[u]["node_id"], "target": out_nodes[v]["node_id"], "weight": float(sub[v, u])}
+        for v, u in edges
+    ]
     meta = {
         "slug": "featuredict-attribution",
         "scan": model_name or getattr(loaded, "name", ""),
@@ -273,7 +312,6 @@ def _fill_sources(
             A[row, index[("tok", p)]] = float((attribution.emb[0, p].float() * emb_grad[p]).sum())
         return
     prev = slots[si - 1]
-    nd = {s.name: s for s in attribution.saes}[prev.name]
     g = to_sae(prev.sae, grad)
     srcs = per_sae[si - 1]
     if srcs:

@@ -83,7 +83,13 @@ def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) 
     sst = sum_x2 - float(sum_x.pow(2).sum()) / n_valid
     c, s, z = (ce[k] / n_pred for k in ("clean", "sae", "zero"))
     return SaeEval(
-        tokens=n_valid, ce_clean=c, ce_sae=s, ce_zero=z, delta_lm_loss=s - c,
-        loss_recovered=(z - s) / (z - c) if z != c else None, kl=kl / n_pred,
-        fve=1.0 - sse / sst if sst > 0 else float("nan"), l0=l0 / n_valid,
+        tokens=n_valid,
+        ce_clean=c,
+        ce_sae=s,
+        ce_zero=z,
+        delta_lm_loss=s - c,
+        loss_recovered=(z - s) / (z - c) if z != c else None,
+        kl=kl / n_pred,
+        fve=1.0 - sse / sst if sst > 0 else float("nan"),
+        l0=l0 / n_valid,
     )

@@ -32,7 +32,6 @@ from .attribute import (
     make_target,
     prompt_from_chat,
     prompt_from_text,
-    read_chat,
 )
 from .attribute import attribute as attribute_nodes
 from .checks import Check, check
@@ -120,8 +119,7 @@ def feature_words(store: Store, sae_id: str, features: list[int]) -> dict[int, d
         f = int(r.feature)
         words = texts.get(f) or (r.label if isinstance(r.label, str) and r.label else None) or str(r.top_tokens or "")
         density = None if r.density is None else float(r.density)
-        out[f] = {"words": words, "density": density,
-                  "link": f"feature?sae={_quote(sae_id)}&feature={f}"}
+        out[f] = {"words": words, "density": density, "link": f"feature?sae={_quote(sae_id)}&feature={f}"}
     return out
 
 
@@ -144,7 +142,8 @@ def run_loaded(
     limit = min(req.max_tokens, loaded.context_length or req.max_tokens)
     tok = loaded.tokenizer
     prompt = (
-        prompt_from_text(tok, req.prompt, prepend_bos, limit) if req.prompt is not None
+        prompt_from_text(tok, req.prompt, prepend_bos, limit)
+        if req.prompt is not None
         else prompt_from_chat(tok, req.chat or [], limit)
     )
     ids = prompt.ids.to(loaded.device)
@@ -163,7 +162,11 @@ def run_loaded(
         graph = None
         if req.graph is not None:
             graph = build_graph(
-                loaded, slots, prompt, attribution, req.graph,
+                loaded,
+                slots,
+                prompt,
+                attribution,
+                req.graph,
                 clerp=lambda sae, f: str(words.get(sae, {}).get(f, {}).get("words", ""))[:200],
             )
     return Result(prompt, attribution, chk, graph, words, getattr(loaded, "name", ""))
@@ -186,10 +189,13 @@ def to_json(res: Result, top: int = 20) -> dict[str, Any]:
         "features": feats,
         "error_nodes": [
             {"sae": s.name, "position": p, "attribution": float(s.error_attr[p]), "norm": float(s.error_norm[p])}
-            for s in a.saes for p in range(len(a.tokens)) if bool(s.valid[p])
+            for s in a.saes
+            for p in range(len(a.tokens))
+            if bool(s.valid[p])
         ],
-        "tokens": [{"position": p, "token": a.tokens[p], "attribution": float(a.token_attr[p])}
-                   for p in range(len(a.tokens))],
+        "tokens": [
+            {"position": p, "token": a.tokens[p], "attribution": float(a.token_attr[p])} for p in range(len(a.tokens))
+        ],
         "check": res.check.to_json(),
     }
 
