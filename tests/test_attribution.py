@@ -263,3 +263,30 @@ def test_influence_sums_paths() -> None:
     A[3, 1], A[3, 2], A[1, 0], A[2, 0] = 3.0, -1.0, 2.0, 5.0
     infl = influence_on(A, 3)
     assert infl.tolist() == pytest.approx([1.0, 0.75, 0.25, 0.0])
+
+
+def test_chat_target_is_a_token_of_the_assistant_turn(loaded) -> None:
+    from featuredict.pipelines.attribution.attribute import prompt_from_chat
+
+    tok = loaded.tokenizer
+    old = getattr(tok, "chat_template", None)
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    try:
+        msgs = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon a time"}]
+        p = prompt_from_chat(tok, msgs)
+        ((start, end),) = p.assistant_spans
+        assert "".join(p.tokens[start:end]).startswith("Once")
+        logits = torch.zeros(1, p.length, len(tok))
+        t = make_target(tok, p, logits)  # default: the reply's first token
+        assert t.position == start - 1 and t.token == int(p.ids[0, start]) and t.kind == "logprob"
+        t2 = make_target(tok, p, logits, position=start + 1)
+        assert t2.token == int(p.ids[0, start + 2])
+        with pytest.raises(AttributionInputError, match="not in an assistant turn"):
+            make_target(tok, p, logits, position=1)
+        a = attribute(loaded, [], p, t)
+        assert a.target_value == pytest.approx(float(t.value(loaded.forward(p.ids).detach())[0]), abs=1e-5)
+    finally:
+        tok.chat_template = old

@@ -127,7 +127,7 @@ if not result:
 data, graph = result
 t = data["target"]
 st.subheader("Target")
-st.markdown(md(f"**{t['label']}** = {t['value']:.4f} · mode **{data['mode']}**: {data['mode_note']}"))
+st.markdown(f"**{md(t['label'])}** = {t['value']:.4f} · mode **{data['mode']}**: {md(data['mode_note'])}")
 st.caption(
     "Top predictions there: " + md(", ".join(f"{p['token']!r} {p['prob']:.3f}" for p in data["top_predictions"]))
 )
