@@ -133,6 +133,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(r.summary())
+    if args.eval_contexts > 0:  # SAE quality through the splice path, stored in sae_evals (docs/attribution.md)
+        from .attribution.quality import store_build_eval
+
+        ev = store_build_eval(r.db, r.sae_id, cfg.corpus, n_contexts=args.eval_contexts, device=args.device)
+        if ev is not None:
+            print(
+                f"quality: ΔLM loss {ev.delta_lm_loss:+.4f} nats, loss recovered {ev.loss_recovered or 0:.1%}, "
+                f"KL {ev.kl:.4f}, FVE {ev.fve:.3f}, L0 {ev.l0:.1f} ({ev.tokens:,} tokens)"
+            )
     print(f"open it: featuredict serve --db {r.db}")
     return 0
 
@@ -196,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", type=int, default=20, help="top activating contexts kept per feature (default 20)")
     b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
+    b.add_argument(
+        "--eval-contexts",
+        type=int,
+        default=32,
+        help="after the build, the corpus contexts the SAE's quality (ΔLM loss, loss recovered, KL, FVE, L0) is "
+        "measured on through the splice and stored (table sae_evals); 0 skips it (default 32)",
+    )
     b.add_argument(
         "--outlier-norm-ratio",
         type=float,

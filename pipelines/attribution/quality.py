@@ -10,16 +10,23 @@ not a norm outlier; elsewhere the activation passes untouched):
 - ``kl``: mean ``KL(p_clean || p_sae)`` of the next-token distributions, in nats;
 - ``fve = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the positions that count;
 - ``l0``: mean number of active features per position that counts.
+
+``store_build_eval`` runs this after a build (``featuredict build`` and ``demo`` call it) on the corpus's first
+full-length contexts and stores the row in ``sae_evals`` (method ``splice``); the overview page shows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..backends import ModelBackend
+from ..corpus import CorpusSpec, iter_contexts, iter_documents
+from ..runtime import cached_runtime_from_row
 from .splice import Slot, spliced
 
 
@@ -93,3 +100,61 @@ def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) 
         fve=1.0 - sse / sst if sst > 0 else float("nan"),
         l0=l0 / n_valid,
     )
+
+
+DEFAULT_EVAL_CONTEXTS = 32
+
+
+def corpus_batches(
+    tokenizer: Any,
+    corpus: CorpusSpec,
+    context_size: int,
+    n_contexts: int,
+    prepend_bos: bool = True,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """The first ``n_contexts`` full-length contexts of the corpus (no padding), in batches ``[b, context_size]``."""
+    ctxs: list[list[int]] = []
+    for c in iter_contexts(iter_documents(corpus), tokenizer, context_size, prepend_bos):
+        if len(c) == context_size:
+            ctxs.append(c)
+            if len(ctxs) >= n_contexts:
+                break
+    return [torch.tensor(ctxs[i : i + batch_size], dtype=torch.long) for i in range(0, len(ctxs), batch_size)]
+
+
+def store_build_eval(
+    db: str | Path,
+    sae_id: str,
+    corpus: CorpusSpec,
+    *,
+    n_contexts: int = DEFAULT_EVAL_CONTEXTS,
+    device: str | None = None,
+) -> SaeEval | None:
+    """After a build: evaluate ``sae_id`` through the splice on the corpus's first ``n_contexts`` full contexts
+    (the build's context size) and store the figures as its ``sae_evals`` row, method ``splice``. None (and
+    nothing stored) when the corpus has no context that long."""
+    from featuredict.db import queries as q
+    from featuredict.db import writes
+    from featuredict.db.store import Store
+
+    store = Store(db, read_only=True)
+    try:
+        row = q.sae_info(store, sae_id)
+    finally:
+        store.close()
+    if row is None:
+        raise ValueError(f"no SAE {sae_id!r} in {db}")
+    rt = cached_runtime_from_row(dict(row), device)
+    size = int(row["context_size"])
+    batches = corpus_batches(rt.tokenizer, corpus, size, n_contexts, bool(row.get("prepend_bos", True)))
+    if not batches:
+        return None
+    slot = Slot(sae_id, rt.sae, rt.site, rt.outlier_norm_ratio)
+    ev = evaluate(rt.loaded, slot, batches)
+    store = Store(db)
+    try:
+        writes.set_sae_eval(store, sae_id, "splice", ev.to_dict(), sum(int(b.shape[0]) for b in batches), size)
+    finally:
+        store.close()
+    return ev
