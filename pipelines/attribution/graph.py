@@ -32,7 +32,7 @@ import torch
 
 from ..backends import ModelBackend
 from ..saes import to_sae
-from ..steering.edits import decoder_directions, output_scale
+from ..steering.edits import output_scale
 from .attribute import Attribution, Prompt
 from .splice import Slot
 
@@ -305,11 +305,10 @@ def _fill_sources(
     T: int,
 ) -> None:
     """Edge weights into node ``row`` from every source of the layer before, given ``grad`` ``[T, d]``."""
-    if si == 0:
-        # token embeddings: emb . grad
-        emb_grad = grad.float()
-        for p in range(T):
-            A[row, index[("tok", p)]] = float((attribution.emb[0, p].float() * emb_grad[p]).sum())
+    if si == 0:  # token embeddings: emb . grad
+        assert attribution.emb is not None
+        cols = torch.tensor([index[("tok", p)] for p in range(T)])
+        A[row, cols] = (attribution.emb[0].float() * grad.float()).sum(-1).double().cpu()
         return
     prev = slots[si - 1]
     g = to_sae(prev.sae, grad)
@@ -317,21 +316,18 @@ def _fill_sources(
     if srcs:
         feat = torch.tensor([c["feature"] for c in srcs], device=g.device)
         pos = torch.tensor([c["position"] for c in srcs], device=g.device)
-        dirs = decoder_directions(prev.sae, feat)
-        w = (dirs * g[pos]).sum(-1)
-        xs = attribution.acts[prev.hook]
-        s = output_scale(prev.sae, to_sae(prev.sae, xs))
+        w = (prev.directions[feat] * g[pos]).sum(-1)
+        s = output_scale(prev.sae, to_sae(prev.sae, attribution.acts[prev.hook]))
         if s is not None:
             w = w * s[0, pos, 0]
         act = torch.tensor([c["activation"] for c in srcs], device=g.device, dtype=w.dtype)
-        for c, val in zip(srcs, (w * act).tolist(), strict=True):
-            A[row, index[("f", si - 1, c["position"], c["feature"])]] = val
+        cols = torch.tensor([index[("f", si - 1, c["position"], c["feature"])] for c in srcs])
+        A[row, cols] = (w * act).double().cpu()
     err = attribution.errors[prev.hook]  # [T, d]
-    ew = (err.to(g.dtype) * g).sum(-1).tolist()
-    for p in range(T):
-        key = ("e", si - 1, p)
-        if key in index:
-            A[row, index[key]] = ew[p]
+    ew = (err.to(g.dtype) * g).sum(-1).double().cpu()
+    have = [p for p in range(T) if ("e", si - 1, p) in index]
+    if have:
+        A[row, torch.tensor([index[("e", si - 1, p)] for p in have])] = ew[torch.tensor(have)]
 
 
 def influence_on(A: torch.Tensor, target: int) -> torch.Tensor:

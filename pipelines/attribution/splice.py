@@ -44,6 +44,16 @@ class Slot:
     def hook(self) -> str:
         return self.site.hook_name
 
+    @property
+    def directions(self) -> torch.Tensor:
+        """Every feature's effective decoder row ``D`` ``[d_sae, d_in]`` (computed once, detached)."""
+        d = self.__dict__.get("_directions")
+        if d is None or d.device != self.sae.W_dec.device or d.dtype != self.sae.W_dec.dtype:
+            with torch.no_grad():
+                d = decoder_directions(self.sae, torch.arange(int(self.sae.cfg.d_sae), device=self.sae.W_dec.device))
+            self.__dict__["_directions"] = d.detach()
+        return d
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``sae.encode`` of activations ``x`` (any dtype; cast to the SAE's)."""
         return fast_encoder(self.sae)(to_sae(self.sae, x))
@@ -60,15 +70,17 @@ class Slot:
         constant, not a node."""
         xs = to_sae(self.sae, x)
         f = self.encode(xs) * valid.unsqueeze(-1).to(xs.dtype)
-        recon = linear_decode(self.sae, f, xs)
+        recon = linear_decode(self.sae, f, xs, self.directions)
         base = baseline(self.sae, xs)
         err = torch.where(valid.unsqueeze(-1), xs - recon - base, torch.zeros_like(xs))
         return f, recon, err
 
 
-def linear_decode(sae: SAE[Any], f: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """``s(x) * (f @ D)``: the part of ``decode(f)`` linear in ``f`` (see ``steering.edits``)."""
-    d = decoder_directions(sae, torch.arange(int(sae.cfg.d_sae), device=sae.W_dec.device))
+def linear_decode(sae: SAE[Any], f: torch.Tensor, xs: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """``s(x) * (f @ D)``: the part of ``decode(f)`` linear in ``f`` (see ``steering.edits``); ``d`` is ``D``
+    when the caller has it."""
+    if d is None:
+        d = decoder_directions(sae, torch.arange(int(sae.cfg.d_sae), device=sae.W_dec.device))
     out = f @ d
     s = output_scale(sae, xs)
     return out if s is None else out * s
