@@ -290,3 +290,20 @@ def test_chat_target_is_a_token_of_the_assistant_turn(loaded) -> None:
         assert a.target_value == pytest.approx(float(t.value(loaded.forward(p.ids).detach())[0]), abs=1e-5)
     finally:
         tok.chat_template = old
+
+
+def test_quality_agrees_with_sae_lens_evals_when_no_position_is_an_outlier(loaded, sae_dirs) -> None:
+    from featuredict.pipelines.attribution.quality import sae_lens_figures
+
+    slot = _slot(loaded, sae_dirs, "model.layers.0")
+    slot.outlier_norm_ratio = 0.0  # sae-lens has no outlier rule: compare on the same positions
+    tok = loaded.tokenizer
+    ids = torch.stack([prompt_from_text(tok, s).ids[0, :12] for s in (PROMPT, "The stock market fell sharply today")])
+    ours = evaluate(loaded, slot, [ids])
+    theirs = sae_lens_figures(loaded, slot, [ids])
+    for k in ("ce_clean", "ce_sae", "delta_lm_loss", "kl"):
+        assert getattr(ours, k) == pytest.approx(theirs[k], rel=1e-4, abs=1e-5), k
+    # sae-lens zero-ablates every position, BOS too (its ignore_tokens apply to the SAE, not to the ablation):
+    # the zero-ablation baseline, hence the fraction of loss recovered, differ by construction
+    assert ours.ce_zero != pytest.approx(theirs["ce_zero"], rel=1e-3)
+    assert not loaded.hook_module("model.layers.0")._forward_hooks  # sae-lens's proxy hook was removed

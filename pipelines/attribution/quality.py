@@ -158,3 +158,56 @@ def store_build_eval(
     finally:
         store.close()
     return ev
+
+
+@torch.no_grad()
+def sae_lens_figures(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """The same figures from sae-lens's own evals (``sae_lens.evals.get_recons_loss`` through its
+    ``HookedProxyLM`` around our Hugging Face model), on the same tokens, for comparison.
+
+    sae-lens replaces the activation at every position except the ``ignore_tokens`` (we pass BOS and pad): it
+    has no norm-outlier rule, so where the splice leaves an outlier position untouched, sae-lens reconstructs
+    it. Its zero-ablation zeroes every position, BOS included, where ours zeroes only the positions the SAE
+    is spliced at: ``ce_zero`` and ``loss_recovered`` differ by construction. Its KL averages over every position (the last too, whose next token is not in the batch); ``kl`` here
+    is over positions ``0..T-2`` like ours, ``kl_all_positions`` is sae-lens's own mean. FVE and L0 need its
+    activation store, not compared. The temporary hook sae-lens's proxy adds is removed in ``finally``.
+    """
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.load_model import HookedProxyLM
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    module = loaded.hook_module(slot.hook)
+    before = set(module._forward_hooks)
+    tok = loaded.tokenizer
+    ignore = sorted({int(t) for t in (tok.bos_token_id, tok.pad_token_id) if t is not None})
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_all": 0.0}
+    n_pred = n_all = 0
+    try:
+        proxy = HookedProxyLM(loaded.model, tok, hook_names=[slot.hook])
+        for ids in batches:
+            ids = ids.to(loaded.device)
+            m = get_recons_loss(
+                slot.sae, proxy, ActivationScaler(), ids, True, True, ignore_tokens=ignore, hook_name=slot.hook
+            )
+            sums["ce_clean"] += float(m["ce_loss_without_sae"].sum())
+            sums["ce_sae"] += float(m["ce_loss_with_sae"].sum())
+            sums["ce_zero"] += float(m["ce_loss_with_ablation"].sum())
+            kl = m["kl_div_with_sae"]
+            sums["kl"] += float(kl[:, :-1].sum())
+            sums["kl_all"] += float(kl.sum())
+            n_pred += int(ids.shape[0] * (ids.shape[1] - 1))
+            n_all += int(ids.numel())
+    finally:
+        for key in set(module._forward_hooks) - before:
+            del module._forward_hooks[key]
+    c, s, z = (sums[k] / n_pred for k in ("ce_clean", "ce_sae", "ce_zero"))
+    return {
+        "tokens": n_pred,
+        "ce_clean": c,
+        "ce_sae": s,
+        "ce_zero": z,
+        "delta_lm_loss": s - c,
+        "loss_recovered": (z - s) / (z - c) if z != c else float("nan"),
+        "kl": sums["kl"] / n_pred,
+        "kl_all_positions": sums["kl_all"] / n_all,
+    }
