@@ -83,3 +83,17 @@ def test_hostile_prompt_is_text(app) -> None:
 def test_scan_page_links_why_here() -> None:
     src = (PAGE.parent / "scan.py").read_text(encoding="utf-8")
     assert 'url("attribution"' in src
+
+
+def test_clicking_a_token_explains_that_position(app) -> None:
+    at = app(sae=L1, prompt="Once upon a time there was", graph="0").run()
+    assert not at.exception and not _errors(at)
+    data, _ = at.session_state["attr_result"]
+    last = data["target"]["position"]
+    pills = [w for w in at.get("button_group")]
+    assert pills, "no token pills"
+    pills[0].set_value(2).run()
+    assert not at.exception and not _errors(at), _errors(at)
+    data2, _ = at.session_state["attr_result"]
+    assert data2["target"]["position"] == 2 != last
+    assert data2["target"]["kind"] == "logprob" and "the next token" in data2["target"]["label"]  # the prompt's own

@@ -39,6 +39,8 @@ st.caption(
     "error kept as a node; checked below by ablating the top features. See docs/attribution.md."
 )
 
+if "attr_pos_next" in st.session_state:
+    st.session_state["attr_pos"] = st.session_state.pop("attr_pos_next")
 others = [s for s in q.sae_ids(store) if s != sae_id]
 want_extra = [s for s in qp_str("saes").split(",") if s in others]
 with st.form("attr_form"):
@@ -126,6 +128,21 @@ if not result:
     st.stop()
 data, graph = result
 t = data["target"]
+
+# click an output token: the prediction made at that position is explained next (same prompt, mode and SAEs)
+toks = data["prompt_tokens"]
+picked = st.pills(
+    "Explain another output: click the token whose next-token prediction you want explained",
+    options=list(range(len(toks))),
+    format_func=lambda i: md(f"{i}: {toks[i]!r}"),
+    default=t["position"],
+    key=f"attr_pick_{len(toks)}_{t['position']}",
+)
+if picked is not None and int(picked) != int(t["position"]):
+    set_param("position", int(picked))
+    st.session_state["attr_pos_next"] = int(picked)  # applied before the form is drawn on the rerun
+    st.session_state.pop("attr_result", None)
+    st.rerun()
 st.subheader("Target")
 st.markdown(f"**{md(t['label'])}** = {t['value']:.4f} · mode **{data['mode']}**: {md(data['mode_note'])}")
 st.caption(
