@@ -6,6 +6,9 @@ Usage (from the repo root):
     python -m bench.bench_attribution graph --db DB --sae SAE1 --sae SAE2 --sae SAE3 [--tokens 64]
     python -m bench.bench_attribution faithfulness --db DB --sae SAE [--prompts 20] [--top 20]
 
+Without ``--db``, each ``--sae`` is a sae-lens folder of an SAE of ``--model`` (default smollm2-135m): the
+demo's SAE folder works before its harvest has finished.
+
 - cost: one attribution (1 SAE, a ``--tokens``-token prompt, one target: the log-probability of the model's
   prediction at the last position) against one plain forward and backward pass of the model (the same target's
   gradient with respect to the token embeddings), alternated ``--repeats`` times, medians; both modes. Nothing
@@ -75,14 +78,28 @@ def emit(kind: str, **kw: Any) -> None:
     print(json.dumps({"bench": kind, "cpu": cpu(), "threads": torch.get_num_threads(), **kw}), flush=True)
 
 
-def _setup(db: str, saes: list[str]):
-    from featuredict.db.store import Store
+def _setup(db: str | None, saes: list[str], model: str = "smollm2-135m"):
+    """From a database (``--db`` with SAE ids), or straight from sae-lens folders (no ``--db``: ``--sae`` are
+    folders of SAEs of ``--model``; no feature words then)."""
     from featuredict.pipelines.attribution.run import load_slots, sae_rows
+    from featuredict.pipelines.attribution.splice import Slot, slots_in_order
+    from featuredict.pipelines.hooks import HookSite
+    from featuredict.pipelines.runtime import load_runtime
+    from featuredict.pipelines.saes import SaeSource, load_sae
 
-    store = Store(db, read_only=True)
-    rows = sae_rows(store, saes)
-    loaded, slots = load_slots(rows)
-    return store, rows, loaded, slots
+    if db:
+        from featuredict.db.store import Store
+
+        store = Store(db, read_only=True)
+        rows = sae_rows(store, saes)
+        loaded, slots = load_slots(rows)
+        return store, rows, loaded, slots
+    rt = load_runtime(model, SaeSource(kind="folder", path=saes[0]))
+    slots = [Slot(saes[0], rt.sae, rt.site)]
+    for f in saes[1:]:
+        sae = load_sae(SaeSource(kind="folder", path=f))
+        slots.append(Slot(f, sae, HookSite(rt.loaded, str(sae.cfg.metadata.hook_name))))
+    return None, [{"prepend_bos": rt.prepend_bos}], rt.loaded, slots_in_order(rt.loaded, slots)
 
 
 def _prompt(loaded: Any, n_tokens: int):
@@ -101,7 +118,7 @@ def _prompt(loaded: Any, n_tokens: int):
 def cost(args: argparse.Namespace) -> None:
     from featuredict.pipelines.attribution.attribute import attribute, linearised, make_target
 
-    _, _, loaded, slots = _setup(args.db, args.sae)
+    _, _, loaded, slots = _setup(args.db, args.sae, args.model)
     p = _prompt(loaded, args.tokens)
     with torch.no_grad():
         logits = loaded.forward(p.ids)
@@ -151,7 +168,7 @@ def graph(args: argparse.Namespace) -> None:
     from featuredict.pipelines.attribution.graph import GraphConfig
     from featuredict.pipelines.attribution.run import Request, run_loaded
 
-    store, rows, loaded, slots = _setup(args.db, args.sae)
+    store, rows, loaded, slots = _setup(args.db, args.sae, args.model)
     p = _prompt(loaded, args.tokens)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for mode in args.modes:
@@ -203,7 +220,7 @@ def faithfulness(args: argparse.Namespace) -> None:
     from featuredict.pipelines.attribution.attribute import attribute, linearised, make_target, prompt_from_text
     from featuredict.pipelines.attribution.checks import check
 
-    _, rows, loaded, slots = _setup(args.db, args.sae)
+    _, rows, loaded, slots = _setup(args.db, args.sae, args.model)
     out: dict[str, list[float]] = {"full": [], "direct": [], "direct_vs_real": []}
     t0 = time.perf_counter()
     for text in PROMPTS[: args.prompts]:
@@ -237,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     for name, fn in (("cost", cost), ("graph", graph), ("faithfulness", faithfulness)):
         s = sub.add_parser(name)
-        s.add_argument("--db", required=True)
-        s.add_argument("--sae", action="append", required=True)
+        s.add_argument("--db", default=None, help="a featuredict database (else --sae are sae-lens folders)")
+        s.add_argument("--sae", action="append", required=True, help="SAE id in --db, or an SAE folder")
+        s.add_argument("--model", default="smollm2-135m", help="without --db: the model (default smollm2-135m)")
         s.add_argument("--tokens", type=int, default=64)
         s.add_argument("--repeats", type=int, default=5)
         s.add_argument("--prompts", type=int, default=20)
