@@ -47,6 +47,7 @@ PAGES: dict[str, tuple[str, str]] = {
     "lists": ("Lists", ":material/list:"),
     "review": ("Review queue", ":material/fact_check:"),
     "scan": ("Scan", ":material/policy:"),
+    "attribution": ("Attribution", ":material/account_tree:"),
     "steer": ("Steer", ":material/tune:"),
 }
 OPTIONAL_PAGES = frozenset({"steer"})

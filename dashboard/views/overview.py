@@ -71,6 +71,22 @@ st.dataframe(
     },
 )
 
+evals = q.sae_evals(store)
+if not evals.empty:  # written after each build (pipelines/attribution/quality.py; docs/attribution.md)
+    st.caption("Quality with the SAE spliced into the model, on the corpus contexts counted (method 'splice'):")
+    st.dataframe(
+        evals[["sae_id", "method", "n_tokens", "delta_lm_loss", "loss_recovered", "kl", "fve", "l0"]],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "delta_lm_loss": st.column_config.NumberColumn("ΔLM loss (nats)", format="%.4f"),
+            "loss_recovered": st.column_config.NumberColumn("loss recovered", format="percent"),
+            "kl": st.column_config.NumberColumn("KL (nats)", format="%.4f"),
+            "fve": st.column_config.NumberColumn("FVE", format="percent"),
+            "l0": st.column_config.NumberColumn("L0", format="%.1f"),
+        },
+    )
+
 for _, s in saes.iterrows():
     sae_id = str(s["sae_id"])
     st.subheader(f"{sae_id}" + ("  (selected)" if sae_id == current and len(saes) > 1 else ""))
