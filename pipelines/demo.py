@@ -343,23 +343,15 @@ def steer_candidates(
 ) -> list[SteerPick]:
     """(topic, feature) candidates for a steering demo, found by meaning, best first.
 
-    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page
-    uses it, run on the topic's example and counter-example texts through ``runtime``) ranks features; of its
+    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``rank_concept``, as every caller runs
+    it, on the topic's example and counter-example texts through ``runtime``) ranks features; of its
     top ``candidates``, the topic's candidate is the one whose top stored contexts most often contain a topic
     keyword (ties: higher concept score). Topics are then ordered the same way (ties: earlier topic). Empty when
     no feature fires more on any topic's examples than on its counter-examples.
     """
-    from featuredict.db import queries as q
-
-    from .prompt import dense_valid_acts
-
-    d_sae = int(runtime.d_sae)
-    base = q.feature_baselines(store, sae_id, d_sae)
     picks: list[tuple[tuple[int, float, int], SteerPick]] = []
     for order, topic in enumerate(topics):
-        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
-        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
-        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
+        ranked = scorer(runtime, store, sae_id, list(topic.examples), list(topic.counter), top=candidates)
         pattern = keyword_pattern(topic.keywords)
         best: tuple[tuple[int, float, int], SteerPick] | None = None
         for row in ranked.itertuples():
@@ -438,10 +430,10 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
 
 
 def _concept_scorer() -> ConceptScorer:
-    """The project's concept-search scorer: the same ``concept_scores`` the dashboard's search page calls."""
-    from .concept import concept_scores
+    """The project's concept search: the same ``rank_concept`` the dashboard's search page calls."""
+    from .concept import rank_concept
 
-    return concept_scores
+    return rank_concept
 
 
 def steering_hint(

@@ -390,24 +390,23 @@ def test_queue_watchlist_and_concept_orders(store):
         q.QueueRequest(SAE_ID, "random")  # type: ignore[arg-type]
 
 
-def test_concept_priority_runs_the_builtin_texts(tiny_runtime):
-    import numpy as np
-
-    from featuredict.pipelines.concept import concept_scores
-    from featuredict.pipelines.prompt import dense_valid_acts
+def test_concept_priority_runs_the_builtin_texts(tiny_runtime, tiny_db):
+    from featuredict.db.store import Store
+    from featuredict.pipelines.concept import rank_concept
     from featuredict.pipelines.review import SAFETY_CONCEPTS, concept_names, concept_priority
 
     assert concept_names() == ["deception", "scams", "weapons", "self-harm", "sycophancy", "power-seeking"]
-    d = tiny_runtime.d_sae
-    density, mean_act, max_act = np.full(d, 1e-3), np.ones(d), np.ones(d)
-    got = concept_priority(tiny_runtime, "scams", density, mean_act, max_act)
-    fresh = concept_scores(
-        [dense_valid_acts(tiny_runtime, t) for t in SAFETY_CONCEPTS["scams"]], None, density, mean_act, max_act, 1000
-    )
+    sae = "tiny/model.layers.1/64"
+    store = Store(str(tiny_db), read_only=True)
+    try:
+        got = concept_priority(tiny_runtime, store, sae, "scams")
+        fresh = rank_concept(tiny_runtime, store, sae, SAFETY_CONCEPTS["scams"], None, top=1000)
+        with pytest.raises(ValueError, match="unknown concept"):
+            concept_priority(tiny_runtime, store, sae, "nope")
+    finally:
+        store.close()
     assert len(got) > 0 and got["feature"].tolist() == fresh["feature"].tolist()
-    assert np.allclose(got["score"], fresh["score"])
-    with pytest.raises(ValueError, match="unknown concept"):
-        concept_priority(tiny_runtime, "nope", density, mean_act, max_act)
+    assert got["score"].tolist() == pytest.approx(fresh["score"].tolist())
 
 
 def test_review_page_batch_status_and_list(monkeypatch, synth_db):

@@ -21,7 +21,7 @@ from featuredict.dashboard.common import (
     sync_widget,
     url,
 )
-from featuredict.dashboard.data import cached_baselines, clear_label_caches
+from featuredict.dashboard.data import clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import REVIEW_STATUSES
@@ -74,13 +74,12 @@ elif priority == "concept":
     set_param("concept", concept, key="rq_concept")
 
     @st.cache_data(max_entries=32, show_spinner=False)
-    def _concept_scores(_row: dict, _base: dict, key: tuple, name: str) -> pd.DataFrame:
-        return concept_priority(get_runtime(_row), name, _base["density"], _base["mean_act"], _base["max_act"])
+    def _concept_scores(_row: dict, _store: object, key: tuple, name: str) -> pd.DataFrame:
+        return concept_priority(get_runtime(_row), _store, key[0], name)
 
     try:
         with st.spinner(f"Running the '{concept}' example texts through the model and SAE…"):
-            base = cached_baselines(store, sae_id, d_sae)
-            scores = _concept_scores(dict(ctx.sae), base, (sae_id, ctx.db_key), concept)
+            scores = _concept_scores(dict(ctx.sae), store, (sae_id, ctx.db_key), concept)
     except Exception as e:  # noqa: BLE001
         show_error(f"Could not run the concept search with SAE `{sae_id}`", e)
         st.stop()
