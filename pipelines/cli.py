@@ -1,6 +1,6 @@
 """The ``featuredict`` command line: build, browse, explain, search, review and steer SAE feature dictionaries.
 
-Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan.
+Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan, words.
 
 Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
 prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
@@ -133,8 +133,25 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(r.summary())
+    if args.no_words:
+        from .words import words_command
+
+        print(f"no explanations or meaning index (--no-words); add them with: {words_command(r.db, r.sae_id)}")
+    else:
+        _add_words(r.db, r.sae_id)
     print(f"open it: featuredict serve --db {r.db}")
     return 0
+
+
+def _add_words(db: str, sae_id: str) -> None:
+    """After a build: explanations for every live feature and the meaning index (``pipelines.words``). The
+    dictionary is built either way, so a failure here is one line and the command that retries it."""
+    from .words import add_words, words_command
+
+    try:
+        add_words(db, sae_id, out=sys.stdout)
+    except ValueError as e:
+        print(f"no explanations or meaning index ({e}); add them later with: {words_command(db, sae_id)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--interval-samples", type=int, default=5, help="samples per activation band (default 5)")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
     b.add_argument(
+        "--no-words",
+        action="store_true",
+        help="skip the offline explanations and the meaning index that build writes at the end (featuredict words)",
+    )
+    b.add_argument(
         "--outlier-norm-ratio",
         type=float,
         default=10.0,
@@ -233,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .scan_cli import register as register_scan
     from .search_cli import register as register_search
     from .steer_cli import register as register_steer
+    from .words import register as register_words
 
     register_demo(sub)
     register_serve(sub)
@@ -241,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_search(sub)
     register_interop(sub)
     register_scan(sub)
+    register_words(sub)
     return p
 
 

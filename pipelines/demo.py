@@ -501,6 +501,17 @@ def _cli_name() -> str:
     return shlex.quote(argv0) if Path(argv0).name == "featuredict" else "featuredict"
 
 
+def _demo_words(db: Path, sae_id: str) -> str:
+    """Explanations for every live feature and the meaning index (``pipelines.words``), so search by meaning works
+    on the demo's dictionary straight away; returns the line to print (how to retry when it failed)."""
+    from .words import add_words, words_command
+
+    try:
+        return add_words(db, sae_id).summary()
+    except Exception as e:  # noqa: BLE001 - the database is built; a failed step must not fail the demo
+        return f"no explanations or meaning index ({type(e).__name__}: {e}); add them with: {words_command(db, sae_id)}"
+
+
 def run_demo(cfg: DemoConfig) -> int:
     from .build import BuildConfig, build
     from .corpus import CorpusSpec
@@ -563,6 +574,8 @@ def run_demo(cfg: DemoConfig) -> int:
         )
     )
     print(res.summary())
+    print("[+] words: explaining every live feature offline and building the meaning index")
+    print(_demo_words(db, res.sae_id))
     hint = None
     if cfg.steer_hint:
         try:
