@@ -79,3 +79,42 @@ def concept_priority(
         raise ValueError(f"unknown concept {concept!r}; built-in ones: {', '.join(SAFETY_CONCEPTS)}")
     ranked = rank_concept(runtime, store, sae_id, texts, None, top=top)
     return ranked[["feature", "score"]].reset_index(drop=True)
+
+
+def describe_rows(
+    store: Any,
+    sae_id: str,
+    rows: pd.DataFrame,
+    priority: str,
+    concept: str | None = None,
+    watchlist: str | None = None,
+) -> pd.DataFrame:
+    """Review-queue rows (``db.queries.review_queue``) with what a reviewer reads at a glance: ``explanation``
+    (the best one, ``db.queries.best_explanations``; ``[stale] ``-prefixed when made for other SAE weights),
+    ``top_tokens`` (the tokens at the max positions of its top contexts) and ``why`` (why the row is in the
+    queue: which concept and its score, the watchlist, or the max activation / density it is ordered by).
+    All text is untrusted (corpus, LLM): escape before HTML."""
+    from featuredict.db import queries as q
+
+    from .meaning import attach_explanations
+
+    out = rows.copy()
+    ids = [int(f) for f in out["feature"]]
+    info = q.features_by_ids(store, sae_id, ids)
+    tops = dict(zip(info["feature"].astype(int), info["top_tokens"], strict=True))
+    out["top_tokens"] = [tops.get(f) or "" for f in ids]
+    withex = attach_explanations(store, sae_id, out[["feature"]])
+    out["explanation"] = [
+        ("" if t is None else ("[stale] " if s else "") + str(t))
+        for t, s in zip(withex["explanation"], withex["stale"], strict=True)
+    ]
+    prio = out["priority"].astype(float) if "priority" in out else pd.Series([float("nan")] * len(out))
+    if priority == "concept":
+        out["why"] = [f"concept '{concept}': score {p:.2f}" for p in prio]
+    elif priority == "watchlist":
+        out["why"] = [f"on watchlist '{watchlist}'" for _ in ids]
+    elif priority == "density":
+        out["why"] = [f"density {p:.2e}" for p in prio]
+    else:
+        out["why"] = [f"max activation {p:.3g}" for p in prio]
+    return out

@@ -25,7 +25,7 @@ from featuredict.dashboard.data import clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import REVIEW_STATUSES
-from featuredict.pipelines.review import concept_names, concept_priority
+from featuredict.pipelines.review import concept_names, concept_priority, describe_rows
 
 ctx = page_context()
 store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae
@@ -109,7 +109,11 @@ if rows.empty:
     st.info("Nothing to review with these settings.")
     st.stop()
 
-table = rows.copy()
+table = describe_rows(
+    store, sae_id, rows, priority, concept if priority == "concept" else None, watchlist
+)  # explanation, top tokens, why
+order = ["feature", "status", "explanation", "top_tokens", "why", "label", "reviewer", "reason", "density"]
+table = table[[*order, *(c for c in table.columns if c not in order)]]
 table.insert(0, "open", [url("feature", sae=sae_id, feature=int(f)) for f in table["feature"]])
 for col in ("label", "reviewer", "reason"):
     table[col] = table[col].astype(object).where(table[col].notna(), "")
@@ -126,6 +130,9 @@ event = st.dataframe(
         "density": st.column_config.NumberColumn(format="%.2e"),
         "max_act": st.column_config.NumberColumn(format="%.3f"),
         "priority": st.column_config.NumberColumn(format="%.3g"),
+        "explanation": st.column_config.TextColumn("explanation", width="large"),
+        "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
+        "why": st.column_config.TextColumn("why in the queue", width="medium"),
     },
     height=min(36 + 35 * len(table), 740),
 )
