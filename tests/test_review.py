@@ -444,3 +444,36 @@ def test_review_page_deep_link_and_filters(monkeypatch, synth_db):
     at2 = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="concept")
     assert_clean(at2)  # the synthetic SAE has no loadable model: one line, no traceback
     assert any("Could not run the concept search" in e.value for e in at2.error)
+
+
+HOSTILE_PHRASE = f"dogs {fx.HOSTILE_SCRIPT} and {fx.HOSTILE_IMG} · fires on: dog"
+
+
+def test_review_rows_show_explanation_tokens_and_why_as_text(monkeypatch, synth_db):
+    """A keyphrase explanation with script / img-onerror text: the queue row shows it as plain text in the grid
+    (never as HTML), with the top tokens and why the row is queued."""
+    from featuredict.db.interop import insert_explanations
+    from featuredict.pipelines.review import describe_rows
+
+    s = Store(synth_db)
+    try:
+        row = {"sae_id": SAE_ID, "feature": fx.HOSTILE_FEATURE, "text": HOSTILE_PHRASE, "method": "phrases"}
+        assert insert_explanations(s, [{**row, "explainer_model": None, "source": "test"}]) == (1, 0)
+        rows, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "watchlist", watchlist=f"list {fx.HOSTILE_SCRIPT}"))
+        got = describe_rows(s, SAE_ID, rows, "watchlist", watchlist=f"list {fx.HOSTILE_SCRIPT}")
+        scores = pd.DataFrame({"feature": [fx.HOSTILE_FEATURE], "score": [0.42]})
+        crow, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "concept", scores=scores))
+        by_concept = describe_rows(s, SAE_ID, crow, "concept", concept="deception")
+    finally:
+        s.close()
+    assert got["explanation"].tolist() == [HOSTILE_PHRASE]
+    assert fx.HOSTILE_SCRIPT in got["top_tokens"].iloc[0]  # corpus tokens, raw: the grid shows text
+    assert got["why"].iloc[0] == f"on watchlist 'list {fx.HOSTILE_SCRIPT}'"
+    assert by_concept["why"].tolist() == ["concept 'deception': score 0.42"]
+
+    at = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="watchlist", list=f"list {fx.HOSTILE_SCRIPT}")
+    assert_clean(at)
+    shown = at.dataframe[0].value
+    assert shown["explanation"].tolist() == [HOSTILE_PHRASE] and "why" in shown and "top_tokens" in shown
+    page = htmls(at) + texts(at)
+    assert fx.HOSTILE_SCRIPT not in page and fx.HOSTILE_IMG not in page
