@@ -400,3 +400,24 @@ def test_page_meaning_mode_without_embeddings(monkeypatch, synth_db: Path):
     assert_clean(at)
     assert any("featuredict embed --db" in i.value for i in at.info)
     assert any(b.label.startswith("Embed the 300 features") for b in at.button)
+
+
+def test_page_defaults_to_meaning_and_escapes_a_hostile_keyphrase(monkeypatch, synth_db: Path, embedder):
+    """With a meaning index the search page opens in meaning mode (no mode in the URL); a keyphrase explanation
+    holding script / img-onerror text is shown as text in the grid and escaped in the matched-text HTML."""
+    from tests.test_dashboard_app import assert_clean, frame, htmls, open_app
+
+    phrase = f"barking dogs {fx.HOSTILE_SCRIPT} {fx.HOSTILE_IMG} · fires on: dog"
+    store = Store(synth_db)
+    try:
+        row = {"sae_id": fx.SAE_ID, "feature": 5, "text": phrase, "method": "phrases", "explainer_model": None}
+        assert insert_explanations(store, [{**row, "source": "test"}]) == (1, 0)
+        meaning.embed_features(store, fx.SAE_ID, progress=False, embedder=embedder)
+    finally:
+        store.close()
+    at = open_app(monkeypatch, synth_db, "search", sae=fx.SAE_ID, query="barking dogs")
+    assert_clean(at)
+    res = frame(at, "meaning_results")
+    assert int(res["feature"].iloc[0]) == 5 and res["explanation"].iloc[0] == phrase
+    body = htmls(at)
+    assert "<script" not in body and "<img" not in body and html.escape(fx.HOSTILE_SCRIPT) in body

@@ -45,12 +45,14 @@ store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae
 
 st.title("Search")
 MODES = {"text": "Text / id", "meaning": "By meaning", "prompt": "By prompt", "concept": "By concept"}
-mode_qp = qp_str("mode", "text")
-sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
+# By meaning when the dictionary has a meaning index (build and demo make one), else by text.
+DEFAULT_MODE = "meaning" if not emb.embedding_models(store, sae_id).empty else "text"
+mode_qp = qp_str("mode", DEFAULT_MODE)
+sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else DEFAULT_MODE)
 mode = st.radio(
     "Search", list(MODES), format_func=MODES.get, horizontal=True, key="search_mode", label_visibility="collapsed"
 )
-set_param("mode", None if mode == "text" else mode, key="search_mode")
+set_param("mode", None if mode == DEFAULT_MODE else mode, key="search_mode")
 
 
 def link_column() -> st.column_config.LinkColumn:
