@@ -55,4 +55,6 @@ def test_words_bad_input_is_one_line_and_exit_2(tiny_db: Path, tmp_path: Path, c
     assert main(["words", "--db", str(tmp_path / "nope.duckdb")]) == 2
     assert main(["words", "--db", str(db), "--sae", "other"]) == 2
     assert "no SAE 'other'" in capsys.readouterr().err
-    assert words_command(tmp_path / "a b.duckdb", SAE) == f"featuredict words --db '{tmp_path / 'a b.duckdb'}' --sae {SAE}"
+    assert (
+        words_command(tmp_path / "a b.duckdb", SAE) == f"featuredict words --db '{tmp_path / 'a b.duckdb'}' --sae {SAE}"
+    )
