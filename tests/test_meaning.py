@@ -345,12 +345,15 @@ def test_search_cli_table_and_errors(explained_db: Path, tiny_db: Path, tmp_path
     rc, out, _ = run_cli(capsys, "search", "--db", str(explained_db), "--mode", "text", "evil")
     assert rc == 0 and "\x1b" not in out and "\\x1b[31mred" in out  # terminal escapes shown, not obeyed
     bare = shutil.copyfile(tiny_db, tmp_path / "bare.duckdb")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
     for argv, msg in (
         (["--mode", "meaning", "lying"], "featuredict embed --db"),
         (["--mode", "concept"], "give at least one example"),
         (["--mode", "meaning"], "give the meaning query"),
         (["--sae", "nope", "x"], "no SAE 'nope'"),
         (["--mode", "concept", "--examples-file", str(tmp_path / "none.txt")], "no file"),
+        (["--mode", "concept", "--examples-file", str(empty)], "give at least one example"),
     ):
         rc, out, err = run_cli(capsys, "search", "--db", str(bare), *argv)
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)

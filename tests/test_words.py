@@ -58,3 +58,33 @@ def test_words_bad_input_is_one_line_and_exit_2(tiny_db: Path, tmp_path: Path, c
     assert (
         words_command(tmp_path / "a b.duckdb", SAE) == f"featuredict words --db '{tmp_path / 'a b.duckdb'}' --sae {SAE}"
     )
+
+
+def test_build_ends_with_words_unless_skipped(tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path, tmp_path):
+    """`featuredict build` explains and embeds by default; `--no-words` skips it and prints the one command."""
+    import subprocess
+    import sys
+
+    def build(db: Path, *extra: str) -> str:
+        args = ["build", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--corpus", str(tiny_corpus)]
+        args += ["--db", str(db), "--name", SAE, "--max-tokens", "2000", "--no-umap", "--device", "cpu", *extra]
+        code = "import sys; from featuredict.pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = build(tmp_path / "with.duckdb")
+    assert "search by meaning is ready" in out
+    store = Store(tmp_path / "with.duckdb", read_only=True)
+    try:
+        assert emb.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0] > 0
+        assert store.rows("SELECT count(*) FROM explanations WHERE sae_id = ?", [SAE])[0][0] > 0
+    finally:
+        store.close()
+    out = build(tmp_path / "without.duckdb", "--no-words")
+    assert words_command(tmp_path / "without.duckdb", SAE) in out
+    store = Store(tmp_path / "without.duckdb", read_only=True)
+    try:
+        assert store.rows("SELECT count(*) FROM explanations")[0][0] == 0
+    finally:
+        store.close()
