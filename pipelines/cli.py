@@ -1,6 +1,7 @@
 """The ``featuredict`` command line: build, browse, explain, search, review and steer SAE feature dictionaries.
 
-Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan, attribute.
+Commands: train-sae, build, demo, serve, steer, sweep, explain, embed, search, neuronpedia, watch, scan, attribute,
+words.
 
 Every expected failure (bad path, bad option, model/SAE/corpus that cannot be loaded, unusable database)
 prints one ``error:`` line and exits with status 2; no traceback. ``--debug`` shows the traceback.
@@ -142,8 +143,25 @@ def cmd_build(args: argparse.Namespace) -> int:
                 f"quality: ΔLM loss {ev.delta_lm_loss:+.4f} nats, loss recovered {ev.loss_recovered or 0:.1%}, "
                 f"KL {ev.kl:.4f}, FVE {ev.fve:.3f}, L0 {ev.l0:.1f} ({ev.tokens:,} tokens)"
             )
+    if args.no_words:
+        from .words import words_command
+
+        print(f"no explanations or meaning index (--no-words); add them with: {words_command(r.db, r.sae_id)}")
+    else:
+        _add_words(r.db, r.sae_id)
     print(f"open it: featuredict serve --db {r.db}")
     return 0
+
+
+def _add_words(db: str, sae_id: str) -> None:
+    """After a build: explanations for every live feature and the meaning index (``pipelines.words``). The
+    dictionary is built either way, so a failure here is one line and the command that retries it."""
+    from .words import add_words, words_command
+
+    try:
+        add_words(db, sae_id, out=sys.stdout)
+    except ValueError as e:
+        print(f"no explanations or meaning index ({e}); add them later with: {words_command(db, sae_id)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         "measured on through the splice and stored (table sae_evals); 0 skips it (default 32)",
     )
     b.add_argument(
+        "--no-words",
+        action="store_true",
+        help="skip the offline explanations and the meaning index that build writes at the end (featuredict words)",
+    )
+    b.add_argument(
         "--outlier-norm-ratio",
         type=float,
         default=10.0,
@@ -250,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .scan_cli import register as register_scan
     from .search_cli import register as register_search
     from .steer_cli import register as register_steer
+    from .words import register as register_words
 
     register_demo(sub)
     register_serve(sub)
@@ -259,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_interop(sub)
     register_scan(sub)
     register_attribute(sub)
+    register_words(sub)
     return p
 
 

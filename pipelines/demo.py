@@ -344,23 +344,15 @@ def steer_candidates(
 ) -> list[SteerPick]:
     """(topic, feature) candidates for a steering demo, found by meaning, best first.
 
-    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``concept_scores``, as the search page
-    uses it, run on the topic's example and counter-example texts through ``runtime``) ranks features; of its
+    For each topic, concept search (``scorer``: ``pipelines/concept.py``'s ``rank_concept``, as every caller runs
+    it, on the topic's example and counter-example texts through ``runtime``) ranks features; of its
     top ``candidates``, the topic's candidate is the one whose top stored contexts most often contain a topic
     keyword (ties: higher concept score). Topics are then ordered the same way (ties: earlier topic). Empty when
     no feature fires more on any topic's examples than on its counter-examples.
     """
-    from featuredict.db import queries as q
-
-    from .prompt import dense_valid_acts
-
-    d_sae = int(runtime.d_sae)
-    base = q.feature_baselines(store, sae_id, d_sae)
     picks: list[tuple[tuple[int, float, int], SteerPick]] = []
     for order, topic in enumerate(topics):
-        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
-        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
-        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
+        ranked = scorer(runtime, store, sae_id, list(topic.examples), list(topic.counter), top=candidates)
         pattern = keyword_pattern(topic.keywords)
         best: tuple[tuple[int, float, int], SteerPick] | None = None
         for row in ranked.itertuples():
@@ -439,10 +431,10 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
 
 
 def _concept_scorer() -> ConceptScorer:
-    """The project's concept-search scorer: the same ``concept_scores`` the dashboard's search page calls."""
-    from .concept import concept_scores
+    """The project's concept search: the same ``rank_concept`` the dashboard's search page calls."""
+    from .concept import rank_concept
 
-    return concept_scores
+    return rank_concept
 
 
 def steering_hint(
@@ -510,6 +502,17 @@ def _cli_name() -> str:
     return shlex.quote(argv0) if Path(argv0).name == "featuredict" else "featuredict"
 
 
+def _demo_words(db: Path, sae_id: str) -> str:
+    """Explanations for every live feature and the meaning index (``pipelines.words``), so search by meaning works
+    on the demo's dictionary straight away; returns the line to print (how to retry when it failed)."""
+    from .words import add_words, words_command
+
+    try:
+        return add_words(db, sae_id).summary()
+    except Exception as e:  # noqa: BLE001 - the database is built; a failed step must not fail the demo
+        return f"no explanations or meaning index ({type(e).__name__}: {e}); add them with: {words_command(db, sae_id)}"
+
+
 def run_demo(cfg: DemoConfig) -> int:
     from .corpus import CorpusSpec
 
@@ -544,6 +547,9 @@ def run_demo(cfg: DemoConfig) -> int:
     ]
     for r in others:
         print(r.summary())
+    for r in [res, *others]:
+        print(f"[+] words for {r.sae_id}: explaining every live feature offline and building the meaning index")
+        print(_demo_words(db, r.sae_id))
     hint = None
     if cfg.steer_hint:
         try:

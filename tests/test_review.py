@@ -390,24 +390,23 @@ def test_queue_watchlist_and_concept_orders(store):
         q.QueueRequest(SAE_ID, "random")  # type: ignore[arg-type]
 
 
-def test_concept_priority_runs_the_builtin_texts(tiny_runtime):
-    import numpy as np
-
-    from featuredict.pipelines.concept import concept_scores
-    from featuredict.pipelines.prompt import dense_valid_acts
+def test_concept_priority_runs_the_builtin_texts(tiny_runtime, tiny_db):
+    from featuredict.db.store import Store
+    from featuredict.pipelines.concept import rank_concept
     from featuredict.pipelines.review import SAFETY_CONCEPTS, concept_names, concept_priority
 
     assert concept_names() == ["deception", "scams", "weapons", "self-harm", "sycophancy", "power-seeking"]
-    d = tiny_runtime.d_sae
-    density, mean_act, max_act = np.full(d, 1e-3), np.ones(d), np.ones(d)
-    got = concept_priority(tiny_runtime, "scams", density, mean_act, max_act)
-    fresh = concept_scores(
-        [dense_valid_acts(tiny_runtime, t) for t in SAFETY_CONCEPTS["scams"]], None, density, mean_act, max_act, 1000
-    )
+    sae = "tiny/model.layers.1/64"
+    store = Store(str(tiny_db), read_only=True)
+    try:
+        got = concept_priority(tiny_runtime, store, sae, "scams")
+        fresh = rank_concept(tiny_runtime, store, sae, SAFETY_CONCEPTS["scams"], None, top=1000)
+        with pytest.raises(ValueError, match="unknown concept"):
+            concept_priority(tiny_runtime, store, sae, "nope")
+    finally:
+        store.close()
     assert len(got) > 0 and got["feature"].tolist() == fresh["feature"].tolist()
-    assert np.allclose(got["score"], fresh["score"])
-    with pytest.raises(ValueError, match="unknown concept"):
-        concept_priority(tiny_runtime, "nope", density, mean_act, max_act)
+    assert got["score"].tolist() == pytest.approx(fresh["score"].tolist())
 
 
 def test_review_page_batch_status_and_list(monkeypatch, synth_db):
@@ -445,3 +444,36 @@ def test_review_page_deep_link_and_filters(monkeypatch, synth_db):
     at2 = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="concept")
     assert_clean(at2)  # the synthetic SAE has no loadable model: one line, no traceback
     assert any("Could not run the concept search" in e.value for e in at2.error)
+
+
+HOSTILE_PHRASE = f"dogs {fx.HOSTILE_SCRIPT} and {fx.HOSTILE_IMG} · fires on: dog"
+
+
+def test_review_rows_show_explanation_tokens_and_why_as_text(monkeypatch, synth_db):
+    """A keyphrase explanation with script / img-onerror text: the queue row shows it as plain text in the grid
+    (never as HTML), with the top tokens and why the row is queued."""
+    from featuredict.db.interop import insert_explanations
+    from featuredict.pipelines.review import describe_rows
+
+    s = Store(synth_db)
+    try:
+        row = {"sae_id": SAE_ID, "feature": fx.HOSTILE_FEATURE, "text": HOSTILE_PHRASE, "method": "phrases"}
+        assert insert_explanations(s, [{**row, "explainer_model": None, "source": "test"}]) == (1, 0)
+        rows, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "watchlist", watchlist=f"list {fx.HOSTILE_SCRIPT}"))
+        got = describe_rows(s, SAE_ID, rows, "watchlist", watchlist=f"list {fx.HOSTILE_SCRIPT}")
+        scores = pd.DataFrame({"feature": [fx.HOSTILE_FEATURE], "score": [0.42]})
+        crow, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "concept", scores=scores))
+        by_concept = describe_rows(s, SAE_ID, crow, "concept", concept="deception")
+    finally:
+        s.close()
+    assert got["explanation"].tolist() == [HOSTILE_PHRASE]
+    assert fx.HOSTILE_SCRIPT in got["top_tokens"].iloc[0]  # corpus tokens, raw: the grid shows text
+    assert got["why"].iloc[0] == f"on watchlist 'list {fx.HOSTILE_SCRIPT}'"
+    assert by_concept["why"].tolist() == ["concept 'deception': score 0.42"]
+
+    at = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="watchlist", list=f"list {fx.HOSTILE_SCRIPT}")
+    assert_clean(at)
+    shown = at.dataframe[0].value
+    assert shown["explanation"].tolist() == [HOSTILE_PHRASE] and "why" in shown and "top_tokens" in shown
+    page = htmls(at) + texts(at)
+    assert fx.HOSTILE_SCRIPT not in page and fx.HOSTILE_IMG not in page
