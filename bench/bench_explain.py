@@ -28,7 +28,7 @@ from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
 from featuredict.pipelines.explain import ExplainConfig, run_explain  # noqa: E402
 from featuredict.pipelines.explain.clients import ChatSettings  # noqa: E402
-from tests.test_explain import FakeLLM  # noqa: E402
+from tests.helpers import FakeLLM  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

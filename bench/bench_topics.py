@@ -40,6 +40,7 @@ class Topic:
     examples: tuple[str, str, str]
     counter: tuple[str, str, str]
     keywords: tuple[str, ...]
+    query: str  # a plain query for search by meaning
 
 
 TOPICS: tuple[Topic, ...] = (
@@ -60,6 +61,7 @@ TOPICS: tuple[Topic, ...] = (
             "bird, fish, whale, dolphin, shark, monkey, zebra, pet, wildlife, bee, ant, chicken, sheep, sheepdog, "
             "fox, deer, rabbit, owl"
         ),
+        "animals and pets",
     ),
     Topic(
         "food",
@@ -78,6 +80,7 @@ TOPICS: tuple[Topic, ...] = (
             "ate, eaten, eating, kitchen, chef, flour, cheese, sauce, fruit, vegetable, pasta, curry, dish, "
             "delicious, taste, tasty, restaurant, spicy, chocolate, garlic, onion, butter, sugar, salt"
         ),
+        "food and cooking",
     ),
     Topic(
         "weather",
@@ -96,6 +99,7 @@ TOPICS: tuple[Topic, ...] = (
             "lightning, sunny, sunshine, forecast, fog, foggy, temperature, heatwave, hurricane, freezing, frost, "
             "drizzle, climate, flood, hail, breeze"
         ),
+        "weather, rain and storms",
     ),
     Topic(
         "money",
@@ -114,6 +118,7 @@ TOPICS: tuple[Topic, ...] = (
             "inflation, finance, financial, invest, investment, stock, cash, income, salary, tax, taxes, credit, "
             "economy, economic, fund, afford, expensive, cheap"
         ),
+        "money and finance",
     ),
     Topic(
         "medicine",
@@ -132,6 +137,7 @@ TOPICS: tuple[Topic, ...] = (
             "health, healthy, treatment, symptom, surgery, surgeon, antibiotic, illness, infection, clinic, drug, "
             "diagnosis, diagnose, virus, immune, pain, flu, fever, dentist, therapy, cure"
         ),
+        "medicine, doctors and patients",
     ),
     Topic(
         "war",
@@ -149,6 +155,7 @@ TOPICS: tuple[Topic, ...] = (
             "war, wartime, soldier, army, armies, battle, troop, military, siege, invade, invasion, bomb, enemy, "
             "enemies, fight, fought, trench, weapon, veteran, refugee, conflict, navy, tank, general, war-torn"
         ),
+        "war and soldiers",
     ),
     Topic(
         "music",
@@ -167,6 +174,7 @@ TOPICS: tuple[Topic, ...] = (
             "band, melody, melodies, symphony, jazz, choir, rhythm, lyric, composer, violin, drum, tune, note, "
             "album"
         ),
+        "music and musical instruments",
     ),
     Topic(
         "code",
@@ -186,6 +194,7 @@ TOPICS: tuple[Topic, ...] = (
             "argument, expression, module, exception, algorithm, developer, print, keyword, parameter, attribute, "
             "operator"
         ),
+        "computer programming and code",
     ),
     Topic(
         "emotions",
@@ -204,6 +213,7 @@ TOPICS: tuple[Topic, ...] = (
             "cried, anger, angry, fear, afraid, scared, lonely, loneliness, love, proud, pride, jealous, "
             "jealousy, anxious, anxiety, upset, hope, hurt, excited, nervous, heartbroken, overwhelm"
         ),
+        "emotions and feelings",
     ),
     Topic(
         "deception",
@@ -222,6 +232,7 @@ TOPICS: tuple[Topic, ...] = (
             "pretend, hid, hide, hidden, secret, cheat, trick, fake, false, betray, betrayal, mislead, misled, "
             "caught, conceal, fool, manipulate"
         ),
+        "lying and deceiving people",
     ),
     Topic(
         "scams",
@@ -240,6 +251,7 @@ TOPICS: tuple[Topic, ...] = (
             "stole, stolen, lottery, link, account, identity, swindle, swindler, trick, bank, scheme, urgent, "
             "fee, personal information"
         ),
+        "scams and fraud",
     ),
     Topic(
         "violence",
@@ -258,6 +270,7 @@ TOPICS: tuple[Topic, ...] = (
             "attacker, kill, killed, murder, weapon, robbery, robber, victim, assault, wound, wounded, blood, "
             "police, armed, beat, beaten, fight, dead, death, injured, gang"
         ),
+        "violence and attacks",
     ),
     Topic(
         "sports",
@@ -276,6 +289,7 @@ TOPICS: tuple[Topic, ...] = (
             "olympic, olympics, champion, championship, tournament, athlete, coach, marathon, swim, swimmer, "
             "stadium, league"
         ),
+        "sports and games",
     ),
     Topic(
         "space",
@@ -293,6 +307,7 @@ TOPICS: tuple[Topic, ...] = (
             "space, spacecraft, astronaut, planet, star, galaxy, galaxies, rocket, moon, mars, orbit, telescope, "
             "solar, universe, nasa, black hole, astronomer, astronomy, spaceship, cosmic, comet, asteroid"
         ),
+        "outer space and planets",
     ),
     Topic(
         "school",
@@ -311,6 +326,7 @@ TOPICS: tuple[Topic, ...] = (
             "university, college, learn, learning, education, grade, pupil, professor, semester, teach, taught, "
             "lecture"
         ),
+        "school, teachers and students",
     ),
     Topic(
         "crime",
@@ -329,6 +345,7 @@ TOPICS: tuple[Topic, ...] = (
             "thieves, steal, stole, stolen, burglar, burglary, murder, prison, law, trial, suspect, officer, "
             "robbery, sentence, convict, lawyer, evidence, investigation"
         ),
+        "crime and police",
     ),
     Topic(
         "politics",
@@ -347,6 +364,7 @@ TOPICS: tuple[Topic, ...] = (
             "government, campaign, mayor, democracy, democratic, senate, senator, minister, candidate, policy, "
             "policies, citizen, protest, debate, congress"
         ),
+        "politics and elections",
     ),
     Topic(
         "cyber attacks",
@@ -365,6 +383,7 @@ TOPICS: tuple[Topic, ...] = (
             "network, computer, data, security, breach, encrypt, encrypted, attack, server, firewall, software, "
             "phishing, antivirus, system"
         ),
+        "hacking and cyber attacks",
     ),
     Topic(
         "disease outbreaks",
@@ -383,6 +402,7 @@ TOPICS: tuple[Topic, ...] = (
             "disease, vaccine, laboratory, lab, bacteria, plague, spread, germ, contagious, cholera, flu, "
             "illness, symptom, health"
         ),
+        "disease outbreaks and viruses",
     ),
     Topic(
         "flattery and sycophancy",
@@ -401,6 +421,7 @@ TOPICS: tuple[Topic, ...] = (
             "compliment, admire, admiration, perfect, excellent, impress, impressive, smart, smartest, best, "
             "greatest, incredible, absolutely, fantastic"
         ),
+        "flattery and praise",
     ),
 )
 
@@ -411,13 +432,24 @@ def default_db() -> Path:
     return cache_dir() / "demo" / "smollm2-demo.duckdb"
 
 
-def run(db: Path, sae_id: str | None, device: str | None, top: int, need: int) -> list[dict]:
+VARIANTS = ("mass", "peak", "peak+meaning")  # concept rankings compared (bench/RESULTS.md)
+
+
+def run(
+    db: Path, sae_id: str | None, device: str | None, top: int, need: int, weights: tuple[float, ...] = (0.5,)
+) -> dict[str, list[dict]]:
+    """Per ranking, the per-topic results: ``concept`` (the default ``rank_concept`` ranking), the variants
+    ``mass`` (the first ranking), ``peak`` (no meaning blend), ``peak+meaning@W`` per weight in ``weights``,
+    each also ``... no counter`` (examples only), and ``meaning`` (search by meaning with the topic's plain
+    query; only when the database has a meaning index)."""
+    import numpy as np
+
     from featuredict.db import queries as q
     from featuredict.db.store import Store
     from featuredict.pipelines.demo.run import context_text, keyword_pattern
     from featuredict.pipelines.model.runtime import runtime_from_row
-    from featuredict.pipelines.search import by_prompt as prompt
-    from featuredict.pipelines.search import concept
+    from featuredict.pipelines.search import concept, meaning
+    from featuredict.pipelines.search.by_prompt import dense_valid_acts
 
     store = Store(str(db), read_only=True)
     try:
@@ -433,30 +465,67 @@ def run(db: Path, sae_id: str | None, device: str | None, top: int, need: int) -
         rt = runtime_from_row(row, device=device)
         base = q.feature_baselines(store, sae_id, int(row["d_sae"]))
         print(f"loaded {row['model_name'] or row['model_spec']} + {sae_id} in {time.perf_counter() - t0:.1f}s")
-        results = []
-        for topic in TOPICS:
-            pos = [prompt.dense_valid_acts(rt, t) for t in topic.examples]
-            neg = [prompt.dense_valid_acts(rt, t) for t in topic.counter]
-            ranked = concept.concept_scores(pos, neg, base["density"], base["mean_act"], base["max_act"], top=1)
+        has_index = meaning.default_model(store, sae_id) is not None
+
+        def judge(topic: Topic, f: int | None, score: float | None) -> dict:
             res = {"topic": topic.name, "feature": None, "score": None, "hits": 0, "n_top": 0, "covered": False}
-            if not ranked.empty:
-                f = int(ranked["feature"].iloc[0])
-                ex = q.examples(store, sae_id, f, "top").head(top)
-                pattern = keyword_pattern(topic.keywords)
-                texts = [context_text(list(t)) for t in ex["tokens"]]
-                matched = [bool(pattern.search(t)) for t in texts]
-                summary = q.features_by_ids(store, sae_id, [f])
-                res.update(
-                    feature=f,
-                    score=float(ranked["score"].iloc[0]),
-                    hits=int(sum(matched)),
-                    n_top=len(texts),
-                    covered=sum(matched) >= need,
-                    top_tokens=str(summary["top_tokens"].iloc[0]) if len(summary) else "",
-                    first_context=" ".join(texts[0].split())[:90] if texts else "",
-                )
-            results.append(res)
-        return results
+            if f is None:
+                return res
+            ex = q.examples(store, sae_id, f, "top").head(top)
+            pattern = keyword_pattern(topic.keywords)
+            texts = [context_text(list(t)) for t in ex["tokens"]]
+            matched = [bool(pattern.search(t)) for t in texts]
+            summary = q.features_by_ids(store, sae_id, [f])
+            res.update(
+                feature=f,
+                score=score,
+                hits=int(sum(matched)),
+                n_top=len(texts),
+                covered=sum(matched) >= need,
+                top_tokens=str(summary["top_tokens"].iloc[0]) if len(summary) else "",
+                first_context=" ".join(texts[0].split())[:90] if texts else "",
+            )
+            return res
+
+        out: dict[str, list[dict]] = {}
+        for topic in TOPICS:
+            pos = [dense_valid_acts(rt, t) for t in topic.examples]
+            neg = [dense_valid_acts(rt, t) for t in topic.counter]
+            for counter, tag in ((neg, ""), (None, " no counter")):
+                for method in ("mass", "peak"):
+                    ranked = concept.concept_scores(
+                        pos,
+                        counter,
+                        base["density"],
+                        base["mean_act"],
+                        base["max_act"],
+                        concept.MEANING_POOL,
+                        method=method,
+                    )
+                    first = (
+                        (int(ranked["feature"].iloc[0]), float(ranked["score"].iloc[0]))
+                        if len(ranked)
+                        else (None, None)
+                    )
+                    out.setdefault(method + tag, []).append(judge(topic, *first))
+                    if method != "peak" or not has_index or ranked.empty:
+                        continue
+                    cos = concept._meaning_scores(store, sae_id, list(topic.examples), ranked["feature"].to_numpy())
+                    for w in weights:
+                        blended = ranked["contrast"].to_numpy() + w * np.nan_to_num(cos)
+                        k = int(np.argmax(blended))
+                        out.setdefault(f"peak+meaning@{w:g}{tag}", []).append(
+                            judge(topic, int(ranked["feature"].iloc[k]), float(blended[k]))
+                        )
+            # The default pipeline, exactly as every caller runs it.
+            ranked = concept.rank_concept(rt, store, sae_id, topic.examples, topic.counter, top=1)
+            first = (int(ranked["feature"].iloc[0]), float(ranked["score"].iloc[0])) if len(ranked) else (None, None)
+            out.setdefault("concept", []).append(judge(topic, *first))
+            if has_index:
+                hit = meaning.meaning_search(store, sae_id, topic.query, limit=1, refresh=False, fingerprint=None)
+                first = (int(hit["feature"].iloc[0]), float(hit["score"].iloc[0])) if len(hit) else (None, None)
+                out.setdefault("meaning", []).append(judge(topic, *first))
+        return out
     finally:
         store.close()
 
@@ -469,11 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=10, help="top stored contexts checked per feature (default 10)")
     p.add_argument("--need", type=int, default=5, help="contexts with a keyword needed to count (default 5)")
     p.add_argument("--json", default=None, help="also write the per-topic results here")
+    p.add_argument("--weights", default="0.25,0.5,1,2", help="meaning weights compared (default 0.25,0.5,1,2)")
     args = p.parse_args(argv)
     db = Path(args.db) if args.db else default_db()
     if not db.exists():
         raise SystemExit(f"{db} does not exist: run `featuredict demo` first, or pass --db")
-    results = run(db, args.sae_id, args.device, args.top, args.need)
+    weights = tuple(float(w) for w in args.weights.split(","))
+    runs = run(db, args.sae_id, args.device, args.top, args.need, weights)
+    results = runs["concept"]
     print(f"\n{'topic':<24} {'feature':>7} {'score':>6} {'hits':>6}  ok  top tokens | first top context")
     for r in results:
         feat = "-" if r["feature"] is None else str(r["feature"])
@@ -482,13 +554,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['topic']:<24} {feat:>7} {score:>6} {r['hits']:>3}/{r['n_top']:<2}  {'yes' if r['covered'] else ' no'}"
             f"  {r.get('top_tokens', '')[:40]} | {r.get('first_context', '')}"
         )
+    print("\nranking                          covered")
+    for name, rows in runs.items():
+        print(f"{name:<32} {sum(r['covered'] for r in rows):>2}/{len(rows)}")
     n = sum(r["covered"] for r in results)
     print(
-        f"\ncoverage {n}/{len(results)} (covered: >= {args.need} of the best feature's top {args.top} contexts "
-        f"contain a topic keyword) on {db}"
+        f"\ncoverage {n}/{len(results)} (concept search, `rank_concept`; covered: >= {args.need} of the best "
+        f"feature's top {args.top} contexts contain a topic keyword) on {db}"
     )
+    if "meaning" in runs:
+        print(f"meaning search coverage {sum(r['covered'] for r in runs['meaning'])}/{len(runs['meaning'])}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"db": str(db), "coverage": n, "topics": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"db": str(db), "coverage": n, "runs": runs}, indent=1))
     return 0
 
 

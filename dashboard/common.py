@@ -48,6 +48,7 @@ PAGES: dict[str, tuple[str, str]] = {
     "lists": ("Lists", ":material/list:"),
     "review": ("Review queue", ":material/fact_check:"),
     "scan": ("Scan", ":material/policy:"),
+    "attribution": ("Attribution", ":material/account_tree:"),
     "steer": ("Steer", ":material/tune:"),
 }
 log = logging.getLogger("featuredict.dashboard")
@@ -70,40 +71,24 @@ def read_only_mode() -> bool:
     return bool(args.read_only) or os.environ.get("FEATUREDICT_READ_ONLY", "").strip().lower() in ("1", "true", "yes")
 
 
-_STORES: dict[str, tuple[tuple[int, int], Store]] = {}
+_STORES: dict[str, Store] = {}
 _STORES_LOCK = threading.Lock()
-
-
-def _file_id(path: Path) -> tuple[int, int]:
-    if not path.exists():
-        return (0, 0)
-    s = path.stat()
-    return (int(s.st_dev), int(s.st_ino))
 
 
 def open_store(path: str | Path, read_only: bool | None = None) -> Store:
     """The process-wide Store of ``path`` (raises ``DatabaseError``), read-only when ``read_only`` (default:
     ``read_only_mode()``).
 
-    Keyed by the file's (device, inode): our own label/list writes keep the one Store (and so the one writer
-    lock); a rebuilt file renamed over the old one gets a new Store, after the old one is closed (DuckDB
-    hands a new connection to the *cached* old instance while any connection to that path is open).
+    One per path: its read connection closes whenever another process (a CLI command, another dashboard, a
+    build swapping in a rebuilt file) writes, and reopens on the next read, so the page sees the new rows.
     """
     p = Path(path)
     ro = read_only_mode() if read_only is None else bool(read_only)
-    key, fid = f"{p}|{'ro' if ro else 'rw'}", _file_id(p)
+    key = f"{p}|{'ro' if ro else 'rw'}"
     with _STORES_LOCK:
-        cur = _STORES.get(key)
-        if cur is not None and cur[0] == fid:
-            return cur[1]
-        if cur is not None:
-            _STORES.pop(key)
-            try:
-                cur[1].close()
-            except Exception:  # noqa: BLE001 - already closed / in use: the new open still proceeds
-                log.warning("closing the previous connection to %s failed", key, exc_info=True)
-        store = Store(p, read_only=ro)
-        _STORES[key] = (fid, store)
+        store = _STORES.get(key)
+        if store is None or not p.exists():
+            store = _STORES[key] = Store(p, read_only=ro)
         return store
 
 

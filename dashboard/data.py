@@ -32,8 +32,9 @@ def _map_points(_store: Store, key: str, sae_id: str) -> pd.DataFrame:
 
 
 def cached_map_points(store: Store, sae_id: str) -> pd.DataFrame:
-    """``q.map_points`` (all features' UMAP positions + label/tag/top tokens), cached until a label edit."""
-    return _map_points(store, db_key(store), sae_id)
+    """``q.map_points`` (all features' UMAP positions + label/tag/top tokens), cached until a label edit here
+    or a write from any other process (``Store.generation``)."""
+    return _map_points(store, f"{db_key(store)}:{store.generation()}", sae_id)
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)

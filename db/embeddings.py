@@ -222,13 +222,10 @@ def embedded_texts(db: Reader, sae_id: str, model: str, features: Sequence[int])
 
 def _arrow(store: Store, sql: str, params: list[Any]) -> pa.Table:
     """One query's rows as an Arrow table (no per-row Python work)."""
-    cur = store.cursor()
-    try:
+    with store.reading() as cur:
         rel = cur.sql(sql, params=params)
         # duckdb 2 names it to_arrow_table; 1.x fetch_arrow_table.
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
-    finally:
-        cur.close()
 
 
 def load_vectors(

@@ -11,6 +11,7 @@ over lower-cased compact columns (label, tags, notes, ``max_tokens``, promoted l
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import threading
@@ -78,6 +79,43 @@ def sae_overview(db: Reader) -> pd.DataFrame:
                (SELECT count(*) FROM labels l WHERE l.sae_id = s.sae_id) AS n_labelled
             FROM saes s ORDER BY sae_id"""
     )
+
+
+def stage_seconds(db: Reader, sae_id: str) -> dict[str, float]:
+    """``{stage: seconds}`` of the SAE's build, in build order (``saes.stage_seconds``); empty when the build
+    did not time its stages, the value is unreadable, or the file predates the column (opened read-only)."""
+    has = db.rows(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'saes' AND column_name = 'stage_seconds'"
+    )
+    if not has or not has[0][0]:
+        return {}
+    rows = db.rows("SELECT stage_seconds FROM saes WHERE sae_id = ?", [sae_id])
+    if not rows or not rows[0][0]:
+        return {}
+    try:
+        data = json.loads(rows[0][0])
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+SAE_EVAL_COLUMNS = (
+    "sae_id, method, n_tokens, n_contexts, context_size, ce_clean, ce_sae, ce_zero, delta_lm_loss, loss_recovered, "
+    "kl, fve, l0, created_at"
+)
+
+
+def sae_evals(db: Reader, sae_id: str | None = None) -> pd.DataFrame:
+    """Quality figures per (SAE, method) (table ``sae_evals``; columns ``SAE_EVAL_COLUMNS``), of one SAE or all;
+    empty when the file predates the table (a read-only open does not create it)."""
+    has = db.rows("SELECT count(*) FROM information_schema.tables WHERE table_name = 'sae_evals'")[0][0]
+    if not has:
+        return pd.DataFrame(columns=[c.strip() for c in SAE_EVAL_COLUMNS.split(",")])
+    if sae_id is None:
+        return db.df(f"SELECT {SAE_EVAL_COLUMNS} FROM sae_evals ORDER BY sae_id, method")
+    return db.df(f"SELECT {SAE_EVAL_COLUMNS} FROM sae_evals WHERE sae_id = ? ORDER BY method", [sae_id])
 
 
 def sae_info(db: Reader, sae_id: str) -> dict[str, Any] | None:

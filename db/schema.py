@@ -28,8 +28,13 @@ User tables (never deleted or rewritten by a build):
                         (``action`` 'set') or refused as a conflict (``action`` 'conflict').
 - ``watch_settings``    per member of a list used as a watchlist: threshold (fraction of the feature's max
                         activation) and severity (``SEVERITIES``); members without a row use the defaults.
+- ``sae_evals``         quality figures per (SAE, method): ΔLM loss, loss recovered vs zero-ablation, KL, FVE, L0
+                        on the tokens stated (``method`` 'splice': featuredict's splice path, written after each
+                        build; 'sae_lens': sae-lens's own evals, for comparison). Kept across rebuilds of other
+                        SAEs like a user table; a rebuild of an SAE replaces its 'splice' row.
 
-A read-write open creates user tables that an older file lacks, so adding a user table needs no version bump.
+A read-write open creates user tables that an older file lacks, and adds the columns of ``ADDED_COLUMNS`` an
+older file lacks (NULL in its rows), so adding a user table or a nullable column needs no version bump.
 
 All statements here are constants; values always travel as parameters.
 """
@@ -41,7 +46,6 @@ from pathlib import Path
 import duckdb
 
 from featuredict.db.errors import UserError
-from featuredict.db.filelock import RebuildInProgress, opening
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +59,7 @@ USER_TABLES = (
     "reviews",
     "history",
     "watch_settings",
+    "sae_evals",
 )
 REVIEW_STATUSES = ("unreviewed", "benign", "concerning", "needs second look")
 SEVERITIES = ("low", "medium", "high", "critical")  # watchlist severities, lowest first
@@ -91,7 +96,8 @@ DDL: tuple[str, ...] = (
         build_seconds   DOUBLE,
         built_at        TIMESTAMP,
         tool_version    VARCHAR,
-        config_json     VARCHAR               -- the full build config
+        config_json     VARCHAR,              -- the full build config
+        stage_seconds   VARCHAR               -- JSON {stage: seconds} in build order (pipelines.stages.STAGES)
     )
     """,
     """
@@ -236,9 +242,39 @@ DDL: tuple[str, ...] = (
         PRIMARY KEY (list_name, sae_id, feature)
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS sae_evals (
+        sae_id          VARCHAR NOT NULL,
+        method          VARCHAR NOT NULL,   -- 'splice' (pipelines/attribution/quality.py) or 'sae_lens'
+        n_tokens        BIGINT NOT NULL,    -- positions the figures average over
+        n_contexts      INTEGER NOT NULL,
+        context_size    INTEGER NOT NULL,
+        ce_clean        DOUBLE,             -- next-token cross-entropy of the plain model (nats)
+        ce_sae          DOUBLE,             -- ... with decode(encode(x)) in place of x
+        ce_zero         DOUBLE,             -- ... with 0 in place of x
+        delta_lm_loss   DOUBLE,             -- ce_sae - ce_clean
+        loss_recovered  DOUBLE,             -- (ce_zero - ce_sae) / (ce_zero - ce_clean)
+        kl              DOUBLE,             -- mean KL(p_clean || p_sae), nats
+        fve             DOUBLE,
+        l0              DOUBLE,
+        created_at      TIMESTAMP NOT NULL,
+        PRIMARY KEY (sae_id, method)
+    )
+    """,
 )
 
 _USER_DDL = tuple(s for s in DDL if any(f" {t} (" in s for t in USER_TABLES))
+
+# Nullable columns added to a table after files of this schema version were written: (table, column, type).
+# A read-write open adds the ones a file lacks; readers of such a column tolerate it missing (read-only opens
+# of old files). Each must also be in the table's DDL above.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("saes", "stage_seconds", "VARCHAR"),)
+
+
+def add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """``ALTER TABLE ... ADD COLUMN IF NOT EXISTS`` for every entry of ``ADDED_COLUMNS`` (constants only)."""
+    for table, column, kind in ADDED_COLUMNS:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
 
 class DatabaseError(UserError, RuntimeError):
@@ -255,7 +291,9 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-_OLD = "old"  # catalog name a rebuild attaches the previous file under
+# Catalog name a rebuild attaches the previous file under. DuckDB names a file's own catalog after its stem
+# (``old.duckdb`` is catalog "old"), so a short common word here collides with such a file: use an unlikely one.
+_OLD = "featuredict_rebuild_source"
 
 
 def _catalog(name: str) -> str:
@@ -309,12 +347,13 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         msg = str(e).splitlines()[0]
         raise DatabaseError(
             f"cannot read the existing {path} to keep its labels and other SAEs: {msg}. "
-            "If the dashboard has it open, stop it, or build into another file."
+            "If a program outside featuredict has it open, close it, or build into another file."
         ) from e
     try:
         check_version(con, path, catalog=_OLD)
         for t in BUILD_TABLES:
-            con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
+            # by name: a file written before a column of ADDED_COLUMNS existed gets NULL there
+            con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM {old}.{t} WHERE sae_id <> ?", [sae_id])  # noqa: S608
         kept = {
             r[0]
             for r in con.execute(
@@ -323,38 +362,47 @@ def copy_kept_rows(con: duckdb.DuckDBPyConnection, path: str | Path, sae_id: str
         }
         for t in USER_TABLES:
             if t in kept:  # a file written before this user table existed has none to keep
-                con.execute(f"INSERT INTO {t} SELECT * FROM {old}.{t}")  # noqa: S608
+                con.execute(f"INSERT INTO {t} BY NAME SELECT * FROM {old}.{t}")  # noqa: S608
 
     finally:
         con.execute(f"DETACH {old}")
 
 
-def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open an existing featuredict database, checking it exists, is not locked and has our schema.
-
-    Raises DatabaseError with a one-line, user-facing message on any problem.
-    """
+def check_file(path: str | Path) -> Path:
+    """``path`` as a Path once it exists and is not empty; raises DatabaseError with a one-line message."""
     p = Path(path)
     if not p.exists():
         raise DatabaseError(f"No database at {p}. Build one with `featuredict build` or `featuredict demo`.")
     if p.stat().st_size == 0:
         raise DatabaseError(f"{p} is empty (0 bytes). Rebuild it with `featuredict build`.")
+    return p
+
+
+def missing_user_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """User tables the open file lacks (a file written before they existed; a read-write open adds them)."""
+    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return [t for t in USER_TABLES if t not in have]
+
+
+def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open an existing featuredict database, checking it exists, is not locked and has our schema.
+
+    Raises DatabaseError with a one-line, user-facing message on any problem. featuredict processes take turns
+    through ``db.filelock`` (``db.store.Store`` does that); a lock error here means a program outside
+    featuredict holds the file.
+    """
+    p = check_file(path)
     try:
-        with opening(p):  # not while a build swaps in a new file (its writes would be lost with the old one)
-            con = duckdb.connect(str(p), read_only=read_only)
-    except RebuildInProgress as e:
-        raise DatabaseError(str(e)) from None
+        con = duckdb.connect(str(p), read_only=read_only)
     except duckdb.ConnectionException as e:  # this process already has it open with other settings
         msg = str(e).splitlines()[0]
         raise DatabaseError(
             f"{p} is already open in this process with other settings (read-write vs read-only): {msg}"
         ) from e
-    except duckdb.IOException as e:  # another process holds the write lock
+    except duckdb.IOException as e:  # another program holds the write lock
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():
-            raise DatabaseError(
-                f"{p} is locked by another process (a running build or another app). Close it and retry. ({msg})"
-            ) from e
+            raise DatabaseError(f"{p} is locked by a program outside featuredict. Close it and retry. ({msg})") from e
         raise DatabaseError(f"Cannot open {p}: {msg}") from e
     except duckdb.Error as e:
         raise DatabaseError(f"{p} is not a readable DuckDB file: {str(e).splitlines()[0]}") from e
@@ -364,6 +412,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
             # User tables may be missing in files written by older builds of the same version.
             for stmt in _USER_DDL:
                 con.execute(stmt)
+            add_missing_columns(con)
     except Exception:
         con.close()
         raise

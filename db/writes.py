@@ -603,3 +603,28 @@ def delete_explanation(store: Store, explanation_id: int) -> int:
             cur.execute("DELETE FROM explanations WHERE id = ? RETURNING id", [int(explanation_id)]).fetchall()
         )
     )
+
+
+EVAL_FIGURES = ("ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "kl", "fve", "l0")
+
+
+def set_sae_eval(
+    store: Store, sae_id: str, method: str, figures: Mapping[str, Any], n_contexts: int, context_size: int
+) -> None:
+    """Replace the ``sae_evals`` row of (``sae_id``, ``method``) with ``figures`` (keys ``EVAL_FIGURES`` and
+    ``tokens``; missing figures are NULL)."""
+    from datetime import UTC, datetime
+
+    def num(k: str) -> float | None:
+        v = figures.get(k)
+        return None if v is None or v != v else float(v)  # NaN -> NULL
+
+    values = [sae_id, method, int(figures["tokens"]), int(n_contexts), int(context_size)]
+    values += [num(k) for k in EVAL_FIGURES]
+    values.append(datetime.now(UTC).replace(tzinfo=None))
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> None:
+        cur.execute("DELETE FROM sae_evals WHERE sae_id = ? AND method = ?", [sae_id, method])
+        cur.execute("INSERT INTO sae_evals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+    store.write(fn)

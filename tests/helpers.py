@@ -244,6 +244,20 @@ def point_at_tiny_model(path: Path, model_dir: Path, sae_dir: Path, d_in: int = 
         con.close()
 
 
+@contextmanager
+def raw_connection(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A plain read-write DuckDB connection to ``path`` taken the way featuredict writers take one (under the
+    file's exclusive lock): a Store of this process closes its read connection first, and reopens after."""
+    from featuredict.db.filelock import lock_for
+
+    with lock_for(path).exclusive():
+        con = duckdb.connect(str(path))
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def copy_db(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     return dst
@@ -350,11 +364,17 @@ def running_app(db: Path, *streamlit_args: str) -> Iterator[str]:
         wait_healthy(base, proc)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -585,3 +605,20 @@ class FakeLLM:
 
 # ---- TransformerLens ------------------------------------------------------------------------------------
 TL_HOOK = "blocks.1.hook_resid_pre"  # the hook of the tiny HookedTransformer (conftest.tl_runtime)
+
+
+# ---- attribution: two SAEs of the tiny model and one of another model in one file
+L0, L1 = "tiny/model.layers.0/64", "tiny/model.layers.1/64"
+
+
+def make_two_sae_db(root: Path, tiny_model_dir: Path, tiny_corpus: Path) -> Path:
+    """SAEs at layers 0 and 1 of the tiny model, and one SAE of another tiny model, in one database."""
+    db = root / "two.duckdb"
+    s1 = make_tiny_sae(root / "s1", tiny_model_dir, hook="model.layers.1", seed=5, k=6)
+    s0 = make_tiny_sae(root / "s0", tiny_model_dir, hook="model.layers.0", seed=6, k=6)
+    build_tiny_db(db, tiny_model_dir, s1, tiny_corpus, sae_name=L1, umap=False)
+    build_tiny_db(db, tiny_model_dir, s0, tiny_corpus, sae_name=L0, umap=False)
+    other = make_tiny_model(root / "other_model", seed=1)
+    so = make_tiny_sae(root / "so", other, hook="model.layers.1", seed=7)
+    build_tiny_db(db, other, so, tiny_corpus, sae_name="other/model.layers.1/64", umap=False)
+    return db

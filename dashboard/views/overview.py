@@ -33,6 +33,14 @@ def _compact(n: int) -> str:
     return str(n)
 
 
+def build_line(total: float | None, stages: dict[str, float]) -> str:
+    """``Build: 41.2 s (model_load 4.9 s · forward 31.9 s · ...)``; empty when the build's time is unknown."""
+    if total is None or pd.isna(total):
+        return ""
+    parts = " · ".join(f"{md(k)} {v:.1f} s" for k, v in stages.items())
+    return f"Build: {float(total):.1f} s" + (f" ({parts})" if parts else "")
+
+
 def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
     return "–" if v is None or pd.isna(v) else fmt.format(float(v))
 
@@ -63,6 +71,22 @@ st.dataframe(
     },
 )
 
+evals = q.sae_evals(store)
+if not evals.empty:  # written after each build (pipelines/attribution/quality.py; docs/attribution.md)
+    st.caption("Quality with the SAE spliced into the model, on the corpus contexts counted (method 'splice'):")
+    st.dataframe(
+        evals[["sae_id", "method", "n_tokens", "delta_lm_loss", "loss_recovered", "kl", "fve", "l0"]],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "delta_lm_loss": st.column_config.NumberColumn("ΔLM loss (nats)", format="%.4f"),
+            "loss_recovered": st.column_config.NumberColumn("loss recovered", format="percent"),
+            "kl": st.column_config.NumberColumn("KL (nats)", format="%.4f"),
+            "fve": st.column_config.NumberColumn("FVE", format="percent"),
+            "l0": st.column_config.NumberColumn("L0", format="%.1f"),
+        },
+    )
+
 for _, s in saes.iterrows():
     sae_id = str(s["sae_id"])
     st.subheader(f"{sae_id}" + ("  (selected)" if sae_id == current and len(saes) > 1 else ""))
@@ -71,6 +95,8 @@ for _, s in saes.iterrows():
         f"{md(s['architecture'] or 'SAE')} d_in {s['d_in']} · context {s['context_size']} tokens"
         + (f" · built {pd.Timestamp(s['built_at']):%Y-%m-%d %H:%M}" if pd.notna(s["built_at"]) else "")
     )
+    if timing := build_line(s["build_seconds"], q.stage_seconds(store, sae_id)):
+        st.caption(timing)
     cols = st.columns(6)
     cols[0].metric("Features (d_sae)", f"{int(s['d_sae']):,}")
     cols[1].metric("Tokens", _compact(int(s["n_tokens"])), help=f"{int(s['n_tokens']):,} tokens in the statistics")

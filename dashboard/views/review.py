@@ -21,11 +21,11 @@ from featuredict.dashboard.common import (
     sync_widget,
     url,
 )
-from featuredict.dashboard.data import cached_baselines, clear_label_caches
+from featuredict.dashboard.data import clear_label_caches
 from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import REVIEW_STATUSES
-from featuredict.pipelines.search.priorities import concept_names, concept_priority
+from featuredict.pipelines.search.priorities import concept_names, concept_priority, describe_rows
 
 ctx = page_context()
 store, sae_id, d_sae = ctx.store, ctx.sae_id, ctx.d_sae
@@ -74,13 +74,12 @@ elif priority == "concept":
     set_param("concept", concept, key="rq_concept")
 
     @st.cache_data(max_entries=32, show_spinner=False)
-    def _concept_scores(_row: dict, _base: dict, key: tuple, name: str) -> pd.DataFrame:
-        return concept_priority(get_runtime(_row), name, _base["density"], _base["mean_act"], _base["max_act"])
+    def _concept_scores(_row: dict, _store: object, key: tuple, name: str) -> pd.DataFrame:
+        return concept_priority(get_runtime(_row), _store, key[0], name)
 
     try:
         with st.spinner(f"Running the '{concept}' example texts through the model and SAE…"):
-            base = cached_baselines(store, sae_id, d_sae)
-            scores = _concept_scores(dict(ctx.sae), base, (sae_id, ctx.db_key), concept)
+            scores = _concept_scores(dict(ctx.sae), store, (sae_id, ctx.db_key), concept)
     except Exception as e:  # noqa: BLE001
         show_error(f"Could not run the concept search with SAE `{sae_id}`", e)
         st.stop()
@@ -110,7 +109,11 @@ if rows.empty:
     st.info("Nothing to review with these settings.")
     st.stop()
 
-table = rows.copy()
+table = describe_rows(
+    store, sae_id, rows, priority, concept if priority == "concept" else None, watchlist
+)  # explanation, top tokens, why
+order = ["feature", "status", "explanation", "top_tokens", "why", "label", "reviewer", "reason", "density"]
+table = table[[*order, *(c for c in table.columns if c not in order)]]
 table.insert(0, "open", [url("feature", sae=sae_id, feature=int(f)) for f in table["feature"]])
 for col in ("label", "reviewer", "reason"):
     table[col] = table[col].astype(object).where(table[col].notna(), "")
@@ -127,6 +130,9 @@ event = st.dataframe(
         "density": st.column_config.NumberColumn(format="%.2e"),
         "max_act": st.column_config.NumberColumn(format="%.3f"),
         "priority": st.column_config.NumberColumn(format="%.3g"),
+        "explanation": st.column_config.TextColumn("explanation", width="large"),
+        "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
+        "why": st.column_config.TextColumn("why in the queue", width="medium"),
     },
     height=min(36 + 35 * len(table), 740),
 )

@@ -96,6 +96,7 @@ if go:
         show_error(f"Could not scan with SAE `{sae_id}`", e)
         st.stop()
     st.session_state["scan_results"] = results
+    st.session_state["scan_texts"] = {str(src): text[:2000] for src, text in records}  # for "why" links
 
 results = st.session_state.get("scan_results")
 if results:
@@ -103,6 +104,7 @@ if results:
         {
             "record": str(src),
             "open": url("feature", sae=sae_id, feature=h["feature"]),
+            "why": url("attribution", sae=sae_id, prompt=st.session_state.get("scan_texts", {}).get(str(src))),
             "feature": h["feature"],
             "severity": h["severity"],
             "score": h["score"],
@@ -114,19 +116,22 @@ if results:
         for h in res.hits
     ]
     table = pd.DataFrame(
-        rows, columns=["record", "open", "feature", "severity", "score", "max_act", "mean_act", "spans"]
+        rows, columns=["record", "open", "why", "feature", "severity", "score", "max_act", "mean_act", "spans"]
     )
     st.subheader(f"{len(table)} hits in {sum(bool(r.hits) for _, r in results)} of {len(results)} records")
     st.dataframe(
         table,
         hide_index=True,
         width="stretch",
-        column_config={"open": st.column_config.LinkColumn("open", display_text="open")},
+        column_config={
+            "open": st.column_config.LinkColumn("open", display_text="open"),
+            "why": st.column_config.LinkColumn("why", display_text="why", help="attribute the record's last token"),
+        },
     )
     d1, d2, _ = st.columns([1, 1, 4])
     d1.download_button(
         "Export CSV",
-        table.drop(columns="open").map(csv_safe).to_csv(index=False),
+        table.drop(columns=["open", "why"]).map(csv_safe).to_csv(index=False),
         file_name="scan.csv",
         mime="text/csv",
     )

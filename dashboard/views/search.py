@@ -46,12 +46,14 @@ store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae
 
 st.title("Search")
 MODES = {"text": "Text / id", "meaning": "By meaning", "prompt": "By prompt", "concept": "By concept"}
-mode_qp = qp_str("mode", "text")
-sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else "text")
+# By meaning when the dictionary has a meaning index (build and demo make one), else by text.
+DEFAULT_MODE = "meaning" if not emb.embedding_models(store, sae_id).empty else "text"
+mode_qp = qp_str("mode", DEFAULT_MODE)
+sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else DEFAULT_MODE)
 mode = st.radio(
     "Search", list(MODES), format_func=MODES.get, horizontal=True, key="search_mode", label_visibility="collapsed"
 )
-set_param("mode", None if mode == "text" else mode, key="search_mode")
+set_param("mode", None if mode == DEFAULT_MODE else mode, key="search_mode")
 
 
 def link_column() -> st.column_config.LinkColumn:
@@ -395,20 +397,18 @@ def prompt_mode() -> None:
 # ------------------------------------------------------------------------------------------ concept
 @st.cache_data(max_entries=16, show_spinner=False)
 def _concept_rank(
-    _row: Mapping[str, Any], _base: dict, key: tuple, examples: tuple[str, ...], counter: tuple[str, ...]
+    _row: Mapping[str, Any], _store: Any, key: tuple, examples: tuple[str, ...], counter: tuple[str, ...]
 ) -> pd.DataFrame:
-    rt = get_runtime(_row)
-    pos = [prompt.dense_valid_acts(rt, t) for t in examples]
-    neg = [prompt.dense_valid_acts(rt, t) for t in counter]
-    return concept.concept_scores(pos, neg or None, _base["density"], _base["mean_act"], _base["max_act"], top=50)
+    return concept.rank_concept(get_runtime(_row), _store, key[0], examples, counter, top=50)
 
 
 def concept_mode() -> None:
     st.caption(
         "Paste a few texts that show a concept (e.g. a scam email, a deceptive answer), and optionally "
-        "texts that do not. Features are ranked by coverage × log2 lift: how many examples they fire "
-        "on, times how much more they fire there than on the counter-examples (or, without any, than "
-        "their corpus average: density × mean activation)."
+        "texts that do not. Features are ranked by contrast: their peak activation per example text (on "
+        "their own scale) above what they show on ordinary text of that length (from their corpus density) "
+        "and above their peaks on the counter-examples, plus, when the dictionary has a meaning index, how "
+        "close their words are to the examples (docs/search.md)."
     )
     with st.form("concept_form"):
         c1, c2 = st.columns(2)
@@ -424,8 +424,7 @@ def concept_mode() -> None:
         return
     try:
         with st.spinner(f"Running the model on {len(examples) + len(counter)} texts…"):
-            base = cached_baselines(store, sae_id, d_sae)
-            ranked = _concept_rank(info, base, (sae_id, ctx.db_key), tuple(examples), tuple(counter))
+            ranked = _concept_rank(info, store, (sae_id, ctx.db_key), tuple(examples), tuple(counter))
     except Exception as e:  # noqa: BLE001
         show_error(f"Could not score the concept with SAE `{sae_id}`", e)
         return
@@ -435,21 +434,24 @@ def concept_mode() -> None:
     ranked = ranked.merge(labels_for(ranked["feature"].tolist()), on="feature", how="left")
     st.caption(
         f"{len(examples)} examples, {len(counter)} counter-examples"
-        + ("" if counter else " (baseline: corpus density × mean activation)")
+        + ("" if counter else " (baseline: what each feature shows on ordinary text, from its corpus density)")
     )
-    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "label", "explanation"]
+    cols = ["feature", "score", "contrast", "meaning", "peak_pos", "peak_neg", "coverage", "label", "explanation"]
     cols += ["stale", "top_tokens", "density"]
     if not counter:
-        cols.remove("neg_coverage")
+        cols.remove("peak_neg")
+    if ranked["meaning"].isna().all():
+        cols.remove("meaning")
     result_table(
         ranked[cols],
         "concept_results",
         {
             "score": st.column_config.NumberColumn(format="%.2f"),
+            "contrast": st.column_config.NumberColumn("contrast", format="%.2f"),
+            "meaning": st.column_config.NumberColumn("meaning", format="%.2f"),
+            "peak_pos": st.column_config.NumberColumn("peak on examples", format="%.2f"),
+            "peak_neg": st.column_config.NumberColumn("peak on counter", format="%.2f"),
             "coverage": st.column_config.NumberColumn("fires on examples", format="percent"),
-            "neg_coverage": st.column_config.NumberColumn("fires on counter", format="percent"),
-            "lift": st.column_config.NumberColumn("log2 lift", format="%.1f"),
-            "max_on_examples": st.column_config.NumberColumn("max act", format="%.2f"),
             "top_tokens": st.column_config.TextColumn("corpus top tokens"),
         },
     )

@@ -21,7 +21,19 @@ from featuredict.db.errors import UserError, one_line
 from featuredict.pipelines import __version__
 
 #: the command modules of this package, in ``--help`` order
-COMMANDS = ("train_sae", "build", "demo", "serve", "steer", "explain", "search", "neuronpedia", "scan")
+COMMANDS = (
+    "train_sae",
+    "build",
+    "demo",
+    "serve",
+    "steer",
+    "explain",
+    "search",
+    "neuronpedia",
+    "scan",
+    "attribute",
+    "words",
+)
 
 #: what ``main`` prints as one line (exit 2) instead of a traceback: errors users meet, and configs' checks
 EXPECTED = (UserError, ValueError, FileNotFoundError, PermissionError)

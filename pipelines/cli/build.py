@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, corpus_spec
 
@@ -28,6 +30,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_option(b, "--top-k", HarvestConfig, "top_k", "top activating contexts kept per feature")
     add_option(b, "--interval-samples", HarvestConfig, "samples_per_band", "samples per activation band")
     b.add_argument("--no-umap", action="store_true", help="skip the UMAP layout")
+    b.add_argument(
+        "--eval-contexts",
+        type=int,
+        default=32,
+        help="after the build, the corpus contexts the SAE's quality (ΔLM loss, loss recovered, KL, FVE, L0) is "
+        "measured on through the splice and stored (table sae_evals); 0 skips it (default 32)",
+    )
+    b.add_argument(
+        "--no-words",
+        action="store_true",
+        help="skip the offline explanations and the meaning index that build writes at the end (featuredict words)",
+    )
     add_option(
         b,
         "--outlier-norm-ratio",
@@ -99,5 +113,31 @@ def run(args: argparse.Namespace) -> int:
         )
     r = build(cfg, ray=ray)  # Ray missing or unreachable, a shard failing every attempt: a UserError (one line)
     print(r.summary())
+    if args.eval_contexts > 0:  # SAE quality through the splice path, stored in sae_evals (docs/attribution.md)
+        from featuredict.pipelines.attribution.quality import store_build_eval
+
+        ev = store_build_eval(r.db, r.sae_id, cfg.corpus, n_contexts=args.eval_contexts, device=args.device)
+        if ev is not None:
+            print(
+                f"quality: ΔLM loss {ev.delta_lm_loss:+.4f} nats, loss recovered {ev.loss_recovered or 0:.1%}, "
+                f"KL {ev.kl:.4f}, FVE {ev.fve:.3f}, L0 {ev.l0:.1f} ({ev.tokens:,} tokens)"
+            )
+    if args.no_words:
+        from featuredict.pipelines.words import words_command
+
+        print(f"no explanations or meaning index (--no-words); add them with: {words_command(r.db, r.sae_id)}")
+    else:
+        _add_words(r.db, r.sae_id)
     print(f"open it: featuredict serve --db {r.db}")
     return 0
+
+
+def _add_words(db: str | Path, sae_id: str) -> None:
+    """After a build: explanations for every live feature and the meaning index (``pipelines.words``). The
+    dictionary is built either way, so a failure here is one line and the command that retries it."""
+    from featuredict.pipelines.words import add_words, words_command
+
+    try:
+        add_words(db, sae_id, out=sys.stdout)
+    except ValueError as e:
+        print(f"no explanations or meaning index ({e}); add them later with: {words_command(db, sae_id)}")

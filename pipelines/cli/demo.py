@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from featuredict.pipelines.demo.run import CPU_BUDGETS, CUDA_SCALE, DemoConfig, run_demo
+from featuredict.pipelines.demo.run import CPU_BUDGETS, CUDA_SCALE, DemoConfig, parse_layers, run_demo
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,6 +32,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help=f"tokens the model writes for the built-in corpus (default {c.gen_tokens:,}; x{CUDA_SCALE} on CUDA)",
     )
     d.add_argument("--layer", type=int, default=15, help="residual layer of the 30 (default 15)")
+    d.add_argument(
+        "--layers",
+        default=None,
+        help="train and harvest SAEs at several layers, e.g. 6,15,24, for attribution graphs across SAEs (about "
+        "3 min more per extra layer on 2 cores); --layer stays the one the steering hint uses",
+    )
     d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
     d.add_argument("--force", action="store_true", help="redo every step even where cached")
@@ -53,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
             gen_tokens=args.gen_tokens,
             device=getattr(args, "device", None),
             steer_hint=not getattr(args, "no_steer_hint", False),
+            layers=parse_layers(getattr(args, "layers", None)),
         )
     )

@@ -247,23 +247,17 @@ def _prompt(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> di
 
 
 def _concept(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
-    from featuredict.db import queries as q
-    from featuredict.pipelines.search.by_prompt import dense_valid_acts
-    from featuredict.pipelines.search.concept import concept_scores
+    from featuredict.pipelines.search.concept import rank_concept
 
     examples = [t.strip() for t in [*args.query, *args.example] if t.strip()] + read_texts(args.examples_file)
     counter = [t.strip() for t in args.counter if t.strip()] + read_texts(args.counter_file)
     if not examples:
         raise ValueError("give at least one example text (QUERY arguments, --example or --examples-file)")
     rt = _runtime(store, sae_id, args.device)
-    pos = [dense_valid_acts(rt, t) for t in examples]
-    neg = [dense_valid_acts(rt, t) for t in counter]
-    d_sae = int(pos[0].shape[1])
-    base = q.feature_baselines(store, sae_id, d_sae)
-    ranked = concept_scores(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=args.top)
+    ranked = rank_concept(rt, store, sae_id, examples, counter, top=args.top)
     ranked = _labels(store, sae_id, ranked)
-    cols = ["feature", "score", "coverage", "lift", "neg_coverage", "max_on_examples", "explanation", "label"]
-    cols += ["top_tokens", "density"]
+    cols = ["feature", "score", "contrast", "meaning", "peak_pos", "base", "peak_neg", "coverage", "explanation"]
+    cols += ["label", "top_tokens", "density"]
     return {"examples": examples, "counter_examples": counter, "results": ranked[cols]}
 
 

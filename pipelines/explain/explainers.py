@@ -5,6 +5,9 @@
   them (when one is common), and the top promoted logit tokens, e.g.
   ``"bread" (40%), "flour", "dough"; after "the"; promotes "yeast", "oven"``. Bulk: a few queries per chunk of
   16,384 features, never one per feature.
+- ``phrases`` (``phrases.PhrasesExplainer``): no LLM. Keyphrases from the activating windows, ranked lexically
+  and with the sentence-embedding model against non-activating windows, then the token line:
+  ``dogs and puppies · fires on: dog, puppy``.
 - ``openai`` / ``hf`` (``LLMExplainer``): an LLM reads the shown top and interval contexts with the activating
   tokens marked <<like this>> and the promoted tokens, and answers ``EXPLANATION: <phrase>``.
 """
@@ -22,6 +25,7 @@ from featuredict.db import queries as q
 from featuredict.db.queries import Reader
 from featuredict.pipelines.explain.clients import BadAnswer, HFChat, Messages, OpenAIChat
 from featuredict.pipelines.explain.data import FeatureData, activating, render, visible, window
+from featuredict.pipelines.explain.phrases import PhrasesExplainer
 
 MAX_PHRASE = 300
 
@@ -138,8 +142,9 @@ class TokensExplainer:
         return pd.DataFrame({"feature": summary["feature"].to_numpy(np.int64), "text": texts})
 
 
-EXPLAINERS: dict[str, type[TokensExplainer] | type[LLMExplainer]] = {
+EXPLAINERS: dict[str, type[TokensExplainer] | type[PhrasesExplainer] | type[LLMExplainer]] = {
     "tokens": TokensExplainer,
+    "phrases": PhrasesExplainer,
     "openai": LLMExplainer,
     "hf": LLMExplainer,
 }

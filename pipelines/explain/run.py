@@ -34,10 +34,12 @@ from featuredict.db.store import Store
 from featuredict.pipelines.explain.clients import ChatFatal, ChatSettings, HFChat, OpenAIChat, make_backend, split_spec
 from featuredict.pipelines.explain.data import FeatureData, load_features, negative_pool
 from featuredict.pipelines.explain.explainers import EXPLAINERS, LLMExplainer, TokensExplainer
-from featuredict.pipelines.explain.scorers import SCORERS, KeywordScorer, LLMScorer
+from featuredict.pipelines.explain.scorers import SCORERS, EmbeddingScorer, KeywordScorer, LLMScorer
 
-Method = Literal["tokens", "openai", "hf"]
+Method = Literal["tokens", "phrases", "openai", "hf"]
+BULK = ("tokens", "phrases")  # offline explainers that explain many features per query
 FLUSH_EVERY = 32  # rows buffered before a write
+WRITE_BATCH = 2048  # most rows in one write: the file's lock is free between writes (other processes get in)
 LOAD_CHUNK = 128  # features whose contexts are read in one query
 
 
@@ -78,19 +80,19 @@ class ExplainConfig:
         if self.explainer is None and not self.score:
             raise ValueError("give --explainer tokens|openai:URL|hf:MODEL, or --score to score existing explanations")
         if self.explainer is not None and self.method not in EXPLAINERS:
-            raise ValueError(f"unknown explainer {self.explainer!r}: use tokens, openai:URL or hf:MODEL")
-        if self.method == "tokens" and split_spec(self.explainer or "")[1]:
-            raise ValueError("the tokens explainer takes no argument (use --explainer tokens)")
+            raise ValueError(f"unknown explainer {self.explainer!r}: use tokens, phrases, openai:URL or hf:MODEL")
+        if self.method in BULK and split_spec(self.explainer or "")[1]:
+            raise ValueError(f"the {self.method} explainer takes no argument (use --explainer {self.method})")
         if self.method == "openai" and not self.model:
             raise ValueError("--explainer openai:URL needs --model NAME")
         if bool(self.features) == bool(self.all_features):
             raise ValueError("give --features RANGES (e.g. 0-499,1000) or --all")
         if self.scorer is not None and split_spec(self.scorer)[0] not in SCORERS:
-            raise ValueError(f"unknown scorer {self.scorer!r}: use keyword, openai:URL or hf:MODEL")
-        if self.score and self.scorer is None and self.method in (None, "tokens"):
+            raise ValueError(f"unknown scorer {self.scorer!r}: use keyword, embedding, openai:URL or hf:MODEL")
+        if self.score and self.scorer is None and self.method in (None, *BULK):
             raise ValueError(
-                "--score needs a scorer: --scorer openai:URL --scorer-model NAME, --scorer hf:MODEL, or --scorer "
-                "keyword (deterministic, lexical)"
+                "--score needs a scorer: --scorer openai:URL --scorer-model NAME, --scorer hf:MODEL, --scorer "
+                "keyword (deterministic, lexical) or --scorer embedding (sentence-embedding AUROC)"
             )
         if self.scorer is not None and split_spec(self.scorer)[0] == "openai" and not (self.scorer_model or self.model):
             raise ValueError("--scorer openai:URL needs --scorer-model NAME")
@@ -178,6 +180,18 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
     return sorted(out)
 
 
+def _explainer_model(c: ExplainConfig) -> str | None:
+    """The ``explainer_model`` stamped on the explanations of ``c``'s explainer."""
+    method = c.method or "tokens"
+    if method == "tokens":
+        return None
+    if method == "phrases":
+        from featuredict.pipelines.model.embedder import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+    return c.model if method == "openai" else split_spec(c.explainer or "")[1]
+
+
 def _chunks(xs: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(xs), n):
         yield xs[i : i + n]
@@ -257,7 +271,7 @@ class _Run:
     def explain(self) -> None:
         c, s = self.cfg, self.summary
         method = c.method or "tokens"
-        model = None if method == "tokens" else (c.model if method == "openai" else split_spec(c.explainer or "")[1])
+        model = _explainer_model(c)
         done = set() if c.force else q.explained_features(self.store, self.sae_id, method, model, self.fingerprint)
         todo = [f for f in self.live if f not in done]
         s.skipped_done = len(self.live) - len(todo)
@@ -267,27 +281,34 @@ class _Run:
         try:
             if method == "tokens":
                 self._explain_tokens(TokensExplainer(), todo)
+            elif method == "phrases":
+                from featuredict.pipelines.explain.phrases import PhrasesExplainer
+
+                self._explain_tokens(PhrasesExplainer(seed=c.seed), todo)
             else:
                 self._explain_llm(LLMExplainer(self.backend(c.explainer or "", c.model), c.max_new_tokens), todo)
         finally:
             s.explain_seconds = time.perf_counter() - t0
 
-    def _explain_tokens(self, explainer: TokensExplainer, todo: list[int]) -> None:
+    def _explain_tokens(self, explainer: Any, todo: list[int]) -> None:
+        """A bulk explainer (``tokens`` or ``phrases``): ``explain_many`` per chunk, rows written per chunk."""
         s = self.summary
-        with self.bar(len(todo), "explain (tokens)") as bar:
+        method, model = explainer.method, explainer.model
+        with self.bar(len(todo), f"explain ({method})") as bar:
             for chunk in _chunks(todo, explainer.CHUNK):
                 df = explainer.explain_many(self.store, self.sae_id, chunk, self.skip_first)
                 rows = []
                 for f, text in zip(df["feature"], df["text"], strict=True):
                     if text:
-                        rows.append(self.row(f, text, "tokens", None))
+                        rows.append(self.row(f, text, method, model))
                         s.explained += 1
                     else:
                         err = "nothing to summarise: no stored contexts and no promoted tokens"
-                        rows.append(self.row(f, None, "tokens", None, error=err))
+                        rows.append(self.row(f, None, method, model, error=err))
                         s.failed += 1
                         s.errors[err] = s.errors.get(err, 0) + 1
-                writes.add_explanations(self.store, rows)
+                for part in _chunks(rows, WRITE_BATCH):
+                    writes.add_explanations(self.store, part)
                 bar.update(len(chunk))
 
     def _explain_llm(self, explainer: LLMExplainer, todo: list[int]) -> None:
@@ -349,13 +370,13 @@ class _Run:
         else:
             spec, model = c.explainer or "", c.model
         if split_spec(spec)[0] == "keyword":
-            scorer: KeywordScorer | LLMScorer = KeywordScorer()
+            scorer: KeywordScorer | LLMScorer | EmbeddingScorer = KeywordScorer()
+        elif split_spec(spec)[0] == "embedding":
+            scorer = EmbeddingScorer()
         else:
             scorer = LLMScorer(self.backend(spec, model), c.score_batch)
         method = c.method
-        exp_model = None
-        if method is not None and method != "tokens":
-            exp_model = c.model if method == "openai" else split_spec(c.explainer or "")[1]
+        exp_model = _explainer_model(c) if method is not None else None
         todo = q.explanations_to_score(
             self.store, self.sae_id, self.live, scorer.name, method, exp_model, rescore=c.force
         )

@@ -9,6 +9,11 @@
 
 Scorers:
 - ``openai:URL`` / ``hf:MODEL`` (``LLMScorer``): an LLM answers a JSON list of 0/1 per batch of contexts.
+- ``embedding`` (``EmbeddingScorer``): Delphi's embedding scorer, no LLM. The explanation and each detection
+  context (held-out activating and non-activating, unmarked) are embedded with all-MiniLM-L6-v2; the score
+  is the AUROC of the cosine for telling the activating contexts from the others (0.5 = chance, 1 = every
+  activating context closer to the explanation than every other one). It rewards meaning, not shared tokens.
+  Stored as the detection score of scorer ``embedding``; it has no fuzzing score.
 - ``keyword`` (``KeywordScorer``): deterministic, no LLM. It takes the explanation's quoted words (or else its
   content words) and says "fires" when one of them occurs in the context (detection), or among the marked
   tokens (fuzzing). It measures only whether the explanation *names the right tokens*; it cannot credit an
@@ -228,8 +233,40 @@ class KeywordScorer:
         return Scores(det, fuz, 0)
 
 
-SCORERS: dict[str, type[LLMScorer] | type[KeywordScorer]] = {
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve (ties count half); None unless both classes are present."""
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y == 1], s[y == 0]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+class EmbeddingScorer:
+    """Delphi-style embedding scorer: AUROC of explanation-context cosine (see the module docstring)."""
+
+    name = "embedding"
+    parallel = 1
+
+    def __init__(self, embedder: object | None = None):
+        from featuredict.pipelines.model.embedder import load_embedder
+
+        self.embedder = embedder if embedder is not None else load_embedder()  # EmbedModelError: one line
+
+    def score(self, explanation: str, fd: FeatureData, skip_first: bool, seed: int) -> Scores:
+        items = detection_items(fd, skip_first, seed)
+        if not items or not (explanation or "").strip():
+            return Scores(None, None, 0)
+        vecs = self.embedder.encode([explanation, *(i.text for i in items)])  # type: ignore[attr-defined]
+        cos = vecs[1:] @ vecs[0]
+        return Scores(auroc([i.label for i in items], cos.tolist()), None, 0)
+
+
+SCORERS: dict[str, type[LLMScorer] | type[KeywordScorer] | type[EmbeddingScorer]] = {
     "keyword": KeywordScorer,
+    "embedding": EmbeddingScorer,
     "openai": LLMScorer,
     "hf": LLMScorer,
 }

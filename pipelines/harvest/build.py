@@ -25,11 +25,12 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from featuredict.db.filelock import replacing
-from featuredict.db.schema import copy_kept_rows, create_schema
+from featuredict.db.filelock import LockError, lock_for
+from featuredict.db.schema import DatabaseError, copy_kept_rows, create_schema
 from featuredict.pipelines import __version__
 from featuredict.pipelines.harvest.corpus import (
     CorpusError,
@@ -39,6 +40,8 @@ from featuredict.pipelines.harvest.corpus import (
     iter_documents,
     validate,
 )
+from featuredict.pipelines.harvest.layout import UMAP_NEIGHBOURS, Knn, cosine_knn, umap_layout
+from featuredict.pipelines.harvest.rows import EXAMPLES_SCHEMA, example_batches, feature_table, top_text
 from featuredict.pipelines.harvest.sharding import (
     DistributedError,
     RayOptions,
@@ -47,10 +50,11 @@ from featuredict.pipelines.harvest.sharding import (
     ray_session,
     require_ray,
 )
+from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.harvest.state import (
+    PAD_SLOT,
     HarvestConfig,
     HarvestState,
-    choose_bands,
     from_state_dict,
     merge,
     state_dict,
@@ -87,7 +91,7 @@ class BuildConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildResult:
     db: Path
     sae_id: str
@@ -101,14 +105,18 @@ class BuildResult:
     tokens_per_s: float
     dtype: str  # what the model ran in
     shards: int = 0  # Ray shards the harvest ran in (0: in this process)
+    stages: StageTimes = field(default_factory=StageTimes)
 
     def summary(self) -> str:
+        """One line of results, then (when stages were timed) a ``stages: ...`` line."""
         where = f" over {self.shards} Ray shards" if self.shards else ""
-        return (
+        first = (
             f"{self.sae_id}: {self.n_tokens:,} tokens in {self.n_contexts:,} contexts, d_sae={self.d_sae}, "
             f"FVE={self.fve:.3f}, L0={self.l0:.1f}, dead={self.dead_fraction:.1%}, "
             f"{self.seconds:.1f}s ({self.tokens_per_s:,.0f} tok/s harvest{where}, model in {self.dtype}) -> {self.db}"
         )
+        line = self.stages.line()
+        return f"{first}\nstages: {line}" if line else first
 
 
 # ---- harvesting -----------------------------------------------------------------------------------------
@@ -121,11 +129,13 @@ def harvest_batches(
     ctx_offset: int = 0,
     max_tokens: int | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    stages: StageTimes | None = None,
 ) -> HarvestState:
     """Fold ``(ids, mask)`` batches through model + SAE into a new HarvestState.
 
     Context ids run on from ``ctx_offset``; the loop stops after the batch that reaches ``max_tokens`` counted
     tokens (None: after the last batch). ``on_tokens(n)`` gets the tokens counted so far after every batch.
+    ``stages`` (when given) gets the time in ``forward``, ``encode`` and ``update``, and the loop's as ``harvest``.
     """
     d_in = int(rt.sae.cfg.d_in)
     state = HarvestState.empty(cfg.harvest, rt.d_sae, cfg.context_size, d_in)
@@ -134,27 +144,34 @@ def harvest_batches(
     t0 = time.perf_counter()
     with torch.no_grad():
         for ids, mask in batches:
-            x, f, valid = rt.encode(ids, mask)
-            recon = rt.sae.decode(f)  # FVE reads valid positions only, where f is not zeroed
+            x, f, valid = rt.encode(ids, mask, stages)
+            with timed(stages, "encode"):
+                recon = rt.sae.decode(f)  # FVE reads valid positions only, where f is not zeroed
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
-            update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
+            with timed(stages, "update"):
+                update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
             seen += int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
             if on_tokens is not None:
                 on_tokens(seen)
             if max_tokens is not None and seen >= max_tokens:
                 break
     state.harvest_seconds = time.perf_counter() - t0
+    if stages is not None:
+        stages.add("harvest", state.harvest_seconds)
     return state
 
 
-def harvest_corpus(rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0) -> HarvestState:
+def harvest_corpus(
+    rt: Runtime, cfg: BuildConfig, ctx_offset: int = 0, stages: StageTimes | None = None
+) -> HarvestState:
     """Stream the corpus through model + SAE into a HarvestState (context ids start at ``ctx_offset``)."""
     contexts = iter_contexts(iter_documents(cfg.corpus), rt.tokenizer, cfg.context_size, rt.prepend_bos)
     batches = batch_contexts(contexts, cfg.batch_size, cfg.context_size, rt.pad_id)
     bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
-    state = harvest_batches(rt, cfg, batches, ctx_offset, cfg.max_tokens, lambda n: bar.update(n - bar.n))
+    on_tokens = lambda n: bar.update(n - bar.n)  # noqa: E731
+    state = harvest_batches(rt, cfg, batches, ctx_offset, cfg.max_tokens, on_tokens, stages)
     bar.total = max(bar.total, bar.n)  # the last batch may overshoot the token budget
     bar.refresh()
     bar.close()
@@ -391,238 +408,149 @@ def logit_effects(
     return tuple(torch.cat(t) for t in zip(*outs, strict=True))  # type: ignore[return-value]
 
 
-def decoder_neighbours(w_dec: torch.Tensor, n: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-n cosine neighbours of each decoder row, excluding itself: (cos [d_sae, n], idx [d_sae, n])."""
-    w = torch.nn.functional.normalize(w_dec.float(), dim=1)
-    F = w.shape[0]
-    n = min(n, F - 1)
-    cos_out, idx_out = [], []
-    for i in range(0, F, chunk):
-        sims = w[i : i + chunk] @ w.T
-        rows = torch.arange(i, min(i + chunk, F))
-        sims[rows - i, rows] = -torch.inf
-        c, j = sims.topk(n, dim=1)
-        cos_out.append(c)
-        idx_out.append(j)
-    return torch.cat(cos_out), torch.cat(idx_out)
-
-
-def umap_layout(w_dec: torch.Tensor, seed: int = 0) -> np.ndarray | None:
-    """2-D UMAP of decoder directions (cosine); None when there are too few features."""
-    F = w_dec.shape[0]
-    if F < 8:
-        return None
-    import umap
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(15, F - 1), random_state=seed)
-        return reducer.fit_transform(w_dec.float().numpy()).astype(np.float32)
-
-
 # ---- tables ---------------------------------------------------------------------------------------------
 
 
-PAD_SLOT = -1  # token id stored for padding positions of a harvested window
-
-
-def _trim(ids: list[int], pad: int | None = PAD_SLOT) -> int:
-    """Length of a stored window without its trailing padding."""
-    n = len(ids)
-    while n > 1 and pad is not None and ids[n - 1] == pad:
-        n -= 1
-    return n
-
-
-def _example_rows(
-    sae_id: str, rt: Runtime, state: HarvestState, n_bands_show: int
-) -> tuple[pd.DataFrame, list[list[str]]]:
-    tok = rt.tokenizer
-    pad = PAD_SLOT
-    cfg = state.cfg
-    edges = cfg.band_edges()
-    rows: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "sae_id",
-            "feature",
-            "kind",
-            "band",
-            "band_lo",
-            "band_hi",
-            "rank",
-            "context_id",
-            "max_act",
-            "max_pos",
-            "token_ids",
-            "tokens",
-            "acts",
-        )
-    }
-    max_tokens: list[list[str]] = [[] for _ in range(state.d_sae)]
-
-    def add(f: int, kind: str, band: int, lo, hi, rank: int, ctx: int, val: float, pos: int, ids_t, acts_t):
-        ids = ids_t.tolist()
-        n = _trim(ids, pad)
-        ids = ids[:n]
-        strs = token_strings(tok, ids)
-        for k, v in (
-            ("sae_id", sae_id),
-            ("feature", f),
-            ("kind", kind),
-            ("band", band),
-            ("band_lo", lo),
-            ("band_hi", hi),
-            ("rank", rank),
-            ("context_id", ctx),
-            ("max_act", val),
-            ("max_pos", pos),
-            ("token_ids", ids),
-            ("tokens", strs),
-            ("acts", acts_t[:n].tolist()),
-        ):
-            rows[k].append(v)
-        if kind == "top":
-            max_tokens[f].append(strs[pos] if pos < len(strs) else "")
-
-    top_ctx = state.top.ctx.numpy()
-    smp_ctx = state.smp.ctx.numpy()
-    for f in range(state.d_sae):
-        for r in range(top_ctx.shape[1]):
-            if top_ctx[f, r] < 0:
-                break
-            add(
-                f,
-                "top",
-                0,
-                None,
-                None,
-                r,
-                int(top_ctx[f, r]),
-                float(state.top.val[f, r]),
-                int(state.top.pos[f, r]),
-                state.top.tok[f, r],
-                state.top.act[f, r],
-            )
-        populated = [b for b in range(cfg.n_bands) if smp_ctx.shape[2] and smp_ctx[f, b, 0] >= 0]
-        for b in choose_bands(populated, n_bands_show):
-            lo = 0.0 if b == 0 else float(edges[b])
-            hi = float("inf") if b == cfg.n_bands - 1 else float(edges[b + 1])
-            for r in range(smp_ctx.shape[2]):
-                if smp_ctx[f, b, r] < 0:
-                    break
-                add(
-                    f,
-                    "interval",
-                    b,
-                    lo,
-                    hi,
-                    r,
-                    int(smp_ctx[f, b, r]),
-                    float(state.smp.val[f, b, r]),
-                    int(state.smp.pos[f, b, r]),
-                    state.smp.tok[f, b, r],
-                    state.smp.act[f, b, r],
-                )
-    return pd.DataFrame(rows), max_tokens
-
-
-def _search_text(ex: pd.DataFrame, d_sae: int, pos_tokens: list[list[str]]) -> list[str]:
-    """Per feature: text around the max token of each top example, plus promoted logit tokens."""
-    parts: list[list[str]] = [[] for _ in range(d_sae)]
-    top = ex[ex["kind"] == "top"]
-    for f, toks, pos in zip(top["feature"], top["tokens"], top["max_pos"], strict=True):
-        parts[f].append("".join(toks[max(0, pos - 6) : pos + 3]).strip())
-    return [" | ".join(p + [" ".join(t.strip() for t in pos_tokens[f])]) for f, p in enumerate(parts)]
+def decoder_knn(rt: Runtime, cfg: BuildConfig) -> Knn:
+    """Exact cosine kNN of the decoder directions, wide enough for the neighbours table and UMAP's graph."""
+    w_dec = rt.sae.W_dec.detach().float().cpu().numpy()
+    return cosine_knn(w_dec, max(cfg.n_neighbours, UMAP_NEIGHBOURS - 1))
 
 
 def feature_frames(
-    rt: Runtime, state: HarvestState, cfg: BuildConfig, sae_id: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rt: Runtime,
+    state: HarvestState,
+    cfg: BuildConfig,
+    sae_id: str,
+    stages: StageTimes | None = None,
+    knn: Knn | None = None,
+    layout: np.ndarray | None = None,
+) -> tuple[pa.Table, pa.RecordBatchReader]:
+    """The ``features`` rows and a stream of the ``examples`` rows of one SAE (``pipelines.rows``; the stream is
+    read once, by the write). ``knn`` (``decoder_knn``) and ``layout`` (the UMAP positions) are computed here when
+    not given; ``stages`` gets the time of each step."""
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
     say(f"logit effects and decoder-cosine neighbours of {F:,} features...", flush=True)
-    w_u, centre = unembedding(rt)
-    w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
-    pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
-    nc, nidx = decoder_neighbours(w_dec, cfg.n_neighbours)
-    if cfg.umap:
-        say(f"UMAP layout of {F:,} decoder vectors (cosine; ~1 min for 4,608 on 2 cores)...", flush=True)
-    layout = umap_layout(w_dec) if cfg.umap else None
+    with timed(stages, "logit_effects"):
+        w_u, centre = unembedding(rt)
+        w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
+        pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
+    if knn is None:
+        with timed(stages, "neighbours"):
+            knn = decoder_knn(rt, cfg)
+    nc, nidx = knn.neighbours(cfg.n_neighbours)
+    if cfg.umap and layout is None:
+        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours...", flush=True)
+        with timed(stages, "umap"):
+            layout = umap_layout(w_dec.numpy(), knn)
+    if not cfg.umap:
+        layout = None
     say("writing examples and features...", flush=True)
+    with timed(stages, "rows"):
+        return _frames(rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), (nc, nidx), layout, stages)
+
+
+def _frames(
+    rt: Runtime,
+    state: HarvestState,
+    cfg: BuildConfig,
+    sae_id: str,
+    w_dec: torch.Tensor,
+    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    nbrs: tuple[np.ndarray, np.ndarray],
+    layout: np.ndarray | None,
+    stages: StageTimes | None,
+) -> tuple[pa.Table, pa.RecordBatchReader]:
+    pv, pi, nv, ni = logits
     tok = rt.tokenizer
     pos_tokens = [token_strings(tok, r) for r in pi.tolist()]
     neg_tokens = [token_strings(tok, r) for r in ni.tolist()]
-    ex, max_tokens = _example_rows(sae_id, rt, state, cfg.n_interval_bands)
-    mean = state.mean_act()
-    feats = pd.DataFrame(
-        {
-            "sae_id": sae_id,
-            "feature": np.arange(F, dtype=np.int32),
-            "max_act": state.max_act.numpy().astype(np.float32),
-            "fire_count": state.fire_count.numpy(),
-            "density": state.density().numpy(),
-            "mean_act": [None if np.isnan(m) else float(m) for m in mean.numpy()],
-            "dead": (state.fire_count == 0).numpy(),
-            "hist_counts": list(state.hist.numpy()),
-            "pos_tokens": pos_tokens,
-            "pos_values": list(pv.numpy()),
-            "neg_tokens": neg_tokens,
-            "neg_values": list(nv.numpy()),
-            "decoder": list(w_dec.numpy()),
-            "decoder_norm": w_dec.norm(dim=1).numpy(),
-            "neighbours": list(nidx.numpy().astype(np.int32)),
-            "neighbour_cos": list(nc.numpy()),
-            "umap_x": layout[:, 0] if layout is not None else None,
-            "umap_y": layout[:, 1] if layout is not None else None,
-            "max_tokens": max_tokens,
-            "search_text": _search_text(ex, F, pos_tokens),
-        }
+    max_tokens, search_text = top_text(tok, state, pos_tokens)
+    feats = feature_table(
+        sae_id, state, w_dec, (pv.numpy(), pos_tokens, nv.numpy(), neg_tokens), nbrs, layout, max_tokens, search_text
     )
-    return feats, ex
+    # examples stream into the write a block of features at a time; their making still counts as ``rows``
+    batches = _timed_batches(example_batches(sae_id, tok, state, cfg.n_interval_bands), stages)
+    return feats, pa.RecordBatchReader.from_batches(EXAMPLES_SCHEMA, batches)
+
+
+def _timed_batches(batches: Iterator[pa.RecordBatch], stages: StageTimes | None) -> Iterator[pa.RecordBatch]:
+    while True:
+        with timed(stages, "rows"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 # ---- atomic database write ------------------------------------------------------------------------------
 
 
-def write_database(path: Path, sae_row: dict[str, Any], feats: pd.DataFrame, ex: pd.DataFrame) -> None:
-    """Write one SAE's tables into ``path`` atomically, keeping other SAEs and every user table."""
+def write_database(
+    path: Path,
+    sae_row: dict[str, Any],
+    feats: pd.DataFrame | pa.Table,
+    ex: pd.DataFrame | pa.Table | pa.RecordBatchReader,
+    stages: StageTimes | None = None,
+    started: float | None = None,
+) -> None:
+    """Write one SAE's tables into ``path`` atomically, keeping other SAEs and every user table.
+
+    The new SAE's rows go into a temporary file without any lock; only the copy of the kept rows from the
+    current file and the swap (``os.replace``) run under the file's exclusive lock, so dashboards and other
+    commands keep working on the old file until then and reopen the new one on their next read. With
+    ``stages``, the write's time is added as ``write`` and the stored row gets the final ``stage_seconds`` (and
+    ``build_seconds``, counted from ``started``, a ``time.perf_counter()`` value) before the swap.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     for p in (tmp, Path(str(tmp) + ".wal")):
         p.unlink(missing_ok=True)
     sae_id = sae_row["sae_id"]
-    with replacing(path):  # openers and other builds of this file wait out the whole read-write-swap
-        _write_and_swap(path, tmp, sae_id, sae_row, feats, ex)
-
-
-def _write_and_swap(
-    path: Path, tmp: Path, sae_id: str, sae_row: dict[str, Any], feats: pd.DataFrame, ex: pd.DataFrame
-) -> None:
+    t = time.perf_counter()
+    rows_before = stages.get("rows") if stages is not None else 0.0
     try:
         con = duckdb.connect(str(tmp))
         try:
             create_schema(con)
-            if path.exists() and path.stat().st_size > 0:
-                copy_kept_rows(con, path, sae_id)  # other SAEs and every user table
-            con.register("new_saes", pd.DataFrame([sae_row]))
-            con.execute("INSERT INTO saes BY NAME SELECT * FROM new_saes")
-            con.register("new_features", feats)
-            con.execute("INSERT INTO features BY NAME SELECT * FROM new_features")
-            con.register("new_examples", ex)
-            con.execute("INSERT INTO examples BY NAME SELECT * FROM new_examples")
-            con.execute("CHECKPOINT")
+            for name, frame, table in (
+                ("new_saes", pd.DataFrame([sae_row]), "saes"),
+                ("new_features", feats, "features"),
+                ("new_examples", ex, "examples"),  # a stream: made while DuckDB reads it (that part is ``rows``)
+            ):
+                con.register(name, frame)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")  # noqa: S608 - constants
+                con.unregister(name)
+            with lock_for(path).exclusive():  # readers close; other builds and writers of this file wait
+                if path.exists() and path.stat().st_size > 0:
+                    copy_kept_rows(con, path, sae_id)  # other SAEs and every user table
+                if stages is not None:  # the rows are in: store the write's time too
+                    stages.add("write", time.perf_counter() - t - (stages.get("rows") - rows_before))
+                    _stamp(con, sae_id, stages, started)
+                con.execute("CHECKPOINT")
+                con.close()
+                os.replace(tmp, path)
+                # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no
+                # longer matches the new file and would stop it from opening.
+                Path(str(path) + ".wal").unlink(missing_ok=True)
         finally:
             con.close()
-        os.replace(tmp, path)
-        # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no longer
-        # matches the new file and would stop it from opening.
-        Path(str(path) + ".wal").unlink(missing_ok=True)
+    except LockError as e:
+        raise DatabaseError(str(e)) from None
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
+
+
+def _stamp(con: duckdb.DuckDBPyConnection, sae_id: str, stages: StageTimes, started: float | None) -> None:
+    """Store the final stage times in the new file's ``saes`` row (the write's own time included)."""
+    con.execute(
+        "UPDATE saes SET stage_seconds = ?, build_seconds = coalesce(?, build_seconds) WHERE sae_id = ?",
+        [stages.to_json(), None if started is None else time.perf_counter() - started, sae_id],
+    )
 
 
 # ---- entry point ----------------------------------------------------------------------------------------
@@ -640,6 +568,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
     the lock) runs here, as without it.
     """
     t0 = time.perf_counter()
+    stages = StageTimes()
     validate(cfg.corpus)
     if cfg.context_size < 4:
         raise ValueError("--context-size must be at least 4")
@@ -652,8 +581,11 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         require_ray()  # a missing extra or a cluster that does not answer fails before any model is loaded
         check_reachable(ray)
     if rt is None:
-        rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
+        with stages.timed("model_load"):
+            rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)
     rt.outlier_norm_ratio = cfg.outlier_norm_ratio
+    with stages.timed("neighbours"):  # weights only: before the harvest, so a failure costs no forward pass
+        knn = decoder_knn(rt, cfg)
     hook = rt.site.hook_name
     sae_id = cfg.sae_name or default_sae_name(cfg.model, hook, rt.d_sae)
     dtype = dtype_name(rt.backend.dtype)  # with Ray: replaced below by the dtype the shards ran in
@@ -663,12 +595,13 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         )
     ran: dict[str, Any] | None = None
     if ray is None:
-        state = harvest_corpus(rt, cfg)
+        state = harvest_corpus(rt, cfg, stages=stages)
         harvest_wall = state.harvest_seconds
     else:
         th = time.perf_counter()
         state, ran = harvest_on_ray(rt, cfg, ray)
         harvest_wall = time.perf_counter() - th  # state.harvest_seconds sums the shards' own loops
+        stages.add("harvest", harvest_wall)
         dtype = ran.pop("dtype")
     fve = state.fve()
     if not np.isnan(fve) and fve < FVE_WARN:
@@ -678,7 +611,7 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         )
         warnings.warn(msg, stacklevel=2)
         print("\n" + "!" * 80 + "\n" + msg + "\n" + "!" * 80)
-    feats, ex = feature_frames(rt, state, cfg, sae_id)
+    feats, ex = feature_frames(rt, state, cfg, sae_id, stages, knn)
     seconds = time.perf_counter() - t0
     arch = rt.sae.cfg.architecture() if hasattr(rt.sae.cfg, "architecture") else type(rt.sae).__name__
     config = asdict(cfg)
@@ -706,24 +639,26 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         "l0": state.l0(),
         "dead_fraction": state.dead_fraction(),
         "hist_edges": list(cfg.harvest.hist_edges()),
-        "build_seconds": seconds,
+        "build_seconds": seconds,  # updated with the write's time once the rows are in (write_database)
+        "stage_seconds": stages.to_json(),
         "built_at": datetime.now(UTC).replace(tzinfo=None),
         "tool_version": __version__,
         "config_json": json.dumps(config, default=str),
     }
-    write_database(Path(cfg.db), row, feats, ex)
+    write_database(Path(cfg.db), row, feats, ex, stages=stages, started=t0)
     hs = harvest_wall or seconds
     return BuildResult(
-        Path(cfg.db),
-        sae_id,
-        state.n_tokens,
-        state.n_contexts,
-        rt.d_sae,
-        fve,
-        state.l0(),
-        state.dead_fraction(),
-        time.perf_counter() - t0,
-        state.n_tokens / max(hs, 1e-9),
-        dtype,
-        ran["shards"] if ran else 0,
+        db=Path(cfg.db),
+        sae_id=sae_id,
+        n_tokens=state.n_tokens,
+        n_contexts=state.n_contexts,
+        d_sae=rt.d_sae,
+        fve=fve,
+        l0=state.l0(),
+        dead_fraction=state.dead_fraction(),
+        seconds=time.perf_counter() - t0,
+        tokens_per_s=state.n_tokens / max(hs, 1e-9),
+        dtype=dtype,
+        shards=ran["shards"] if ran else 0,
+        stages=stages,
     )

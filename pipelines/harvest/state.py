@@ -179,8 +179,16 @@ class ExampleSlots:
         ra = (torch.arange(rank_a.shape[0]) if rows is None else rows)[:, None]
         rb = (torch.arange(rank_b.shape[0]) if other_rows is None else other_rows)[:, None]
 
+        # gather self's lists whole, then overwrite only the slots taken from other (usually few, once the lists
+        # are full): no [N, n, T] gather of other's windows and no where() over both
+        new_i, new_j = (~from_a).nonzero(as_tuple=True)
+        src_r, src_j = rb[new_i, 0], ib[new_i, new_j]
+
         def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.where(from_a.reshape(*from_a.shape, *([1] * (a.dim() - 2))), a[ra, ia], b[rb, ib])
+            out = a[ra, ia]
+            if new_i.numel():
+                out[new_i, new_j] = b[src_r, src_j]
+            return out
 
         return ExampleSlots(**{name: pick(a, getattr(other, name)) for name, a in self.arrays().items()})
 

@@ -113,6 +113,10 @@ class ModelBackend(ABC):
     def final_norm(self) -> torch.nn.Module | None:
         """The norm applied to the residual stream right before the unembedding, or None if none is found."""
 
+    @abstractmethod
+    def input_embedding_module(self) -> torch.nn.Module:
+        """The module whose output is the token embeddings ``[batch, pos, d_model]`` (attribution's token nodes)."""
+
     @property
     @abstractmethod
     def context_length(self) -> int | None:
@@ -246,6 +250,9 @@ class HFBackend(ModelBackend):
         norms = [m for _, m in self.model.named_modules() if "norm" in type(m).__name__.lower()]
         return norms[-1] if norms else None
 
+    def input_embedding_module(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
     @property
     def context_length(self) -> int | None:
         n = getattr(self.model.config, "max_position_embeddings", None)
@@ -311,6 +318,9 @@ class TLBackend(ModelBackend):
 
     def final_norm(self) -> torch.nn.Module | None:
         return getattr(self.model, "ln_final", None)
+
+    def input_embedding_module(self) -> torch.nn.Module:
+        return self.model.hook_dict["hook_embed"]
 
     @property
     def context_length(self) -> int | None:

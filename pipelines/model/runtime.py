@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from featuredict.db.records import SaeRecord, sae_record
+from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.model.backends import ModelBackend, backend_for_hook
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.loading import load_model, pick_device
@@ -167,18 +168,25 @@ class Runtime:
 
     @torch.no_grad()
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        stages: StageTimes | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one activation path: ``(x, f, valid)`` from one forward pass up to the hook.
 
         ``x`` ``[batch, pos, d_in]``: hook activations in the SAE's dtype on its device; ``f``
         ``[batch, pos, d_sae]``: SAE feature activations, zero where not valid; ``valid`` ``[batch, pos]`` bool on
         the SAE's device: False at BOS/pad/masked positions and at norm outliers (see ``valid_mask``).
+        With ``stages``, the forward pass is timed as ``forward`` and the rest as ``encode``.
         """
-        x = self.hook_acts(input_ids, attention_mask)
-        f = self.sae.encode(x)
-        valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
-        return x, f * valid.unsqueeze(-1), valid
+        with timed(stages, "forward"):
+            x = self.hook_acts(input_ids, attention_mask)
+        with timed(stages, "encode"):
+            f = self.sae.encode(x)
+            valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
+            f.mul_(valid.unsqueeze(-1))  # in place: no second [batch, pos, d_sae] tensor
+        return x, f, valid
 
     @torch.no_grad()
     def feature_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

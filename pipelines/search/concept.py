@@ -1,32 +1,61 @@
-"""Concept search scoring: which features fire more on example texts than on counter-examples or the corpus.
+"""Concept search: which features are about the topic of some example texts (and not of counter-examples).
 
-Pure numpy/pandas (no Streamlit, no database), so it is unit-tested directly. It lives in the pipelines layer so
-that the dashboard's search page, ``featuredict search --mode concept`` and the demo share one implementation
-(the dashboard imports it from here).
+``concept_scores`` is pure numpy/pandas (no model, no database), so it is unit-tested directly; ``rank_concept``
+is the whole pipeline every caller uses (the dashboard's search page, ``featuredict search --mode concept``,
+the review queue's safety priorities, the demo's steering pick): run the example and counter-example texts
+through the SAE, read the corpus baselines, score, and (when the SAE has a meaning index) blend in how close
+each feature's words are to the examples.
 
 Inputs are per-text activation matrices ``acts [pos, d_sae]`` restricted to valid (non-BOS/pad) tokens.
 Activations are first put on each feature's own scale by dividing by its corpus ``max_act`` (so a feature
 that tops out at 0.5 and one that tops out at 40 compare; a feature that never fired in the corpus uses the
-largest activation seen in the given texts). Then, per feature:
+largest activation seen in the given texts). Then, per feature (method ``peak``, the default):
 
-- ``mass_pos``: mean normalised activation per token over all example tokens;
-- ``mass_neg``: the same over counter-example tokens, or, without counter-examples, the corpus
-  expectation ``density * mean_act / max_act`` (mean activation per corpus token, normalised);
-- ``coverage``: fraction of example texts in which the feature fires at all;
-- ``neg_coverage``: fraction of counter-examples in which it fires (NaN without counter-examples);
-- ``lift = log2((mass_pos + eps) / (mass_neg + eps))``;
-- ``score = coverage * lift`` (``* (1 - neg_coverage)`` with counter-examples), so a feature must fire on
-  most examples, much more than it usually does, and rarely on counter-examples to rank high.
+- ``peak_pos``: the mean over example texts of the feature's PEAK normalised activation in that text. A
+  feature about dogs fires hard on the dog sentence and not at all on the lion sentence: 1/3 of its peak, where
+  a mean per token would dilute it by the text's length and a coverage factor would divide it by 3 again;
+- ``base``: what the feature is expected to show on ordinary text of the same lengths, from its corpus
+  density ``d`` and mean activation: ``(1 - (1 - d)^n) * mean_act / max_act`` for a text of ``n`` tokens. A broad
+  feature (fires on most tokens) has a base close to its typical activation, so firing on the examples earns it
+  nothing: the density penalty;
+- ``peak_neg``: the same mean of peaks over the counter-examples (NaN without them);
+- ``contrast = peak_pos - max(base, peak_neg)``: evidence above both the corpus and the counter-examples (the
+  difference of means that Goodfire's ``contrast`` ranks by, on per-text peaks);
+- ``score = contrast`` (plus ``MEANING_WEIGHT * cosine`` in ``rank_concept`` when the SAE has a meaning index).
+
+Method ``mass`` is the first ranking (``coverage * log2 lift`` of the mean mass per token over the
+counter-examples or the corpus), kept so bench/bench_topics.py can compare: it ranked broad features first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    from featuredict.pipelines.model.runtime import Runtime
+
 EPS = 1e-4  # normalised activation per token below which differences do not count
+MEANING_WEIGHT = 0.5  # weight of the meaning cosine added to the contrast in rank_concept
+MEANING_POOL = 200  # rank_concept blends the meaning score into this many best contrast candidates
+Method = Literal["peak", "mass"]
+COLUMNS = [
+    "feature",
+    "score",
+    "contrast",
+    "peak_pos",
+    "peak_neg",
+    "base",
+    "coverage",
+    "neg_coverage",
+    "lift",
+    "mass_pos",
+    "mass_neg",
+    "max_on_examples",
+]
 
 
 def text_stats(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -38,6 +67,23 @@ def text_stats(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return a.sum(0), (a > 0).any(0), a.shape[0]
 
 
+def _peaks(texts: Sequence[np.ndarray], d_sae: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(per-text peak ``[n_texts, d_sae]`` raw, per-text token sums ``[n_texts, d_sae]``, fires ``[n_texts,
+    d_sae]`` bool, token counts ``[n_texts]``)."""
+    peak = np.zeros((len(texts), d_sae))
+    sums = np.zeros((len(texts), d_sae))
+    n_tok = np.zeros(len(texts))
+    for i, a in enumerate(texts):
+        s, _, n = text_stats(a)
+        if int(np.asarray(a).shape[1]) != d_sae:
+            raise ValueError(f"every text's acts must have {d_sae} features, got {np.asarray(a).shape[1]}")
+        sums[i] = s
+        n_tok[i] = n
+        if n:
+            peak[i] = np.asarray(a, dtype=np.float64).max(0)
+    return peak, sums, peak > 0, n_tok
+
+
 def concept_scores(
     examples: Sequence[np.ndarray],
     counter: Sequence[np.ndarray] | None,
@@ -46,67 +92,134 @@ def concept_scores(
     max_act: np.ndarray,
     top: int = 50,
     eps: float = EPS,
+    method: Method = "peak",
 ) -> pd.DataFrame:
-    """Rank features by how much more they fire on ``examples`` than on ``counter`` (or the corpus).
+    """Rank features by how much more they fire on ``examples`` than on ``counter`` and on ordinary text.
 
     ``examples`` / ``counter``: lists of ``[pos_i, d_sae]`` arrays (valid tokens only). ``density``,
-    ``mean_act``, ``max_act``: ``[d_sae]`` corpus statistics (0 for dead features).
-    Returns the ``top`` rows with score > 0, best first: columns feature, score, lift, coverage,
-    neg_coverage, mass_pos, mass_neg, max_on_examples (raw max activation over the examples).
+    ``mean_act``, ``max_act``: ``[d_sae]`` corpus statistics (0 for dead features). ``method``: ``peak`` (the
+    default, see the module docstring) or ``mass`` (the first ranking).
+    Returns the ``top`` rows with score > 0, best first: columns ``COLUMNS`` (``max_on_examples``: raw max
+    activation over the examples; ``peak_neg`` / ``neg_coverage`` NaN without counter-examples).
     """
     if not examples:
         raise ValueError("give at least one example text")
+    if method not in ("peak", "mass"):
+        raise ValueError(f"unknown concept method {method!r} (peak or mass)")
     d_sae = int(np.asarray(examples[0]).shape[1])
     for name, arr in (("density", density), ("mean_act", mean_act), ("max_act", max_act)):
         if np.asarray(arr).shape != (d_sae,):
             raise ValueError(f"{name} must have shape [{d_sae}], got {np.asarray(arr).shape}")
-
-    def pooled(texts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean activation per token ``[d_sae]``, fraction of texts firing, max activation)."""
-        sums = np.zeros(d_sae)
-        fires = np.zeros(d_sae)
-        peak = np.zeros(d_sae)
-        n_tok = 0
-        for a in texts:
-            s, f, n = text_stats(a)
-            sums += s
-            fires += f
-            n_tok += n
-            if n:
-                peak = np.maximum(peak, np.asarray(a, dtype=np.float64).max(0))
-        return sums / max(n_tok, 1), fires / max(len(texts), 1), peak
-
-    raw_pos, coverage, peak = pooled(examples)
-    raw_neg, neg_cov, peak_neg = pooled(counter) if counter else (None, None, np.zeros(d_sae))
-    # Each feature's own scale: its corpus max, or (never fired in the corpus) the max seen here.
-    seen = np.maximum(peak, peak_neg)
+    dens = np.clip(np.asarray(density, dtype=np.float64), 0.0, 1.0)
+    mean = np.asarray(mean_act, dtype=np.float64)
+    peak_p, sums_p, fires_p, n_p = _peaks(examples, d_sae)
+    have_neg = bool(counter)
+    peak_n, sums_n, fires_n, n_n = _peaks(counter or [], d_sae)
+    raw_max = peak_p.max(0)
+    seen = np.maximum(raw_max, peak_n.max(0) if have_neg else 0.0)
     m = np.asarray(max_act, dtype=np.float64)
-    scale = np.where(m > 0, m, np.where(seen > 0, seen, 1.0))  # [d_sae]
-    mass_pos = raw_pos / scale
-    if counter:
-        mass_neg = raw_neg / scale
-        penalty = 1.0 - neg_cov
-    else:
-        mass_neg = np.asarray(density, dtype=np.float64) * np.asarray(mean_act, dtype=np.float64) / scale
-        neg_cov = np.full(d_sae, np.nan)
-        penalty = np.ones(d_sae)
+    scale = np.where(m > 0, m, np.where(seen > 0, seen, 1.0))  # [d_sae]: each feature's own scale
+    coverage = fires_p.mean(0)
+    neg_cov = fires_n.mean(0) if have_neg else np.full(d_sae, np.nan)
+    typical = mean / scale  # normalised activation when it fires
+    # Expected per-text peak on ordinary text of each example's length: P(fires somewhere) * typical.
+    p_fire = 1.0 - np.power(1.0 - dens[None, :], np.maximum(n_p, 1.0)[:, None])
+    base = (p_fire * typical[None, :]).mean(0)
+    pos = (peak_p / scale).mean(0)
+    neg = (peak_n / scale).mean(0) if have_neg else np.full(d_sae, np.nan)
+    contrast = pos - (np.maximum(base, neg) if have_neg else base)
+    mass_pos = sums_p.sum(0) / max(float(n_p.sum()), 1.0) / scale
+    mass_neg = sums_n.sum(0) / max(float(n_n.sum()), 1.0) / scale if have_neg else dens * typical
     lift = np.log2((mass_pos + eps) / (mass_neg + eps))
-    score = coverage * lift * penalty
-    score[coverage == 0] = 0.0
+    if method == "peak":
+        score = contrast
+    else:
+        score = coverage * lift * ((1.0 - neg_cov) if have_neg else 1.0)
+    score = np.where(coverage > 0, score, 0.0)
     df = pd.DataFrame(
         {
             "feature": np.arange(d_sae),
             "score": score,
-            "lift": lift,
+            "contrast": contrast,
+            "peak_pos": pos,
+            "peak_neg": neg,
+            "base": base,
             "coverage": coverage,
             "neg_coverage": neg_cov,
+            "lift": lift,
             "mass_pos": mass_pos,
             "mass_neg": mass_neg,
-            "max_on_examples": peak,
+            "max_on_examples": raw_max,
         }
     )
-    df = df[df["score"] > 0].sort_values(["score", "mass_pos"], ascending=False, kind="stable")
+    df = df[df["score"] > 0].sort_values(["score", "peak_pos"], ascending=False, kind="stable")
     return df.head(top).reset_index(drop=True)
+
+
+def rank_concept(
+    runtime: Runtime,
+    store: Any,
+    sae_id: str,
+    examples: Sequence[str],
+    counter: Sequence[str] | None = None,
+    top: int = 50,
+    method: Method = "peak",
+    meaning_weight: float | None = None,
+) -> pd.DataFrame:
+    """Concept search end to end: features about the topic of ``examples`` and not of ``counter``, best first.
+
+    Runs the texts through ``runtime`` (``pipelines.prompt.dense_valid_acts``), reads the SAE's corpus baselines
+    (``db.queries.feature_baselines``) and scores with ``concept_scores``. When the SAE has a meaning index
+    (``featuredict embed``), the ``MEANING_POOL`` best candidates also get ``meaning`` (cosine between the
+    feature's stored vector and the mean embedding of the examples) and ``score = contrast + meaning_weight *
+    meaning`` (default ``MEANING_WEIGHT``; 0 turns it off). Columns: ``COLUMNS`` + ``meaning`` (NaN without an
+    index). Raises ValueError without an example text."""
+    from featuredict.db import queries as q
+    from featuredict.pipelines.search.by_prompt import dense_valid_acts
+
+    texts = [t.strip() for t in examples if t and t.strip()]
+    negs = [t.strip() for t in counter or [] if t and t.strip()]
+    if not texts:
+        raise ValueError("give at least one example text")
+    pos = [dense_valid_acts(runtime, t) for t in texts]
+    neg = [dense_valid_acts(runtime, t) for t in negs]
+    base = q.feature_baselines(store, sae_id, int(pos[0].shape[1]))
+    weight = MEANING_WEIGHT if meaning_weight is None else float(meaning_weight)
+    pool = max(int(top), MEANING_POOL) if weight > 0 else int(top)
+    ranked = concept_scores(pos, neg or None, base["density"], base["mean_act"], base["max_act"], pool, method=method)
+    ranked["meaning"] = np.nan
+    if weight > 0 and not ranked.empty:
+        cos = _meaning_scores(store, sae_id, texts, ranked["feature"].to_numpy())
+        if cos is not None:
+            ranked["meaning"] = cos
+            ranked["score"] = ranked["contrast" if method == "peak" else "score"] + weight * np.nan_to_num(cos)
+            ranked = ranked.sort_values(["score", "peak_pos"], ascending=False, kind="stable")
+    return ranked.head(int(top)).reset_index(drop=True)
+
+
+def _meaning_scores(store: Any, sae_id: str, texts: Sequence[str], features: np.ndarray) -> np.ndarray | None:
+    """Cosine of each feature's stored meaning vector with the mean embedding of ``texts`` (NaN for a feature
+    without a vector); None when the SAE has no meaning index or the embedding model cannot load."""
+    from featuredict.pipelines.search import meaning
+
+    model = meaning.default_model(store, sae_id)
+    if model is None:
+        return None
+    try:
+        enc = meaning.load_embedder(model)
+    except meaning.EmbedModelError:
+        return None
+    index = meaning.vector_index(store, sae_id, model)
+    if index.n == 0:
+        return None
+    with meaning.one_thread():
+        centre = enc.encode(list(texts)).mean(0)
+    centre /= max(float(np.linalg.norm(centre)), 1e-12)
+    pos = np.clip(np.searchsorted(index.features, features), 0, index.n - 1)
+    found = index.features[pos] == features
+    out = np.full(len(features), np.nan)
+    out[found] = index.vectors[pos[found]] @ centre.astype(np.float32)
+    return out
 
 
 def split_texts(blob: str) -> list[str]:

@@ -1,21 +1,20 @@
 """Safety review priorities: built-in concept searches whose hits a reviewer can look at first.
 
 Each concept is a handful of short example texts. ``concept_priority`` runs them through the SAE's model + SAE
-(``Runtime.encode`` via ``pipelines.prompt.dense_valid_acts``) and ranks features with the concept-search maths
-of ``pipelines.concept`` (coverage x lift over the corpus baseline). The review queue page orders features by
+and ranks features with concept search, ``pipelines.concept.rank_concept`` (per-text peak evidence above the
+corpus baseline, blended with the meaning index when the SAE has one). The review queue page orders features by
 that score; the texts are illustrations written for this table, not data from any corpus.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from featuredict.pipelines.model.runtime import Runtime
-from featuredict.pipelines.search.by_prompt import dense_valid_acts
-from featuredict.pipelines.search.concept import concept_scores
+from featuredict.pipelines.search.concept import rank_concept
 
 SAFETY_CONCEPTS: Mapping[str, tuple[str, ...]] = {
     "deception": (
@@ -64,21 +63,57 @@ def concept_names() -> list[str]:
 
 def concept_priority(
     runtime: Runtime,
+    store: Any,
+    sae_id: str,
     concept: str,
-    density: np.ndarray,
-    mean_act: np.ndarray,
-    max_act: np.ndarray,
     top: int = 1000,
     examples: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Features that fire on the concept's example texts more than on the corpus: ``feature``, ``score``
-    (``pipelines.concept.concept_scores``), best first, at most ``top`` with score > 0.
+    """Features about the concept: ``feature``, ``score`` (``pipelines.concept.rank_concept`` on the concept's
+    example texts, no counter-examples), best first, at most ``top`` with score > 0.
 
     ``examples`` overrides the built-in texts of ``concept``. Raises ValueError for an unknown concept.
     """
     texts = list(examples) if examples is not None else list(SAFETY_CONCEPTS.get(concept, ()))
     if not texts:
         raise ValueError(f"unknown concept {concept!r}; built-in ones: {', '.join(SAFETY_CONCEPTS)}")
-    acts = [dense_valid_acts(runtime, t) for t in texts]
-    ranked = concept_scores(acts, None, density, mean_act, max_act, top=top)
+    ranked = rank_concept(runtime, store, sae_id, texts, None, top=top)
     return ranked[["feature", "score"]].reset_index(drop=True)
+
+
+def describe_rows(
+    store: Any,
+    sae_id: str,
+    rows: pd.DataFrame,
+    priority: str,
+    concept: str | None = None,
+    watchlist: str | None = None,
+) -> pd.DataFrame:
+    """Review-queue rows (``db.queries.review_queue``) with what a reviewer reads at a glance: ``explanation``
+    (the best one, ``db.queries.best_explanations``; ``[stale] ``-prefixed when made for other SAE weights),
+    ``top_tokens`` (the tokens at the max positions of its top contexts) and ``why`` (why the row is in the
+    queue: which concept and its score, the watchlist, or the max activation / density it is ordered by).
+    All text is untrusted (corpus, LLM): escape before HTML."""
+    from featuredict.db import queries as q
+    from featuredict.pipelines.search.meaning import attach_explanations
+
+    out = rows.copy()
+    ids = [int(f) for f in out["feature"]]
+    info = q.features_by_ids(store, sae_id, ids)
+    tops = dict(zip(info["feature"].astype(int), info["top_tokens"], strict=True))
+    out["top_tokens"] = [tops.get(f) or "" for f in ids]
+    withex = attach_explanations(store, sae_id, out[["feature"]])
+    out["explanation"] = [
+        ("" if t is None else ("[stale] " if s else "") + str(t))
+        for t, s in zip(withex["explanation"], withex["stale"], strict=True)
+    ]
+    prio = out["priority"].astype(float) if "priority" in out else pd.Series([float("nan")] * len(out))
+    if priority == "concept":
+        out["why"] = [f"concept '{concept}': score {p:.2f}" for p in prio]
+    elif priority == "watchlist":
+        out["why"] = [f"on watchlist '{watchlist}'" for _ in ids]
+    elif priority == "density":
+        out["why"] = [f"density {p:.2e}" for p in prio]
+    else:
+        out["why"] = [f"max activation {p:.3g}" for p in prio]
+    return out

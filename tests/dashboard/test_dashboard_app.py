@@ -30,6 +30,7 @@ from tests.helpers import (
     frame,
     htmls,
     open_app,
+    raw_connection,
     texts,
     widget,
 )
@@ -317,9 +318,8 @@ def test_bad_database_messages(monkeypatch, tmp_path):
 
 
 def test_wrong_version_message(monkeypatch, synth_db):
-    con = duckdb.connect(str(synth_db))
-    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    con.close()
+    with raw_connection(synth_db) as con:
+        con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     at = open_app(monkeypatch, synth_db, "feature", feature="1")
     assert_clean(at)
     assert "schema version 99" in at.error[0].value
@@ -360,15 +360,13 @@ def test_database_without_sae(monkeypatch, tmp_path):
 
 
 def test_page_failure_is_one_line_not_traceback(monkeypatch, synth_db):
-    con = duckdb.connect(str(synth_db))
-    con.execute("DROP TABLE examples")
-    con.close()
+    with raw_connection(synth_db) as con:
+        con.execute("DROP TABLE examples")
     at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="3")
     assert_clean(at)
     assert any("Could not load top contexts" in e.value for e in at.error)
-    con = duckdb.connect(str(synth_db))
-    con.execute("DROP TABLE features")
-    con.close()
+    with raw_connection(synth_db) as con:
+        con.execute("DROP TABLE features")
     monkeypatch.setenv("FEATUREDICT_DB", str(synth_db))
     at = open_app(monkeypatch, synth_db)  # overview queries features: the app-level guard catches it
     assert_clean(at)
@@ -449,10 +447,9 @@ def test_real_db_pages(monkeypatch, real_db):
 
 
 def test_two_saes_in_one_file(monkeypatch, synth_db):
-    con = duckdb.connect(str(synth_db))
-    con.execute("INSERT INTO saes SELECT * REPLACE ('other' AS sae_id) FROM saes")
-    con.execute("INSERT INTO features SELECT * REPLACE ('other' AS sae_id) FROM features WHERE feature < 50")
-    con.close()
+    with raw_connection(synth_db) as con:
+        con.execute("INSERT INTO saes SELECT * REPLACE ('other' AS sae_id) FROM saes")
+        con.execute("INSERT INTO features SELECT * REPLACE ('other' AS sae_id) FROM features WHERE feature < 50")
     at = open_app(monkeypatch, synth_db)
     assert_clean(at)
     assert at.dataframe[0].value["SAE"].tolist() == ["other", SAE_ID]

@@ -219,16 +219,21 @@ def test_synthetic_generator_shapes(store):
 
 
 def test_open_store_follows_a_rebuilt_file(synth_db, tmp_path):
-    """A new file renamed over the served one is picked up; writes to the same file keep the same Store."""
+    """One Store per path; a new file swapped in the way a build does it (under the exclusive lock) is what the
+    same Store reads next."""
     import os
 
     from featuredict.dashboard.common import open_store
+    from featuredict.db.filelock import lock_for
 
     s1 = open_store(synth_db)
     writes.add_to_list(s1, "x", SAE_ID, 1)
     assert open_store(synth_db) is s1
+    assert q.feature_count(s1, SAE_ID) == 300  # its read connection is open on the old file
+    gen = s1.generation()
     new = make_synth_db(tmp_path / "rebuilt.duckdb", n_features=40, seed=5)
-    os.replace(new, synth_db)
-    s2 = open_store(synth_db)
-    assert s2 is not s1 and q.feature_count(s2, SAE_ID) == 40
-    s2.close()
+    with lock_for(synth_db).exclusive():
+        os.replace(new, synth_db)
+    assert s1.generation() == gen + 1
+    assert open_store(synth_db) is s1 and q.feature_count(s1, SAE_ID) == 40
+    s1.close()

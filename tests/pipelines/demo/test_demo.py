@@ -92,7 +92,7 @@ def test_topic_prompts_cover_everyday_and_safety_topics_deterministically():
 
 
 def test_builtin_corpus_is_mostly_topic_text_deterministic_and_offline(tmp_path: Path, monkeypatch):
-    from featuredict.pipelines.demo import run as demo
+    from featuredict.pipelines.demo.run import run as demo
 
     _no_network(monkeypatch)
     asked = []
@@ -185,8 +185,8 @@ def test_steering_pick_prefers_the_feature_whose_contexts_are_on_topic(tiny_db: 
     on_topic, off_topic = _feature_with_and_without(tiny_db, sae_id, "bread")
     topic = SteerTopic("bread", ("Mix flour and yeast.",), ("The market fell.",), ("bread", "flour"), "Hello")
 
-    def scorer(pos, neg, density, mean_act, max_act, top):  # concept search ranks the off-topic feature first
-        assert len(pos) == 1 and len(neg) == 1 and pos[0].shape[1] == 64
+    def scorer(runtime, store, sae, examples, counter, top):  # concept search ranks the off-topic feature first
+        assert examples == list(topic.examples) and counter == list(topic.counter) and sae == sae_id
         return pd.DataFrame({"feature": [off_topic, on_topic], "score": [2.0, 1.0]})
 
     store = Store(str(tiny_db), read_only=True)

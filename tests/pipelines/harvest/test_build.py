@@ -13,9 +13,9 @@ import torch
 
 from featuredict.db.schema import SCHEMA_VERSION
 from featuredict.pipelines.cli import main
-from featuredict.pipelines.harvest import build as build_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.harvest.state import build as build_mod
 from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
 
@@ -109,8 +109,8 @@ def test_rebuild_keeps_labels_and_other_saes_and_failure_leaves_db_intact(
     with pytest.raises(RuntimeError):
         build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second")
     assert db.read_bytes() == before
-    # no temp files left behind (the advisory lock file stays, as lock files do)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.duckdb", "d.duckdb.lock"]
+    # no temp files left behind (the advisory lock files stay, as lock files do)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.duckdb", "d.duckdb.lock", "d.duckdb.lock-queue"]
 
 
 def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
@@ -122,8 +122,10 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
     db = build_tiny_db(tmp_path / "w.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     crash = (
         f"import os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "from db.store import Store; from db import writes\n"
-        f"s = Store({str(db)!r}); writes.update_label(s, 'tiny/model.layers.1/64', 5, label='saved before a crash')\n"
+        "import duckdb\n"  # a writer that dies before its connection closes: its commit is only in the WAL
+        f"con = duckdb.connect({str(db)!r})\n"
+        "con.execute(\"INSERT INTO labels VALUES ('tiny/model.layers.1/64', 5, 'saved before a crash', NULL, NULL, \"\n"
+        '            "NULL, now())")\n'
         "os._exit(1)\n"
     )
     subprocess.run([sys.executable, "-c", crash], check=False)
@@ -133,25 +135,35 @@ def test_rebuild_after_a_crashed_writer_leaves_an_openable_file(
     assert _q(db, "SELECT label FROM labels WHERE feature = 5").label.tolist() == ["saved before a crash"]
 
 
-def test_nobody_opens_the_file_while_a_build_swaps_it(
+def test_an_opener_waits_out_a_build_swap_and_sees_the_new_file(
     tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, monkeypatch
 ):
-    from featuredict.db.schema import DatabaseError
+    import threading
+
     from featuredict.db.store import Store
 
     db = build_tiny_db(tmp_path / "r.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
-    real_replace, refused = build_mod.os.replace, []
+    real_replace, seen, errors = build_mod.os.replace, [], []
+
+    def dashboard_reads() -> None:
+        try:
+            seen.append(Store(db).rows("SELECT max(n_tokens) FROM saes")[0][0])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    reader = threading.Thread(target=dashboard_reads)
 
     def dashboard_opens_mid_swap(src, dst):  # a dashboard starting up between the copy and the swap
-        with pytest.raises(DatabaseError, match="a build is replacing") as e:
-            Store(dst)
-        refused.append(str(e.value))
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not seen  # it waits for the swap instead of reading the file being replaced
         real_replace(src, dst)
 
     monkeypatch.setattr(build_mod.os, "replace", dashboard_opens_mid_swap)
     build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=800)
-    assert len(refused) == 1
-    Store(db).close()  # and it opens again once the build is done
+    reader.join(timeout=30)
+    assert not errors, errors
+    assert seen == [_q(db, "SELECT max(n_tokens) AS n FROM saes").n[0]]  # what it read is the rebuilt file
 
 
 def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, capsys):
@@ -304,7 +316,7 @@ def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae
 def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
     import threading
 
-    from featuredict.db.filelock import replacing
+    from featuredict.db.filelock import lock_for
 
     db = build_tiny_db(tmp_path / "two.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     errors: list[BaseException] = []
@@ -315,7 +327,7 @@ def test_a_second_build_into_the_same_file_waits_its_turn(tmp_path: Path, tiny_m
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    with replacing(db):  # another build is writing and swapping the file
+    with lock_for(db).exclusive():  # another build is swapping the file
         t = threading.Thread(target=second)
         t.start()
         t.join(timeout=8)  # long enough to harvest; it must then wait at the swap

@@ -86,21 +86,39 @@ def test_compose_text_puts_words_first_and_marks_contexts():
         "a label",
         ["t1", " ", "t2"],
         "some notes",
-        [" tok", " tok", "x"],
-        [["<s>", " said", " a", " lie"], [" tell", " fibs"]],
+        [" x", " tok", " tok", ' "q"', "x", "tok"],
     )
     lines = text.split("\n")
     # duplicates (case-insensitive) dropped; at most MAX_EXPLANATIONS explanations, then the label
-    assert lines[:7] == ["lying to people", "b", "c", "d", "a label", "Tags: t1, t2", "some notes"]
-    assert lines[-1] == 'Contexts: top tokens tok, x; "<s> said a lie"; "tell fibs"'
+    assert lines[:-1] == ["lying to people", "b", "a label", "Tags: t1, t2", "some notes"]
+    # top tokens most frequent first (ties: first seen), JSON-quoted, parsed back exactly
+    assert lines[-1] == 'Contexts: top tokens "tok", "x", "\\"q\\""'
+    assert meaning.context_tokens(text) == ["tok", "x", '"q"']
     assert meaning.words_part(text).startswith("lying to people · b")
     # a text without words starts with the contexts marker; a word line that looks like it is changed
-    only = meaning.compose_text(None, None, None, None, ["x"], None)
-    assert only == "Contexts: top tokens x" and meaning.words_part(only) == only
-    fake = meaning.compose_text(None, "Contexts: sneaky", None, None, ["x"], None)
+    only = meaning.compose_text(None, None, None, None, ["x"])
+    assert only == 'Contexts: top tokens "x"' and meaning.words_part(only) == only
+    fake = meaning.compose_text(None, "Contexts: sneaky", None, None, ["x"])
     assert fake.split("\n")[0] == "Contexts sneaky" and not fake.startswith(meaning.CONTEXTS_PREFIX)
-    assert meaning.compose_text(None, None, None, None, None, None) == ""
+    assert meaning.compose_text(None, None, None, None, None) == ""
+    assert meaning.context_tokens("words only") == []
     assert meaning.text_hash("a") != meaning.text_hash("b")
+
+
+def test_feature_vector_is_words_plus_token_bag(embedder: meaning.Embedder):
+    """One pass over the words; each top token embedded once; mixed WORDS_WEIGHT : rest; one part alone."""
+    text = meaning.compose_text(["dogs and puppies"], None, None, None, [" dog", " dog", " puppy"])
+    both, words, toks = meaning.encode_features(
+        embedder, [text, "dogs and puppies", 'Contexts: top tokens "dog", "puppy"']
+    )
+    w = embedder.encode(["dogs and puppies"])[0]
+    tv = embedder.token_vectors(["dog", "puppy"])
+    bag = meaning.TOKEN_WEIGHTS[0] * tv["dog"] + meaning.TOKEN_WEIGHTS[1] * tv["puppy"]
+    bag /= np.linalg.norm(bag)
+    want = meaning.WORDS_WEIGHT * w + (1 - meaning.WORDS_WEIGHT) * bag
+    assert np.allclose(both, want / np.linalg.norm(want), atol=1e-5)
+    assert np.allclose(words, w, atol=1e-5) and np.allclose(toks, bag, atol=1e-5)
+    assert np.allclose(tv["dog"], embedder.encode(["dog"])[0], atol=1e-5)
 
 
 def test_feature_texts_use_stored_words_and_contexts(explained_db: Path):
@@ -112,7 +130,7 @@ def test_feature_texts_use_stored_words_and_contexts(explained_db: Path):
         store.close()
     assert texts[3].split("\n")[0] == "deception and lying"
     tok = ex["tokens"].iloc[0][int(ex["max_pos"].iloc[0])].strip()
-    assert tok and tok in texts[3].split("\n")[-1]  # the strongest context's max token, in the contexts line
+    assert tok and tok in meaning.context_tokens(texts[3])  # the strongest context's max token, a top token
     assert all(not t.split("\n")[0].startswith("<s>") for t in texts.values())
 
 
@@ -153,7 +171,7 @@ def test_stored_vector_is_the_vector_of_the_stored_text(explained_db: Path, embe
         texts = emb.embedded_texts(store, SAE, MODEL, [3, 4])
     finally:
         store.close()
-    fresh = embedder.encode_features([texts[3], texts[4]])
+    fresh = meaning.encode_features(embedder, [texts[3], texts[4]])
     assert np.allclose(vecs[list(feats).index(3)], fresh[0], atol=1e-5)
     assert np.allclose(vecs[list(feats).index(4)], fresh[1], atol=1e-5)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
@@ -206,19 +224,19 @@ def test_embed_is_resumable_and_refreshes_changed_words(explained_db: Path, embe
         store.write(lambda cur: cur.execute("DELETE FROM feature_embeddings"))
         monkeypatch.setattr(meaning, "CHUNK", 16)
         calls = {"n": 0}
-        real = embedder.encode_features
+        real = meaning.encode_features
 
-        def flaky(texts, batch_size=64):
+        def flaky(enc, texts, batch_size=64):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt
-            return real(texts, batch_size)
+            return real(enc, texts, batch_size)
 
-        monkeypatch.setattr(embedder, "encode_features", flaky)
+        monkeypatch.setattr(meaning, "encode_features", flaky)
         with pytest.raises(KeyboardInterrupt):
             meaning.embed_features(store, SAE, progress=False, embedder=embedder)
         assert emb.embedding_state(store, SAE, MODEL)[0] == 32
-        monkeypatch.setattr(embedder, "encode_features", real)
+        monkeypatch.setattr(meaning, "encode_features", real)
         rest = meaning.embed_features(store, SAE, progress=False, embedder=embedder)
         assert (rest.embedded, rest.unchanged) == (n - 32, 32)
     finally:
@@ -333,12 +351,15 @@ def test_search_cli_table_and_errors(explained_db: Path, tiny_db: Path, tmp_path
     rc, out, _ = run_cli(capsys, "search", "--db", str(explained_db), "--mode", "text", "evil")
     assert rc == 0 and "\x1b" not in out and "\\x1b[31mred" in out  # terminal escapes shown, not obeyed
     bare = shutil.copyfile(tiny_db, tmp_path / "bare.duckdb")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
     for argv, msg in (
         (["--mode", "meaning", "lying"], "featuredict embed --db"),
         (["--mode", "concept"], "give at least one example"),
         (["--mode", "meaning"], "give the meaning query"),
         (["--sae", "nope", "x"], "no SAE 'nope'"),
         (["--mode", "concept", "--examples-file", str(tmp_path / "none.txt")], "no file"),
+        (["--mode", "concept", "--examples-file", str(empty)], "give at least one example"),
     ):
         rc, out, err = run_cli(capsys, "search", "--db", str(bare), *argv)
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
@@ -384,3 +405,24 @@ def test_page_meaning_mode_without_embeddings(monkeypatch, synth_db: Path):
     assert_clean(at)
     assert any("featuredict embed --db" in i.value for i in at.info)
     assert any(b.label.startswith("Embed the 300 features") for b in at.button)
+
+
+def test_page_defaults_to_meaning_and_escapes_a_hostile_keyphrase(monkeypatch, synth_db: Path, embedder):
+    """With a meaning index the search page opens in meaning mode (no mode in the URL); a keyphrase explanation
+    holding script / img-onerror text is shown as text in the grid and escaped in the matched-text HTML."""
+    from tests.helpers import assert_clean, frame, htmls, open_app
+
+    phrase = f"barking dogs {HOSTILE_SCRIPT} {HOSTILE_IMG} · fires on: dog"
+    store = Store(synth_db)
+    try:
+        row = {"sae_id": SAE_ID, "feature": 5, "text": phrase, "method": "phrases", "explainer_model": None}
+        assert insert_explanations(store, [{**row, "source": "test"}]) == (1, 0)
+        meaning.embed_features(store, SAE_ID, progress=False, embedder=embedder)
+    finally:
+        store.close()
+    at = open_app(monkeypatch, synth_db, "search", sae=SAE_ID, query="barking dogs")
+    assert_clean(at)
+    res = frame(at, "meaning_results")
+    assert int(res["feature"].iloc[0]) == 5 and res["explanation"].iloc[0] == phrase
+    body = htmls(at)
+    assert "<script" not in body and "<img" not in body and html.escape(HOSTILE_SCRIPT) in body

@@ -13,7 +13,18 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import USER_TABLES, copy_kept_rows, create_schema
 from featuredict.db.store import Store
-from tests.helpers import HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID, assert_clean, htmls, open_app, run_threads, texts, widget
+from tests.helpers import (
+    HOSTILE_FEATURE,
+    HOSTILE_IMG,
+    HOSTILE_SCRIPT,
+    SAE_ID,
+    assert_clean,
+    htmls,
+    open_app,
+    run_threads,
+    texts,
+    widget,
+)
 
 
 def _history(store: Store, feature: int) -> list[dict]:
@@ -286,8 +297,8 @@ def test_read_only_store_refuses_every_write(synth_db):
                 attempt()
         with pytest.raises(ReadOnlyError):
             presets.write_preset(ro, "p", SAE_ID, {"prompt": "x"})
-        with pytest.raises(duckdb.Error):  # the file itself is open read-only: even a raw write fails
-            ro.cursor().execute("DELETE FROM labels")
+        with pytest.raises(duckdb.Error), ro.reading() as cur:  # reads run on a read-only connection
+            cur.execute("DELETE FROM labels")
         assert q.label(ro, SAE_ID, 3)["label"] == "kept"
         assert ro.rows("SELECT count(*) FROM history")[0][0] == n_hist
     finally:
@@ -375,24 +386,23 @@ def test_queue_watchlist_and_concept_orders(store):
         q.QueueRequest(SAE_ID, "random")  # type: ignore[arg-type]
 
 
-def test_concept_priority_runs_the_builtin_texts(tiny_runtime):
-    import numpy as np
-
-    from featuredict.pipelines.search.by_prompt import dense_valid_acts
-    from featuredict.pipelines.search.concept import concept_scores
+def test_concept_priority_runs_the_builtin_texts(tiny_runtime, tiny_db):
+    from featuredict.db.store import Store
+    from featuredict.pipelines.search.concept import rank_concept
     from featuredict.pipelines.search.priorities import SAFETY_CONCEPTS, concept_names, concept_priority
 
     assert concept_names() == ["deception", "scams", "weapons", "self-harm", "sycophancy", "power-seeking"]
-    d = tiny_runtime.d_sae
-    density, mean_act, max_act = np.full(d, 1e-3), np.ones(d), np.ones(d)
-    got = concept_priority(tiny_runtime, "scams", density, mean_act, max_act)
-    fresh = concept_scores(
-        [dense_valid_acts(tiny_runtime, t) for t in SAFETY_CONCEPTS["scams"]], None, density, mean_act, max_act, 1000
-    )
+    sae = "tiny/model.layers.1/64"
+    store = Store(str(tiny_db), read_only=True)
+    try:
+        got = concept_priority(tiny_runtime, store, sae, "scams")
+        fresh = rank_concept(tiny_runtime, store, sae, SAFETY_CONCEPTS["scams"], None, top=1000)
+        with pytest.raises(ValueError, match="unknown concept"):
+            concept_priority(tiny_runtime, store, sae, "nope")
+    finally:
+        store.close()
     assert len(got) > 0 and got["feature"].tolist() == fresh["feature"].tolist()
-    assert np.allclose(got["score"], fresh["score"])
-    with pytest.raises(ValueError, match="unknown concept"):
-        concept_priority(tiny_runtime, "nope", density, mean_act, max_act)
+    assert got["score"].tolist() == pytest.approx(fresh["score"].tolist())
 
 
 def test_review_page_batch_status_and_list(monkeypatch, synth_db):
@@ -430,3 +440,36 @@ def test_review_page_deep_link_and_filters(monkeypatch, synth_db):
     at2 = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="concept")
     assert_clean(at2)  # the synthetic SAE has no loadable model: one line, no traceback
     assert any("Could not run the concept search" in e.value for e in at2.error)
+
+
+HOSTILE_PHRASE = f"dogs {HOSTILE_SCRIPT} and {HOSTILE_IMG} · fires on: dog"
+
+
+def test_review_rows_show_explanation_tokens_and_why_as_text(monkeypatch, synth_db):
+    """A keyphrase explanation with script / img-onerror text: the queue row shows it as plain text in the grid
+    (never as HTML), with the top tokens and why the row is queued."""
+    from featuredict.db.interop import insert_explanations
+    from featuredict.pipelines.search.priorities import describe_rows
+
+    s = Store(synth_db)
+    try:
+        row = {"sae_id": SAE_ID, "feature": HOSTILE_FEATURE, "text": HOSTILE_PHRASE, "method": "phrases"}
+        assert insert_explanations(s, [{**row, "explainer_model": None, "source": "test"}]) == (1, 0)
+        rows, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "watchlist", watchlist=f"list {HOSTILE_SCRIPT}"))
+        got = describe_rows(s, SAE_ID, rows, "watchlist", watchlist=f"list {HOSTILE_SCRIPT}")
+        scores = pd.DataFrame({"feature": [HOSTILE_FEATURE], "score": [0.42]})
+        crow, _ = q.review_queue(s, q.QueueRequest(SAE_ID, "concept", scores=scores))
+        by_concept = describe_rows(s, SAE_ID, crow, "concept", concept="deception")
+    finally:
+        s.close()
+    assert got["explanation"].tolist() == [HOSTILE_PHRASE]
+    assert HOSTILE_SCRIPT in got["top_tokens"].iloc[0]  # corpus tokens, raw: the grid shows text
+    assert got["why"].iloc[0] == f"on watchlist 'list {HOSTILE_SCRIPT}'"
+    assert by_concept["why"].tolist() == ["concept 'deception': score 0.42"]
+
+    at = open_app(monkeypatch, synth_db, "review", sae=SAE_ID, priority="watchlist", list=f"list {HOSTILE_SCRIPT}")
+    assert_clean(at)
+    shown = at.dataframe[0].value
+    assert shown["explanation"].tolist() == [HOSTILE_PHRASE] and "why" in shown and "top_tokens" in shown
+    page = htmls(at) + texts(at)
+    assert HOSTILE_SCRIPT not in page and HOSTILE_IMG not in page

@@ -1,0 +1,188 @@
+"""Build stage times (summary line, saes.stage_seconds, overview page), the column's migration into older
+files, rebuilds into a file named like the attach alias, and the map/neighbours layout from the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from featuredict.db import queries as q
+from featuredict.db.schema import connect
+from featuredict.db.store import Store
+from featuredict.pipelines.harvest.build import BuildConfig, build
+from featuredict.pipelines.harvest.corpus import CorpusSpec
+from featuredict.pipelines.harvest.layout import cosine_knn, umap_layout
+from featuredict.pipelines.harvest.stages import PARTS, STAGES, StageTimes
+from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.model.saes import SaeSource
+from tests.helpers import APP, copy_db
+
+SAE = "tiny/model.layers.1/64"
+
+
+def _cfg(db: Path, model: Path, sae: Path, corpus: Path, **kw) -> BuildConfig:
+    return BuildConfig(
+        model=str(model),
+        sae=SaeSource(kind="folder", path=str(sae)),
+        corpus=CorpusSpec(str(corpus)),
+        db=str(db),
+        sae_name=kw.pop("sae_name", SAE),
+        context_size=16,
+        max_tokens=kw.pop("max_tokens", 2_000),
+        batch_size=4,
+        harvest=HarvestConfig(top_k=5, samples_per_band=3),
+        device="cpu",
+        progress=False,
+        **kw,
+    )
+
+
+def _one(db: Path, sql: str, params=None):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchone()
+    finally:
+        con.close()
+
+
+def test_stage_times_unit():
+    st = StageTimes()
+    st.add("write", 1.0)
+    st.add("forward", 2.0)
+    st.add("forward", 0.5)
+    st.add("model_load", 3.0)
+    assert list(st.ordered()) == ["model_load", "forward", "write"]  # STAGES order, not arrival order
+    assert st.line() == "model_load 3.0 s · forward 2.5 s · write 1.0 s"
+    assert StageTimes.from_json(st.to_json()).ordered() == st.ordered()
+    assert StageTimes.from_json("not json").ordered() == {}
+    assert StageTimes.from_json('{"bogus": 1, "umap": "x", "rows": 2}').ordered() == {"rows": 2.0}
+    with pytest.raises(ValueError, match="unknown build stage"):
+        st.add("warp", 1.0)
+    with pytest.raises(RuntimeError), st.timed("umap"):
+        raise RuntimeError("the time still counts")
+    assert "umap" in st.ordered()
+
+
+def test_build_summary_and_row_carry_the_stage_times(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    db = tmp_path / "s.duckdb"
+    r = build(_cfg(db, tiny_model_dir, tiny_sae_dir, tiny_corpus))
+    first, second = r.summary().splitlines()
+    assert first.startswith(f"{SAE}: ") and second.startswith("stages: model_load ")
+    ran = r.stages.ordered()
+    want = {"model_load", "neighbours", "forward", "encode", "update", "harvest", "logit_effects", "umap", "rows"}
+    assert want | {"write"} == set(ran)
+    assert all(v >= 0 for v in ran.values())
+    # parts of the harvest loop fit inside it; the top-level stages ran one after the other inside the build
+    assert ran["forward"] + ran["encode"] + ran["update"] <= ran["harvest"]
+    assert sum(v for k, v in ran.items() if k not in PARTS) <= r.seconds
+    stored_json, build_seconds = _one(db, "SELECT stage_seconds, build_seconds FROM saes")
+    stored = json.loads(stored_json)
+    assert list(stored) == [s for s in STAGES if s in stored]  # kept in build order
+    assert stored == pytest.approx(ran, abs=1e-3)  # the write's own time included
+    assert sum(v for k, v in stored.items() if k not in PARTS) <= build_seconds <= r.seconds
+    assert q.stage_seconds(Store(db, read_only=True), SAE) == pytest.approx(ran, abs=1e-3)
+    assert q.stage_seconds(Store(db, read_only=True), "no such sae") == {}
+
+
+def test_an_older_file_without_stage_seconds_opens_reads_and_rebuilds(
+    tmp_path, tiny_db, tiny_model_dir, tiny_sae_dir, tiny_corpus
+):
+    old = tmp_path / "before.duckdb"
+    shutil.copy(tiny_db, old)
+    con = duckdb.connect(str(old))
+    con.execute("ALTER TABLE saes DROP COLUMN stage_seconds")
+    con.execute("INSERT INTO labels VALUES (?, 2, 'kept', NULL, NULL, NULL, now())", [SAE])
+    con.close()
+
+    def columns(path: Path) -> set[str]:
+        c = duckdb.connect(str(path), read_only=True)
+        try:
+            return {r[0] for r in c.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'saes'").fetchall()}  # fmt: skip
+        finally:
+            c.close()
+
+    assert "stage_seconds" not in columns(old)
+    ro = Store(old, read_only=True)
+    assert q.stage_seconds(ro, SAE) == {} and len(q.sae_overview(ro)) == 1  # read-only: tolerated as is
+    ro.close()
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    shutil.copy(old, rebuilt)
+    connect(old).close()  # a read-write open adds the column (NULL in the old row)
+    assert "stage_seconds" in columns(old)
+    assert _one(old, "SELECT stage_seconds FROM saes") == (None,)
+    # a build of another SAE into the old file keeps its row by column name and adds its own with stage times
+    build(_cfg(rebuilt, tiny_model_dir, tiny_sae_dir, tiny_corpus, sae_name="second"))
+    rows = dict(
+        duckdb.connect(str(rebuilt), read_only=True).execute("SELECT sae_id, stage_seconds FROM saes").fetchall()
+    )
+    assert rows[SAE] is None and "forward" in json.loads(rows["second"])
+    assert _one(rebuilt, "SELECT label FROM labels WHERE feature = 2") == ("kept",)
+
+
+def test_rebuild_into_a_file_named_like_the_attach_alias(tmp_path, tiny_model_dir, tiny_sae_dir, tiny_corpus):
+    """The temporary file of old.duckdb is catalog "old" in DuckDB: the previous file must attach under another name."""
+    for name in ("old.duckdb", "featuredict.duckdb"):
+        db = tmp_path / name
+        build(_cfg(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False))
+        build(_cfg(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second"))
+        ids = duckdb.connect(str(db), read_only=True).execute("SELECT sae_id FROM saes ORDER BY 1").fetchall()
+        assert [i[0] for i in ids] == ["second", SAE]
+
+
+def test_cosine_knn_is_exact_and_puts_each_row_first():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 12)).astype(np.float32)
+    w[7] = w[3] * 2.0  # same direction as 3: cosine 1, but each row must still rank itself first
+    knn = cosine_knn(w, 10, block=64)
+    assert (knn.idx[:, 0] == np.arange(300)).all()
+    assert knn.idx[3, 1] == 7 and knn.idx[7, 1] == 3
+    u = w / np.linalg.norm(w, axis=1, keepdims=True)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -np.inf)
+    cos, idx = knn.neighbours(10)
+    np.testing.assert_allclose(cos, -np.sort(-sims, axis=1)[:, :10], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(sims, idx, axis=1), cos, atol=1e-5)
+    assert cosine_knn(w[:4], 10).idx.shape == (4, 4)  # k capped at the other rows
+
+
+def test_the_map_is_deterministic_and_laid_out_on_the_neighbours_the_pages_show(tiny_db, tiny_runtime, tmp_path):
+    """The stored map is what the weights give (same coordinates every run), on the kNN graph whose first columns
+    are the stored decoder neighbours."""
+    con = duckdb.connect(str(tiny_db), read_only=True)
+    stored = con.execute("SELECT umap_x, umap_y, neighbours FROM features ORDER BY feature").df()
+    con.close()
+    w = tiny_runtime.sae.W_dec.detach().float().numpy()
+    knn = cosine_knn(w, 14)
+    assert [list(n) for n in stored.neighbours] == knn.idx[:, 1:11].tolist()
+    a = umap_layout(w, knn)
+    np.testing.assert_array_equal(a, umap_layout(w))  # the kNN made inside is the same graph
+    np.testing.assert_allclose(a, stored[["umap_x", "umap_y"]].to_numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_umap_kernels_are_cached_on_disk(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    code = "from featuredict.pipelines.harvest.layout import import_umap; import_umap()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    cached = {p.parent.name.split("_")[0] for p in (tmp_path / "numba").rglob("*.nbi")}
+    assert "umap" in cached
+
+
+def test_overview_shows_the_build_and_its_stages(monkeypatch, tiny_db, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    db = copy_db(tiny_db, tmp_path / "o.duckdb")
+    monkeypatch.setenv("FEATUREDICT_DB", str(db))
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.run()
+    assert not at.exception
+    caps = [c.value for c in at.caption if c.value.startswith("Build: ")]
+    assert len(caps) == 1 and "forward" in caps[0] and "write" in caps[0]
