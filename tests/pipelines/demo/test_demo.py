@@ -92,7 +92,7 @@ def test_topic_prompts_cover_everyday_and_safety_topics_deterministically():
 
 
 def test_builtin_corpus_is_mostly_topic_text_deterministic_and_offline(tmp_path: Path, monkeypatch):
-    from featuredict.pipelines.demo.run import run as demo
+    from featuredict.pipelines.demo import run as demo
 
     _no_network(monkeypatch)
     asked = []

@@ -15,7 +15,7 @@ from featuredict.db.schema import SCHEMA_VERSION
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from featuredict.pipelines.harvest.state import build as build_mod
+from featuredict.pipelines.harvest import build as build_mod
 from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
 
