@@ -97,7 +97,7 @@ def make_inputs(work: Path, d_sae: int, k: int) -> tuple[str, str, str, str]:
 
 
 def _cfg(args, tokens: int, db: str):
-    from featuredict.pipelines.harvest.build import BuildConfig
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.corpus import CorpusSpec
     from featuredict.pipelines.model.saes import SaeSource
 

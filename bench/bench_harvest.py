@@ -38,8 +38,7 @@ def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
 
 
 def throughput(args) -> dict:
-    from featuredict.pipelines.harvest.build import PAD_SLOT
-    from featuredict.pipelines.harvest.state import HarvestConfig, HarvestState, update
+    from featuredict.pipelines.harvest.state import PAD_SLOT, HarvestConfig, HarvestState, update
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
 
@@ -80,8 +79,9 @@ def throughput(args) -> dict:
 
 
 def memory_child(args) -> None:
-    from featuredict.pipelines.harvest.build import BuildConfig, harvest_corpus
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.harvest.loop import harvest_corpus
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
 

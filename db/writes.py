@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 
-from featuredict.db.schema import REVIEW_STATUSES, SEVERITIES
+from featuredict.db.filelock import LockError, lock_for
+from featuredict.db.schema import REVIEW_STATUSES, SEVERITIES, DatabaseError, copy_kept_rows, create_schema
 from featuredict.db.store import Store, scalar
 
 MAX_TEXT = 10_000  # characters kept of a label / note / list name
@@ -628,3 +632,71 @@ def set_sae_eval(
         cur.execute("INSERT INTO sae_evals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
 
     store.write(fn)
+
+
+# ------------------------------------------------------------------------------------------ build tables
+
+#: ``saes`` columns a build may set once its rows are written (``write_sae_tables``'s ``final``)
+FINAL_COLUMNS = frozenset({"stage_seconds", "build_seconds"})
+
+
+def write_sae_tables(
+    path: str | Path,
+    sae_row: Mapping[str, Any],
+    feats: pd.DataFrame | pa.Table,
+    ex: pd.DataFrame | pa.Table | pa.RecordBatchReader,
+    final: Callable[[], Mapping[str, Any]] | None = None,
+) -> None:
+    """Write one SAE's build tables (``saes``, ``features``, ``examples``) into ``path`` atomically, keeping
+    other SAEs and every user table.
+
+    The new SAE's rows go into a temporary file without any lock; only the copy of the kept rows from the
+    current file and the swap (``os.replace``) run under the file's exclusive lock, so dashboards and other
+    commands keep working on the old file until then and reopen the new one on their next read. ``ex`` may be a
+    stream (made while DuckDB reads it). ``final``, called once the rows are in (before the swap), returns
+    ``saes`` columns of ``FINAL_COLUMNS`` to set: the build's stage times with the write's own time.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    for p in (tmp, Path(str(tmp) + ".wal")):
+        p.unlink(missing_ok=True)
+    sae_id = str(sae_row["sae_id"])
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            create_schema(con)
+            for name, frame, table in (
+                ("new_saes", pd.DataFrame([dict(sae_row)]), "saes"),
+                ("new_features", feats, "features"),
+                ("new_examples", ex, "examples"),
+            ):
+                con.register(name, frame)
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")  # noqa: S608 - constants
+                con.unregister(name)
+            with lock_for(path).exclusive():  # readers close; other builds and writers of this file wait
+                if path.exists() and path.stat().st_size > 0:
+                    copy_kept_rows(con, path, sae_id)  # other SAEs and every user table
+                if final is not None:
+                    cols = dict(final())
+                    unknown = set(cols) - FINAL_COLUMNS
+                    if unknown:
+                        raise ValueError(f"final columns must be among {sorted(FINAL_COLUMNS)}; got {sorted(unknown)}")
+                    if cols:
+                        sets = ", ".join(f"{c} = ?" for c in sorted(cols))  # names checked above
+                        con.execute(
+                            f"UPDATE saes SET {sets} WHERE sae_id = ?", [*(cols[c] for c in sorted(cols)), sae_id]
+                        )
+                con.execute("CHECKPOINT")
+                con.close()
+                os.replace(tmp, path)
+                # A WAL left by a writer that died (its contents were replayed into `old` and copied above) no
+                # longer matches the new file and would stop it from opening.
+                Path(str(path) + ".wal").unlink(missing_ok=True)
+        finally:
+            con.close()
+    except LockError as e:
+        raise DatabaseError(str(e)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)

@@ -146,7 +146,8 @@ def make_tiny_sae(
 
 def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw) -> Path:
     """Build a real database with the full pipeline from the tiny model + SAE (no network, ~seconds)."""
-    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.build import build
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.corpus import CorpusSpec
     from featuredict.pipelines.harvest.state import HarvestConfig
     from featuredict.pipelines.model.saes import SaeSource

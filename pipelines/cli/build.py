@@ -10,7 +10,7 @@ from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from featuredict.pipelines.harvest.build import BuildConfig
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.state import HarvestConfig
 
     b = sub.add_parser("build", help="harvest feature statistics into a DuckDB feature dictionary")
@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.build import build
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.sharding import RayOptions
     from featuredict.pipelines.harvest.state import HarvestConfig
     from featuredict.pipelines.model.saes import SaeSource

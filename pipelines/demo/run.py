@@ -585,7 +585,8 @@ def _train_and_build(
 ) -> Any:
     """Train (or reuse the cached) SAE at ``model.layers.{layer}`` and harvest it into ``db``; the BuildResult."""
     from featuredict.pipelines.attribution.quality import store_build_eval
-    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.build import build
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.model.saes import SaeSource
     from featuredict.pipelines.train.sae import TrainConfig, train_sae
 

@@ -20,8 +20,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from featuredict.pipelines.harvest.config import BuildConfig
+from featuredict.pipelines.harvest.layout import Knn, umap_layout
+from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.harvest.state import PAD_SLOT, HarvestState, choose_bands
-from featuredict.pipelines.model.runtime import token_strings
+from featuredict.pipelines.harvest.weights import decoder_knn, logit_effects, unembedding
+from featuredict.pipelines.model.runtime import Runtime, token_strings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -242,3 +246,74 @@ def feature_table(
             "search_text": pa.array(search_text, pa.string()),
         }
     )
+
+
+# ---- the tables of one build: features as Arrow, examples streamed ------------------------------------
+
+
+def feature_frames(
+    rt: Runtime,
+    state: HarvestState,
+    cfg: BuildConfig,
+    sae_id: str,
+    stages: StageTimes | None = None,
+    knn: Knn | None = None,
+    layout: np.ndarray | None = None,
+) -> tuple[pa.Table, pa.RecordBatchReader]:
+    """The ``features`` rows and a stream of the ``examples`` rows of one SAE (``pipelines.rows``; the stream is
+    read once, by the write). ``knn`` (``decoder_knn``) and ``layout`` (the UMAP positions) are computed here when
+    not given; ``stages`` gets the time of each step."""
+    w_dec = rt.sae.W_dec.detach().float().cpu()
+    F = w_dec.shape[0]
+    say = print if cfg.progress else (lambda *a, **k: None)
+    say(f"logit effects and decoder-cosine neighbours of {F:,} features...", flush=True)
+    with timed(stages, "logit_effects"):
+        w_u, centre = unembedding(rt)
+        w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
+        pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
+    if knn is None:
+        with timed(stages, "neighbours"):
+            knn = decoder_knn(rt, cfg)
+    nc, nidx = knn.neighbours(cfg.n_neighbours)
+    if cfg.umap and layout is None:
+        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours...", flush=True)
+        with timed(stages, "umap"):
+            layout = umap_layout(w_dec.numpy(), knn)
+    if not cfg.umap:
+        layout = None
+    say("writing examples and features...", flush=True)
+    with timed(stages, "rows"):
+        return _frames(rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), (nc, nidx), layout, stages)
+
+
+def _frames(
+    rt: Runtime,
+    state: HarvestState,
+    cfg: BuildConfig,
+    sae_id: str,
+    w_dec: torch.Tensor,
+    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    nbrs: tuple[np.ndarray, np.ndarray],
+    layout: np.ndarray | None,
+    stages: StageTimes | None,
+) -> tuple[pa.Table, pa.RecordBatchReader]:
+    pv, pi, nv, ni = logits
+    tok = rt.tokenizer
+    pos_tokens = [token_strings(tok, r) for r in pi.tolist()]
+    neg_tokens = [token_strings(tok, r) for r in ni.tolist()]
+    max_tokens, search_text = top_text(tok, state, pos_tokens)
+    feats = feature_table(
+        sae_id, state, w_dec, (pv.numpy(), pos_tokens, nv.numpy(), neg_tokens), nbrs, layout, max_tokens, search_text
+    )
+    # examples stream into the write a block of features at a time; their making still counts as ``rows``
+    batches = _timed_batches(example_batches(sae_id, tok, state, cfg.n_interval_bands), stages)
+    return feats, pa.RecordBatchReader.from_batches(EXAMPLES_SCHEMA, batches)
+
+
+def _timed_batches(batches: Iterator[pa.RecordBatch], stages: StageTimes | None) -> Iterator[pa.RecordBatch]:
+    while True:
+        with timed(stages, "rows"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch

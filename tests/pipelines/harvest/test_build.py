@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from featuredict.db import writes as writes_mod
 from featuredict.db.schema import SCHEMA_VERSION
 from featuredict.pipelines.cli import main
+from featuredict.pipelines.harvest import build as build_mod
+from featuredict.pipelines.harvest import weights as weights_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from featuredict.pipelines.harvest import build as build_mod
 from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
 
 
@@ -105,7 +107,7 @@ def test_rebuild_keeps_labels_and_other_saes_and_failure_leaves_db_intact(
     def boom(*a, **k):
         raise RuntimeError("simulated crash mid-build")
 
-    monkeypatch.setattr(build_mod, "feature_frames", boom)
+    monkeypatch.setattr(build_mod, "feature_frames", boom)  # as build.py calls it
     with pytest.raises(RuntimeError):
         build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second")
     assert db.read_bytes() == before
@@ -143,7 +145,7 @@ def test_an_opener_waits_out_a_build_swap_and_sees_the_new_file(
     from featuredict.db.store import Store
 
     db = build_tiny_db(tmp_path / "r.duckdb", tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
-    real_replace, seen, errors = build_mod.os.replace, [], []
+    real_replace, seen, errors = writes_mod.os.replace, [], []
 
     def dashboard_reads() -> None:
         try:
@@ -159,7 +161,7 @@ def test_an_opener_waits_out_a_build_swap_and_sees_the_new_file(
         assert reader.is_alive() and not seen  # it waits for the swap instead of reading the file being replaced
         real_replace(src, dst)
 
-    monkeypatch.setattr(build_mod.os, "replace", dashboard_opens_mid_swap)
+    monkeypatch.setattr(writes_mod.os, "replace", dashboard_opens_mid_swap)
     build_tiny_db(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, max_tokens=800)
     reader.join(timeout=30)
     assert not errors, errors
@@ -252,7 +254,8 @@ def test_stories260k_end_to_end(tmp_path: Path):
     """Real pretrained model + real TinyStories text: train an SAE with sae-lens, build, check truthfulness."""
     model = require_shared(STORIES_MODEL)
     corpus = require_shared(TINYSTORIES)
-    from featuredict.pipelines.harvest.build import BuildConfig, build
+    from featuredict.pipelines.harvest.build import build
+    from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
     from featuredict.pipelines.train.sae import TrainConfig, train_sae
@@ -392,7 +395,7 @@ def test_logit_effects_rank_tokens_as_the_model_does(arch):
             p.copy_(torch.rand_like(p) * 2 + 0.1 if name in ("weight", "w") else torch.randn_like(p))
     backend = TLBackend if kind == "transformer_lens" else HFBackend
     rt = SimpleNamespace(backend=backend(model, None))
-    w_u, centre = build_mod.unembedding(rt)
+    w_u, centre = weights_mod.unembedding(rt)
     assert centre == ("layernorm" in arch)
     d = torch.randn(20, d_model)
     ours = (d - d.mean(1, keepdim=True) if centre else d) @ w_u

@@ -17,7 +17,8 @@ import pytest
 from featuredict.db import queries as q
 from featuredict.db.schema import connect
 from featuredict.db.store import Store
-from featuredict.pipelines.harvest.build import BuildConfig, build
+from featuredict.pipelines.harvest.build import build
+from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.corpus import CorpusSpec
 from featuredict.pipelines.harvest.layout import cosine_knn, umap_layout
 from featuredict.pipelines.harvest.stages import PARTS, STAGES, StageTimes

@@ -14,15 +14,11 @@ import numpy as np
 import pytest
 
 from featuredict.pipelines.cli import main
-from featuredict.pipelines.harvest.build import (
-    BuildConfig,
-    SpanPlanner,
-    build,
-    join_spans,
-    span_batches,
-)
+from featuredict.pipelines.harvest.build import build
+from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.sharding import RayMissingError, RayOptions, ShardFailedError, map_shards
+from featuredict.pipelines.harvest.spans import SpanPlanner, join_spans, span_batches
 from featuredict.pipelines.harvest.state import HarvestConfig
 from featuredict.pipelines.model.saes import SaeSource
 from tests.helpers import build_tiny_db

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from featuredict.pipelines.harvest.build import BuildConfig, harvest_corpus
+from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.corpus import CorpusSpec
+from featuredict.pipelines.harvest.loop import harvest_corpus
 from featuredict.pipelines.harvest.rows import band_choice, example_batches, top_text
 from featuredict.pipelines.harvest.state import PAD_SLOT, HarvestConfig, choose_bands
 from featuredict.pipelines.model.runtime import token_strings

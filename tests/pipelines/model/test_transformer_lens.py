@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from featuredict.pipelines.harvest.build import PAD_SLOT, BuildConfig, harvest_corpus
+from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.corpus import CorpusSpec
-from featuredict.pipelines.harvest.state import HarvestConfig
+from featuredict.pipelines.harvest.loop import harvest_corpus
+from featuredict.pipelines.harvest.state import PAD_SLOT, HarvestConfig
 from featuredict.pipelines.model.backends import BACKENDS, HFBackend, TLBackend, backend_for_hook
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.runtime import Runtime
