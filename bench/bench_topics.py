@@ -496,9 +496,7 @@ def run(
                     ranked = concept.concept_scores(
                         pos,
                         counter,
-                        base["density"],
-                        base["mean_act"],
-                        base["max_act"],
+                        base,
                         concept.MEANING_POOL,
                         method=method,
                     )

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from featuredict.db import queries as q
+from featuredict.db.records import FeatureBaselines
 from featuredict.db.store import Store
 
 
@@ -38,12 +39,12 @@ def cached_map_points(store: Store, sae_id: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
-def _baselines(_store: Store, key: str, sae_id: str, d_sae: int) -> dict:
+def _baselines(_store: Store, key: str, sae_id: str, d_sae: int) -> FeatureBaselines:
     return q.feature_baselines(_store, sae_id, d_sae)
 
 
-def cached_baselines(store: Store, sae_id: str, d_sae: int) -> dict:
-    """``q.feature_baselines``: density / mean_act / max_act arrays ``[d_sae]``."""
+def cached_baselines(store: Store, sae_id: str, d_sae: int) -> FeatureBaselines:
+    """``q.feature_baselines``: the density / mean_act / max_act arrays ``[d_sae]``."""
     return _baselines(store, db_key(store), sae_id, d_sae)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from featuredict.db.errors import UserError
-from featuredict.db.records import SaeRecord
+from featuredict.db.records import FeatureBaselines, SaeRecord
 
 
 class Reader(Protocol):
@@ -225,18 +225,18 @@ def neighbours(db: Reader, sae_id: str, feature_id: int) -> pd.DataFrame:
     )
 
 
-def feature_baselines(db: Reader, sae_id: str, d_sae: int) -> dict[str, np.ndarray]:
+def feature_baselines(db: Reader, sae_id: str, d_sae: int) -> FeatureBaselines:
     """Corpus statistics as dense arrays ``[d_sae]`` indexed by feature id: density, mean_act, max_act
     (missing features / dead: 0)."""
     df = db.df(
         "SELECT feature, density, coalesce(mean_act, 0) AS mean_act, max_act FROM features WHERE sae_id = ?",
         [sae_id],
     )
-    out = {k: np.zeros(d_sae, dtype=np.float64) for k in ("density", "mean_act", "max_act")}
+    out = FeatureBaselines.zeros(d_sae)
     idx = df["feature"].to_numpy()
     ok = (idx >= 0) & (idx < d_sae)
-    for k in out:
-        out[k][idx[ok]] = df[k].to_numpy(dtype=np.float64)[ok]
+    for k in ("density", "mean_act", "max_act"):
+        getattr(out, k)[idx[ok]] = df[k].to_numpy(dtype=np.float64)[ok]
     return out
 
 

@@ -1,4 +1,5 @@
-"""Typed records that cross the db -> pipelines boundary: ``SaeRecord`` (a ``saes`` row, its JSON parsed once).
+"""Typed records that cross the db -> pipelines boundary: ``SaeRecord`` (a ``saes`` row, its JSON parsed once)
+and ``FeatureBaselines`` (an SAE's corpus statistics as dense arrays).
 
 Pages that only display a row keep the plain dict of ``queries.sae_info``; everything that reloads a model,
 an SAE or scores against the corpus takes these.
@@ -10,6 +11,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 #: positions whose activation norm is above this x their context's median are left out (the build's default)
 DEFAULT_OUTLIER_NORM_RATIO = 10.0
@@ -100,3 +103,28 @@ class SaeRecord:
 def sae_record(row: SaeRecord | Mapping[str, Any]) -> SaeRecord:
     """``row`` as an ``SaeRecord`` (a record is returned as it is)."""
     return row if isinstance(row, SaeRecord) else SaeRecord.from_row(row)
+
+
+@dataclass(frozen=True)
+class FeatureBaselines:
+    """An SAE's corpus statistics as dense float64 arrays ``[d_sae]`` indexed by feature id (missing or dead
+    features: 0): the fraction of tokens it fires on, its mean activation when firing, and its max."""
+
+    density: np.ndarray
+    mean_act: np.ndarray
+    max_act: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("density", "mean_act", "max_act"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        shapes = {a.shape for a in (self.density, self.mean_act, self.max_act)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"baselines must be three 1-d arrays of one length; got shapes {sorted(shapes)}")
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.density.shape[0])
+
+    @classmethod
+    def zeros(cls, d_sae: int) -> FeatureBaselines:
+        return cls(*(np.zeros(d_sae, dtype=np.float64) for _ in range(3)))

@@ -339,7 +339,7 @@ def prompt_mode() -> None:
                 "total": "total activation",
             }.get,
         )
-        whole = prompt.whole_text_features(res, base["max_act"], rank_by=rank_by, top=50)
+        whole = prompt.whole_text_features(res, base.max_act, rank_by=rank_by, top=50)
         if whole.empty:
             st.info("No feature fired on this text.")
             return
@@ -356,7 +356,7 @@ def prompt_mode() -> None:
         )
         if hl is not None:
             acts = prompt.feature_over_tokens(res, int(hl))
-            scale = float(base["max_act"][int(hl)]) or float(acts.max()) or 1.0
+            scale = float(base.max_act[int(hl)]) or float(acts.max()) or 1.0
             st.html(render.context_html(res.tokens, acts, scale, max_pos=int(np.argmax(acts)), skip_first=ctx.has_bos))
         result_table(
             whole[

@@ -233,7 +233,7 @@ def _prompt(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> di
     rt = _runtime(store, sae_id, args.device)
     res = run_prompt(rt, query)
     base = q.feature_baselines(store, sae_id, res.d_sae)
-    whole = whole_text_features(res, base["max_act"], rank_by=args.rank_by, top=args.top)
+    whole = whole_text_features(res, base.max_act, rank_by=args.rank_by, top=args.top)
     whole["top_token"] = [res.tokens[int(p)] for p in whole["argmax_pos"]]
     whole = _labels(store, sae_id, whole)
     cols = ["feature", "max_here", "relative", "total", "n_tokens", "top_token", "explanation", "label", "top_tokens"]

@@ -466,7 +466,7 @@ def steering_hint(
             return None
         rt = runtime_from_row(rec, device=device)
         picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]
-        max_act = q.feature_baselines(store, sae_id, int(rt.d_sae))["max_act"]
+        max_act = q.feature_baselines(store, sae_id, int(rt.d_sae)).max_act
     finally:
         store.close()
     if not picks:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from featuredict.db.records import FeatureBaselines
+
 if TYPE_CHECKING:
     from featuredict.pipelines.model.runtime import Runtime
 
@@ -87,17 +89,15 @@ def _peaks(texts: Sequence[np.ndarray], d_sae: int) -> tuple[np.ndarray, np.ndar
 def concept_scores(
     examples: Sequence[np.ndarray],
     counter: Sequence[np.ndarray] | None,
-    density: np.ndarray,
-    mean_act: np.ndarray,
-    max_act: np.ndarray,
+    baselines: FeatureBaselines,
     top: int = 50,
     eps: float = EPS,
     method: Method = "peak",
 ) -> pd.DataFrame:
     """Rank features by how much more they fire on ``examples`` than on ``counter`` and on ordinary text.
 
-    ``examples`` / ``counter``: lists of ``[pos_i, d_sae]`` arrays (valid tokens only). ``density``,
-    ``mean_act``, ``max_act``: ``[d_sae]`` corpus statistics (0 for dead features). ``method``: ``peak`` (the
+    ``examples`` / ``counter``: lists of ``[pos_i, d_sae]`` arrays (valid tokens only). ``baselines``: the
+    ``[d_sae]`` corpus statistics (density, mean_act, max_act; 0 for dead features). ``method``: ``peak`` (the
     default, see the module docstring) or ``mass`` (the first ranking).
     Returns the ``top`` rows with score > 0, best first: columns ``COLUMNS`` (``max_on_examples``: raw max
     activation over the examples; ``peak_neg`` / ``neg_coverage`` NaN without counter-examples).
@@ -107,17 +107,16 @@ def concept_scores(
     if method not in ("peak", "mass"):
         raise ValueError(f"unknown concept method {method!r} (peak or mass)")
     d_sae = int(np.asarray(examples[0]).shape[1])
-    for name, arr in (("density", density), ("mean_act", mean_act), ("max_act", max_act)):
-        if np.asarray(arr).shape != (d_sae,):
-            raise ValueError(f"{name} must have shape [{d_sae}], got {np.asarray(arr).shape}")
-    dens = np.clip(np.asarray(density, dtype=np.float64), 0.0, 1.0)
-    mean = np.asarray(mean_act, dtype=np.float64)
+    if baselines.d_sae != d_sae:
+        raise ValueError(f"baselines must have shape [{d_sae}], got [{baselines.d_sae}]")
+    dens = np.clip(baselines.density, 0.0, 1.0)
+    mean = baselines.mean_act
     peak_p, sums_p, fires_p, n_p = _peaks(examples, d_sae)
     have_neg = bool(counter)
     peak_n, sums_n, fires_n, n_n = _peaks(counter or [], d_sae)
     raw_max = peak_p.max(0)
     seen = np.maximum(raw_max, peak_n.max(0) if have_neg else 0.0)
-    m = np.asarray(max_act, dtype=np.float64)
+    m = baselines.max_act
     scale = np.where(m > 0, m, np.where(seen > 0, seen, 1.0))  # [d_sae]: each feature's own scale
     coverage = fires_p.mean(0)
     neg_cov = fires_n.mean(0) if have_neg else np.full(d_sae, np.nan)
@@ -186,7 +185,7 @@ def rank_concept(
     base = q.feature_baselines(store, sae_id, int(pos[0].shape[1]))
     weight = MEANING_WEIGHT if meaning_weight is None else float(meaning_weight)
     pool = max(int(top), MEANING_POOL) if weight > 0 else int(top)
-    ranked = concept_scores(pos, neg or None, base["density"], base["mean_act"], base["max_act"], pool, method=method)
+    ranked = concept_scores(pos, neg or None, base, pool, method=method)
     ranked["meaning"] = np.nan
     if weight > 0 and not ranked.empty:
         cos = _meaning_scores(store, sae_id, texts, ranked["feature"].to_numpy())

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from featuredict.dashboard import charts, common, render, serve
+from featuredict.db.records import FeatureBaselines
 from featuredict.pipelines.cli import serve as serve_cli
 from featuredict.pipelines.search import by_prompt as prompt
 from featuredict.pipelines.search import concept
@@ -35,8 +36,8 @@ def test_concept_prefers_feature_specific_to_examples():
         acts(4, {0: 1.0, 1: 1.0, 3: 1.0}),
     ]
     ce = [acts(6, {1: 1.0, 2: 2.0, 3: 1.0}), acts(5, {1: 1.0, 3: 0.9})]
-    base = dict(density=np.full(D, 0.01), mean_act=np.ones(D), max_act=np.full(D, 2.0))
-    df = concept.concept_scores(ex, ce, **base)
+    base = FeatureBaselines(density=np.full(D, 0.01), mean_act=np.ones(D), max_act=np.full(D, 2.0))
+    df = concept.concept_scores(ex, ce, base)
     assert df["feature"].iloc[0] == 0
     assert set(df["feature"]) <= {0, 3, 4}  # f1 (as strong on counters) and f2 (only there) score <= 0
     score = dict(zip(df["feature"], df["score"], strict=True))
@@ -51,7 +52,7 @@ def test_concept_corpus_baseline_penalises_dense_features():
     # but f1 is dense in the corpus (density 0.5) and f0 is rare (1e-4).
     ex = [acts(10, {0: 1.0, 1: 1.0})]
     density = np.array([1e-4, 0.5, 0, 0, 0, 0])
-    df = concept.concept_scores(ex, None, density=density, mean_act=np.ones(D), max_act=np.ones(D))
+    df = concept.concept_scores(ex, None, FeatureBaselines(density=density, mean_act=np.ones(D), max_act=np.ones(D)))
     assert df["feature"].tolist()[:2] == [0, 1]
     assert df["score"].iloc[0] > 5 * df["score"].iloc[1]
     assert df["neg_coverage"].isna().all()
@@ -61,17 +62,23 @@ def test_concept_normalises_by_feature_max():
     # f0 fires at 1.0 of a max of 1 (saturated); f1 fires at 1.0 of a max of 100 (barely): f0 must win.
     ex = [acts(3, {0: 1.0, 1: 1.0})]
     df = concept.concept_scores(
-        ex, None, density=np.full(D, 1e-3), mean_act=np.full(D, 0.5), max_act=np.array([1.0, 100.0, 1, 1, 1, 1])
+        ex,
+        None,
+        FeatureBaselines(
+            density=np.full(D, 1e-3), mean_act=np.full(D, 0.5), max_act=np.array([1.0, 100.0, 1, 1, 1, 1])
+        ),
     )
     assert df["feature"].iloc[0] == 0
 
 
 def test_concept_input_checks():
     with pytest.raises(ValueError):
-        concept.concept_scores([], None, np.zeros(D), np.zeros(D), np.zeros(D))
+        concept.concept_scores([], None, FeatureBaselines.zeros(D))
     with pytest.raises(ValueError):
-        concept.concept_scores([acts(2, {})], None, np.zeros(D + 1), np.zeros(D), np.zeros(D))
-    assert concept.concept_scores([acts(2, {})], None, np.zeros(D), np.zeros(D), np.zeros(D)).empty
+        concept.concept_scores([acts(2, {})], None, FeatureBaselines.zeros(D + 1))
+    with pytest.raises(ValueError):  # the three arrays must agree
+        FeatureBaselines(np.zeros(D), np.zeros(D + 1), np.zeros(D))
+    assert concept.concept_scores([acts(2, {})], None, FeatureBaselines.zeros(D)).empty
 
 
 def test_split_texts():
@@ -277,9 +284,11 @@ def test_concept_feature_dead_in_corpus_uses_its_own_peak():
     df = concept.concept_scores(
         ex,
         None,
-        density=np.array([0, 1e-4, 0, 0, 0, 0]),
-        mean_act=np.array([0, 1.0, 0, 0, 0, 0]),
-        max_act=np.array([0, 2.0, 0, 0, 0, 0]),
+        FeatureBaselines(
+            density=np.array([0, 1e-4, 0, 0, 0, 0]),
+            mean_act=np.array([0, 1.0, 0, 0, 0, 0]),
+            max_act=np.array([0, 2.0, 0, 0, 0, 0]),
+        ),
     )
     assert df["feature"].tolist() == [0, 1]
     assert df["mass_pos"].tolist() == pytest.approx([1.0, 1.0])  # both normalised to their own scale

@@ -113,7 +113,7 @@ def test_map_points_and_baselines(store):
     assert (pts.loc[pts["log10_density"] > -9, "log10_density"] < 0).all()
     base = q.feature_baselines(store, SAE_ID, 300)
     f = q.feature(store, SAE_ID, 9)
-    assert base["density"][9] == pytest.approx(f["density"]) and base["max_act"][9] == pytest.approx(f["max_act"])
+    assert base.density[9] == pytest.approx(f["density"]) and base.max_act[9] == pytest.approx(f["max_act"])
 
 
 def test_update_label_merges_fields_and_tags(store):

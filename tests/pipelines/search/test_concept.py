@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from featuredict.db.records import FeatureBaselines
 from featuredict.pipelines.search import concept
 
 ANIMALS = {"dog": 1.0, "cat": 0.8, "lions": 0.9, "zebras": 0.6, "horses": 0.7}
@@ -19,6 +20,7 @@ D = 3
 DENSITY = np.array([0.002, 0.8, 0.001])
 MEAN_ACT = np.array([0.7, 0.5, 0.5])
 MAX_ACT = np.array([1.0, 1.0, 1.0])
+BASE = FeatureBaselines(DENSITY, MEAN_ACT, MAX_ACT)
 
 
 def synthetic_acts(text: str, broad: float) -> np.ndarray:
@@ -47,7 +49,7 @@ COUNTER = [
 def test_topical_feature_ranks_above_broad_one(with_counter: bool):
     pos = [synthetic_acts(t, broad=0.7) for t in EXAMPLES]  # the broad feature: a little stronger here...
     neg = [synthetic_acts(t, broad=0.5) for t in COUNTER] if with_counter else None  # ...than on these
-    df = concept.concept_scores(pos, neg, DENSITY, MEAN_ACT, MAX_ACT)
+    df = concept.concept_scores(pos, neg, BASE)
     assert df["feature"].iloc[0] == 0
     assert 2 not in set(df["feature"])  # never fired on the examples
     scores = dict(zip(df["feature"], df["score"], strict=True))
@@ -56,7 +58,7 @@ def test_topical_feature_ranks_above_broad_one(with_counter: bool):
 
 def test_peak_evidence_and_density_penalty_columns():
     pos = [synthetic_acts(t, broad=0.7) for t in EXAMPLES]
-    df = concept.concept_scores(pos, None, DENSITY, MEAN_ACT, MAX_ACT).set_index("feature")
+    df = concept.concept_scores(pos, None, BASE).set_index("feature")
     # f0 peaks at 1.0, 0.9 and 0.7 in the three texts: their mean, less the small expected peak of a rare feature
     assert df.loc[0, "peak_pos"] == pytest.approx((1.0 + 0.9 + 0.7) / 3)
     n = [len(re.findall(r"\w+", t)) for t in EXAMPLES]
@@ -70,6 +72,6 @@ def test_peak_evidence_and_density_penalty_columns():
 
 def test_unknown_method_and_no_examples_are_errors():
     with pytest.raises(ValueError, match="unknown concept method"):
-        concept.concept_scores([synthetic_acts("dog", 0.5)], None, DENSITY, MEAN_ACT, MAX_ACT, method="x")  # type: ignore[arg-type]
+        concept.concept_scores([synthetic_acts("dog", 0.5)], None, BASE, method="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one example"):
-        concept.concept_scores([], None, DENSITY, MEAN_ACT, MAX_ACT)
+        concept.concept_scores([], None, BASE)
