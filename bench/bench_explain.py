@@ -7,7 +7,7 @@ Usage::
     python bench/bench_explain.py /tmp/fd/full.duckdb [--http-features 256] [--latency 0 0.5]
 
 The database is copied first (explanations are written into the copy). The HTTP server is the TEST DOUBLE of
-``tests/test_explain.py`` (no model: it names the commonest marked token), so the HTTP figure is the client's
+``tests/pipelines/explain/test_explain.py`` (no model: it names the commonest marked token), so the HTTP figure is the client's
 own throughput plus the server latency given by ``--latency`` (seconds per answer, to mimic an LLM).
 """
 

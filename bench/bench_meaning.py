@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from featuredict.db import embeddings as emb  # noqa: E402
+
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
 from featuredict.pipelines.search import meaning  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         meaning.meaning_search(store, sae, qs + " filtered", filt, limit=50, embedder=embedder, cache_key="bench")
         filtered.append((time.perf_counter() - t0) * 1000)
-    state = emb.embedding_state(store, sae, meaning.DEFAULT_MODEL)
+    state = q.embedding_state(store, sae, meaning.DEFAULT_MODEL)
     store.close()
 
     print()

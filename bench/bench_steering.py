@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2-135m" in args.models:
         max_acts: dict[int, float] = {}
         if args.db:
-            from featuredict.db.presets import feature_max_acts
+            from featuredict.db.queries import feature_max_acts
             from featuredict.db.store import Store
 
             store = Store(args.db, read_only=True)

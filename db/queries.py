@@ -1,4 +1,5 @@
-"""Read queries behind the dashboard pages. Every statement is a constant; values travel as parameters.
+"""Every read of featuredict's tables: the dashboard's pages, the CLI, search by meaning, Neuronpedia export and
+steering presets. Every statement is a constant; values travel as parameters. (Every write is in ``writes.py``.)
 
 Each function takes a ``Reader`` (``db.store.Store`` or anything with ``df(sql, params)`` and
 ``rows(sql, params)``) and returns plain Python / pandas. Shapes are given per function.
@@ -21,9 +22,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from featuredict.db.errors import UserError
 from featuredict.db.records import FeatureBaselines, SaeRecord
+from featuredict.db.store import Store
 
 
 class Reader(Protocol):
@@ -329,7 +333,7 @@ def lists_of_feature(db: Reader, sae_id: str, feature_id: int) -> list[str]:
     return [r[0] for r in rows]
 
 
-# ---------------------------------------------------------------------------------------- explanations
+# -------------------------------------------------------------------------------------------------------- explanations
 
 EXPLANATION_COLUMNS = (
     "id, sae_id, feature, text, method, explainer_model, detection, fuzzing, scorer_model, error, author, source, "
@@ -892,3 +896,361 @@ def watchlist(db: Reader, list_name: str, sae_id: str) -> pd.DataFrame:
            WHERE m.list_name = ? AND m.sae_id = ? ORDER BY m.feature""",
         [DEFAULT_THRESHOLD, DEFAULT_SEVERITY, list_name, sae_id],
     )
+
+
+# ------------------------------------------------------------------------------ search by meaning (feature_embeddings)
+
+
+def id_list(features: Sequence[int]) -> list[int]:
+    """Feature ids as plain ints (a DuckDB INTEGER[] parameter)."""
+    return [int(f) for f in features]
+
+
+def feature_ids(db: Reader, sae_id: str) -> list[int]:
+    """Every feature id of the SAE, ascending."""
+    return [int(r[0]) for r in db.rows("SELECT feature FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])]
+
+
+def feature_words(db: Reader, sae_id: str, features: Sequence[int] | None = None) -> pd.DataFrame:
+    """The curated and generated words of features that have any: columns feature, explanations (list[str]:
+    texts of explanations with text, best first: highest mean score, LLM/imported before the ``tokens`` summary,
+    newest), label, tags (list[str] or None), notes. ``features`` None: every feature of the SAE.
+    Texts are untrusted (LLM output, imports, user input)."""
+    scope, params = "sae_id = ?", list[Any]([sae_id])
+    if features is not None:
+        scope += " AND feature IN (SELECT unnest(?::INTEGER[]))"
+        params.append(id_list(features))
+    return db.df(
+        f"""WITH ex AS (
+                SELECT feature,
+                       list(text ORDER BY (CASE WHEN detection IS NULL AND fuzzing IS NULL THEN NULL
+                                           ELSE (coalesce(detection, fuzzing) + coalesce(fuzzing, detection)) / 2
+                                           END) DESC NULLS LAST,
+                                          (method = 'tokens'), created_at DESC, id DESC) AS explanations
+                FROM explanations WHERE {scope} AND text IS NOT NULL GROUP BY feature),
+            lab AS (SELECT feature, label, tags, notes FROM labels WHERE {scope})
+            SELECT coalesce(ex.feature, lab.feature) AS feature, ex.explanations, lab.label, lab.tags, lab.notes
+            FROM ex FULL OUTER JOIN lab ON lab.feature = ex.feature
+            ORDER BY 1""",
+        params + params,
+    )
+
+
+def context_windows(
+    db: Reader,
+    sae_id: str,
+    features: Sequence[int] | None = None,
+    n_examples: int = 3,
+    before: int = 4,
+    after: int = 2,
+    skip_first: bool = True,
+) -> pd.DataFrame:
+    """A few tokens around the max token of each feature's ``n_examples`` strongest top contexts: columns
+    feature, rank, window (list[str]: up to ``before`` tokens, the max token, up to ``after`` tokens), ordered
+    by feature, rank. ``skip_first``: position 0 is BOS, never part of a window. Raw corpus text."""
+    scope, params = "", list[Any]([1 if skip_first else 0, int(before), int(after), sae_id, int(n_examples)])
+    if features is not None:
+        scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
+        params.append(id_list(features))
+    # DuckDB lists are 1-based and list_slice is inclusive: the max token is tokens[max_pos + 1].
+    return db.df(
+        f"""SELECT feature, rank,
+                   list_slice(tokens, greatest(? + 1, max_pos + 1 - ?), max_pos + 1 + ?) AS window
+            FROM examples WHERE sae_id = ? AND kind = 'top' AND rank < ?{scope}
+            ORDER BY feature, rank""",
+        params,
+    )
+
+
+def max_tokens(db: Reader, sae_id: str, features: Sequence[int] | None = None) -> pd.DataFrame:
+    """``features.max_tokens`` (the token at the max position of each top example): columns feature,
+    max_tokens (list[str] or None)."""
+    scope, params = "", list[Any]([sae_id])
+    if features is not None:
+        scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
+        params.append(id_list(features))
+    return db.df(f"SELECT feature, max_tokens FROM features WHERE sae_id = ?{scope} ORDER BY feature", params)
+
+
+def feature_stats(db: Reader, sae_id: str) -> pd.DataFrame:
+    """Per feature of the SAE, what search filters and result rows read: columns feature, density, max_act,
+    dead, top_tokens (first max tokens joined by ' · '); by feature. Changes only with a rebuild."""
+    return db.df(
+        f"""SELECT f.feature, f.density, f.max_act, f.dead, {top_tokens(5)} AS top_tokens
+            FROM features f WHERE f.sae_id = ? ORDER BY f.feature""",
+        [sae_id],
+    )
+
+
+def labels_of(db: Reader, sae_id: str, features: Sequence[int]) -> dict[int, tuple[str | None, list[str]]]:
+    """feature -> (label, tags) of those ``features`` that have a ``labels`` row."""
+    rows = db.rows(
+        "SELECT feature, label, tags FROM labels WHERE sae_id = ? AND feature IN (SELECT unnest(?::INTEGER[]))",
+        [sae_id, id_list(features)],
+    )
+    return {int(f): (lab, list(t or [])) for f, lab, t in rows}
+
+
+def has_explanations(db: Reader, sae_id: str) -> bool:
+    """Whether any explanation with text exists for the SAE (else result rows need no explanation lookup)."""
+    return bool(db.rows("SELECT 1 FROM explanations WHERE sae_id = ? AND text IS NOT NULL LIMIT 1", [sae_id]))
+
+
+def label_tags(db: Reader, sae_id: str) -> dict[int, list[str]]:
+    """feature -> tags of every feature with a ``labels`` row (labelled), for the labelled / tag filters."""
+    rows = db.rows("SELECT feature, tags FROM labels WHERE sae_id = ?", [sae_id])
+    return {int(f): list(t or []) for f, t in rows}
+
+
+def words_signature(db: Reader, sae_id: str) -> tuple[Any, ...]:
+    """Changes whenever a label or an explanation of the SAE is added, edited or deleted (row counts and
+    newest times of ``labels`` and ``explanations``, the sums of explanation ids and scores (scores order a
+    feature's explanations), and the build time): one cheap
+    query, run before every search by meaning to decide whether any text may be stale."""
+    row = db.rows(
+        """SELECT l.n, l.t, e.n, e.t, e.ids, e.scores, (SELECT CAST(built_at AS VARCHAR) FROM saes WHERE sae_id = ?)
+           FROM (SELECT count(*) AS n, CAST(max(updated_at) AS VARCHAR) AS t FROM labels WHERE sae_id = ?) l,
+                (SELECT count(*) AS n, CAST(max(created_at) AS VARCHAR) AS t, CAST(coalesce(sum(id), 0) AS VARCHAR)
+                        AS ids, round(coalesce(sum(coalesce(detection, 0) + coalesce(fuzzing, 0)), 0), 6) AS scores
+                 FROM explanations WHERE sae_id = ?) e""",
+        [sae_id] * 3,
+    )
+    return tuple(row[0])
+
+
+def words_candidates(db: Reader, sae_id: str, model: str, contexts_prefix: str) -> list[int]:
+    """Features whose embedded text may depend on words: those with a label row or an explanation with text,
+    and those whose stored text has words (it does not start with ``contexts_prefix``, the start of a text
+    made of contexts alone), which covers words deleted since."""
+    rows = db.rows(
+        """SELECT feature FROM labels WHERE sae_id = ?
+           UNION SELECT feature FROM explanations WHERE sae_id = ? AND text IS NOT NULL
+           UNION SELECT feature FROM feature_embeddings
+                 WHERE sae_id = ? AND model = ? AND NOT starts_with(text, ?)
+           ORDER BY 1""",
+        [sae_id, sae_id, sae_id, model, contexts_prefix],
+    )
+    return [int(r[0]) for r in rows]
+
+
+def embedding_models(db: Reader, sae_id: str) -> pd.DataFrame:
+    """Embedding models with vectors for the SAE, most rows first: columns model, n, updated_at (newest)."""
+    return db.df(
+        """SELECT model, count(*) AS n, max(updated_at) AS updated_at
+           FROM feature_embeddings WHERE sae_id = ? GROUP BY model ORDER BY n DESC, model""",
+        [sae_id],
+    )
+
+
+def embedding_state(db: Reader, sae_id: str, model: str) -> tuple[int, str | None, str | None, str | None]:
+    """(rows, newest updated_at, oldest updated_at, the SAE's built_at) of one (SAE, model): changes with every
+    write or touch of its vectors, and with a rebuild of the SAE."""
+    n, newest, oldest, built = db.rows(
+        """SELECT count(*), CAST(max(updated_at) AS VARCHAR), CAST(min(updated_at) AS VARCHAR),
+                  (SELECT CAST(built_at AS VARCHAR) FROM saes WHERE sae_id = ?)
+           FROM feature_embeddings WHERE sae_id = ? AND model = ?""",
+        [sae_id, sae_id, model],
+    )[0]
+    return int(n), newest, oldest, built
+
+
+def not_checked_since_build(db: Reader, sae_id: str, model: str) -> int:
+    """How many stored vectors of (SAE, model) were last written or verified before the SAE's last build (their
+    context summaries may have changed: ``featuredict embed`` re-checks them)."""
+    return int(
+        db.rows(
+            """SELECT count(*) FROM feature_embeddings e JOIN saes s ON s.sae_id = e.sae_id
+               WHERE e.sae_id = ? AND e.model = ? AND e.updated_at < s.built_at""",
+            [sae_id, model],
+        )[0][0]
+    )
+
+
+def stored_hashes(db: Reader, sae_id: str, model: str, features: Sequence[int] | None = None) -> dict[int, str]:
+    """feature -> text_hash of the stored vectors of (SAE, model) (only ``features`` when given)."""
+    scope, params = "", list[Any]([sae_id, model])
+    if features is not None:
+        scope = " AND feature IN (SELECT unnest(?::INTEGER[]))"
+        params.append(id_list(features))
+    rows = db.rows(f"SELECT feature, text_hash FROM feature_embeddings WHERE sae_id = ? AND model = ?{scope}", params)
+    return {int(f): str(h) for f, h in rows}
+
+
+def embedded_texts(db: Reader, sae_id: str, model: str, features: Sequence[int]) -> dict[int, str]:
+    """feature -> the text that was embedded (untrusted: explanations, labels and corpus text)."""
+    rows = db.rows(
+        """SELECT feature, text FROM feature_embeddings
+           WHERE sae_id = ? AND model = ? AND feature IN (SELECT unnest(?::INTEGER[]))""",
+        [sae_id, model, id_list(features)],
+    )
+    return {int(f): str(t) for f, t in rows}
+
+
+def _arrow(store: Store, sql: str, params: list[Any]) -> pa.Table:
+    """One query's rows as an Arrow table (no per-row Python work)."""
+    with store.reading() as cur:
+        rel = cur.sql(sql, params=params)
+        # duckdb 2 names it to_arrow_table; 1.x fetch_arrow_table.
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+
+
+def load_vectors(
+    store: Store, sae_id: str, model: str, since: str | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Stored vectors of (SAE, model), by feature: ``features [n]`` int64, ``vectors [n, dim]`` float32 and
+    the updated_at of each row (as text). ``since``: only rows with ``updated_at`` after it (a delta).
+    One Arrow fetch, no per-row Python work."""
+    sql = "SELECT feature, vector, CAST(updated_at AS VARCHAR) AS t FROM feature_embeddings WHERE sae_id = ? AND model = ?"
+    params: list[Any] = [sae_id, model]
+    if since is not None:
+        sql += " AND updated_at > CAST(? AS TIMESTAMP)"
+        params.append(since)
+    tbl = _arrow(store, sql + " ORDER BY feature", params)
+    feats = tbl.column("feature").to_numpy().astype(np.int64)
+    if tbl.num_rows == 0:
+        return feats, np.zeros((0, 0), dtype=np.float32), []
+    vec = tbl.column("vector").combine_chunks()
+    lengths = pc.list_value_length(vec).to_numpy(zero_copy_only=False)
+    dim = int(lengths[0])
+    if not (lengths == dim).all():
+        raise ValueError(f"stored vectors of {model!r} for {sae_id!r} have different lengths; re-run featuredict embed")
+    flat = pc.list_flatten(vec).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return feats, flat.reshape(len(feats), dim), tbl.column("t").to_pylist()
+
+
+def load_texts(store: Store, sae_id: str, model: str, since: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """The embedded texts of (SAE, model) by feature, as ``load_vectors`` returns the vectors: ``features [n]``
+    int64 and the texts (``since``: only rows updated after it)."""
+    sql = "SELECT feature, text FROM feature_embeddings WHERE sae_id = ? AND model = ?"
+    params: list[Any] = [sae_id, model]
+    if since is not None:
+        sql += " AND updated_at > CAST(? AS TIMESTAMP)"
+        params.append(since)
+    tbl = _arrow(store, sql + " ORDER BY feature", params)
+    return tbl.column("feature").to_numpy().astype(np.int64), tbl.column("text").to_pylist()
+
+
+def filtered_rows(
+    db: Reader, sae_id: str, features: Sequence[int], filters: SearchFilters | None = None
+) -> pd.DataFrame:
+    """Summary rows of those ``features`` that pass ``filters`` (the filters of text search), in the given
+    order: columns feature, label, tags, density, max_act, top_tokens."""
+    filters = filters or SearchFilters()
+    ids = id_list(features)
+    cols = ["feature", "label", "tags", "density", "max_act", "top_tokens"]
+    if not ids:
+        return pd.DataFrame(columns=cols)
+    where = ["f.sae_id = ?", "f.feature IN (SELECT unnest(?::INTEGER[]))"]
+    params: list[Any] = [sae_id, ids]
+    w, p = filter_clauses(filters)
+    where += w
+    params += p
+    df = db.df(
+        f"""SELECT f.feature, l.label, l.tags, f.density, f.max_act, {top_tokens(5)} AS top_tokens
+            FROM features f LEFT JOIN labels l ON l.sae_id = f.sae_id AND l.feature = f.feature
+            WHERE {" AND ".join(where)}""",
+        params,
+    )
+    pos = {f: i for i, f in enumerate(ids)}
+    return df.assign(_o=df["feature"].map(pos)).sort_values("_o").drop(columns="_o").reset_index(drop=True)[cols]
+
+
+# --------------------------------------------------------------------------------------- Neuronpedia import and export
+
+
+def feature_range(db: Reader, sae_id: str) -> list[int]:
+    """Every feature id of the SAE, ascending."""
+    return [int(r[0]) for r in db.rows("SELECT feature FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])]
+
+
+def features_for_export(db: Reader, sae_id: str, lo: int, hi: int) -> pd.DataFrame:
+    """Features ``lo <= feature < hi`` of the SAE: columns feature, max_act, density, hist_counts, pos_tokens,
+    pos_values, neg_tokens, neg_values, neighbours, neighbour_cos; by feature."""
+    return db.df(
+        """SELECT feature, max_act, density, hist_counts, pos_tokens, pos_values, neg_tokens, neg_values,
+                  neighbours, neighbour_cos
+           FROM features WHERE sae_id = ? AND feature >= ? AND feature < ? ORDER BY feature""",
+        [sae_id, int(lo), int(hi)],
+    )
+
+
+def examples_for_export(db: Reader, sae_id: str, lo: int, hi: int) -> pd.DataFrame:
+    """Stored contexts of features ``lo <= feature < hi``: columns feature, kind, band, band_lo, band_hi, rank,
+    context_id, max_act, max_pos, tokens, acts; by feature, kind ('interval' before 'top'), band desc, rank."""
+    return db.df(
+        """SELECT feature, kind, band, band_lo, band_hi, rank, context_id, max_act, max_pos, tokens, acts
+           FROM examples WHERE sae_id = ? AND feature >= ? AND feature < ?
+           ORDER BY feature, kind, band DESC, rank""",
+        [sae_id, int(lo), int(hi)],
+    )
+
+
+def explanations_for_export(db: Reader, sae_id: str) -> pd.DataFrame:
+    """Explanations with text of the SAE: columns id, feature, text, method, explainer_model, author, source,
+    created_at; by feature, id."""
+    return db.df(
+        """SELECT id, feature, text, method, explainer_model, author, source, created_at FROM explanations
+           WHERE sae_id = ? AND text IS NOT NULL ORDER BY feature, id""",
+        [sae_id],
+    )
+
+
+def labels_for_export(db: Reader, sae_id: str) -> pd.DataFrame:
+    """Labels (non-empty) of the SAE: columns feature, label, author, updated_at; by feature."""
+    return db.df(
+        """SELECT feature, label, author, updated_at FROM labels
+           WHERE sae_id = ? AND label IS NOT NULL AND trim(label) <> '' ORDER BY feature""",
+        [sae_id],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- steering presets
+
+
+class PresetError(UserError, ValueError):
+    """A preset that cannot be saved or loaded, with a one-line message fit to show a user."""
+
+
+def _decode(name: str, payload: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as e:
+        raise PresetError(f"preset {name!r} is unreadable: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"preset {name!r} is unreadable: its JSON is not an object")
+    return data
+
+
+def read_preset(store: Store, name: str) -> tuple[str, dict[str, Any]]:
+    """``(sae_id, config dict)`` of preset ``name``; PresetError when absent or not a JSON object."""
+    rows = store.rows("SELECT sae_id, config_json FROM steering_presets WHERE name = ?", [name])
+    if not rows:
+        raise PresetError(f"no steering preset named {name!r} in this database")
+    sae_id, payload = rows[0]
+    return str(sae_id), _decode(name, payload)
+
+
+def read_presets(store: Store, sae_id: str | None = None) -> list[dict[str, Any]]:
+    """Presets (of one SAE, or all), newest first: dicts with name, sae_id, created_at and config (the stored
+    dict, or None when it is not a JSON object)."""
+    if sae_id is None:
+        rows = store.rows("SELECT name, sae_id, config_json, created_at FROM steering_presets ORDER BY created_at DESC")
+    else:
+        rows = store.rows(
+            "SELECT name, sae_id, config_json, created_at FROM steering_presets WHERE sae_id = ? "
+            "ORDER BY created_at DESC",
+            [sae_id],
+        )
+    out = []
+    for name, sid, payload, created in rows:
+        try:
+            config: dict[str, Any] | None = _decode(name, payload)
+        except PresetError:
+            config = None
+        out.append({"name": name, "sae_id": sid, "created_at": created, "config": config})
+    return out
+
+
+def feature_max_acts(store: Store, sae_id: str) -> dict[int, float]:
+    """feature id -> features.max_act for every feature of ``sae_id`` (the unit of a steering ``add``)."""
+    return {int(f): float(m) for f, m in store.rows("SELECT feature, max_act FROM features WHERE sae_id = ?", [sae_id])}

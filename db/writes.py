@@ -1,6 +1,8 @@
-"""User writes from the dashboard: labels, tags, notes and saved lists.
+"""Every write to featuredict's tables: labels, tags, notes, reviews, lists and watch settings from the dashboard
+and the CLI; explanations (``featuredict explain``, Neuronpedia import); feature vectors (``featuredict embed``);
+steering presets; and a build's tables (``write_sae_tables``, the atomic swap). Reads live in ``queries.py``.
 
-Every function goes through ``Store.write`` (one process-wide lock + one transaction), so edits from several
+Every user-table function goes through ``Store.write`` (one process-wide lock + one transaction), so edits from several
 browser sessions at once are serialised and none is lost. Edits are merges, not blind overwrites:
 ``update_label`` changes only the fields it is given and adds/removes individual tags against the row as it
 is *inside* the transaction, so two people tagging the same feature at the same time both keep their tag.
@@ -15,14 +17,17 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from featuredict.db.filelock import LockError, lock_for
+from featuredict.db.queries import PresetError, id_list
 from featuredict.db.schema import REVIEW_STATUSES, SEVERITIES, DatabaseError, copy_kept_rows, create_schema
 from featuredict.db.store import Store, scalar
 
@@ -700,3 +705,185 @@ def write_sae_tables(
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ search by meaning (feature_embeddings)
+
+
+def utc_now() -> datetime:
+    """Naive UTC now (the convention of ``saes.built_at``)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def upsert_embeddings(
+    store: Store,
+    sae_id: str,
+    model: str,
+    features: Sequence[int],
+    texts: Sequence[str],
+    hashes: Sequence[str],
+    vectors: np.ndarray,
+) -> int:
+    """Insert or replace the vectors of ``features`` (one transaction). ``vectors [n, dim]`` float32,
+    L2-normalised. Returns the number of rows written."""
+    n = len(features)
+    if not (len(texts) == len(hashes) == n == len(vectors)):
+        raise ValueError("features, texts, hashes and vectors differ in length")
+    if n == 0:
+        return 0
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    tbl = pa.table(
+        {
+            "feature": pa.array(id_list(features), pa.int32()),
+            "text": pa.array([str(t) for t in texts], pa.string()),
+            "text_hash": pa.array([str(h) for h in hashes], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]).cast(
+                pa.list_(pa.float32())
+            ),
+        }
+    )
+    now = utc_now()
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> int:
+        cur.register("_new_embeddings", tbl)
+        try:
+            cur.execute(
+                """INSERT INTO feature_embeddings (sae_id, feature, model, text, text_hash, vector, updated_at)
+                   SELECT ?, feature, ?, text, text_hash, vector, ? FROM _new_embeddings
+                   ON CONFLICT (sae_id, feature, model) DO UPDATE SET text = excluded.text,
+                       text_hash = excluded.text_hash, vector = excluded.vector, updated_at = excluded.updated_at""",
+                [sae_id, model, now],
+            )
+        finally:
+            cur.unregister("_new_embeddings")
+        return n
+
+    return store.write(fn)
+
+
+def _on_features(store: Store, head: str, params: list[Any], sae_id: str, model: str, features: Sequence[int]) -> int:
+    """Run ``head`` (a constant UPDATE/DELETE on feature_embeddings) on the rows of ``features``; how many."""
+    ids = id_list(features)
+    if not ids:
+        return 0
+    sql = head + " WHERE sae_id = ? AND model = ? AND feature IN (SELECT unnest(?::INTEGER[])) RETURNING feature"
+    return store.write(lambda cur: len(cur.execute(sql, [*params, sae_id, model, ids]).fetchall()))
+
+
+def touch_embeddings(store: Store, sae_id: str, model: str, features: Sequence[int]) -> int:
+    """Mark stored vectors as verified current (their text did not change): sets ``updated_at`` to now."""
+    return _on_features(store, "UPDATE feature_embeddings SET updated_at = ?", [utc_now()], sae_id, model, features)
+
+
+def delete_embeddings(store: Store, sae_id: str, model: str, features: Sequence[int]) -> int:
+    """Delete the stored vectors of ``features`` (features without words or contexts any more)."""
+    return _on_features(store, "DELETE FROM feature_embeddings", [], sae_id, model, features)
+
+
+# --------------------------------------------------------------------------------------- Neuronpedia import and export
+
+
+IMPORT_FIELDS = ("sae_id", "feature", "text", "method", "explainer_model", "author", "source", "created_at")
+
+
+def insert_explanations(store: Store, rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """Insert explanation rows (keys ``IMPORT_FIELDS``; ``created_at`` optional, default now) that are not
+    stored yet, in one transaction. Returns (inserted, skipped as already present, within the rows or in the
+    table). The caller checks that features exist; text is stored as given (untrusted: readers escape it)."""
+    if not rows:
+        return 0, 0
+    for r in rows:
+        if not r.get("sae_id") or not r.get("method") or not str(r.get("text") or "").strip():
+            raise ValueError("an imported explanation needs sae_id, method and text")
+    created: list[datetime | None] = [r.get("created_at") for r in rows]
+    tbl = pa.table(
+        {
+            "sae_id": pa.array([str(r["sae_id"]) for r in rows], pa.string()),
+            "feature": pa.array([int(r["feature"]) for r in rows], pa.int32()),
+            "text": pa.array([str(r["text"]) for r in rows], pa.string()),
+            "method": pa.array([str(r["method"]) for r in rows], pa.string()),
+            "explainer_model": pa.array([r.get("explainer_model") for r in rows], pa.string()),
+            "author": pa.array([r.get("author") for r in rows], pa.string()),
+            "source": pa.array([r.get("source") for r in rows], pa.string()),
+            "created_at": pa.array(created, pa.timestamp("us")),
+            "ord": pa.array(range(len(rows)), pa.int64()),
+        }
+    )
+
+    def fn(cur: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+        cur.register("_import_rows", tbl)
+        try:
+            base = int(scalar(cur, "SELECT coalesce(max(id), 0) FROM explanations"))
+            inserted = cur.execute(
+                """INSERT INTO explanations (id, sae_id, feature, text, method, explainer_model, author, source,
+                       created_at)
+                   SELECT ? + row_number() OVER (ORDER BY ord), sae_id, feature, text, method, explainer_model,
+                          author, source, coalesce(created_at, now()::TIMESTAMP)
+                   FROM (SELECT * FROM _import_rows n
+                         QUALIFY row_number() OVER (PARTITION BY sae_id, feature, method, text, explainer_model
+                                                    ORDER BY ord) = 1) n
+                   WHERE NOT EXISTS (
+                       SELECT 1 FROM explanations e
+                       WHERE e.sae_id = n.sae_id AND e.feature = n.feature AND e.method = n.method
+                         AND e.text = n.text AND e.explainer_model IS NOT DISTINCT FROM n.explainer_model)
+                   RETURNING id""",
+                [base],
+            ).fetchall()
+        finally:
+            cur.unregister("_import_rows")
+        return len(inserted), len(rows) - len(inserted)
+
+    return store.write(fn)
+
+
+# ---------------------------------------------------------------------------------------------------- steering presets
+
+
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,79}")
+
+
+def check_preset_name(name: str) -> str:
+    """``name`` stripped; PresetError unless it is 1-80 letters, digits, spaces, '_', '-' or '.'."""
+    name = (name or "").strip()
+    if not PRESET_NAME.fullmatch(name):
+        raise PresetError(
+            f"preset name {name!r} is not allowed: use 1-80 letters, digits, spaces, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def write_preset(store: Store, name: str, sae_id: str, config: Mapping[str, Any], overwrite: bool = False) -> str:
+    """Store the JSON object ``config`` under ``name`` for ``sae_id``; refuses to replace an existing preset
+    unless ``overwrite``. Returns the cleaned name."""
+    name = check_preset_name(name)
+    try:
+        payload = json.dumps(dict(config), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise PresetError(f"preset {name!r} cannot be stored as JSON: {e}") from None
+    now = datetime.now(UTC).replace(tzinfo=None)
+
+    def write(cur: Any) -> None:
+        exists = cur.execute("SELECT count(*) FROM steering_presets WHERE name = ?", [name]).fetchone()[0]
+        if exists and not overwrite:
+            raise PresetError(f"a preset named {name!r} already exists; pick another name or overwrite it")
+        cur.execute(
+            "INSERT INTO steering_presets (name, sae_id, config_json, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET sae_id = excluded.sae_id, config_json = excluded.config_json, "
+            "created_at = excluded.created_at",
+            [name, sae_id, payload, now],
+        )
+
+    store.write(write)
+    return name
+
+
+def delete_preset(store: Store, name: str) -> bool:
+    """Delete preset ``name``; True when it existed."""
+
+    def write(cur: Any) -> bool:
+        n = cur.execute("SELECT count(*) FROM steering_presets WHERE name = ?", [name]).fetchone()[0]
+        cur.execute("DELETE FROM steering_presets WHERE name = ?", [name])
+        return bool(n)
+
+    return store.write(write)

@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from featuredict.db import interop as dbi
 from featuredict.db import queries as q
+from featuredict.db import writes
 from featuredict.db.errors import UserError
 from featuredict.db.store import Store
 from featuredict.pipelines import __version__
@@ -205,13 +205,13 @@ def import_neuronpedia(
     report, not imported. Raises InteropError / FileNotFoundError / ValueError (one line) on bad input."""
     model, layer = parse_source(source)
     q.resolve_sae(store, sae_id)
-    known = set(dbi.feature_range(store, sae_id))
+    known = set(q.feature_range(store, sae_id))
     files = batch_files(paths)
     rep = ImportReport(source=f"{model}/{layer}", sae_id=sae_id, files=[str(f) for f in files])
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
-        ins, dup = dbi.insert_explanations(store, pending)
+        ins, dup = writes.insert_explanations(store, pending)
         rep.imported += ins
         rep.duplicates += dup
         pending.clear()
@@ -342,12 +342,12 @@ def export_neuronpedia(
         np.sqrt(np.clip(edges[:-1], 1e-30, None) * np.clip(edges[1:], 1e-30, None)) if len(edges) > 1 else []
     )
     data_source = (info.get("corpus") or None) and str(info["corpus"])[:500]
-    ids = dbi.feature_range(store, sae_id)
+    ids = q.feature_range(store, sae_id)
     n_feat = n_act = n_files = 0
     starts = list(range(0, len(ids), batch_size))
     for b, i in enumerate(tqdm(starts, unit="batch", desc="exporting", disable=not progress)):
         lo, hi = ids[i], ids[min(i + batch_size, len(ids)) - 1] + 1
-        feats = dbi.features_for_export(store, sae_id, lo, hi)
+        feats = q.features_for_export(store, sae_id, lo, hi)
         rows = [
             {
                 "modelId": model,
@@ -384,7 +384,7 @@ def export_neuronpedia(
         ]
         _write_batch(root / "features" / f"batch-{b}.jsonl.gz", rows)
         n_feat += len(rows)
-        ex = dbi.examples_for_export(store, sae_id, lo, hi)
+        ex = q.examples_for_export(store, sae_id, lo, hi)
         acts = []
         for r in ex.itertuples():
             values = _floats(r.acts)
@@ -443,7 +443,7 @@ def _explanation_rows(
     """Explanation rows of the export: explanations with text (an imported Neuronpedia row keeps its type and
     id), then labels as type ``featuredict-label``; ordered by feature."""
     rows: list[tuple[int, int, dict[str, Any]]] = []
-    for r in dbi.explanations_for_export(store, sae_id).itertuples():
+    for r in q.explanations_for_export(store, sae_id).itertuples():
         tag = parse_source_tag(r.source) if r.method == IMPORT_METHOD else {}
         same = tag.get("model") == model and tag.get("layer") == layer
         rows.append(
@@ -468,7 +468,7 @@ def _explanation_rows(
             )
         )
     if include_labels:
-        for r in dbi.labels_for_export(store, sae_id).itertuples():
+        for r in q.labels_for_export(store, sae_id).itertuples():
             rows.append(
                 (
                     int(r.feature),

@@ -36,7 +36,6 @@ from featuredict.dashboard.common import (
 )
 from featuredict.dashboard.data import cached_baselines
 from featuredict.dashboard.steer_links import steer_button
-from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
 from featuredict.pipelines.search import by_prompt as prompt
 from featuredict.pipelines.search import concept, meaning
@@ -47,7 +46,7 @@ store, sae_id, info, d_sae = ctx.store, ctx.sae_id, ctx.sae, ctx.d_sae
 st.title("Search")
 MODES = {"text": "Text / id", "meaning": "By meaning", "prompt": "By prompt", "concept": "By concept"}
 # By meaning when the dictionary has a meaning index (build and demo make one), else by text.
-DEFAULT_MODE = "meaning" if not emb.embedding_models(store, sae_id).empty else "text"
+DEFAULT_MODE = "meaning" if not q.embedding_models(store, sae_id).empty else "text"
 mode_qp = qp_str("mode", DEFAULT_MODE)
 sync_widget("search_mode", "mode", mode_qp if mode_qp in MODES else DEFAULT_MODE)
 mode = st.radio(
@@ -198,7 +197,7 @@ def matched_html(text: str, query: str) -> str:
 
 
 def meaning_mode() -> None:
-    models = emb.embedding_models(store, sae_id)
+    models = q.embedding_models(store, sae_id)
     if models.empty:
         st.info(
             f"Search by meaning needs each feature's words embedded once: "
@@ -252,7 +251,7 @@ def meaning_mode() -> None:
         show_error("Search by meaning failed", e)
         return
     ms = (time.perf_counter() - t0) * 1000
-    old = emb.not_checked_since_build(store, sae_id, model)
+    old = q.not_checked_since_build(store, sae_id, model)
     if old:
         st.warning(
             f"{old:,} of the stored vectors were made before the last build of this SAE, so their context "

@@ -25,7 +25,7 @@ from featuredict.dashboard.common import page_context
 from featuredict.dashboard.render import md, text_block
 from featuredict.db import queries
 from featuredict.db.errors import one_line
-from featuredict.db.presets import PresetError, feature_max_acts
+from featuredict.db.queries import PresetError, feature_max_acts
 from featuredict.pipelines.steering import (
     MAX_ACT_UNITS,
     MIN_DISTINCT,

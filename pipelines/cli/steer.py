@@ -153,9 +153,10 @@ class _Setup:
 def _setup(args: argparse.Namespace, command: str) -> _Setup | int:
     """Read the database, build and validate the config, load the runtime; the exit code on bad input."""
     from featuredict.db import queries
-    from featuredict.db.presets import PresetError, check_preset_name, feature_max_acts
+    from featuredict.db.queries import PresetError, feature_max_acts
     from featuredict.db.schema import DatabaseError
     from featuredict.db.store import Store
+    from featuredict.db.writes import check_preset_name
     from featuredict.pipelines.model.loading import ModelLoadError
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
     from featuredict.pipelines.model.saes import SaeLoadError

@@ -8,7 +8,7 @@ distinct ids, decoded to plain strings). DuckDB reads the batches directly (no p
 time, so memory holds one block of windows, not every example of the dictionary.
 
 Rows and their order are those of the plain loop: per feature, its top examples by rank, then the interval
-bands ``choose_bands`` picks, strongest band first, each by rank (``tests/test_rows.py`` checks it row by row).
+bands ``choose_bands`` picks, strongest band first, each by rank (``tests/pipelines/harvest/test_rows.py`` checks it row by row).
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model
 - ``embed_features`` (``featuredict embed``) embeds what changed: a feature whose text hash equals the stored
   one is only marked current, so a re-run after an interruption, or after a few label edits, embeds just those
   features.
-- ``refresh_stale`` keeps words current at search time. One cheap query (``db.embeddings.words_signature``:
+- ``refresh_stale`` keeps words current at search time. One cheap query (``db.queries.words_signature``:
   row counts, newest times, id and score sums of labels and explanations) tells whether any label or
   explanation changed since this process last looked; only then are the texts of features that have (or had)
   words recomposed and compared by hash, and the changed ones re-embedded. A label save therefore reaches the
   next search by meaning (a few ms per changed feature). Context summaries change only with a rebuild:
-  ``db.embeddings.not_checked_since_build`` counts vectors to re-check with ``featuredict embed``.
+  ``db.queries.not_checked_since_build`` counts vectors to re-check with ``featuredict embed``.
 
 ``meaning_search`` embeds the query (one thread, ~10-20 ms for MiniLM on CPU), takes cosines against a numpy
 matrix of the stored vectors (loaded once per database build and model, then patched with rows written since),
@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
+from featuredict.db import writes
 from featuredict.db.errors import UserError
 from featuredict.db.store import Store
 from featuredict.pipelines.model.embedder import (
@@ -165,12 +165,12 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
     """feature -> its text (``compose_text``) for ``features`` (None: all of the SAE's). Features without
     words and contexts are left out. Raises ValueError for an unknown SAE."""
     q.resolve_sae(store, sae_id)
-    ids = emb.feature_ids(store, sae_id) if features is None else sorted({int(f) for f in features})
+    ids = q.feature_ids(store, sae_id) if features is None else sorted({int(f) for f in features})
     if not ids:
         return {}
     scope = None if features is None else ids
     words: dict[int, tuple[Any, Any, Any, Any]] = {}
-    w = emb.feature_words(store, sae_id, scope)
+    w = q.feature_words(store, sae_id, scope)
     for f, ex, lab, tags, notes in zip(w["feature"], w["explanations"], w["label"], w["tags"], w["notes"], strict=True):
         words[int(f)] = (
             None if ex is None or _missing(ex) else list(ex),
@@ -178,7 +178,7 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
             None if tags is None or _missing(tags) else list(tags),
             None if _missing(notes) else notes,
         )
-    mt = emb.max_tokens(store, sae_id, scope)
+    mt = q.max_tokens(store, sae_id, scope)
     tops = {
         int(f): (None if t is None or _missing(t) else list(t))
         for f, t in zip(mt["feature"], mt["max_tokens"], strict=True)
@@ -264,7 +264,7 @@ def _sync(
     """Make the stored vectors of the ``checked`` features match ``texts`` (missing text: delete). Returns
     (embedded, unchanged, removed). Embeds in chunks of CHUNK, each written in its own transaction;
     ``on_progress(done, total)`` after each."""
-    stored = emb.stored_hashes(store, sae_id, model, None if len(checked) > 4096 else checked)
+    stored = q.stored_hashes(store, sae_id, model, None if len(checked) > 4096 else checked)
     hashes = {f: text_hash(t) for f, t in texts.items()}
     # Longest first, so each chunk holds texts of about one length (little padding) and an early chunk
     # shows the slowest rate.
@@ -272,9 +272,9 @@ def _sync(
     same = [f for f in sorted(texts) if stored.get(f) == hashes[f]]
     checked_set = set(checked)
     gone = [f for f in stored if f in checked_set and f not in texts]
-    removed = emb.delete_embeddings(store, sae_id, model, gone)
+    removed = writes.delete_embeddings(store, sae_id, model, gone)
     for i in range(0, len(same), 50_000):
-        emb.touch_embeddings(store, sae_id, model, same[i : i + 50_000])
+        writes.touch_embeddings(store, sae_id, model, same[i : i + 50_000])
     if todo:
         enc = embedder if isinstance(embedder, Embedder) else embedder()
         bar = tqdm(total=len(todo), unit="feature", desc="embedding", disable=not progress)
@@ -282,7 +282,7 @@ def _sync(
             for i in range(0, len(todo), CHUNK):
                 part = todo[i : i + CHUNK]
                 vecs = encode_features(enc, [texts[f] for f in part], batch_size=batch_size)
-                emb.upsert_embeddings(
+                writes.upsert_embeddings(
                     store, sae_id, model, part, [texts[f] for f in part], [hashes[f] for f in part], vecs
                 )
                 bar.update(len(part))
@@ -310,9 +310,9 @@ def embed_features(
     t0 = time.perf_counter()
     model = embedder.model_id if embedder is not None else canonical_model(model_id)
     texts = feature_texts(store, sae_id)
-    ids = emb.feature_ids(store, sae_id)
+    ids = q.feature_ids(store, sae_id)
     known = set(ids)
-    orphans = [f for f in emb.stored_hashes(store, sae_id, model) if f not in known]  # features gone in a rebuild
+    orphans = [f for f in q.stored_hashes(store, sae_id, model) if f not in known]  # features gone in a rebuild
     done, same, removed = _sync(
         store,
         sae_id,
@@ -340,13 +340,13 @@ def refresh_stale(store: Store, sae_id: str, model_id: str, embedder: Embedder |
     had) words and embeds those whose hash differs. Does nothing for an SAE never embedded with this model."""
     model = canonical_model(model_id)
     key = (str(store.path), sae_id, model)
-    sig = emb.words_signature(store, sae_id)
+    sig = q.words_signature(store, sae_id)
     with _SEEN_LOCK:
         if _WORDS_SEEN.get(key) == sig:
             return 0
-    if emb.embedding_state(store, sae_id, model)[0] == 0:
+    if q.embedding_state(store, sae_id, model)[0] == 0:
         return 0
-    cands = emb.words_candidates(store, sae_id, model, CONTEXTS_PREFIX)
+    cands = q.words_candidates(store, sae_id, model, CONTEXTS_PREFIX)
     texts = feature_texts(store, sae_id, cands) if cands else {}
     done, _, removed = _sync(
         store, sae_id, model, texts, cands, embedder or (lambda: load_embedder(model)), 64, progress=False
@@ -365,7 +365,7 @@ class VectorIndex:
     float32 L2-normalised, and per row what the filters and result rows read: ``density``, ``max_act`` ``[n]``
     float64, ``dead``, ``known`` ``[n]`` bool (known: still a feature of the SAE), ``top_tokens`` ``[n]`` str
     (all from the features table, which changes only with a rebuild) and the embedded ``texts [n]``. ``state`` is
-    ``db.embeddings.embedding_state`` when loaded, ``newest`` the newest updated_at among the rows."""
+    ``db.queries.embedding_state`` when loaded, ``newest`` the newest updated_at among the rows."""
 
     features: np.ndarray
     vectors: np.ndarray
@@ -393,7 +393,7 @@ class VectorIndex:
 
     def mask(self, filters: q.SearchFilters | None, labels: dict[int, list[str]] | None = None) -> np.ndarray:
         """``[n]`` bool: rows passing ``filters``, exactly as text search's SQL applies them (``labels``:
-        ``db.embeddings.label_tags``, needed for the labelled / tag filters)."""
+        ``db.queries.label_tags``, needed for the labelled / tag filters)."""
         f = filters or q.SearchFilters()
         m = self.known.copy()
         if not f.include_dead:
@@ -427,7 +427,7 @@ def _index(
     newest: str | None,
 ) -> VectorIndex:
     """A VectorIndex of ``features`` / ``vectors`` / ``texts`` with the columns of the SAE's features table."""
-    st = emb.feature_stats(store, sae_id)
+    st = q.feature_stats(store, sae_id)
     ids = st["feature"].to_numpy(dtype=np.int64)
     pos = np.clip(np.searchsorted(ids, features), 0, max(len(ids) - 1, 0))
     known = (pos < len(ids)) & (ids[pos] == features) if len(ids) else np.zeros(len(features), dtype=bool)
@@ -462,7 +462,7 @@ def vector_index(store: Store, sae_id: str, model_id: str, cache_key: str | None
     in; a deletion or a rebuild reloads it."""
     model = canonical_model(model_id)
     key = (cache_key or str(store.path), sae_id, model)
-    state = emb.embedding_state(store, sae_id, model)
+    state = q.embedding_state(store, sae_id, model)
     with _INDEX_LOCK:
         cur = _INDEX.get(key)
         if cur is not None and cur.state == state:
@@ -472,8 +472,8 @@ def vector_index(store: Store, sae_id: str, model_id: str, cache_key: str | None
             if out is not None:
                 _INDEX[key] = out
                 return out
-        feats, vecs, times = emb.load_vectors(store, sae_id, model)
-        t_feats, t_texts = emb.load_texts(store, sae_id, model)
+        feats, vecs, times = q.load_vectors(store, sae_id, model)
+        t_feats, t_texts = q.load_texts(store, sae_id, model)
         text_of = dict(zip(t_feats.tolist(), t_texts, strict=True))
         texts = np.asarray([text_of.get(int(f), "") for f in feats], dtype=object)
         out = _index(store, sae_id, feats, vecs, texts, state, max(times) if times else None)
@@ -488,8 +488,8 @@ def vector_index(store: Store, sae_id: str, model_id: str, cache_key: str | None
 def _patched(store: Store, sae_id: str, model: str, cur: VectorIndex, state: tuple[Any, ...]) -> VectorIndex | None:
     """``cur`` with the rows written since it was loaded; None when that is not enough (rows were deleted, or
     something was written between the two reads): the caller reloads."""
-    feats, vecs, times = emb.load_vectors(store, sae_id, model, since=cur.newest)
-    t_feats, t_texts = emb.load_texts(store, sae_id, model, since=cur.newest)
+    feats, vecs, times = q.load_vectors(store, sae_id, model, since=cur.newest)
+    t_feats, t_texts = q.load_texts(store, sae_id, model, since=cur.newest)
     if not np.array_equal(t_feats, feats) or (len(vecs) and vecs.shape[1] != cur.vectors.shape[1]):
         return None
     pos = np.searchsorted(cur.features, feats)
@@ -514,7 +514,7 @@ def _patched(store: Store, sae_id: str, model: str, cur: VectorIndex, state: tup
 
 def default_model(db: q.Reader, sae_id: str) -> str | None:
     """The model to search an SAE with: the default one when it has vectors from it, else the one with most."""
-    m = emb.embedding_models(db, sae_id)
+    m = q.embedding_models(db, sae_id)
     if m.empty:
         return None
     return DEFAULT_MODEL if DEFAULT_MODEL in set(m["model"]) else str(m["model"].iloc[0])
@@ -579,13 +579,13 @@ def meaning_search(
     enc = embedder or load_embedder(model)
     scores = index.scores(enc.encode_query(query.strip()))
     f = filters or q.SearchFilters()
-    ok = index.mask(f, emb.label_tags(store, sae_id) if (f.labelled != "any" or f.tag) else None)
+    ok = index.mask(f, q.label_tags(store, sae_id) if (f.labelled != "any" or f.tag) else None)
     k = int(min(int(limit), int(ok.sum())))
     masked = np.where(ok, scores, -np.inf)
     top = np.argpartition(-masked, k - 1)[:k] if 0 < k < index.n else np.flatnonzero(ok)
     top = top[np.argsort(-masked[top], kind="stable")]
     ids = [int(x) for x in index.features[top]]
-    labels = emb.labels_of(store, sae_id, ids)
+    labels = q.labels_of(store, sae_id, ids)
     rows = pd.DataFrame(
         {
             "feature": ids,
@@ -611,7 +611,7 @@ def attach_explanations(
     the SAE's weight fingerprint (True: compute it, memoised per build; None: unknown, nothing stale)."""
     out = df.copy()
     ids = [int(f) for f in out["feature"]]
-    if not ids or not emb.has_explanations(store, sae_id):
+    if not ids or not q.has_explanations(store, sae_id):
         out["explanation"] = [None] * len(ids)
         out["stale"] = [False] * len(ids)
         return out

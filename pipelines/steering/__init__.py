@@ -11,10 +11,10 @@
 - ``quality``: fluency (perplexity under the unsteered model), divergence (KL) and concept scores.
 - ``sweep``: strength sweeps as one batch, with a recommended strength.
 - ``chat``: multi-turn chat, where baseline and steered keep their own conversations.
-- ``presets``: named presets as ``SteeringConfig`` (stored as JSON by ``featuredict.db.presets``).
+- ``presets``: named presets as ``SteeringConfig`` (stored as JSON by ``featuredict.db.queries``).
 """
 
-from featuredict.db.presets import PresetError
+from featuredict.db.queries import PresetError
 from featuredict.pipelines.steering.chat import MAX_TURNS, Turn, chat_streams, side_history
 from featuredict.pipelines.steering.config import (
     MAX_ABS_VALUE,

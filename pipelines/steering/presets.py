@@ -1,4 +1,4 @@
-"""Named steering presets as ``SteeringConfig``: the typed side of ``featuredict.db.presets``."""
+"""Named steering presets as ``SteeringConfig``: the typed side of ``featuredict.db.queries``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from featuredict.db.presets import PresetError, read_preset, read_presets, write_preset
+from featuredict.db.queries import PresetError, read_preset, read_presets
+from featuredict.db.writes import write_preset
 from featuredict.pipelines.steering.config import SteeringConfig, SteeringInputError
 
 if TYPE_CHECKING:

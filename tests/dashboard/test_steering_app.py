@@ -11,9 +11,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from featuredict.db.presets import PresetError, delete_preset, feature_max_acts
-from featuredict.db.queries import SearchFilters, features_by_ids, search
+from featuredict.db.queries import PresetError, SearchFilters, feature_max_acts, features_by_ids, search
 from featuredict.db.store import Store
+from featuredict.db.writes import delete_preset
 from featuredict.pipelines.cli.steer import register
 from featuredict.pipelines.steering import (
     FeatureEdit,

@@ -1,4 +1,4 @@
-"""Neuronpedia import / export (``pipelines/neuronpedia.py``, ``db/interop.py``, ``featuredict neuronpedia``) on copies
+"""Neuronpedia import / export (``pipelines/neuronpedia.py``, ``db/queries.py``, ``db/writes.py``, ``featuredict neuronpedia``) on copies
 of the tiny database the real build writes (conftest.py)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 
 from featuredict.db import queries as q
 from featuredict.db import writes
-from featuredict.db.interop import insert_explanations
 from featuredict.db.store import Store
+from featuredict.db.writes import insert_explanations
 from featuredict.pipelines import neuronpedia as interop
 from featuredict.pipelines.cli import main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from featuredict.db import embeddings as emb
+from featuredict.db import queries as q
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.search import meaning
@@ -31,7 +31,7 @@ def test_words_explains_every_live_feature_and_indexes_them(tiny_db: Path, tmp_p
         live = {r[0] for r in store.rows("SELECT feature FROM features WHERE sae_id = ? AND NOT dead", [SAE])}
         explained = {r[0] for r in store.rows("SELECT DISTINCT feature FROM explanations WHERE sae_id = ?", [SAE])}
         assert live and live <= explained
-        n_vec = emb.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0]
+        n_vec = q.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0]
         assert n_vec >= len(live)
         res = meaning.meaning_search(store, SAE, "baking bread", limit=5)
         assert len(res) == 5 and res["explanation"].notna().all()
@@ -77,7 +77,7 @@ def test_build_ends_with_words_unless_skipped(tiny_model_dir: Path, tiny_sae_dir
     assert "search by meaning is ready" in out
     store = Store(tmp_path / "with.duckdb", read_only=True)
     try:
-        assert emb.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0] > 0
+        assert q.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0] > 0
         assert store.rows("SELECT count(*) FROM explanations WHERE sae_id = ?", [SAE])[0][0] > 0
     finally:
         store.close()

@@ -1,4 +1,4 @@
-"""Search by meaning (``pipelines/search/meaning.py``, ``db/embeddings.py``), the ``search`` / ``embed`` commands and the
+"""Search by meaning (``pipelines/search/meaning.py``, ``db/queries.py``, ``db/writes.py``), the ``search`` / ``embed`` commands and the
 search page's meaning mode.
 
 The embedding model is the real all-MiniLM-L6-v2, loaded offline (``HF_HUB_OFFLINE=1``, conftest.py) from the
@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featuredict.db import embeddings as emb
 from featuredict.db import queries as q
 from featuredict.db import writes
-from featuredict.db.interop import insert_explanations
 from featuredict.db.store import Store
+from featuredict.db.writes import insert_explanations
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.search import meaning
 from tests.helpers import (
@@ -150,7 +149,7 @@ def test_meaning_search_finds_deception_by_paraphrase(explained_db: Path, embedd
     q_vec = embedder.encode_query("telling people untrue things")
     store = Store(explained_db, read_only=True)
     try:
-        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
+        feats, vecs, _ = q.load_vectors(store, SAE, MODEL)
     finally:
         store.close()
     assert res["score"].iloc[0] == pytest.approx(float(vecs[list(feats).index(3)] @ q_vec), abs=1e-5)
@@ -167,8 +166,8 @@ def test_meaning_search_finds_deception_by_paraphrase(explained_db: Path, embedd
 def test_stored_vector_is_the_vector_of_the_stored_text(explained_db: Path, embedder: meaning.Embedder):
     store = Store(explained_db, read_only=True)
     try:
-        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
-        texts = emb.embedded_texts(store, SAE, MODEL, [3, 4])
+        feats, vecs, _ = q.load_vectors(store, SAE, MODEL)
+        texts = q.embedded_texts(store, SAE, MODEL, [3, 4])
     finally:
         store.close()
     fresh = meaning.encode_features(embedder, [texts[3], texts[4]])
@@ -204,21 +203,21 @@ def test_embed_is_resumable_and_refreshes_changed_words(explained_db: Path, embe
         assert (again.embedded, again.unchanged, again.removed) == (0, n, 0)
 
         # a label save reaches the next search by meaning: only that feature is re-embedded
-        before = dict(zip(*emb.load_vectors(store, SAE, MODEL)[:2], strict=True))
+        before = dict(zip(*q.load_vectors(store, SAE, MODEL)[:2], strict=True))
         writes.update_label(store, SAE, 30, label="cooking pasta")
         assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 1
         assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 0  # nothing changed since
-        after = dict(zip(*emb.load_vectors(store, SAE, MODEL)[:2], strict=True))
+        after = dict(zip(*q.load_vectors(store, SAE, MODEL)[:2], strict=True))
         changed = [f for f in before if not np.array_equal(before[f], after[f])]
         assert changed == [30]
-        assert emb.embedded_texts(store, SAE, MODEL, [30])[30].startswith("cooking pasta\n")
+        assert q.embedded_texts(store, SAE, MODEL, [30])[30].startswith("cooking pasta\n")
         res = meaning.meaning_search(store, SAE, "spaghetti dinner", limit=1, embedder=embedder)
         assert int(res["feature"].iloc[0]) == 30
 
         # clearing the label (the row is deleted) makes the text contexts-only again
         writes.update_label(store, SAE, 30, label=None)
         assert meaning.refresh_stale(store, SAE, MODEL, embedder) == 1
-        assert emb.embedded_texts(store, SAE, MODEL, [30])[30].startswith(meaning.CONTEXTS_PREFIX)
+        assert q.embedded_texts(store, SAE, MODEL, [30])[30].startswith(meaning.CONTEXTS_PREFIX)
 
         # an interrupted run keeps its finished chunks; the next run embeds only the rest
         store.write(lambda cur: cur.execute("DELETE FROM feature_embeddings"))
@@ -235,7 +234,7 @@ def test_embed_is_resumable_and_refreshes_changed_words(explained_db: Path, embe
         monkeypatch.setattr(meaning, "encode_features", flaky)
         with pytest.raises(KeyboardInterrupt):
             meaning.embed_features(store, SAE, progress=False, embedder=embedder)
-        assert emb.embedding_state(store, SAE, MODEL)[0] == 32
+        assert q.embedding_state(store, SAE, MODEL)[0] == 32
         monkeypatch.setattr(meaning, "encode_features", real)
         rest = meaning.embed_features(store, SAE, progress=False, embedder=embedder)
         assert (rest.embedded, rest.unchanged) == (n - 32, 32)
@@ -251,12 +250,12 @@ def test_vector_index_is_patched_with_new_rows(explained_db: Path, embedder: mea
         writes.update_label(store, SAE, 40, label="rainy weather")
         meaning.refresh_stale(store, SAE, MODEL, embedder)
         patched = meaning.vector_index(store, SAE, MODEL, cache_key="k")
-        feats, vecs, _ = emb.load_vectors(store, SAE, MODEL)
+        feats, vecs, _ = q.load_vectors(store, SAE, MODEL)
         assert patched is not first and np.array_equal(patched.features, feats)
         assert np.array_equal(patched.vectors, vecs)
         assert not np.array_equal(first.vectors[list(first.features).index(40)], vecs[list(feats).index(40)])
         assert patched.texts[list(feats).index(40)].startswith("rainy weather\n")
-        assert list(patched.texts) == [emb.embedded_texts(store, SAE, MODEL, [f])[f] for f in feats]
+        assert list(patched.texts) == [q.embedded_texts(store, SAE, MODEL, [f])[f] for f in feats]
         full = meaning.vector_index(store, SAE, MODEL, cache_key="fresh")  # a full load agrees with the patch
         assert np.array_equal(full.vectors, patched.vectors) and list(full.texts) == list(patched.texts)
         assert np.array_equal(full.density, patched.density) and list(full.top_tokens) == list(patched.top_tokens)

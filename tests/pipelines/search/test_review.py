@@ -273,7 +273,7 @@ def test_signed_in_user_comes_from_st_user_when_auth_is_configured(monkeypatch):
 
 
 def test_read_only_store_refuses_every_write(synth_db):
-    from featuredict.db import presets
+
     from featuredict.db.store import ReadOnlyError
 
     rw = Store(synth_db)
@@ -296,7 +296,7 @@ def test_read_only_store_refuses_every_write(synth_db):
             with pytest.raises(ReadOnlyError, match="open read-only"):
                 attempt()
         with pytest.raises(ReadOnlyError):
-            presets.write_preset(ro, "p", SAE_ID, {"prompt": "x"})
+            writes.write_preset(ro, "p", SAE_ID, {"prompt": "x"})
         with pytest.raises(duckdb.Error), ro.reading() as cur:  # reads run on a read-only connection
             cur.execute("DELETE FROM labels")
         assert q.label(ro, SAE_ID, 3)["label"] == "kept"
@@ -448,7 +448,7 @@ HOSTILE_PHRASE = f"dogs {HOSTILE_SCRIPT} and {HOSTILE_IMG} · fires on: dog"
 def test_review_rows_show_explanation_tokens_and_why_as_text(monkeypatch, synth_db):
     """A keyphrase explanation with script / img-onerror text: the queue row shows it as plain text in the grid
     (never as HTML), with the top tokens and why the row is queued."""
-    from featuredict.db.interop import insert_explanations
+    from featuredict.db.writes import insert_explanations
     from featuredict.pipelines.search.priorities import describe_rows
 
     s = Store(synth_db)

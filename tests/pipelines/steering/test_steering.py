@@ -201,7 +201,8 @@ def preset_store(tmp_path):
 
 
 def test_presets_are_stored_as_plain_json_and_read_back_as_configs(preset_store):
-    from featuredict.db.presets import PresetError, read_preset, write_preset
+    from featuredict.db.queries import PresetError, read_preset
+    from featuredict.db.writes import write_preset
     from featuredict.pipelines.steering import list_presets, load_preset, save_preset
 
     cfg = SteeringConfig(prompt="hi", edits=(FeatureEdit(3, "add", 1.5),), positions="generated")
@@ -220,7 +221,7 @@ def test_presets_are_stored_as_plain_json_and_read_back_as_configs(preset_store)
 def test_reading_presets_does_not_import_the_pipelines():
     """The storage layer stays below the pipelines: importing it pulls in neither them nor torch."""
     code = (
-        "import sys, featuredict.db.presets\n"
+        "import sys, featuredict.db.queries\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('featuredict.pipelines')]\n"
         "assert not bad, bad"
     )
