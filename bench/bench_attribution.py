@@ -98,8 +98,8 @@ def _setup(db: str | None, saes: list[str], model: str = "smollm2-135m"):
     slots = [Slot(saes[0], rt.sae, rt.site)]
     for f in saes[1:]:
         sae = load_sae(SaeSource(kind="folder", path=f))
-        slots.append(Slot(f, sae, HookSite(rt.loaded, str(sae.cfg.metadata.hook_name))))
-    return None, [{"prepend_bos": rt.prepend_bos}], rt.loaded, slots_in_order(rt.loaded, slots)
+        slots.append(Slot(f, sae, HookSite(rt.backend, str(sae.cfg.metadata.hook_name))))
+    return None, [{"prepend_bos": rt.prepend_bos}], rt.backend, slots_in_order(rt.backend, slots)
 
 
 def _prompt(loaded: Any, n_tokens: int):

@@ -151,7 +151,7 @@ def store_build_eval(
     if not batches:
         return None
     slot = Slot(sae_id, rt.sae, rt.site, rt.outlier_norm_ratio)
-    ev = evaluate(rt.loaded, slot, batches)
+    ev = evaluate(rt.backend, slot, batches)
     store = Store(db)
     try:
         writes.set_sae_eval(store, sae_id, "splice", ev.to_dict(), sum(int(b.shape[0]) for b in batches), size)

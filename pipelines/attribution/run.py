@@ -99,10 +99,10 @@ def load_slots(rows: list[dict[str, Any]], device: str | None = None) -> tuple[M
     rt = cached_runtime_from_row(rows[0], device)
     slots = [Slot(rows[0]["sae_id"], rt.sae, rt.site, rt.outlier_norm_ratio)]
     for r in rows[1:]:
-        sae = load_sae(SaeSource.from_json(r["sae_source"]), device=rt.loaded.device)
-        site = HookSite(rt.loaded, r["hook_name"])
+        sae = load_sae(SaeSource.from_json(r["sae_source"]), device=rt.backend.device)
+        site = HookSite(rt.backend, r["hook_name"])
         slots.append(Slot(r["sae_id"], sae, site, _outlier_ratio(r)))
-    return rt.loaded, slots_in_order(rt.loaded, slots)
+    return rt.backend, slots_in_order(rt.backend, slots)
 
 
 def feature_words(store: Store, sae_id: str, features: list[int]) -> dict[int, dict[str, Any]]:

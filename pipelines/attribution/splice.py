@@ -60,7 +60,7 @@ class Slot:
 
     def valid(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[batch, pos]`` bool: positions that count (see ``runtime.valid_mask``)."""
-        tok = self.site.loaded.tokenizer
+        tok = self.site.backend.tokenizer
         return valid_mask(ids.to(x.device), special_ids(tok), None, x, self.outlier_norm_ratio)
 
     def parts(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

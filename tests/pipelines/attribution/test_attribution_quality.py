@@ -56,7 +56,7 @@ def test_build_stores_splice_quality(built: Path, tiny_corpus: Path, capsys) -> 
     assert ev.context_size.iloc[0] == 16 and ev.n_tokens.iloc[0] == 6 * 15  # BOS does not count
     rt = cached_runtime_from_row(dict(row))
     again = evaluate(
-        rt.loaded,
+        rt.backend,
         Slot(row["sae_id"], rt.sae, rt.site),
         corpus_batches(rt.tokenizer, CorpusSpec(str(tiny_corpus)), 16, 6),
     )
