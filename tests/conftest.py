@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.helpers import (  # noqa: E402 - after the offline settings
-    TINY_HOOK,
     TINY_TEXT,
     TL_HOOK,
     build_tiny_db,
@@ -30,8 +29,6 @@ from tests.helpers import (  # noqa: E402 - after the offline settings
     make_tiny_sae,
     point_at_tiny_model,
 )
-
-__all__ = ["TINY_HOOK", "TINY_TEXT", "make_tiny_model", "make_tiny_sae"]  # bench/bench_distributed.py imports them
 
 
 # ---- the tiny model + SAE ------------------------------------------------------------------------------------
