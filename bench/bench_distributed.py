@@ -6,7 +6,7 @@ driver's peak memory as the number of shards grows.
 
 The SAE is a random TopK SAE (made here, like the tests' one) on ``model.layers.2``: its statistics are
 meaningless, but the harvest does exactly the same work as with a trained one. Without ../shared the tiny random
-Llama of ``tests/conftest.py`` is made instead. Every figure comes from a fresh process (``--child``), so each
+Llama of ``tests/helpers.py`` is made instead. Every figure comes from a fresh process (``--child``), so each
 build pays its own start-up, as ``featuredict build`` would:
 
 - ``single``: ``build(cfg)`` in one process, with torch on one thread and on every core (on a busy machine one
@@ -83,8 +83,8 @@ class _Sampler:
 def make_inputs(work: Path, d_sae: int, k: int) -> tuple[str, str, str, str]:
     """(model, sae folder, corpus, hook): stories260K + TinyStories where ../shared has them, else the tiny model;
     the SAE is a random TopK SAE (timing does not depend on training)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import TINY_HOOK, TINY_TEXT, make_tiny_model, make_tiny_sae
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers import TINY_HOOK, TINY_TEXT, make_tiny_model, make_tiny_sae
 
     if STORIES.exists() and TINYSTORIES.exists():
         model, corpus, hook, d_in = str(STORIES), str(TINYSTORIES), "model.layers.2", 64

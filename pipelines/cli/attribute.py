@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
 
@@ -120,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = run_attribution(store, req, device=args.device)
     except (AttributionInputError, FreezeError, ModelLoadError, SaeLoadError, ValueError) as e:
-        return _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _err(one_line(e))
     finally:
         store.close()
     if out is not None and res.graph is not None:
         save_graph(res.graph, out)
     data = to_json(res, args.show)
     if args.json:
-        if out is not None:
+        if out is not None and res.graph is not None:
             data["graph"] = {"path": str(out), "nodes": len(res.graph.nodes), "links": len(res.graph.links)}
         print(dumps(data))
     else:
