@@ -227,6 +227,20 @@ def set_param(param: str, value: Any, key: str | None = None) -> None:
         st.session_state[f"_{key}_qp_seen"] = raw
 
 
+def watchlist_picker(store: Store, key: str, where: Any = None, empty: str = "") -> str:
+    """A "Watchlist" select box over the file's lists, bound to the ``list`` query parameter; with no list yet,
+    ``empty`` as an info line and the run stops."""
+    names = q.list_names(store)["list_name"].tolist()
+    if not names:
+        st.info(empty or "No lists yet: add features to a list (feature page or Lists page) to use it as a watchlist.")
+        st.stop()
+    want = qp_str("list", names[0])
+    sync_widget(key, "list", want if want in names else names[0])
+    chosen = str((where or st).selectbox("Watchlist", names, key=key))
+    set_param("list", chosen, key=key)
+    return chosen
+
+
 def page_file(name: str) -> str:
     """The file of page ``name`` relative to app.py (for ``st.Page``, ``st.page_link``, ``st.switch_page``)."""
     if name not in PAGES:

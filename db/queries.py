@@ -1094,18 +1094,24 @@ def _arrow(store: Store, sql: str, params: list[Any]) -> pa.Table:
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
 
 
+def _embedding_rows(store: Store, columns: str, sae_id: str, model: str, since: str | None) -> pa.Table:
+    """``columns`` (a constant) of the ``feature_embeddings`` rows of (SAE, model) by feature, as one Arrow
+    table; ``since``: only rows updated after it."""
+    sql = f"SELECT {columns} FROM feature_embeddings WHERE sae_id = ? AND model = ?"  # noqa: S608 - constants
+    params: list[Any] = [sae_id, model]
+    if since is not None:
+        sql += " AND updated_at > CAST(? AS TIMESTAMP)"
+        params.append(since)
+    return _arrow(store, sql + " ORDER BY feature", params)
+
+
 def load_vectors(
     store: Store, sae_id: str, model: str, since: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Stored vectors of (SAE, model), by feature: ``features [n]`` int64, ``vectors [n, dim]`` float32 and
     the updated_at of each row (as text). ``since``: only rows with ``updated_at`` after it (a delta).
     One Arrow fetch, no per-row Python work."""
-    sql = "SELECT feature, vector, CAST(updated_at AS VARCHAR) AS t FROM feature_embeddings WHERE sae_id = ? AND model = ?"
-    params: list[Any] = [sae_id, model]
-    if since is not None:
-        sql += " AND updated_at > CAST(? AS TIMESTAMP)"
-        params.append(since)
-    tbl = _arrow(store, sql + " ORDER BY feature", params)
+    tbl = _embedding_rows(store, "feature, vector, CAST(updated_at AS VARCHAR) AS t", sae_id, model, since)
     feats = tbl.column("feature").to_numpy().astype(np.int64)
     if tbl.num_rows == 0:
         return feats, np.zeros((0, 0), dtype=np.float32), []
@@ -1121,12 +1127,7 @@ def load_vectors(
 def load_texts(store: Store, sae_id: str, model: str, since: str | None = None) -> tuple[np.ndarray, list[str]]:
     """The embedded texts of (SAE, model) by feature, as ``load_vectors`` returns the vectors: ``features [n]``
     int64 and the texts (``since``: only rows updated after it)."""
-    sql = "SELECT feature, text FROM feature_embeddings WHERE sae_id = ? AND model = ?"
-    params: list[Any] = [sae_id, model]
-    if since is not None:
-        sql += " AND updated_at > CAST(? AS TIMESTAMP)"
-        params.append(since)
-    tbl = _arrow(store, sql + " ORDER BY feature", params)
+    tbl = _embedding_rows(store, "feature, text", sae_id, model, since)
     return tbl.column("feature").to_numpy().astype(np.int64), tbl.column("text").to_pylist()
 
 

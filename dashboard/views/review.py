@@ -20,6 +20,7 @@ from featuredict.dashboard.common import (
     show_error,
     sync_widget,
     url,
+    watchlist_picker,
 )
 from featuredict.dashboard.data import clear_label_caches
 from featuredict.db import queries as q
@@ -58,14 +59,7 @@ set_param("status", ",".join(statuses), key="rq_status")
 watchlist: str | None = None
 scores: pd.DataFrame | None = None
 if priority == "watchlist":
-    names = q.list_names(store)["list_name"].tolist()
-    if not names:
-        st.info("No lists yet: add features to a list (feature page or Lists page) to use it as a watchlist.")
-        st.stop()
-    want = qp_str("list", names[0])
-    sync_widget("rq_list", "list", want if want in names else names[0])
-    watchlist = c[1].selectbox("Watchlist", names, key="rq_list")
-    set_param("list", watchlist, key="rq_list")
+    watchlist = watchlist_picker(store, "rq_list", c[1])
 elif priority == "concept":
     concepts = concept_names()
     want = qp_str("concept", concepts[0])

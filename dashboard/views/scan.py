@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from featuredict.dashboard import render
-from featuredict.dashboard.common import get_runtime, page_context, qp_str, set_param, show_error, sync_widget, url
+from featuredict.dashboard.common import get_runtime, page_context, show_error, url, watchlist_picker
 from featuredict.dashboard.export import csv_safe
 from featuredict.db import queries as q
 from featuredict.pipelines.scan import BadRecord, ScanResult, Watch, read_records, scan_text
@@ -24,14 +24,9 @@ store, sae_id = ctx.store, ctx.sae_id
 MAX_RECORDS = 200  # per upload on this page; use `featuredict scan` for large files
 
 st.title("Scan text for watched features")
-names = q.list_names(store)["list_name"].tolist()
-if not names:
-    st.info("No lists yet: add features to a list and use it as a watchlist (see docs/review.md).")
-    st.stop()
-want = qp_str("list", names[0])
-sync_widget("scan_list", "list", want if want in names else names[0])
-wl_name = st.selectbox("Watchlist", names, key="scan_list")
-set_param("list", wl_name, key="scan_list")
+wl_name = watchlist_picker(
+    store, "scan_list", empty="No lists yet: add features to a list and use it as a watchlist (see docs/review.md)."
+)
 wl = q.watchlist(store, wl_name, sae_id)
 if wl.empty:
     st.info(f"List '{render.md(wl_name)}' has no features of SAE `{sae_id}`.")

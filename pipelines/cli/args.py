@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from featuredict.pipelines.harvest.corpus import CorpusSpec
+
+T = TypeVar("T")
 
 
 def default(config: type, name: str) -> Any:
@@ -19,6 +22,20 @@ def default(config: type, name: str) -> Any:
                 return f.default_factory()
             break
     raise KeyError(f"{config.__name__} has no field {name!r} with a default")
+
+
+def config_from(
+    args: argparse.Namespace, config: Callable[..., T], rename: Mapping[str, str] | None = None, **given: Any
+) -> T:
+    """``config`` (a dataclass) from the parsed flags: each field takes ``args.<field>`` (or the flag ``rename``
+    names for it) where the parser has one, else keeps its default; ``given`` sets the rest (and wins)."""
+    rename = rename or {}
+    kw = dict(given)
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        flag = rename.get(f.name, f.name)
+        if f.name not in kw and hasattr(args, flag):
+            kw[f.name] = getattr(args, flag)
+    return config(**kw)
 
 
 def add_option(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, corpus_spec
+from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, config_from, corpus_spec
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -87,31 +87,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.sae:
             raise ValueError("give --sae FOLDER_OR_RELEASE:ID, or --sae-release with --sae-id")
         source = SaeSource.parse(args.sae)
-    cfg = BuildConfig(
-        model=args.model,
+    cfg = config_from(
+        args,
+        BuildConfig,
+        {"sae_name": "name"},
         sae=source,
         corpus=corpus_spec(args),
-        db=args.db,
-        sae_name=args.name,
-        hook=args.hook,
-        context_size=args.context_size,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
         harvest=HarvestConfig(top_k=args.top_k, samples_per_band=args.interval_samples),
         umap=not args.no_umap,
-        device=args.device,
-        dtype=args.dtype,
-        outlier_norm_ratio=args.outlier_norm_ratio,
     )
-    ray = None
-    if args.ray is not None:
-        ray = RayOptions(
-            address=args.ray,
-            shards=args.shards,
-            gpus_per_shard=args.gpus_per_shard,
-            cpus_per_shard=args.cpus_per_shard,
-            max_retries=args.max_retries,
-        )
+    ray = None if args.ray is None else config_from(args, RayOptions, {"address": "ray"})
     r = build(cfg, ray=ray)  # Ray missing or unreachable, a shard failing every attempt: a UserError (one line)
     print(r.summary())
     if args.eval_contexts > 0:  # SAE quality through the splice path, stored in sae_evals (docs/attribution.md)

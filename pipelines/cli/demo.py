@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from featuredict.pipelines.cli.args import config_from
 from featuredict.pipelines.demo.run import CPU_BUDGETS, CUDA_SCALE, DemoConfig, parse_layers, run_demo
 
 
@@ -47,17 +48,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     return run_demo(
-        DemoConfig(
-            db=args.db,
-            corpus=args.corpus,
-            tokens=args.tokens,
-            train_tokens=args.train_tokens,
-            d_sae=args.d_sae,
-            k=args.k,
-            layer=args.layer,
-            force=args.force,
-            gen_tokens=args.gen_tokens,
-            device=getattr(args, "device", None),
+        config_from(
+            args,
+            DemoConfig,
             steer_hint=not getattr(args, "no_steer_hint", False),
             layers=parse_layers(getattr(args, "layers", None)),
         )

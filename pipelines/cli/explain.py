@@ -98,40 +98,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``featuredict explain``; 0 on success, 2 on bad input or a run that stopped early."""
     from featuredict.db.schema import DatabaseError
+    from featuredict.pipelines.cli.args import config_from
     from featuredict.pipelines.explain.clients import ChatSettings
     from featuredict.pipelines.explain.run import ExplainConfig, run_explain
     from featuredict.pipelines.model.loading import ModelLoadError
 
     try:
-        cfg = ExplainConfig(
-            db=args.db,
-            sae_id=args.sae,
-            features=args.features,
-            all_features=args.all,
-            explainer=args.explainer,
-            model=args.model,
-            force=args.force,
-            score=args.score,
-            scorer=args.scorer,
-            scorer_model=args.scorer_model,
-            chat=ChatSettings(
-                retries=args.retries,
-                backoff_s=args.backoff,
-                timeout_s=args.timeout,
-                temperature=args.temperature,
-                concurrency=args.concurrency,
-                device=args.device,
-                api_key_env=args.api_key_env,
-                threads=args.threads,
-            ),
-            top_examples=args.top_examples,
-            interval_examples=args.interval_examples,
-            score_examples=args.score_examples,
-            score_batch=args.score_batch,
-            max_new_tokens=args.max_new_tokens,
-            author=args.author,
-            seed=args.seed,
-            max_failures_in_a_row=args.max_failures_in_a_row,
+        chat = config_from(args, ChatSettings, {"backoff_s": "backoff", "timeout_s": "timeout"})
+        cfg = config_from(
+            args,
+            ExplainConfig,
+            {"sae_id": "sae", "all_features": "all"},
+            chat=chat,
             progress=not args.no_progress,
         )
         summary = run_explain(cfg)

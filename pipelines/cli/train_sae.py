@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from featuredict.pipelines.cli.args import add_corpus_args, add_device_args, add_option, corpus_spec, default
+from featuredict.pipelines.cli.args import (
+    add_corpus_args,
+    add_device_args,
+    add_option,
+    config_from,
+    corpus_spec,
+    default,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,23 +54,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from featuredict.pipelines.train.sae import TrainConfig, train_sae
 
-    cfg = TrainConfig(
-        model=args.model,
-        corpus=corpus_spec(args),
-        out=args.out,
-        hook=args.hook,
-        d_sae=args.d_sae,
-        k=args.k,
-        training_tokens=args.tokens,
-        context_size=args.context_size,
-        batch_tokens=args.batch_tokens,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        activations=args.activations,
-        device=args.device,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
+    cfg = config_from(args, TrainConfig, {"training_tokens": "tokens"}, corpus=corpus_spec(args))
     r = train_sae(cfg)
     print(
         f"trained TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) at {cfg.hook} of {cfg.model} on {cfg.training_tokens:,} "

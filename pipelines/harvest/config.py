@@ -12,7 +12,7 @@ from featuredict.pipelines.harvest.stages import StageTimes
 from featuredict.pipelines.harvest.state import (
     HarvestConfig,
 )
-from featuredict.pipelines.model.saes import SaeSource
+from featuredict.pipelines.model.saes import SaeRunStats, SaeSource
 
 FVE_WARN = 0.5
 
@@ -41,18 +41,12 @@ class BuildConfig:
 
 
 @dataclass(kw_only=True)
-class BuildResult:
+class BuildResult(SaeRunStats):
     db: Path
     sae_id: str
     n_tokens: int
     n_contexts: int
     d_sae: int
-    fve: float
-    l0: float
-    dead_fraction: float
-    seconds: float
-    tokens_per_s: float
-    dtype: str  # what the model ran in
     shards: int = 0  # Ray shards the harvest ran in (0: in this process)
     stages: StageTimes = field(default_factory=StageTimes)
 

@@ -93,3 +93,17 @@ def sae_metadata(sae: SAE[Any]) -> dict[str, Any]:
     """The SAE's training metadata (hook name, model, context size, prepend_bos...) as a plain dict."""
     meta = getattr(sae.cfg, "metadata", None)
     return dict(meta.to_dict()) if meta is not None and hasattr(meta, "to_dict") else {}
+
+
+@dataclass
+class SaeRunStats:
+    """What one run of model + SAE over a corpus measured (a build's harvest, a training run's evaluation): the
+    reconstruction's fraction of variance explained, mean active features per token, the share of features
+    that never fired, wall seconds, tokens per second and the dtype the model ran in."""
+
+    fve: float
+    l0: float
+    dead_fraction: float
+    seconds: float
+    tokens_per_s: float
+    dtype: str

@@ -44,6 +44,7 @@ import torch
 from featuredict.db.errors import one_line
 from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents, validate
 from featuredict.pipelines.model.loading import ModelLoadError, dtype_name, pick_device, resolve_dtype, resolve_hf_path
+from featuredict.pipelines.model.saes import SaeRunStats
 
 SUMMARY_FILE = "featuredict_train.json"
 
@@ -117,14 +118,8 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(SaeRunStats):
     out: Path
-    fve: float
-    l0: float
-    dead_fraction: float
-    seconds: float
-    tokens_per_s: float
-    dtype: str  # what the model ran in
     mode: str = "stream"  # where the activations came from: stream / cache
     corpus_tokens: int | None = None  # cache: the valid tokens cached (training cycles over them)
 
@@ -249,7 +244,15 @@ def train_sae(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     tmp.rename(out)
     fve, l0, dead = evaluate(cfg, out, dtype=dtype)
     result = TrainResult(
-        out, fve, l0, dead, seconds, cfg.training_tokens / max(seconds, 1e-9), dtype, mode=mode, corpus_tokens=cached
+        fve=fve,
+        l0=l0,
+        dead_fraction=dead,
+        seconds=seconds,
+        tokens_per_s=cfg.training_tokens / max(seconds, 1e-9),
+        dtype=dtype,
+        out=out,
+        mode=mode,
+        corpus_tokens=cached,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(result.summary()), encoding="utf-8")
     return result
