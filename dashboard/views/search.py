@@ -127,15 +127,21 @@ def filters_ui() -> tuple[q.SearchFilters, int]:
     return filters, int(limit)
 
 
+def query_input(label: str, key: str, placeholder: str) -> str:
+    """A text box bound to the ``query`` URL parameter (a link fills it; typing updates the URL)."""
+    sync_widget(key, "query", qp_str("query"))
+    query = str(st.text_input(label, key=key, placeholder=placeholder))
+    set_param("query", query.strip() or None, key=key)
+    return query
+
+
 # --------------------------------------------------------------------------------------------- text
 def text_mode() -> None:
-    sync_widget("search_query", "query", qp_str("query"))
-    query = st.text_input(
+    query = query_input(
         "Search features",
-        key="search_query",
-        placeholder="a feature id (123) or words from labels, tags, notes, contexts, logit tokens",
+        "search_query",
+        "a feature id (123) or words from labels, tags, notes, contexts, logit tokens",
     )
-    set_param("query", query.strip() or None, key="search_query")
     filters, limit = filters_ui()
     if not query.strip() and filters == q.SearchFilters():
         st.caption(
@@ -226,13 +232,9 @@ def meaning_mode() -> None:
     model = meaning.default_model(store, sae_id) or names[0]
     if len(names) > 1:
         model = st.selectbox("Embedding model", names, index=names.index(model), key="meaning_model")
-    sync_widget("meaning_query", "query", qp_str("query"))
-    query = st.text_input(
-        "Search by meaning",
-        key="meaning_query",
-        placeholder="what the features should be about, e.g. telling people untrue things",
+    query = query_input(
+        "Search by meaning", "meaning_query", "what the features should be about, e.g. telling people untrue things"
     )
-    set_param("query", query.strip() or None, key="meaning_query")
     filters, limit = filters_ui()
     if not query.strip():
         st.caption(
