@@ -459,21 +459,24 @@ def rename_list(store: Store, old: str, new: str, author: str | None = None) -> 
 
 # ------------------------------------------------------------------------------------------- explanations
 
-EXPLANATION_FIELDS = (
-    "sae_id",
-    "feature",
-    "text",
-    "method",
-    "explainer_model",
-    "detection",
-    "fuzzing",
-    "scorer_model",
-    "error",
-    "author",
-    "source",
-    "sae_fingerprint",
-    "tokens_used",
-)
+#: the columns an explanation row may set, with their Arrow types (the insert goes through one Arrow table)
+EXPLANATION_TYPES: dict[str, pa.DataType] = {
+    "sae_id": pa.string(),
+    "feature": pa.int32(),
+    "text": pa.string(),
+    "method": pa.string(),
+    "explainer_model": pa.string(),
+    "detection": pa.float32(),
+    "fuzzing": pa.float32(),
+    "scorer_model": pa.string(),
+    "error": pa.string(),
+    "author": pa.string(),
+    "source": pa.string(),
+    "sae_fingerprint": pa.string(),
+    "tokens_used": pa.int32(),
+    "created_at": pa.timestamp("us"),
+}
+EXPLANATION_FIELDS = tuple(k for k in EXPLANATION_TYPES if k != "created_at")
 MAX_EXPLANATION = 2_000  # characters kept of an explanation's text
 MAX_ERROR = 500
 
@@ -540,25 +543,8 @@ def add_explanations(store: Store, rows: Sequence[Mapping[str, Any]], replace: b
     clean = [_explanation_row(r) for r in rows]
     if not clean:
         return []
-    tbl = pa.table(
-        {
-            "sae_id": pa.array([r["sae_id"] for r in clean], pa.string()),
-            "feature": pa.array([r["feature"] for r in clean], pa.int32()),
-            "text": pa.array([r["text"] for r in clean], pa.string()),
-            "method": pa.array([r["method"] for r in clean], pa.string()),
-            "explainer_model": pa.array([r["explainer_model"] for r in clean], pa.string()),
-            "detection": pa.array([r["detection"] for r in clean], pa.float32()),
-            "fuzzing": pa.array([r["fuzzing"] for r in clean], pa.float32()),
-            "scorer_model": pa.array([r["scorer_model"] for r in clean], pa.string()),
-            "error": pa.array([r["error"] for r in clean], pa.string()),
-            "author": pa.array([r["author"] for r in clean], pa.string()),
-            "source": pa.array([r["source"] for r in clean], pa.string()),
-            "sae_fingerprint": pa.array([r["sae_fingerprint"] for r in clean], pa.string()),
-            "tokens_used": pa.array([r["tokens_used"] for r in clean], pa.int32()),
-            "created_at": pa.array([r["created_at"] for r in clean], pa.timestamp("us")),
-            "ord": pa.array(range(len(clean)), pa.int64()),
-        }
-    )
+    columns = {k: pa.array([r[k] for r in clean], t) for k, t in EXPLANATION_TYPES.items()}
+    tbl = pa.table({**columns, "ord": pa.array(range(len(clean)), pa.int64())})
 
     def fn(cur: duckdb.DuckDBPyConnection) -> list[int]:
         cur.register("_new_explanations", tbl)

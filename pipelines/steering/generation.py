@@ -608,20 +608,10 @@ class GenerationStream:
         self._batch.close()
 
 
-def generate(
-    rt: Runtime,
-    config: SteeringConfig,
-    *,
-    steer: bool = True,
-    max_acts: Mapping[int, float] | None = None,
-    record: bool = True,
-    stop_at_eos: bool = True,
-    keep_logits: bool = False,
-) -> GenerationResult:
-    """Run a whole generation (see ``GenerationStream``) and return its result."""
-    s = GenerationStream(
-        rt, config, steer=steer, max_acts=max_acts, record=record, stop_at_eos=stop_at_eos, keep_logits=keep_logits
-    )
+def generate(rt: Runtime, config: SteeringConfig, **options: Any) -> GenerationResult:
+    """Run a whole generation and return its result; ``options`` are ``GenerationStream``'s (``steer``,
+    ``max_acts``, ``record``, ``stop_at_eos``, ``keep_logits``)."""
+    s = GenerationStream(rt, config, **options)
     for _ in s:
         pass
     return s.result
