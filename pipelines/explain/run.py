@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
@@ -311,56 +311,82 @@ class _Run:
                     writes.add_explanations(self.store, part)
                 bar.update(len(chunk))
 
-    def _explain_llm(self, explainer: LLMExplainer, todo: list[int]) -> None:
-        s, c = self.summary, self.cfg
-        buf: list[dict[str, Any]] = []
-        in_a_row = 0
-
-        def flush() -> None:
-            if buf:
-                writes.add_explanations(self.store, buf)
-                buf.clear()
-
-        with (
-            self.bar(len(todo), f"explain ({explainer.method}:{explainer.model})") as bar,
-            ThreadPoolExecutor(max_workers=explainer.backend.parallel) as pool,
-        ):
+    def _pooled(
+        self,
+        workers: int,
+        desc: str,
+        chunks: Iterator[tuple[Sequence[Any], dict[int, FeatureData]]],
+        total: int,
+        submit: Callable[[Any, FeatureData], Any],
+        key: Callable[[Any], int],
+        handle: Callable[[Any, Future | None, BaseException | None, list[Any]], None],
+        write: Callable[[list[Any]], None],
+    ) -> None:
+        """Run ``submit(item, data)`` on a thread pool for every item of every chunk whose feature (``key``) has
+        data, and give each finished call to ``handle(item, future, error, rows)``, which appends the rows to
+        write (an error it re-raises stops the run). Rows are written ``FLUSH_EVERY`` at a time, the rest at
+        the end or on a stop."""
+        buf: list[Any] = []
+        with self.bar(total, desc) as bar, ThreadPoolExecutor(max_workers=workers) as pool:
             try:
-                for chunk in _chunks(todo, LOAD_CHUNK):
-                    data = self.load(chunk)
-                    futs: dict[Future, int] = {
-                        pool.submit(explainer.explain, data[f], self.skip_first): f for f in chunk if f in data
+                for chunk, data in chunks:
+                    futs: dict[Future, Any] = {
+                        pool.submit(submit, item, data[key(item)]): item for item in chunk if key(item) in data
                     }
                     pending = set(futs)
                     while pending:
                         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for fut in finished:
-                            f = futs[fut]
                             try:
-                                text, used = fut.result()
-                                buf.append(self.row(f, text, explainer.method, explainer.model, tokens_used=used))
-                                s.explained += 1
-                                s.tokens_used += used
-                                in_a_row = 0
-                            except ChatFatal as e:
+                                err = fut.exception()
+                                if err is not None and not isinstance(err, Exception):
+                                    raise err  # KeyboardInterrupt and the like stop the run as they are
+                                handle(futs[fut], fut if err is None else None, err, buf)
+                            except BaseException:
                                 for p in pending:
                                     p.cancel()
-                                raise ExplainStopped(one_line(e)) from None
-                            except Exception as e:  # noqa: BLE001 - one bad feature never stops the run
-                                err = one_line(e)
-                                buf.append(self.row(f, None, explainer.method, explainer.model, error=err))
-                                s.failed += 1
-                                s.errors[err] = s.errors.get(err, 0) + 1
-                                in_a_row += 1
-                                if c.max_failures_in_a_row and in_a_row >= c.max_failures_in_a_row:
-                                    for p in pending:
-                                        p.cancel()
-                                    raise ExplainStopped(f"{in_a_row} features in a row failed (last: {err})") from None
+                                raise
                             bar.update(1)
                             if len(buf) >= FLUSH_EVERY:
-                                flush()
+                                write(buf)
+                                buf.clear()
             finally:
-                flush()
+                if buf:
+                    write(buf)
+
+    def _explain_llm(self, explainer: LLMExplainer, todo: list[int]) -> None:
+        s, c = self.summary, self.cfg
+        in_a_row = 0
+
+        def handle(f: int, fut: Future | None, e: BaseException | None, rows: list[Any]) -> None:
+            nonlocal in_a_row
+            if fut is not None:
+                text, used = fut.result()
+                rows.append(self.row(f, text, explainer.method, explainer.model, tokens_used=used))
+                s.explained += 1
+                s.tokens_used += used
+                in_a_row = 0
+                return
+            if isinstance(e, ChatFatal):
+                raise ExplainStopped(one_line(e)) from None
+            err = one_line(e or RuntimeError("no answer"))  # one bad feature never stops the run
+            rows.append(self.row(f, None, explainer.method, explainer.model, error=err))
+            s.failed += 1
+            s.errors[err] = s.errors.get(err, 0) + 1
+            in_a_row += 1
+            if c.max_failures_in_a_row and in_a_row >= c.max_failures_in_a_row:
+                raise ExplainStopped(f"{in_a_row} features in a row failed (last: {err})") from None
+
+        self._pooled(
+            explainer.backend.parallel,
+            f"explain ({explainer.method}:{explainer.model})",
+            ((chunk, self.load(chunk)) for chunk in _chunks(todo, LOAD_CHUNK)),
+            len(todo),
+            lambda f, data: explainer.explain(data, self.skip_first),
+            int,
+            handle,
+            lambda rows: writes.add_explanations(self.store, rows),
+        )
 
     # -------------------------------------------------------------------------------------------- score
     def score(self) -> None:
@@ -381,50 +407,33 @@ class _Run:
             self.store, self.sae_id, self.live, scorer.name, method, exp_model, rescore=c.force
         )
         rows = list(zip(todo["id"].tolist(), todo["feature"].tolist(), todo["text"].tolist(), strict=True))
-        buf: list[tuple[int, float | None, float | None, str | None]] = []
 
-        def flush() -> None:
-            if buf:
-                writes.set_explanation_scores(self.store, buf)
-                buf.clear()
+        def handle(row: tuple[int, int, str], fut: Future | None, e: BaseException | None, out: list[Any]) -> None:
+            if fut is not None:
+                r = fut.result()
+                s.tokens_used += r.tokens_used
+                if r.detection is None and r.fuzzing is None:
+                    s.unscorable += 1
+                else:
+                    out.append((row[0], r.detection, r.fuzzing, scorer.name))
+                    s.scored += 1
+                return
+            if isinstance(e, ChatFatal):
+                raise ExplainStopped(one_line(e)) from None
+            err = "scoring: " + one_line(e or RuntimeError("no answer"))  # one bad answer never stops the run
+            s.score_failed += 1
+            s.errors[err] = s.errors.get(err, 0) + 1
 
-        with (
-            self.bar(len(rows), f"score ({scorer.name})") as bar,
-            ThreadPoolExecutor(max_workers=scorer.parallel) as pool,
-        ):
-            try:
-                for chunk in _chunks(rows, LOAD_CHUNK):
-                    data = self.load(sorted({int(f) for _, f, _ in chunk}))
-                    futs = {
-                        pool.submit(scorer.score, text, data[int(f)], self.skip_first, c.seed): i
-                        for i, f, text in chunk
-                        if int(f) in data
-                    }
-                    pending = set(futs)
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            try:
-                                r = fut.result()
-                                s.tokens_used += r.tokens_used
-                                if r.detection is None and r.fuzzing is None:
-                                    s.unscorable += 1
-                                else:
-                                    buf.append((futs[fut], r.detection, r.fuzzing, scorer.name))
-                                    s.scored += 1
-                            except ChatFatal as e:
-                                for p in pending:
-                                    p.cancel()
-                                raise ExplainStopped(one_line(e)) from None
-                            except Exception as e:  # noqa: BLE001 - one bad answer never stops the run
-                                err = "scoring: " + one_line(e)
-                                s.score_failed += 1
-                                s.errors[err] = s.errors.get(err, 0) + 1
-                            bar.update(1)
-                            if len(buf) >= FLUSH_EVERY:
-                                flush()
-            finally:
-                flush()
+        self._pooled(
+            scorer.parallel,
+            f"score ({scorer.name})",
+            ((chunk, self.load(sorted({int(f) for _, f, _ in chunk}))) for chunk in _chunks(rows, LOAD_CHUNK)),
+            len(rows),
+            lambda row, data: scorer.score(row[2], data, self.skip_first, c.seed),
+            lambda row: int(row[1]),
+            handle,
+            lambda out: writes.set_explanation_scores(self.store, out),
+        )
 
 
 def run_explain(cfg: ExplainConfig, out: TextIO | None = None) -> ExplainSummary:
