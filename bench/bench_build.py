@@ -56,34 +56,13 @@ def limit_child(args: argparse.Namespace) -> None:
 
 
 def random_sae(folder: Path, model: str, hook: str, d_in: int, d_sae: int, k: int = 32, seed: int = 0) -> Path:
-    """A random sae-lens TopK SAE folder (the same construction as the tests' tiny SAE)."""
-    import torch
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
+    """A random sae-lens TopK SAE folder (the tests' tiny SAE, at this model's hook and width), kept once written."""
     if (folder / "cfg.json").exists():
         return folder
-    torch.manual_seed(seed)
-    cfg = TopKSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=k,
-        metadata=SAEMetadata(
-            model_name=model,
-            model_class_name="AutoModelForCausalLM",
-            hook_name=hook,
-            context_size=64,
-            prepend_bos=True,
-            model_from_pretrained_kwargs={},
-        ),
-    )
-    sae = TopKSAE(cfg)
-    with torch.no_grad():
-        sae.W_dec.normal_(0, 1.0 / d_in**0.5)
-        sae.W_enc.copy_(sae.W_dec.T * 2.0)
-        sae.b_enc.zero_()
-    sae.save_model(folder)
-    return folder
+    sys.path.insert(0, str(HERE.parents[1]))
+    from tests.helpers import make_tiny_sae
+
+    return make_tiny_sae(folder, model, d_in=d_in, d_sae=d_sae, k=k, seed=seed, hook=hook, context_size=64)
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:

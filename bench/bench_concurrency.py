@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_dashboard import pct, timed  # noqa: E402
+from bench.common import page_fn, pct, timed  # noqa: E402
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.filelock import lock_for  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
@@ -72,19 +72,6 @@ class OneConnection:
 
     def close(self) -> None:
         self._con.close()
-
-
-def page_fn(db: Any, sae: str, picks: Callable[[], int]) -> Callable[[], None]:
-    def page() -> None:
-        f = picks()
-        q.feature(db, sae, f)
-        q.examples(db, sae, f, "top")
-        q.examples(db, sae, f, "interval")
-        q.neighbours(db, sae, f)
-        q.label(db, sae, f)
-        q.lists_of_feature(db, sae, f)
-
-    return page
 
 
 IDLE_DASHBOARD = """

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import page_fn, pct, timed  # noqa: E402
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
-def pct(xs: list[float], p: float) -> float:
-    return float(np.percentile(np.asarray(xs), p))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = [*common[:10], *rare[:10], *[f"{a} {b}" for a, b in zip(common[:5], common[5:10], strict=False)]]
     qiter = iter(queries * 1000)
 
-    def page() -> None:
-        f = nxt()
-        q.feature(store, sae, f)
-        q.examples(store, sae, f, "top")
-        q.examples(store, sae, f, "interval")
-        q.neighbours(store, sae, f)
-        q.label(store, sae, f)
-        q.lists_of_feature(store, sae, f)
+    page = page_fn(store, sae, nxt)
 
     flt = q.SearchFilters(min_log10_density=-4.0, max_log10_density=-2.0, min_max_act=2.0)
     rows = [

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+from bench.common import cpu_model, pct  # noqa: E402
 from featuredict.db import queries as q  # noqa: E402
 from featuredict.db.store import Store  # noqa: E402
 from featuredict.pipelines.search import meaning  # noqa: E402
@@ -72,21 +71,6 @@ QUERIES = [
     "inflation and the dollar",
     "dancing to a song",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def pct(xs: list[float], p: float) -> float:
-    return float(np.percentile(np.asarray(xs), p))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,30 +122,15 @@ def stories_sae() -> Path:
 
 
 def random_sae(model_path: str, hook_name: str, d_in: int, d_sae: int, k: int) -> Path:
-    """An untrained sae-lens TopK SAE of the given shape, cached (for timing only: the hook's cost does not
-    depend on what the SAE learned)."""
-    from sae_lens import TopKSAE, TopKSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
+    """An untrained sae-lens TopK SAE of the given shape (the tests' tiny SAE), cached (for timing only: the
+    hook's cost does not depend on what the SAE learned)."""
+    from tests.helpers import make_tiny_sae
 
     out = bench_cache() / f"random-{Path(model_path).name}-{hook_name}-{d_sae}-k{k}"
     if (out / "cfg.json").exists():
         return out
-    torch.manual_seed(0)
-    meta = SAEMetadata(
-        model_name=model_path,
-        model_class_name="AutoModelForCausalLM",
-        hook_name=hook_name,
-        context_size=128,
-        prepend_bos=True,
-        model_from_pretrained_kwargs={},
-    )
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=meta))
-    with torch.no_grad():
-        sae.W_dec.normal_(0, 1.0 / d_in**0.5)
-        sae.W_enc.copy_(sae.W_dec.T)
     out.mkdir(parents=True, exist_ok=True)
-    sae.save_model(str(out))
-    return out
+    return make_tiny_sae(out, model_path, d_in=d_in, d_sae=d_sae, k=k, hook=hook_name, context_size=128)
 
 
 def smollm2_sae() -> Path:

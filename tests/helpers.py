@@ -144,15 +144,14 @@ def make_tiny_sae(
     return folder
 
 
-def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw) -> Path:
-    """Build a real database with the full pipeline from the tiny model + SAE (no network, ~seconds)."""
-    from featuredict.pipelines.harvest.build import build
+def tiny_build_config(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw):
+    """The ``BuildConfig`` of the tiny model + SAE on ``corpus`` into ``path`` (CPU, small batches); ``kw`` overrides."""
     from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.harvest.corpus import CorpusSpec
     from featuredict.pipelines.harvest.state import HarvestConfig
     from featuredict.pipelines.model.saes import SaeSource
 
-    cfg = BuildConfig(
+    return BuildConfig(
         model=str(model_dir),
         sae=SaeSource(kind="folder", path=str(sae_dir)),
         corpus=CorpusSpec(str(corpus)),
@@ -166,7 +165,18 @@ def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw
         progress=False,
         **kw,
     )
-    build(cfg)
+
+
+def tiny_build_argv(db: Path, model_dir: Path, sae_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    """The ``featuredict build`` arguments of the tiny model + SAE on ``corpus`` into ``db``, then ``extra``."""
+    return ["build", "--model", str(model_dir), "--sae", str(sae_dir), "--corpus", str(corpus), "--db", str(db), *extra]
+
+
+def build_tiny_db(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw) -> Path:
+    """Build a real database with the full pipeline from the tiny model + SAE (no network, ~seconds)."""
+    from featuredict.pipelines.harvest.build import build
+
+    build(tiny_build_config(path, model_dir, sae_dir, corpus, **kw))
     return path
 
 

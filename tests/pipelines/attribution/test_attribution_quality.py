@@ -12,31 +12,14 @@ import pytest
 from featuredict.db import queries as q
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main
-from tests.helpers import APP
+from tests.helpers import APP, tiny_build_argv
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path):
     db = tmp_path_factory.mktemp("evals") / "evals.duckdb"
-    args = [
-        "build",
-        "--model",
-        str(tiny_model_dir),
-        "--sae",
-        str(tiny_sae_dir),
-        "--corpus",
-        str(tiny_corpus),
-        "--db",
-        str(db),
-        "--max-tokens",
-        "600",
-        "--context-size",
-        "16",
-        "--no-umap",
-        "--eval-contexts",
-        "6",
-    ]
-    assert main(args) == 0
+    extra = ("--max-tokens", "600", "--context-size", "16", "--no-umap", "--eval-contexts", "6")
+    assert main(tiny_build_argv(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, *extra)) == 0
     return db
 
 

@@ -18,7 +18,7 @@ from featuredict.pipelines.harvest import build as build_mod
 from featuredict.pipelines.harvest import weights as weights_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared
+from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared, tiny_build_argv
 
 
 def _q(db: Path, sql: str, params=None):
@@ -196,24 +196,8 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_model_dir, tin
 
 def test_cli_build_and_wrong_hook_warns(tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, capsys):
     db = tmp_path / "cli.duckdb"
-    rc = main(
-        [
-            "build",
-            "--model",
-            str(tiny_model_dir),
-            "--sae",
-            str(tiny_sae_dir),
-            "--corpus",
-            str(tiny_corpus),
-            "--db",
-            str(db),
-            "--max-tokens",
-            "600",
-            "--context-size",
-            "16",
-            "--no-umap",
-        ]
-    )
+    extra = ("--max-tokens", "600", "--context-size", "16", "--no-umap")
+    rc = main(tiny_build_argv(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, *extra))
     assert rc == 0
     out = capsys.readouterr().out
     assert "FVE=" in out and "featuredict serve --db" in out

@@ -19,31 +19,15 @@ from featuredict.db.schema import connect
 from featuredict.db.store import Store
 from featuredict.pipelines.harvest.build import build
 from featuredict.pipelines.harvest.config import BuildConfig
-from featuredict.pipelines.harvest.corpus import CorpusSpec
 from featuredict.pipelines.harvest.layout import cosine_knn, umap_layout
 from featuredict.pipelines.harvest.stages import PARTS, STAGES, StageTimes
-from featuredict.pipelines.harvest.state import HarvestConfig
-from featuredict.pipelines.model.saes import SaeSource
-from tests.helpers import APP, copy_db
+from tests.helpers import APP, copy_db, tiny_build_config
 
 SAE = "tiny/model.layers.1/64"
 
 
 def _cfg(db: Path, model: Path, sae: Path, corpus: Path, **kw) -> BuildConfig:
-    return BuildConfig(
-        model=str(model),
-        sae=SaeSource(kind="folder", path=str(sae)),
-        corpus=CorpusSpec(str(corpus)),
-        db=str(db),
-        sae_name=kw.pop("sae_name", SAE),
-        context_size=16,
-        max_tokens=kw.pop("max_tokens", 2_000),
-        batch_size=4,
-        harvest=HarvestConfig(top_k=5, samples_per_band=3),
-        device="cpu",
-        progress=False,
-        **kw,
-    )
+    return tiny_build_config(db, model, sae, corpus, **{"max_tokens": 2_000, **kw})
 
 
 def _one(db: Path, sql: str, params=None):

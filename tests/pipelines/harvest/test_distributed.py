@@ -16,12 +16,10 @@ import pytest
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.harvest.build import build
 from featuredict.pipelines.harvest.config import BuildConfig
-from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
+from featuredict.pipelines.harvest.corpus import batch_contexts, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.sharding import RayMissingError, RayOptions, ShardFailedError, map_shards
 from featuredict.pipelines.harvest.spans import SpanPlanner, join_spans, span_batches
-from featuredict.pipelines.harvest.state import HarvestConfig
-from featuredict.pipelines.model.saes import SaeSource
-from tests.helpers import build_tiny_db
+from tests.helpers import build_tiny_db, tiny_build_argv, tiny_build_config
 
 try:  # imported while collecting: Ray binds its log handler to the stderr of the moment it is imported
     import ray
@@ -33,21 +31,7 @@ NAME = "tiny/model.layers.1/64"
 
 def _cfg(db: Path, model: Path, sae: Path, corpus: Path, **kw) -> BuildConfig:
     """The settings of helpers.build_tiny_db, with UMAP off (its layout is not part of the harvest)."""
-    return BuildConfig(
-        model=str(model),
-        sae=SaeSource(kind="folder", path=str(sae)),
-        corpus=CorpusSpec(str(corpus)),
-        db=str(db),
-        sae_name=NAME,
-        context_size=16,
-        max_tokens=kw.pop("max_tokens", 5_000),
-        batch_size=4,
-        harvest=HarvestConfig(top_k=5, samples_per_band=3),
-        device="cpu",
-        progress=False,
-        umap=False,
-        **kw,
-    )
+    return tiny_build_config(db, model, sae, corpus, **{"umap": False, **kw})
 
 
 def _norm(v: object) -> object:
@@ -193,8 +177,8 @@ def test_ray_build_with_three_shards_equals_the_single_process_build(
     ray_local, tmp_path: Path, tiny_model_dir, tiny_sae_dir, tiny_corpus, single_db, capsys
 ):
     db = tmp_path / "ray.duckdb"
-    argv = ["build", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--corpus", str(tiny_corpus)]
-    argv += ["--db", str(db), "--name", NAME, "--context-size", "16", "--max-tokens", "5000", "--batch-size", "4"]
+    argv = tiny_build_argv(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, "--name", NAME)
+    argv += ["--context-size", "16", "--max-tokens", "5000", "--batch-size", "4"]
     argv += ["--top-k", "5", "--interval-samples", "3", "--no-umap", "--ray", "--shards", "3"]
     assert main(argv) == 0
     assert "over 3 Ray shards" in capsys.readouterr().out
