@@ -70,6 +70,20 @@ def add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--split", default="train", help="HF dataset split (default: train)")
 
 
+def add_db_args(p: argparse.ArgumentParser, sae: str = "optional", db_help: str = "featuredict database") -> None:
+    """``--db`` (required) and ``--sae``: ``optional`` (default: the database's only SAE), ``required``, or
+    ``repeat`` (one or more; required)."""
+    p.add_argument("--db", required=True, help=db_help)
+    if sae == "optional":
+        p.add_argument("--sae", default=None, help="sae_id in the database (default: its only SAE)")
+    elif sae == "required":
+        p.add_argument("--sae", required=True, help="sae_id in the database")
+    elif sae == "repeat":
+        p.add_argument("--sae", action="append", required=True, help="sae_id in the database; repeat for several")
+    else:
+        raise ValueError(f"sae must be optional, required or repeat; got {sae!r}")
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument(

@@ -14,6 +14,7 @@ from pathlib import Path
 from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
+from featuredict.pipelines.cli.args import add_db_args
 
 PROG = "featuredict attribute"
 
@@ -27,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Why did the model say that: activation x gradient for one output, with every SAE spliced in "
         "and its error kept as a node, checked by ablating the top features. See docs/attribution.md.",
     )
-    p.add_argument("--db", required=True, help="featuredict DuckDB file (read only)")
-    p.add_argument("--sae", action="append", required=True, help="SAE id in the database; repeat for several SAEs")
+    add_db_args(p, "repeat", "featuredict DuckDB file (read only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text (BOS is prepended when the SAE was trained with it)")
     src.add_argument("--chat", help="a JSON file: a list of {role, content} messages with an assistant turn")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from featuredict.pipelines.cli.args import add_db_args
+
 EXIT_BAD_INPUT = 2
 
 
@@ -31,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "(detection and fuzzing, balanced accuracy on held-out contexts)."
         ),
     )
-    p.add_argument("--db", required=True, help="featuredict database")
-    p.add_argument("--sae", default=None, help="sae_id in the database (default: its only SAE)")
+    add_db_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--features", default=None, metavar="RANGES", help="feature ids and ranges: 0-499,1000")
     which.add_argument("--all", action="store_true", help="every feature of the SAE (dead ones are skipped)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from featuredict.pipelines.cli.args import add_db_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``neuronpedia`` subcommand (with ``import`` and ``export``)."""
@@ -26,15 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser("import", help="import explanations/batch-N.jsonl.gz files into the explanations table")
     i.add_argument("paths", nargs="+", metavar="PATH", help="batch files, folders of them, or a source folder")
-    i.add_argument("--db", required=True, help="featuredict database")
-    i.add_argument("--sae", required=True, help="sae_id the rows belong to")
+    add_db_args(i, "required")
     i.add_argument("--source", required=True, metavar="MODEL/LAYER", help="Neuronpedia model id / source id")
     i.add_argument("--author", default=None, help="author recorded on the imported rows")
     i.set_defaults(func=run_import)
 
     e = sub.add_parser("export", help="write features, activations and explanations as Neuronpedia batch files")
-    e.add_argument("--db", required=True, help="featuredict database")
-    e.add_argument("--sae", required=True, help="sae_id to export")
+    add_db_args(e, "required")
     e.add_argument("--source", required=True, metavar="MODEL/LAYER", help="Neuronpedia model id / source id to use")
     e.add_argument("--out", required=True, help="output folder (files go to OUT/MODEL/LAYER/...)")
     e.add_argument("--batch-size", type=int, default=1024, help="features per batch file (default 1024)")

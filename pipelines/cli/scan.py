@@ -20,6 +20,7 @@ from featuredict.db import queries as q
 from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
+from featuredict.pipelines.cli.args import add_db_args
 from featuredict.pipelines.scan import SEVERITY_ORDER, BadRecord, ScanResult, Watch, reaches, read_records, scan_text
 
 
@@ -30,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="make features watched members of a list (threshold, severity)",
         description="Set the scan threshold and severity of features in a list (adds them to it when missing).",
     )
-    w.add_argument("--db", required=True, help="featuredict DuckDB file (opened read-write)")
-    w.add_argument("--sae", required=True, help="SAE id in the database")
+    add_db_args(w, "required", "featuredict DuckDB file (opened read-write)")
     w.add_argument("--watchlist", required=True, help="list name")
     w.add_argument("--features", required=True, help="feature ids, comma-separated")
     w.add_argument("--threshold", type=float, default=0.5, help="fraction of the feature's max activation (0.5)")
@@ -43,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="scan texts for the watched features of a watchlist",
         description="Scan a .txt / .jsonl / .parquet file for features of a watchlist over their thresholds.",
     )
-    p.add_argument("--db", required=True, help="featuredict DuckDB file")
-    p.add_argument("--sae", required=True, help="SAE id in the database")
+    add_db_args(p, "required", "featuredict DuckDB file")
     p.add_argument("--watchlist", required=True, help="name of the list to use as a watchlist")
     p.add_argument("--input", required=True, help=".txt (one record per line), .jsonl or .parquet")
     p.add_argument("--text-field", default="text", help="text field / column (default: text; else 'messages')")

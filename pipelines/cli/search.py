@@ -28,6 +28,8 @@ from typing import Any, TextIO
 import numpy as np
 import pandas as pd
 
+from featuredict.pipelines.cli.args import add_db_args
+
 MODES = ("text", "meaning", "prompt", "concept")
 
 
@@ -42,8 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "they were last embedded are skipped."
         ),
     )
-    e.add_argument("--db", required=True, help="featuredict database")
-    e.add_argument("--sae", default=None, help="sae_id in the database (default: its only SAE)")
+    add_db_args(e)
     e.add_argument(
         "--model",
         default=None,
@@ -63,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Search one SAE's features as the dashboard's search page does, and print the results.",
     )
     p.add_argument("query", nargs="*", metavar="QUERY", help="the query (concept mode: each argument is one example)")
-    p.add_argument("--db", required=True, help="featuredict database")
-    p.add_argument("--sae", default=None, help="sae_id in the database (default: its only SAE)")
+    add_db_args(p)
     p.add_argument("--mode", choices=MODES, default="text", help="search mode (default: text)")
     p.add_argument("--top", type=int, default=20, help="results to print (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

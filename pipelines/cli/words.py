@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from featuredict.pipelines.cli.args import add_db_args
 from featuredict.pipelines.words import add_words
 
 
@@ -14,8 +15,7 @@ def register(subparsers: Any) -> Any:
         "words",
         help="explain every live feature offline and build the meaning index (what build and demo do at the end)",
     )
-    w.add_argument("--db", required=True, help="the database")
-    w.add_argument("--sae", default=None, help="SAE id (default: the database's only SAE)")
+    add_db_args(w)
     w.add_argument("--no-embed", action="store_true", help="write the explanations only, no meaning index")
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads for the embedding")
     w.set_defaults(func=cmd_words)
