@@ -95,7 +95,7 @@ class _Wait:
         waited = time.monotonic() - self.t0
         if waited >= self.timeout:
             raise LockTimeout(
-                f"gave up after {waited:.1f} s waiting for {what} on {self.path}; "
+                f"gave up after {self.timeout:g} s waiting for {what} on {self.path}; "
                 f"set {LOCK_TIMEOUT_ENV} (seconds) to wait longer"
             )
         if not self.said and waited >= SAY_AFTER_S:

@@ -274,3 +274,34 @@ def test_read_only_serving_refuses_every_write(synth_db: Path):
             page.get_by_role("heading", name="w0-0").wait_for(timeout=60_000)  # it sees the other write
             page.get_by_text("Read-only server", exact=False).first.wait_for(timeout=60_000)
         assert server.poll() is None
+
+
+def test_a_command_that_waits_too_long_gives_one_line_and_exit_code_2(synth_db: Path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom featuredict.db.filelock import lock_for\n"
+            "with lock_for(sys.argv[1]).exclusive():\n    print('held', flush=True)\n    time.sleep(120)\n",
+            str(synth_db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        out = subprocess.run(
+            [FEATUREDICT, "search", "--db", str(synth_db), "--mode", "text", "the"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "FEATUREDICT_LOCK_TIMEOUT": "2"},
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert lines[0].startswith("featuredict: waiting for another process writing it on ")  # the one waiting line
+    assert len(lines) == 2 and "gave up after 2 s waiting for another process writing it" in lines[1], lines
+    assert "Traceback" not in out.stderr

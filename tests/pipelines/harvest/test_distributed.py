@@ -236,4 +236,9 @@ def test_a_shard_that_keeps_failing_fails_the_build_and_leaves_the_db_intact(
     assert msg.startswith("shard 3/3 (contexts ") and "after 2 attempts" in msg and "injected fault" in msg, msg
     assert attempts.read_text().count("x") == 2  # the first attempt and one retry
     assert db.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["attempts", "d.duckdb", "d.duckdb.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attempts",
+        "d.duckdb",
+        "d.duckdb.lock",
+        "d.duckdb.lock-queue",
+    ]
