@@ -119,7 +119,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.random_sae:
-        args.sae = str(random_sae(work / f"random_sae_{args.random_sae}", args.model, args.hook, args.d_in, args.random_sae))
+        args.sae = str(
+            random_sae(work / f"random_sae_{args.random_sae}", args.model, args.hook, args.d_in, args.random_sae)
+        )
     if not args.sae:
         sys.exit("give --sae or --random-sae")
     env = dict(os.environ)

@@ -189,3 +189,16 @@ def test_overview_shows_the_build_and_its_stages(monkeypatch, tiny_db, tmp_path)
     assert not at.exception
     caps = [c.value for c in at.caption if c.value.startswith("Build: ")]
     assert len(caps) == 1 and "forward" in caps[0] and "write" in caps[0]
+
+
+def test_sparse_topk_decode_is_the_saes_own_decode(tiny_runtime):
+    import torch
+
+    from featuredict.pipelines.runtime import _sparse_decode
+
+    assert _sparse_decode(tiny_runtime.sae)  # the tiny test SAE is a TopK SAE: the sparse path runs
+    ids = torch.randint(5, 200, (3, 12))
+    ids[:, 0] = tiny_runtime.tokenizer.bos_token_id or 1
+    _, f, _ = tiny_runtime.encode(ids)
+    assert (f == 0).all(dim=-1).any()  # BOS rows are all zero: empty bags must still give b_dec
+    torch.testing.assert_close(tiny_runtime.decode(f), tiny_runtime.sae.decode(f), atol=1e-5, rtol=1e-5)
