@@ -1,9 +1,10 @@
 """``featuredict build``: (causal LM, SAE, corpus) -> DuckDB feature dictionary.
 
-Steps: load model + SAE at the SAE's hook; stream the corpus as contexts; run the model only up to the hook,
-encode with the SAE and fold each batch into a mergeable ``HarvestState``; then compute logit effects,
-decoder-cosine neighbours and a UMAP layout from the weights, and write everything for this SAE into the
-database. The write goes to a temporary file (other SAEs and all user tables copied over from the existing
+Steps: load model + SAE at the SAE's hook; the exact decoder-cosine kNN from the weights (``pipelines.layout``);
+stream the corpus as contexts; run the model only up to the hook, encode with the SAE and fold each batch into
+a mergeable ``HarvestState``; then logit effects and a UMAP layout on the kNN graph, the rows as Arrow
+(``pipelines.rows``), and write everything for this SAE into the database. Each stage is timed
+(``pipelines.stages``): the summary's second line and ``saes.stage_seconds``. The write goes to a temporary file (other SAEs and all user tables copied over from the existing
 file) that replaces the database only on success, so a failed or interrupted build leaves it intact.
 """
 
