@@ -7,7 +7,9 @@ same tokens forward to the hook, nothing else.
 
 Both sides are fresh processes timed from start to exit (interpreter, imports, model load included), run in
 turn (limit, build, limit, build, ...) so a busy machine slows both alike; the ratio build / limit is the
-figure (target: at most 1.25). The limit side tokenises and batches the corpus exactly as the build does
+figure (target: at most 1.25). The CPU time (user + system) of each side is reported too: on a machine other
+jobs keep busy it is steadier than the wall time (``--threads 1`` steadies it further: no threads spinning
+while others wait for a core). The limit side tokenises and batches the corpus exactly as the build does
 (``pipelines.corpus``) and stops at the same token budget. The build side is the real ``featuredict build``
 command; its stage line (``stages: ...``) is printed too.
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,13 +68,17 @@ def random_sae(folder: Path, model: str, hook: str, d_in: int, d_sae: int, k: in
     return make_tiny_sae(folder, model, d_in=d_in, d_sae=d_sae, k=k, seed=seed, hook=hook, context_size=64)
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds user + system, output) of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return wall, p.stdout + p.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, p.stdout + p.stderr
 
 
 def main() -> None:
@@ -90,6 +97,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/featuredict-bench-build", help="folder for databases and random SAEs")
     p.add_argument("--no-umap", action="store_true")
     p.add_argument("--time-v", action="store_true", help="run the build under /usr/bin/time -v (peak RSS)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of both sides (OMP_NUM_THREADS)")
     p.add_argument("--limit-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.limit_child:
@@ -105,6 +113,8 @@ def main() -> None:
         sys.exit("give --sae or --random-sae")
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", str(work / "numba"))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     common = ["--model", args.model, "--sae", args.sae, "--corpus", args.corpus, "--context-size", str(args.context_size),
               "--batch-size", str(args.batch_size)]  # fmt: skip
     dev = ["--device", args.device] if args.device else []
@@ -115,24 +125,36 @@ def main() -> None:
     build_cmd += ["--no-umap"] if args.no_umap else []
     if args.time_v:
         build_cmd = ["/usr/bin/time", "-v", *build_cmd]
-    limits, builds, stage_lines, rss = [], [], [], []
+    limits, builds, limit_cpu, build_cpu, stage_lines, rss = [], [], [], [], [], []
     for _ in range(args.repeats):
-        w, _out = _timed(limit_cmd, env)
+        w, c, _out = _timed(limit_cmd, env)
         limits.append(w)
+        limit_cpu.append(c)
         for f in (db, Path(str(db) + ".wal")):
             f.unlink(missing_ok=True)
-        w, out = _timed(build_cmd, env)
+        w, c, out = _timed(build_cmd, env)
         builds.append(w)
+        build_cpu.append(c)
         stage_lines += [ln for ln in out.splitlines() if ln.startswith("stages: ")]
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out)
         if m:
             rss.append(int(m.group(1)) / 1024)
-        print(f"limit {limits[-1]:.1f} s, build {builds[-1]:.1f} s ({builds[-1] / limits[-1]:.2f}x)", flush=True)
-    lim, bld = min(limits), min(builds)
-    print("\n| tokens | d_sae | limit (s) | build (s) | build / limit | peak RSS (MB) |\n|---|---|---|---|---|---|")
+        print(
+            f"limit {limits[-1]:.1f} s wall / {limit_cpu[-1]:.1f} s CPU, build {builds[-1]:.1f} s wall / "
+            f"{build_cpu[-1]:.1f} s CPU ({builds[-1] / limits[-1]:.2f}x wall, {build_cpu[-1] / limit_cpu[-1]:.2f}x CPU)",
+            flush=True,
+        )
+    lim, bld, lc, bc = min(limits), min(builds), min(limit_cpu), min(build_cpu)
+    print(
+        "\n| tokens | d_sae | limit wall (s) | build wall (s) | build / limit (wall) | limit CPU (s) | build CPU (s) "
+        "| build / limit (CPU) | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|---|"
+    )
     d_sae = args.random_sae or "SAE"
     peak = f"{max(rss):,.0f}" if rss else "–"
-    print(f"| {args.tokens:,} | {d_sae} | {lim:.1f} | {bld:.1f} | {bld / lim:.2f}x | {peak} |")
+    print(
+        f"| {args.tokens:,} | {d_sae} | {lim:.1f} | {bld:.1f} | {bld / lim:.2f}x | {lc:.1f} | {bc:.1f} | {bc / lc:.2f}x "
+        f"| {peak} |"
+    )
     print("\nlimits:", " ".join(f"{x:.1f}" for x in limits), "· builds:", " ".join(f"{x:.1f}" for x in builds))
     for ln in stage_lines:
         print(ln)

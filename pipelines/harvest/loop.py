@@ -47,7 +47,7 @@ def harvest_batches(
         for ids, mask in batches:
             x, f, valid = rt.encode(ids, mask, stages)
             with timed(stages, "encode"):
-                recon = rt.sae.decode(f)  # FVE reads valid positions only, where f is not zeroed
+                recon = rt.decode(f)  # FVE reads valid positions only, where f is not zeroed
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does

@@ -171,3 +171,15 @@ def test_overview_shows_the_build_and_its_stages(monkeypatch, tiny_db, tmp_path)
     assert not at.exception
     caps = [c.value for c in at.caption if c.value.startswith("Build: ")]
     assert len(caps) == 1 and "forward" in caps[0] and "write" in caps[0]
+
+
+def test_sparse_topk_decode_is_the_saes_own_decode(tiny_runtime):
+    import torch
+
+    from featuredict.pipelines.runtime import _sparse_decode
+
+    assert _sparse_decode(tiny_runtime.sae)  # the tiny test SAE is a TopK SAE: the sparse path runs
+    _, f, _ = tiny_runtime.encode(torch.randint(5, 200, (3, 12)))
+    f[:, 0] = 0  # tokens with no active feature (as at BOS): empty bags must still give b_dec
+    assert (f[:, 1:] != 0).sum(-1).min() > 0
+    torch.testing.assert_close(tiny_runtime.decode(f), tiny_runtime.sae.decode(f), atol=1e-5, rtol=1e-5)
