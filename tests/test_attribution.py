@@ -34,6 +34,7 @@ from featuredict.pipelines.models import load_model
 from featuredict.pipelines.saes import SaeSource, load_sae
 from featuredict.pipelines.steering.edits import decoder_directions
 from tests.conftest import make_tiny_sae
+from tests.test_transformer_lens import tl_runtime  # noqa: F401 - the tiny TransformerLens model fixture
 
 PROMPT = "Once upon a time there was a little cat who liked to play"
 
@@ -309,30 +310,13 @@ def test_quality_agrees_with_sae_lens_evals_when_no_position_is_an_outlier(loade
     assert not loaded.hook_module("model.layers.0")._forward_hooks  # sae-lens's proxy hook was removed
 
 
-def test_transformer_lens_direct_mode_at_last_residual_is_exact(tiny_model_dir: Path) -> None:
+def test_transformer_lens_direct_mode_at_last_residual_is_exact(tl_runtime) -> None:  # noqa: F811
     """The TransformerLens backend: patterns and LayerNorm scales frozen through hook_pattern / hook_scale."""
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import AutoTokenizer
 
-    from featuredict.pipelines.backends import TLBackend
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=64,
-        d_head=8,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=len(tok),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
-    model = HookedTransformer(cfg, tokenizer=tok).eval()
-    loaded = TLBackend(model, tok, spec="tiny-tl", device=torch.device("cpu"), dtype=torch.float32)
+    loaded = tl_runtime.loaded  # the tiny HookedTransformer of test_transformer_lens.py
+    tok = loaded.tokenizer
     hook = "blocks.1.hook_resid_post"
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=48, k=4, metadata=SAEMetadata(model_name="tiny-tl", hook_name=hook)))
