@@ -333,7 +333,17 @@ def test_lists_empty(monkeypatch, synth_db):
 # --------------------------------------------------------------------------------------- broken databases
 
 
-PAGES = [None, "search", "feature", "map", "lists", "review", "scan", *(["steer"] if steer_available() else [])]
+PAGES = [
+    None,
+    "search",
+    "feature",
+    "map",
+    "lists",
+    "review",
+    "scan",
+    "attribution",
+    *(["steer"] if steer_available() else []),
+]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -220,7 +220,16 @@ def test_feature_place_chart():
 
 
 def test_page_table_and_optional_steer_page(tmp_path):
-    assert common.available_pages(tmp_path) == ["overview", "search", "feature", "map", "lists", "review", "scan"]
+    assert common.available_pages(tmp_path) == [
+        "overview",
+        "search",
+        "feature",
+        "map",
+        "lists",
+        "review",
+        "scan",
+        "attribution",
+    ]
     (tmp_path / "steer.py").write_text("")
     assert common.available_pages(tmp_path) == [
         "overview",
@@ -230,6 +239,7 @@ def test_page_table_and_optional_steer_page(tmp_path):
         "lists",
         "review",
         "scan",
+        "attribution",
         "steer",
     ]
     assert common.page_file("map") == "views/map.py"
