@@ -285,7 +285,7 @@ def test_lists_empty(monkeypatch, synth_db):
 # --------------------------------------------------------------------------------------- broken databases
 
 
-PAGES = [None, "search", "feature", "map", "lists", "review", "scan", "steer"]
+PAGES = [None, "search", "feature", "map", "lists", "review", "scan", "attribution", "steer"]
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -232,7 +232,7 @@ def test_feature_place_chart():
 
 
 def test_page_table():
-    assert list(common.PAGES)[0] == "overview" and "steer" in common.PAGES
+    assert list(common.PAGES)[0] == "overview" and "steer" in common.PAGES and "attribution" in common.PAGES
     assert common.page_file("map") == "views/map.py"
     assert common.url("feature", sae="a b", feature=3, empty="", none=None) == "feature?sae=a+b&feature=3"
     assert common.url("lists") == "lists"

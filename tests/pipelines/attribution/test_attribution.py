@@ -307,3 +307,32 @@ def test_quality_agrees_with_sae_lens_evals_when_no_position_is_an_outlier(loade
     # the zero-ablation baseline, hence the fraction of loss recovered, differ by construction
     assert ours.ce_zero != pytest.approx(theirs["ce_zero"], rel=1e-3)
     assert not loaded.hook_module("model.layers.0")._forward_hooks  # sae-lens's proxy hook was removed
+
+
+def test_transformer_lens_direct_mode_at_last_residual_is_exact(tl_runtime) -> None:  # noqa: F811
+    """The TransformerLens backend: patterns and LayerNorm scales frozen through hook_pattern / hook_scale."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    loaded = tl_runtime.loaded  # the tiny HookedTransformer of test_transformer_lens.py
+    tok = loaded.tokenizer
+    hook = "blocks.1.hook_resid_post"
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=48, k=4, metadata=SAEMetadata(model_name="tiny-tl", hook_name=hook)))
+    with torch.no_grad():
+        sae.W_dec.normal_(0, 1.0 / 32**0.5)
+        sae.W_enc.copy_(sae.W_dec.T * 2.0)
+        sae.b_enc.zero_()
+    slot = Slot("tl", sae, HookSite(loaded, hook))
+    p = prompt_from_text(tok, PROMPT)
+    with torch.no_grad():
+        top = int(loaded.forward(p.ids)[0, -1].argmax())
+    target = Target("logit", p.length - 1, top)
+    with linearised(loaded, "direct", p.ids):
+        a = attribute(loaded, [slot], p, target, "direct")
+        c = check(loaded, [slot], a, k=5)
+    assert any(abs(s.actual) > 1e-3 for s in c.singles)
+    assert all(abs(s.predicted - s.actual) < 1e-4 for s in c.singles)
+    assert abs(c.sums[0].remainder) < 1e-4
+    full = check(loaded, [slot], attribute(loaded, [slot], p, target, "full"), k=5)
+    assert abs(full.sums[0].remainder) > 1e-4  # LayerNorm not frozen: not linear
