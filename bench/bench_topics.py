@@ -436,7 +436,13 @@ VARIANTS = ("mass", "peak", "peak+meaning")  # concept rankings compared (bench/
 
 
 def run(
-    db: Path, sae_id: str | None, device: str | None, top: int, need: int, weights: tuple[float, ...] = (0.5,)
+    db: Path,
+    sae_id: str | None,
+    device: str | None,
+    top: int,
+    need: int,
+    weights: tuple[float, ...] = (0.5,),
+    meaning_only: bool = False,
 ) -> dict[str, list[dict]]:
     """Per ranking, the per-topic results: ``concept`` (the default ``rank_concept`` ranking), the variants
     ``mass`` (the first ranking), ``peak`` (no meaning blend), ``peak+meaning@W`` per weight in ``weights``,
@@ -462,7 +468,7 @@ def run(
         if row is None:
             raise SystemExit(f"no SAE {sae_id!r} in {db}")
         t0 = time.perf_counter()
-        rt = runtime_from_row(row, device=device)
+        rt = None if meaning_only else runtime_from_row(row, device=device)
         base = q.feature_baselines(store, sae_id, int(row["d_sae"]))
         print(f"loaded {row['model_name'] or row['model_spec']} + {sae_id} in {time.perf_counter() - t0:.1f}s")
         has_index = meaning.default_model(store, sae_id) is not None
@@ -489,6 +495,11 @@ def run(
 
         out: dict[str, list[dict]] = {}
         for topic in TOPICS:
+            if meaning_only:
+                hit = meaning.meaning_search(store, sae_id, topic.query, limit=1, refresh=False, fingerprint=None)
+                first = (int(hit["feature"].iloc[0]), float(hit["score"].iloc[0])) if len(hit) else (None, None)
+                out.setdefault("meaning", []).append(judge(topic, *first))
+                continue
             pos = [dense_valid_acts(rt, t) for t in topic.examples]
             neg = [dense_valid_acts(rt, t) for t in topic.counter]
             for counter, tag in ((neg, ""), (None, " no counter")):
@@ -536,14 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=10, help="top stored contexts checked per feature (default 10)")
     p.add_argument("--need", type=int, default=5, help="contexts with a keyword needed to count (default 5)")
     p.add_argument("--json", default=None, help="also write the per-topic results here")
+    p.add_argument("--meaning-only", action="store_true", help="only search by meaning (no model run)")
     p.add_argument("--weights", default="0.25,0.5,1,2", help="meaning weights compared (default 0.25,0.5,1,2)")
     args = p.parse_args(argv)
     db = Path(args.db) if args.db else default_db()
     if not db.exists():
         raise SystemExit(f"{db} does not exist: run `featuredict demo` first, or pass --db")
     weights = tuple(float(w) for w in args.weights.split(","))
-    runs = run(db, args.sae_id, args.device, args.top, args.need, weights)
-    results = runs["concept"]
+    runs = run(db, args.sae_id, args.device, args.top, args.need, weights, args.meaning_only)
+    results = runs["meaning" if args.meaning_only else "concept"]
     print(f"\n{'topic':<24} {'feature':>7} {'score':>6} {'hits':>6}  ok  top tokens | first top context")
     for r in results:
         feat = "-" if r["feature"] is None else str(r["feature"])

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--explainer",
         default=None,
         metavar="METHOD",
-        help="tokens | openai:URL (with --model) | hf:MODEL (smollm2-135m, a folder or a hub id); "
+        help="tokens | phrases (offline keyphrases) | openai:URL (with --model) | hf:MODEL (smollm2-135m, a folder or a hub id); "
         "omit it to only --score existing explanations",
     )
     p.add_argument("--model", default=None, help="model name the openai: endpoint serves")
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--scorer",
         default=None,
         metavar="METHOD",
-        help="keyword (deterministic, lexical) | openai:URL | hf:MODEL (default: the explainer's LLM)",
+        help="keyword (deterministic, lexical) | embedding (MiniLM AUROC) | openai:URL | hf:MODEL (default: the explainer's LLM)",
     )
     p.add_argument("--scorer-model", default=None, help="model name for --scorer openai:URL (default: --model)")
     p.add_argument("--concurrency", type=int, default=4, help="parallel LLM calls for openai: (default 4)")

@@ -13,7 +13,8 @@ out for scoring, ``data.load_features``). Each candidate gets:
   window.
 
 The best candidate by ``lexical + semantic`` names the feature, with the runner-up when it scores at least
-``SECOND_SHARE`` of the best and shares no word with it; the token line follows:
+``SECOND_SHARE`` of the best, shares no word with it and is close to it in meaning (cosine >= ``RELATED``);
+the token line follows:
 ``dogs and puppies · fires on: dog, puppy``. A feature with no candidate above zero gets the token line alone.
 
 Texts are untrusted corpus text: whoever shows them escapes them.
@@ -39,6 +40,7 @@ N_BACKGROUND = 400  # non-activating windows (one sample per run)
 N_CANDIDATES = 12  # best lexical candidates ranked by the embedding model
 MIN_SHARE = 0.2  # a candidate must occur in at least this share of the feature's windows (and in 2)
 SECOND_SHARE = 0.6
+RELATED = 0.45  # the runner-up joins only when its embedding is this close to the best one's ("dogs and puppies")
 N_TOKENS = 3  # tokens on the "fires on" line
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 _SPACE_MARKS = str.maketrans({"\u2581": " ", "\u0120": " ", "\u010a": "\n"})
@@ -167,7 +169,8 @@ class PhrasesExplainer:
         top = ranked[0]
         out = [top]
         for c in ranked[1:]:
-            if score[c] >= SECOND_SHARE * score[top] and not set(c.split()) & set(top.split()):
+            related = float(vecs[c] @ vecs[top]) >= RELATED
+            if related and score[c] >= SECOND_SHARE * score[top] and not set(c.split()) & set(top.split()):
                 out.append(c)
                 break
         return " and ".join(out)

@@ -212,11 +212,11 @@ def encode_features(embedder: Embedder, texts: Sequence[str], batch_size: int = 
     part, that part. L2-normalised."""
     parts = [(split_text(t)[0].strip(), context_tokens(t)) for t in texts]
     out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    with_words = [i for i, (w, _) in enumerate(parts) if w]
-    if with_words:
-        wv = embedder.encode([parts[i][0] for i in with_words], batch_size=batch_size)
+    distinct = list(dict.fromkeys(w for w, _ in parts if w))  # equal words are embedded once
+    wv = embedder.encode(distinct, batch_size=batch_size)
     tv = embedder.token_vectors([t for _, toks in parts for t in toks], batch_size=max(batch_size, 128))
-    wpos = {i: k for k, i in enumerate(with_words)}
+    at = {w: k for k, w in enumerate(distinct)}
+    wpos = {i: at[w] for i, (w, _) in enumerate(parts) if w}
     for row, (_, toks) in enumerate(parts):
         bag = np.zeros(embedder.dim, dtype=np.float32)
         for t, wt in zip(toks, TOKEN_WEIGHTS, strict=False):

@@ -59,6 +59,22 @@ def test_small_demo_builds_a_database_and_prints_the_serve_command(tmp_path: Pat
     assert n_tokens >= 2_000 and fve == fve  # a number, not NaN
     assert n_feat == 256 and n_umap == 256 and n_ex > 0
     assert (tmp_path / "cache" / "models").is_dir()  # the model copy was cached in the given cache
+    # words and a meaning index: every live feature explained, every feature with a text embedded, search works
+    assert "search by meaning is ready" in out
+    from featuredict.db.store import Store
+    from featuredict.pipelines import meaning
+
+    store = Store(str(db))
+    try:
+        sae_id = store.rows("SELECT sae_id FROM saes")[0][0]
+        live = {r[0] for r in store.rows("SELECT feature FROM features WHERE NOT dead")}
+        explained = {r[0] for r in store.rows("SELECT DISTINCT feature FROM explanations WHERE text IS NOT NULL")}
+        assert live and live <= explained
+        assert store.rows("SELECT count(*) FROM feature_embeddings")[0][0] >= len(live)
+        res = meaning.meaning_search(store, sae_id, "dogs and puppies", limit=5)
+        assert len(res) == 5 and res["explanation"].notna().all()
+    finally:
+        store.close()
 
 
 # ---- the built-in corpus and the steering hint (fast: no SmolLM2, no network) ---------------------------------
