@@ -314,7 +314,7 @@ def test_transformer_lens_direct_mode_at_last_residual_is_exact(tl_runtime) -> N
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    loaded = tl_runtime.loaded  # the tiny HookedTransformer of test_transformer_lens.py
+    loaded = tl_runtime.backend  # the tiny HookedTransformer of the tl_runtime fixture
     tok = loaded.tokenizer
     hook = "blocks.1.hook_resid_post"
     torch.manual_seed(0)

@@ -176,7 +176,7 @@ def test_overview_shows_the_build_and_its_stages(monkeypatch, tiny_db, tmp_path)
 def test_sparse_topk_decode_is_the_saes_own_decode(tiny_runtime):
     import torch
 
-    from featuredict.pipelines.runtime import _sparse_decode
+    from featuredict.pipelines.model.runtime import _sparse_decode
 
     assert _sparse_decode(tiny_runtime.sae)  # the tiny test SAE is a TopK SAE: the sparse path runs
     _, f, _ = tiny_runtime.encode(torch.randint(5, 200, (3, 12)))
