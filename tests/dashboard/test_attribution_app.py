@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import L0, L1, make_two_sae_db
+from tests.helpers import L0, L1, ROOT, make_two_sae_db
 
-PAGE = Path(__file__).resolve().parents[1] / "dashboard" / "views" / "attribution.py"
+PAGE = ROOT / "dashboard" / "views" / "attribution.py"
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)> **bold** [x](javascript:alert(3))"
 
 

@@ -15,8 +15,6 @@ import pytest
 from featuredict.db import filelock
 from featuredict.db.filelock import LockError, LockTimeout, lock_for, lock_path, lock_timeout
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _holder(db: Path, mode: str) -> subprocess.Popen:
     """Another process holding ``db``'s lock (``exclusive`` or ``shared``) until killed; ready when it prints."""
