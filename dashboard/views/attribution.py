@@ -15,16 +15,15 @@ import streamlit as st
 
 from featuredict.dashboard import attribution_charts as charts
 from featuredict.dashboard.common import (
-    first_line,
     page_context,
     qp_int,
     qp_str,
     set_param,
-    steer_available,
     url,
 )
 from featuredict.dashboard.render import md
 from featuredict.db import queries as q
+from featuredict.db.errors import one_line
 from featuredict.pipelines.attribution.attribute import MODES, AttributionInputError
 from featuredict.pipelines.attribution.graph import GraphConfig
 from featuredict.pipelines.attribution.run import MODE_NOTES, Request, load_slots, run_loaded, sae_rows, to_json
@@ -118,10 +117,10 @@ if go or auto:
         st.session_state["attr_result"] = (to_json(res, 30), res.graph.to_json() if res.graph else None)
     except AttributionInputError as e:
         st.session_state.pop("attr_result", None)
-        st.error(md(f"Cannot attribute: {first_line(e)}"))
+        st.error(md(f"Cannot attribute: {one_line(e, 500)}"))
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         st.session_state.pop("attr_result", None)
-        st.error(md(f"Attribution failed: {type(e).__name__}: {first_line(e)}"))
+        st.error(md(f"Attribution failed: {type(e).__name__}: {one_line(e, 500)}"))
 
 result = st.session_state.get("attr_result")
 if not result:
@@ -240,7 +239,7 @@ for s in chk["sum_check"]:
         )
 
 primary = [f for f in feats if f["sae"] == sae_id][:8]
-if steer_available() and primary:
+if primary:
     from featuredict.dashboard.steer_links import steer_params
     from featuredict.pipelines.steering.config import FeatureEdit
 

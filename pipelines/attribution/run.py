@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from featuredict.db import queries as q
+from featuredict.db.records import SaeRecord
 from featuredict.db.store import Store
 from featuredict.pipelines.attribution.attribute import (
     MAX_PROMPT_TOKENS,
@@ -34,7 +35,7 @@ from featuredict.pipelines.attribution.graph import Graph, GraphConfig, build_gr
 from featuredict.pipelines.attribution.splice import Slot, slots_in_order
 from featuredict.pipelines.model.backends import ModelBackend
 from featuredict.pipelines.model.hooks import HookSite
-from featuredict.pipelines.model.runtime import _outlier_ratio, cached_runtime_from_row
+from featuredict.pipelines.model.runtime import cached_runtime_from_row
 from featuredict.pipelines.model.saes import SaeSource, load_sae
 
 
@@ -101,7 +102,7 @@ def load_slots(rows: list[dict[str, Any]], device: str | None = None) -> tuple[M
     for r in rows[1:]:
         sae = load_sae(SaeSource.from_json(r["sae_source"]), device=rt.backend.device)
         site = HookSite(rt.backend, r["hook_name"])
-        slots.append(Slot(r["sae_id"], sae, site, _outlier_ratio(r)))
+        slots.append(Slot(r["sae_id"], sae, site, SaeRecord.from_row(r).outlier_norm_ratio))
     return rt.backend, slots_in_order(rt.backend, slots)
 
 

@@ -62,7 +62,7 @@ def test_small_demo_builds_a_database_and_prints_the_serve_command(tmp_path: Pat
     # words and a meaning index: every live feature explained, every feature with a text embedded, search works
     assert "search by meaning is ready" in out
     from featuredict.db.store import Store
-    from featuredict.pipelines import meaning
+    from featuredict.pipelines.search import meaning
 
     store = Store(str(db))
     try:
