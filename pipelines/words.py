@@ -94,11 +94,12 @@ def add_words(
 def _embed(db: str | Path, sae_id: str, progress: bool, threads: int | None) -> tuple[str | None, int, float]:
     """(why it was skipped or None, features embedded, seconds)."""
     from featuredict.db.store import Store
+    from featuredict.pipelines.model import embedder
     from featuredict.pipelines.search import meaning
 
     try:
         embedder = meaning.load_embedder()
-    except meaning.EmbedModelError as e:
+    except embedder.EmbedModelError as e:
         return str(e), 0, 0.0
     store = Store(str(db))
     try:

@@ -199,6 +199,7 @@ def rank_concept(
 def _meaning_scores(store: Any, sae_id: str, texts: Sequence[str], features: np.ndarray) -> np.ndarray | None:
     """Cosine of each feature's stored meaning vector with the mean embedding of ``texts`` (NaN for a feature
     without a vector); None when the SAE has no meaning index or the embedding model cannot load."""
+    from featuredict.pipelines.model import embedder
     from featuredict.pipelines.search import meaning
 
     model = meaning.default_model(store, sae_id)
@@ -206,12 +207,12 @@ def _meaning_scores(store: Any, sae_id: str, texts: Sequence[str], features: np.
         return None
     try:
         enc = meaning.load_embedder(model)
-    except meaning.EmbedModelError:
+    except embedder.EmbedModelError:
         return None
     index = meaning.vector_index(store, sae_id, model)
     if index.n == 0:
         return None
-    with meaning.one_thread():
+    with embedder.one_thread():
         centre = enc.encode(list(texts)).mean(0)
     centre /= max(float(np.linalg.norm(centre)), 1e-12)
     pos = np.clip(np.searchsorted(index.features, features), 0, index.n - 1)

@@ -111,7 +111,7 @@ def test_runtime_cache_follows_settings_and_retrained_weights(tmp_path, monkeypa
     sae_dir = tmp_path / "sae"
     shutil.copytree(tiny_sae_dir, sae_dir)
     loads = []
-    monkeypatch.setattr(rtm, "runtime_from_row", lambda row, device=None: loads.append(dict(row)) or object())
+    monkeypatch.setattr(rtm, "runtime_from_row", lambda row, device=None: loads.append(row) or object())
     monkeypatch.setattr(rtm, "_CACHE", {})
     row = {
         "sae_id": "tiny",
