@@ -17,7 +17,7 @@ from featuredict.pipelines.cli import main
 from featuredict.pipelines.explain.data import Context, FeatureData
 from featuredict.pipelines.explain.phrases import PhrasesExplainer, candidates, token_line
 from featuredict.pipelines.explain.scorers import EmbeddingScorer, auroc
-from featuredict.pipelines.model import embedder
+from featuredict.pipelines.model import embedder as sentence_model
 from featuredict.pipelines.search import meaning
 
 pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (setup.sh)")
@@ -95,7 +95,7 @@ def test_phrases_names_the_topic_and_keeps_the_token_line(embedder):
 def test_phrases_without_the_embedding_model_is_one_line(tiny_db: Path, tmp_path: Path, monkeypatch, capsys):
     db = shutil.copyfile(tiny_db, tmp_path / "p.duckdb")
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # not installed
-    monkeypatch.setattr(embedder, "_EMBEDDERS", {})
+    monkeypatch.setattr(sentence_model, "_EMBEDDERS", {})
     assert main(["explain", "--db", str(db), "--all", "--explainer", "phrases"]) == 2
     err = capsys.readouterr().err.strip()
     assert meaning.INSTALL_HINT in err and "\n" not in err

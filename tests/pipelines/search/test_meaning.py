@@ -21,7 +21,7 @@ from featuredict.db import writes
 from featuredict.db.store import Store
 from featuredict.db.writes import insert_explanations
 from featuredict.pipelines.cli import main
-from featuredict.pipelines.model import embedder
+from featuredict.pipelines.model import embedder as sentence_model
 from featuredict.pipelines.search import meaning
 from tests.helpers import (
     HOSTILE_FEATURE,
@@ -277,7 +277,7 @@ def test_no_embeddings_and_blank_query_are_one_line_errors(tiny_db: Path, tmp_pa
 
 
 def test_missing_model_is_one_line():
-    with pytest.raises(embedder.EmbedModelError, match="cannot load the embedding model") as e:
+    with pytest.raises(sentence_model.EmbedModelError, match="cannot load the embedding model") as e:
         meaning.load_embedder("/nonexistent/folder/of/no/model")
     assert "\n" not in str(e.value)
 
