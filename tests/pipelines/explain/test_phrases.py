@@ -98,4 +98,4 @@ def test_phrases_without_the_embedding_model_is_one_line(tiny_db: Path, tmp_path
     monkeypatch.setattr(sentence_model, "_EMBEDDERS", {})
     assert main(["explain", "--db", str(db), "--all", "--explainer", "phrases"]) == 2
     err = capsys.readouterr().err.strip()
-    assert meaning.INSTALL_HINT in err and "\n" not in err
+    assert sentence_model.INSTALL_HINT in err and "\n" not in err
