@@ -633,3 +633,18 @@ def make_two_sae_db(root: Path, tiny_model_dir: Path, tiny_corpus: Path) -> Path
     so = make_tiny_sae(root / "so", other, hook="model.layers.1", seed=7)
     build_tiny_db(db, other, so, tiny_corpus, sae_name="other/model.layers.1/64", umap=False)
     return db
+
+
+def page_maker(page: Path, db: Path, monkeypatch, timeout: float = 120):
+    """``make(**query_params)``: an AppTest of one page file on ``db`` (set as $FEATUREDICT_DB), not yet run."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FEATUREDICT_DB", str(db))
+
+    def make(**params: str) -> AppTest:
+        at = AppTest.from_file(str(page), default_timeout=timeout)
+        for k, v in params.items():
+            at.query_params[k] = v
+        return at
+
+    return make

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import L0, L1, ROOT, make_two_sae_db
+from tests.helpers import L0, L1, ROOT, make_two_sae_db, page_maker
 
 PAGE = ROOT / "dashboard" / "views" / "attribution.py"
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)> **bold** [x](javascript:alert(3))"
@@ -20,17 +20,7 @@ def db(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_corp
 
 @pytest.fixture()
 def app(db, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("FEATUREDICT_DB", str(db))
-
-    def make(**params: str) -> AppTest:
-        at = AppTest.from_file(str(PAGE), default_timeout=180)
-        for k, v in params.items():
-            at.query_params[k] = v
-        return at
-
-    return make
+    return page_maker(PAGE, db, monkeypatch, timeout=180)
 
 
 def _errors(at) -> list[str]:

@@ -23,7 +23,7 @@ from featuredict.pipelines.steering import (
     load_preset,
     save_preset,
 )
-from tests.helpers import ROOT, STEER_SAE_ID, build_steer_db, live_feature
+from tests.helpers import ROOT, STEER_SAE_ID, build_steer_db, live_feature, page_maker
 
 PAGE = ROOT / "dashboard" / "views" / "steer.py"
 
@@ -272,17 +272,7 @@ def test_cli_missing_database(tmp_path, capsys):
 # ---- the page -------------------------------------------------------------------------------------------
 @pytest.fixture()
 def app(db_copy, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("FEATUREDICT_DB", str(db_copy))
-
-    def make(**params: str) -> AppTest:
-        at = AppTest.from_file(str(PAGE), default_timeout=120)
-        for k, v in params.items():
-            at.query_params[k] = v
-        return at
-
-    return make
+    return page_maker(PAGE, db_copy, monkeypatch, timeout=120)
 
 
 def errors(at) -> list[str]:
