@@ -911,15 +911,20 @@ def feature_ids(db: Reader, sae_id: str) -> list[int]:
     return [int(r[0]) for r in db.rows("SELECT feature FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])]
 
 
-def feature_words(db: Reader, sae_id: str, features: Sequence[int] | None = None) -> pd.DataFrame:
+def feature_words(
+    db: Reader, sae_id: str, features: Sequence[int] | None = None, skip_methods: Sequence[str] = ()
+) -> pd.DataFrame:
     """The curated and generated words of features that have any: columns feature, explanations (list[str]:
     texts of explanations with text, best first: highest mean score, LLM/imported before the ``tokens`` summary,
-    newest), label, tags (list[str] or None), notes. ``features`` None: every feature of the SAE.
-    Texts are untrusted (LLM output, imports, user input)."""
+    newest; explanations by a method in ``skip_methods`` left out), label, tags (list[str] or None), notes.
+    ``features`` None: every feature of the SAE. Texts are untrusted (LLM output, imports, user input)."""
     scope, params = "sae_id = ?", list[Any]([sae_id])
     if features is not None:
         scope += " AND feature IN (SELECT unnest(?::INTEGER[]))"
         params.append(id_list(features))
+    skip, skip_params = "", list[Any]()
+    if skip_methods:
+        skip, skip_params = " AND method <> ALL(?::VARCHAR[])", [list(skip_methods)]
     return db.df(
         f"""WITH ex AS (
                 SELECT feature,
@@ -927,12 +932,12 @@ def feature_words(db: Reader, sae_id: str, features: Sequence[int] | None = None
                                            ELSE (coalesce(detection, fuzzing) + coalesce(fuzzing, detection)) / 2
                                            END) DESC NULLS LAST,
                                           (method = 'tokens'), created_at DESC, id DESC) AS explanations
-                FROM explanations WHERE {scope} AND text IS NOT NULL GROUP BY feature),
+                FROM explanations WHERE {scope} AND text IS NOT NULL{skip} GROUP BY feature),
             lab AS (SELECT feature, label, tags, notes FROM labels WHERE {scope})
             SELECT coalesce(ex.feature, lab.feature) AS feature, ex.explanations, lab.label, lab.tags, lab.notes
             FROM ex FULL OUTER JOIN lab ON lab.feature = ex.feature
             ORDER BY 1""",
-        params + params,
+        params + skip_params + params,
     )
 
 

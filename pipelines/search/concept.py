@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from featuredict.pipelines.model.runtime import Runtime
 
 EPS = 1e-4  # normalised activation per token below which differences do not count
-MEANING_WEIGHT = 2.0  # weight of the meaning cosine added to the contrast (best of 0.25-2 in bench_topics)
+MEANING_WEIGHT = 5.0  # weight of the meaning cosine added to the contrast (bench_topics: 4-6 best of 0.25-8)
 MEANING_POOL = 200  # rank_concept blends the meaning score into this many best contrast candidates
 Method = Literal["peak", "mass"]
 COLUMNS = [

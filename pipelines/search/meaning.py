@@ -1,12 +1,17 @@
 """Search by meaning: one sentence-embedding vector per feature, over the feature's words.
 
-A feature's text (``compose_text``) is its explanations (best first, at most ``MAX_EXPLANATIONS``), label, tags
-and notes, then one short contexts line: the tokens at the max positions of its top contexts and, only for a
-feature without words, a few tokens around the max token of its two strongest contexts. The whole text is
-embedded in ONE forward pass (``encode_features``), texts sorted by length so a batch holds texts of
-about one length (little padding). An explanation is a short phrase, so words come first and dominate; a feature
-with no words at all is found by its contexts alone. (The first recipe embedded words and contexts apart with
-three 200-character windows each: two passes over ~4x the tokens, 10x slower: bench/RESULTS.md.)
+A feature's text (``compose_text``) is its words, then one contexts line. The words are its explanations (best
+first, at most ``MAX_EXPLANATIONS``; not the ``tokens`` explainer's, which only renders the same top tokens as
+a list), label, tags and notes. The contexts line holds the tokens at the max positions of its
+``N_TOP_CONTEXTS`` strongest contexts (what its page shows first), each with its count: ``Contexts: top tokens
+"rain" x4, "storm" x2, "sky"``. ``encode_features`` embeds the words in ONE forward pass (sorted by length, so
+a batch holds texts of about one length) and the tokens as a bag: each distinct token string once per process,
+the bag the count-weighted mean of its tokens' vectors. A feature with both is ``WORDS_WEIGHT`` words + the rest
+bag; a feature with only top tokens (every feature of a fresh dictionary) is its bag, so a dictionary without
+curated or LLM words costs one pass over its token vocabulary. Why this recipe (bench/bench_topics.py, on the
+demo dictionary): the bag of the top contexts' max tokens found on-topic features for more topics than the
+sentence embedding of the ``tokens`` explanation did, in concept search and in search by meaning
+(bench/RESULTS.md, issue 18).
 
 Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model) with the text and its hash:
 
@@ -62,10 +67,11 @@ MAX_EXPLANATIONS = 2  # distinct explanation texts embedded per feature (best fi
 MAX_PART = 160  # characters kept of one explanation / label / the tags
 MAX_NOTES = 200
 MAX_TEXT = 480  # characters of the whole text (~100 word pieces)
-N_TOP_TOKENS = 5
+N_TOP_CONTEXTS = 10  # strongest contexts whose max tokens make the bag
+N_TOP_TOKENS = 10  # distinct tokens kept in the contexts line, most frequent first
 WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has top tokens
-TOKEN_WEIGHTS = (1.0, 0.5, 0.33, 0.25, 0.2)  # weight of the top tokens' vectors, most frequent first
-RECIPE = f"words+token-bag/{WORDS_WEIGHT}/v2"  # part of every text hash: a change of recipe re-embeds
+TOKENS_METHOD = "tokens"  # the explainer whose text lists the top tokens (not embedded as words: the bag has them)
+RECIPE = f"words+counted-token-bag/{WORDS_WEIGHT}/{N_TOP_CONTEXTS}/v3"  # part of every text hash: a change re-embeds
 CHUNK = 2048  # features embedded and written per transaction (an interrupted run keeps finished chunks)
 
 
@@ -90,10 +96,11 @@ def compose_text(
     windows: Sequence[Sequence[str]] | None = None,
 ) -> str:
     """The text embedded for one feature: one line per part, words first (at most ``MAX_EXPLANATIONS``
-    explanations, the label, ``Tags: a, b``, the notes), then the contexts line ``Contexts: top tokens "a",
-    "b"``: the ``N_TOP_TOKENS`` most frequent tokens at the max positions of its top contexts (``top_tokens``:
-    one per top context, repeats count), most frequent first, each JSON-quoted. ``windows`` is accepted and
-    ignored (the first recipe summarised them). Empty when the feature has neither words nor top tokens."""
+    explanations, the label, ``Tags: a, b``, the notes), then the contexts line ``Contexts: top tokens "a" x3,
+    "b"``: the ``N_TOP_TOKENS`` most frequent tokens at the max positions of its ``N_TOP_CONTEXTS`` strongest
+    contexts (``top_tokens``: one per top context, strongest first), most frequent first, each JSON-quoted with
+    its count when above 1. ``windows`` is accepted and ignored (the first recipe summarised them). Empty when
+    the feature has neither words nor top tokens."""
     words: list[str] = []
     seen: set[str] = set()
 
@@ -115,13 +122,14 @@ def compose_text(
     if tag_list:
         add(_clean("Tags: " + ", ".join(tag_list), MAX_PART))
     add(_clean(notes, MAX_NOTES))
-    cleaned = [t for t in (_clean(t, 40) for t in (top_tokens or [])) if t]
+    cleaned = [t for t in (_clean(t, 40) for t in list(top_tokens or [])[:N_TOP_CONTEXTS]) if t]
     counts = Counter(cleaned)
     first = {t: i for i, t in reversed(list(enumerate(cleaned)))}
     toks = sorted(counts, key=lambda t: (-counts[t], first[t]))[:N_TOP_TOKENS]
     text = "\n".join(words)[:MAX_TEXT].strip()
     if toks:
-        ctx = CONTEXTS_PREFIX + "top tokens " + ", ".join(json.dumps(t, ensure_ascii=False) for t in toks)
+        items = (json.dumps(t, ensure_ascii=False) + (f" x{counts[t]}" if counts[t] > 1 else "") for t in toks)
+        ctx = CONTEXTS_PREFIX + "top tokens " + ", ".join(items)
         text = f"{text}\n{ctx}" if text else ctx
     return text
 
@@ -142,18 +150,34 @@ def split_text(text: str) -> tuple[str, str]:
     return words, ctx
 
 
-def context_tokens(text: str) -> list[str]:
-    """The top tokens of an embedded text's contexts line (``compose_text``), most frequent first; [] when it
-    has none or the line does not parse."""
+_COUNTED = re.compile(r'\s*("(?:[^"\\]|\\.)*")(?: x(\d+))?\s*(?:,|$)')
+
+
+def counted_context_tokens(text: str) -> list[tuple[str, int]]:
+    """(token, count) pairs of an embedded text's contexts line (``compose_text``), most frequent first; []
+    when it has none or the line does not parse."""
     _, ctx = split_text(text)
     head = CONTEXTS_PREFIX + "top tokens "
     if not ctx.startswith(head):
         return []
-    try:
-        toks = json.loads("[" + ctx[len(head) :] + "]")
-    except ValueError:
-        return []
-    return [str(t) for t in toks if str(t)]
+    rest, out, at = ctx[len(head) :], [], 0
+    while at < len(rest):
+        m = _COUNTED.match(rest, at)
+        if m is None or m.end() == at:
+            return []
+        try:
+            tok = str(json.loads(m.group(1)))
+        except ValueError:
+            return []
+        if tok:
+            out.append((tok, int(m.group(2) or 1)))
+        at = m.end()
+    return out
+
+
+def context_tokens(text: str) -> list[str]:
+    """The top tokens of an embedded text's contexts line, most frequent first (``counted_context_tokens``)."""
+    return [t for t, _ in counted_context_tokens(text)]
 
 
 def text_hash(text: str) -> str:
@@ -170,7 +194,7 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
         return {}
     scope = None if features is None else ids
     words: dict[int, tuple[Any, Any, Any, Any]] = {}
-    w = q.feature_words(store, sae_id, scope)
+    w = q.feature_words(store, sae_id, scope, skip_methods=(TOKENS_METHOD,))
     for f, ex, lab, tags, notes in zip(w["feature"], w["explanations"], w["label"], w["tags"], w["notes"], strict=True):
         words[int(f)] = (
             None if ex is None or _missing(ex) else list(ex),
@@ -206,21 +230,20 @@ def encode_features(embedder: Embedder, texts: Sequence[str], batch_size: int = 
 
     The words part (all lines before the contexts line) is embedded in one pass. The top tokens are a bag:
     each distinct token string is embedded once per process (``token_vectors``: a dictionary's top tokens
-    share a small vocabulary) and a feature's bag is the mean of its tokens' vectors weighted by
-    ``TOKEN_WEIGHTS`` (most frequent first). A feature with both: ``WORDS_WEIGHT`` words + the rest bag,
-    so its explanation or label decides what it is about and its tokens only tip the balance; with one
-    part, that part. L2-normalised."""
-    parts = [(split_text(t)[0].strip(), context_tokens(t)) for t in texts]
+    share a small vocabulary) and a feature's bag is the mean of its tokens' vectors weighted by their counts.
+    A feature with both: ``WORDS_WEIGHT`` words + the rest bag, so its explanation or label decides what it
+    is about and its tokens only tip the balance; with one part, that part. L2-normalised."""
+    parts = [(split_text(t)[0].strip(), counted_context_tokens(t)) for t in texts]
     out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
     distinct = list(dict.fromkeys(w for w, _ in parts if w))  # equal words are embedded once
     wv = embedder.encode(distinct, batch_size=batch_size)
-    tv = embedder.token_vectors([t for _, toks in parts for t in toks], batch_size=max(batch_size, 128))
+    tv = embedder.token_vectors([t for _, toks in parts for t, _ in toks], batch_size=max(batch_size, 128))
     at = {w: k for k, w in enumerate(distinct)}
     wpos = {i: at[w] for i, (w, _) in enumerate(parts) if w}
     for row, (_, toks) in enumerate(parts):
         bag = np.zeros(embedder.dim, dtype=np.float32)
-        for t, wt in zip(toks, TOKEN_WEIGHTS, strict=False):
-            bag += wt * tv[t]
+        for t, count in toks:
+            bag += count * tv[t]
         n = float(np.linalg.norm(bag))
         if row in wpos:
             out[row] = wv[wpos[row]] * (WORDS_WEIGHT if n > 0 else 1.0)

@@ -91,9 +91,14 @@ def test_compose_text_puts_words_first_and_marks_contexts():
     lines = text.split("\n")
     # duplicates (case-insensitive) dropped; at most MAX_EXPLANATIONS explanations, then the label
     assert lines[:-1] == ["lying to people", "b", "a label", "Tags: t1, t2", "some notes"]
-    # top tokens most frequent first (ties: first seen), JSON-quoted, parsed back exactly
-    assert lines[-1] == 'Contexts: top tokens "tok", "x", "\\"q\\""'
+    # top tokens most frequent first (ties: first seen), JSON-quoted with their counts, parsed back exactly
+    assert lines[-1] == 'Contexts: top tokens "tok" x3, "x" x2, "\\"q\\""'
     assert meaning.context_tokens(text) == ["tok", "x", '"q"']
+    assert meaning.counted_context_tokens(text) == [("tok", 3), ("x", 2), ('"q"', 1)]
+    # only the N_TOP_CONTEXTS strongest contexts count; a line that does not parse gives no tokens
+    many = meaning.compose_text(None, None, None, None, ["a"] * meaning.N_TOP_CONTEXTS + ["b"] * 5)
+    assert meaning.counted_context_tokens(many) == [("a", meaning.N_TOP_CONTEXTS)]
+    assert meaning.context_tokens('Contexts: top tokens "a" x2 junk') == []
     assert meaning.words_part(text).startswith("lying to people · b")
     # a text without words starts with the contexts marker; a word line that looks like it is changed
     only = meaning.compose_text(None, None, None, None, ["x"])
@@ -106,19 +111,36 @@ def test_compose_text_puts_words_first_and_marks_contexts():
 
 
 def test_feature_vector_is_words_plus_token_bag(embedder: meaning.Embedder):
-    """One pass over the words; each top token embedded once; mixed WORDS_WEIGHT : rest; one part alone."""
+    """One pass over the words; each top token embedded once, weighted by its count; mixed WORDS_WEIGHT : rest;
+    one part alone."""
     text = meaning.compose_text(["dogs and puppies"], None, None, None, [" dog", " dog", " puppy"])
     both, words, toks = meaning.encode_features(
         embedder, [text, "dogs and puppies", 'Contexts: top tokens "dog", "puppy"']
     )
     w = embedder.encode(["dogs and puppies"])[0]
     tv = embedder.token_vectors(["dog", "puppy"])
-    bag = meaning.TOKEN_WEIGHTS[0] * tv["dog"] + meaning.TOKEN_WEIGHTS[1] * tv["puppy"]
+    bag = 2 * tv["dog"] + tv["puppy"]  # " dog" was the max token of two contexts
     bag /= np.linalg.norm(bag)
     want = meaning.WORDS_WEIGHT * w + (1 - meaning.WORDS_WEIGHT) * bag
     assert np.allclose(both, want / np.linalg.norm(want), atol=1e-5)
-    assert np.allclose(words, w, atol=1e-5) and np.allclose(toks, bag, atol=1e-5)
+    even = (tv["dog"] + tv["puppy"]) / np.linalg.norm(tv["dog"] + tv["puppy"])
+    assert np.allclose(words, w, atol=1e-5) and np.allclose(toks, even, atol=1e-5)
     assert np.allclose(tv["dog"], embedder.encode(["dog"])[0], atol=1e-5)
+
+
+def test_tokens_explanations_enter_as_their_tokens_not_as_words(explained_db: Path, tmp_path: Path):
+    """A ``tokens`` explanation renders the top tokens as a list: the bag already holds them, so it is not
+    embedded as words; an explanation by any other method is."""
+    path = shutil.copyfile(explained_db, tmp_path / "tok.duckdb")
+    store = Store(path)
+    try:
+        rows = [{"sae_id": SAE, "feature": f, "text": f'"tok{f}" (40%), "x"', "method": "tokens"} for f in (3, 5)]
+        writes.add_explanations(store, rows, replace=False)
+        texts = meaning.feature_texts(store, SAE, [3, 5])
+    finally:
+        store.close()
+    assert texts[3].split("\n")[0] == "deception and lying" and "tok3" not in texts[3]
+    assert "tok5" not in texts[5]
 
 
 def test_feature_texts_use_stored_words_and_contexts(explained_db: Path):
