@@ -65,6 +65,8 @@ def test_wheel_has_every_module_and_each_imports_from_it(wheel_dir: Path):
     shipped = {str(p.relative_to(wheel_dir / "featuredict")) for p in (wheel_dir / "featuredict").rglob("*.py")}
     missing = [f for f in files if f not in shipped]
     assert not missing, f"not in the wheel: {missing}"
+    corpus = list((wheel_dir / "featuredict" / "pipelines" / "demo").glob("model_written_*.txt"))
+    assert corpus, "the demo's shipped model-written corpus is not in the wheel"
     modules = [module_name(f) for f in files if not f.startswith(SCRIPTS)]
     res = subprocess.run(
         [sys.executable, "-c", IMPORT_ALL, str(wheel_dir), json.dumps(modules)],

@@ -42,6 +42,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
     d.add_argument("--force", action="store_true", help="redo every step even where cached")
+    d.add_argument(
+        "--regenerate-corpus",
+        action="store_true",
+        help="let the model write the built-in corpus (~2 min on 2 cores) instead of using the copy shipped in "
+        "pipelines/demo/ for the default budget",
+    )
     d.set_defaults(func=run)
     return d
 

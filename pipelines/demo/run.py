@@ -74,6 +74,7 @@ class DemoConfig:
     layer: int = 15
     gen_tokens: int | None = None  # model-written part of the built-in corpus
     force: bool = False
+    regenerate_corpus: bool = False  # let the model write the corpus even where a shipped one fits
     device: str | None = None
     steer_hint: bool = True  # end by printing a steering command for a feature found by concept search
     layers: tuple[int, ...] = ()  # --layers: SAEs at these layers too (the steering hint uses ``layer``)
@@ -173,26 +174,54 @@ def prompts_fingerprint() -> str:
 
 
 Writer = Callable[[int], list[str]]
+SEPARATOR = "\n<|endoftext|>\n"
+SHIPPED_DIR = Path(__file__).resolve().parent
+
+
+def shipped_name(gen_tokens: int) -> str:
+    """File name of the model-written part for these prompts and budget: ``model_written_<fingerprint>_<n>.txt``."""
+    return f"model_written_{prompts_fingerprint()}_{gen_tokens}.txt"
+
+
+def shipped_texts(gen_tokens: int) -> list[str] | None:
+    """The model-written texts shipped with featuredict for these prompts and budget (``pipelines/demo/``), or
+    None when there is no such file (other prompts, settings or budget: the model writes them)."""
+    path = SHIPPED_DIR / shipped_name(gen_tokens)
+    if not path.is_file():
+        return None
+    return [t for t in path.read_text(encoding="utf-8").split(SEPARATOR) if t.strip()]
 
 
 def builtin_corpus(
-    out: Path, gen_tokens: int, force: bool = False, writer: Writer | None = None, device: str | None = None
+    out: Path,
+    gen_tokens: int,
+    force: bool = False,
+    writer: Writer | None = None,
+    device: str | None = None,
+    regenerate: bool = False,
 ) -> Path:
     """Model-written topic texts interleaved with a Python-reference sample, as one .txt
     (``<|endoftext|>``-separated), plus ``out.with_suffix('.json')`` describing it.
 
-    ``writer(n_tokens) -> texts`` writes the model part (default: ``generate_texts`` with SmolLM2); tests pass a
-    stub, so the rest runs without a model.
+    The model-written part comes from the file shipped in ``pipelines/demo/`` for these prompts and budget
+    (``shipped_texts``: what SmolLM2 wrote here with the same seed), unless ``regenerate`` or there is none:
+    then ``writer(n_tokens) -> texts`` writes it (default: ``generate_texts`` with SmolLM2; tests pass a stub,
+    so the rest runs without a model) and the texts are also saved beside ``out`` as ``shipped_name`` (copy that
+    file into ``pipelines/demo/`` to ship it).
     """
-    if out.exists() and not force:
+    if out.exists() and not force and not regenerate:
         return out
     t0 = time.perf_counter()
-    if writer is None:
+    shipped = None if regenerate or writer is not None or gen_tokens <= 0 else shipped_texts(gen_tokens)
+    if shipped is not None:
+        written, source = shipped, f"shipped (pipelines/demo/{shipped_name(gen_tokens)})"
+    else:
+        if writer is None:
 
-        def writer(n: int) -> list[str]:
-            return generate_texts(n, device=device)
+            def writer(n: int) -> list[str]:
+                return generate_texts(n, device=device)
 
-    written = writer(gen_tokens) if gen_tokens > 0 else []
+        written, source = (writer(gen_tokens) if gen_tokens > 0 else []), "written now"
     gen_s = time.perf_counter() - t0
     # at least MIN_DOCS_TOKENS of reference prose, so a tiny generation budget still leaves text to train on
     docs = (
@@ -203,11 +232,14 @@ def builtin_corpus(
     mixed = interleave(written, docs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n<|endoftext|>\n".join(mixed), encoding="utf-8")
+    tmp.write_text(SEPARATOR.join(mixed), encoding="utf-8")
     tmp.replace(out)
+    if shipped is None and written:
+        (out.parent / shipped_name(gen_tokens)).write_text(SEPARATOR.join(written), encoding="utf-8")
     info = {
         "model_written_docs": len(written),
         "model_written_chars": sum(len(w) for w in written),
+        "model_written_source": source,
         "python_reference_docs": len(docs),
         "python_reference_chars": sum(len(d) for d in docs),
         "gen_tokens": gen_tokens,
@@ -535,7 +567,16 @@ def run_demo(cfg: DemoConfig) -> int:
         corpus_path = root / f"builtin_corpus_{prompts_fingerprint()}_{cfg.gen_tokens}.txt"
         corpus_desc = corpus_description(cfg.gen_tokens)
         print(f"[2/4] corpus: no --corpus given, using the {corpus_desc} -> {corpus_path}")
-        builtin_corpus(corpus_path, cfg.gen_tokens, force=cfg.force, device=cfg.device)
+        builtin_corpus(
+            corpus_path, cfg.gen_tokens, force=cfg.force, device=cfg.device, regenerate=cfg.regenerate_corpus
+        )
+        info_path = corpus_path.with_suffix(".json")
+        source = json.loads(info_path.read_text()).get("model_written_source", "") if info_path.exists() else ""
+        if source.startswith("shipped"):
+            print(
+                f"      model-written part: {source}: what SmolLM2 wrote with these prompts and seed on a 2-core "
+                "Xeon (--regenerate-corpus lets your machine write it, ~2 min)"
+            )
     spec = CorpusSpec(str(corpus_path))
     extra = [layer for layer in cfg.layers if layer != cfg.layer]
     res = _train_and_build(cfg, cfg.layer, spec, corpus_path, corpus_desc, db, root, "[3/4]", "[4/4]")

@@ -145,6 +145,36 @@ def test_builtin_corpus_is_mostly_topic_text_deterministic_and_offline(tmp_path:
     assert len(demo.prompts_fingerprint()) == 8
 
 
+def test_default_corpus_uses_the_shipped_model_written_part(tmp_path: Path, monkeypatch):
+    """The default budget's model-written texts ship with featuredict: the demo reads them instead of running the
+    model for ~2 min; --regenerate-corpus lets the model write them and saves them beside the corpus."""
+    from featuredict.pipelines.demo import run as demo
+
+    _no_network(monkeypatch)
+    n = demo.CPU_BUDGETS.gen_tokens
+    shipped = demo.shipped_texts(n)
+    assert shipped and len(shipped) > 100, "the default budget's model-written corpus must ship in pipelines/demo/"
+    prompts = {p.prompt for p in demo.topic_prompts()}
+    assert all(t.split("\n\n", 1)[0] in prompts for t in shipped)  # each text is headed by a built-in prompt
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not run when a shipped corpus fits")
+
+    monkeypatch.setattr(demo, "generate_texts", no_model)
+    out = demo.builtin_corpus(tmp_path / "c.txt", n)
+    docs = out.read_text().split(demo.SEPARATOR)
+    assert [d for d in docs if d in shipped] == shipped and len(docs) > len(shipped)  # + the Python reference
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["model_written_source"].startswith("shipped") and info["model_written_docs"] == len(shipped)
+    assert demo.shipped_texts(n + 1) is None  # another budget: the model writes it
+
+    monkeypatch.setattr(demo, "generate_texts", lambda k, device=None: [f"{next(iter(prompts))}\n\nnew text"])
+    demo.builtin_corpus(tmp_path / "c.txt", n, regenerate=True)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["model_written_source"] == "written now" and info["model_written_docs"] == 1
+    assert (tmp_path / demo.shipped_name(n)).read_text().endswith("new text")  # ready to copy into the package
+
+
 def test_budgets_fit_the_machine_and_keep_what_the_user_gave():
     from featuredict.pipelines.demo.run import CPU_BUDGETS, CUDA_SCALE, DemoConfig, resolve_budgets
 
