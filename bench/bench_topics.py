@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--need", type=int, default=5, help="contexts with a keyword needed to count (default 5)")
     p.add_argument("--json", default=None, help="also write the per-topic results here")
     p.add_argument("--meaning-only", action="store_true", help="only search by meaning (no model run)")
-    p.add_argument("--weights", default="0.25,0.5,1,2", help="meaning weights compared (default 0.25,0.5,1,2)")
+    p.add_argument("--weights", default="1,2,4,5,6,8", help="meaning weights compared (default 1,2,4,5,6,8)")
     args = p.parse_args(argv)
     db = Path(args.db) if args.db else default_db()
     if not db.exists():

@@ -9,8 +9,12 @@ the prompt only through ``x_{l_k}``. So edges go tokens -> SAE 1, SAE k -> SAE k
 
 where ``pre_v`` is feature ``v``'s encoder output (its activation, for an active TopK / ReLU feature) and
 ``a_u`` the source's activation (a feature: ``f_u`` along ``s(x) D_u``; an error node: its vector; a token: its
-embedding). Edges into the target are the last SAE's attributions. One backward pass per target node (batched
-over rows), each stopped at the target node's hook.
+embedding). An error node has incoming edges too: a residual-stream SAE's error ``e_k = x_k - decode(encode(x_k))``
+is a function of everything before it (as in Marks et al.), so its ``pre_v`` is its attribution ``e_k[p] .
+g_k[p]`` with ``g_k = dT/dx_k`` held fixed, and the edges say how much of that each earlier node carries. So only
+the tokens are leaves, and an earlier feature's influence counts the paths through later errors as well, as
+its attribution (taken in the plain model) does. Edges into the target are the last SAE's attributions. One
+backward pass per target node (batched over rows), each stopped at the target node's hook.
 
 Pruning (circuit-tracer's rule): with ``A`` the edge-weight matrix (rows: targets, columns: sources), ``Â`` its
 absolute values normalised so each row sums to 1, the influence of a node on the target is its entry of
@@ -88,9 +92,11 @@ def _edges_into(
     ids: torch.Tensor,
     b: int,
     rows: list[tuple[int, int]],
+    attribution: Attribution,
 ) -> torch.Tensor:
-    """``d pre / d source`` for each (position, feature) of SAE ``b`` in ``rows``: the gradient, ``[R, T, d]``, at the
-    previous SAE's hook (or the token embeddings when ``b`` is 0). The forward pass stops at SAE ``b``'s hook."""
+    """``d pre / d source`` for each row of SAE ``b`` in ``rows``: ``(position, feature)`` for a feature node,
+    ``(position, -1)`` for its error node. The gradient, ``[R, T, d]``, at the previous SAE's hook (or the token
+    embeddings when ``b`` is 0). The forward pass stops at SAE ``b``'s hook."""
     store: dict[str, torch.Tensor] = {}
     src_hook = slots[b - 1].hook if b > 0 else None
     dst = slots[b]
@@ -122,9 +128,19 @@ def _edges_into(
         if "dst" not in store or "src" not in store:
             raise RuntimeError("the forward pass did not reach both hooks of an edge")
         xd = to_sae(dst.sae, store["dst"])
+        at = torch.arange(R, device=xd.device)
         pos = torch.tensor([p for p, _ in rows], device=xd.device)
-        feat = torch.tensor([f for _, f in rows], device=xd.device)
-        pre = _pre_activation(dst, xd[torch.arange(R, device=xd.device), pos], feat)
+        feat = torch.tensor([max(f, 0) for _, f in rows], device=xd.device)
+        is_err = torch.tensor([f < 0 for _, f in rows], device=xd.device)
+        pre = torch.zeros(R, dtype=xd.dtype, device=xd.device)
+        if bool((~is_err).any()):
+            pre = torch.where(is_err, pre, _pre_activation(dst, xd[at, pos], feat))
+        if bool(is_err.any()):
+            nodes = next(s for s in attribution.saes if s.name == dst.name)
+            valid = nodes.valid.to(xd.device).reshape(1, -1).expand(R, -1)
+            _, _, err = dst.parts(xd, valid)
+            g = to_sae(dst.sae, attribution.grads[dst.hook])[0].to(err.dtype)  # [T, d], held fixed
+            pre = torch.where(is_err, (err[at, pos] * g[pos]).sum(-1), pre)
         (grad,) = torch.autograd.grad(pre.sum(), [store["src"]])
     return grad.detach()
 
@@ -245,14 +261,15 @@ def build_graph(
         if ("e", last, p) in index:
             A[tgt, index[("e", last, p)]] = float(nd_last.error_attr[p])
 
-    # ---- edges into each candidate feature from the layer before
+    # ---- edges into each candidate feature and each error node from the layer before
     for si in range(len(slots)):
         todo = [(c["position"], c["feature"]) for c in per_sae[si]]
+        todo += [(p, -1) for p in range(T) if ("e", si, p) in index]
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
-            grad = _edges_into(loaded, slots, ids, si, chunk)  # [R, T, d]
+            grad = _edges_into(loaded, slots, ids, si, chunk, attribution)  # [R, T, d]
             for r, (q, j) in enumerate(chunk):
-                row = index[("f", si, q, j)]
+                row = index[("e", si, q) if j < 0 else ("f", si, q, j)]
                 _fill_sources(A, row, grad[r], si, slots, per_sae, index, attribution, T)
 
     # ---- pruning

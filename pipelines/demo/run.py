@@ -481,12 +481,14 @@ def steering_hint(
     sae_id: str,
     device: str | None = None,
     topics: Sequence[SteerTopic] = STEER_TOPICS,
-    tries: int = 3,
+    tries: int | None = None,
 ) -> str | None:
     """Lines that show a steering command for a feature picked by concept search and checked by running it
-    (``check_steer``), or None if no topic has a candidate. The first of the top ``tries`` candidates whose
-    steered text is on topic wins; when none is, the best candidate is shown at strength 2 and the lines say
-    that the check failed."""
+    (``check_steer``, ~5 s each on 2 cores), or None if no topic has a candidate. The first of the top ``tries``
+    candidates (None: every topic's) whose steered text is on topic wins; when none is, the best candidate is
+    shown at strength 2 and the lines say that the check failed. (The candidate with the most on-topic contexts
+    is not always the one that steers best: a feature of the word "culinary" fires on food text but adding it
+    does not make the model write about food.)"""
     from featuredict.db import queries as q
     from featuredict.db.store import Store
     from featuredict.pipelines.model.runtime import runtime_from_row
@@ -497,7 +499,7 @@ def steering_hint(
         if rec is None:
             return None
         rt = runtime_from_row(rec, device=device)
-        picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]
+        picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]  # [:None]: all
         max_act = q.feature_baselines(store, sae_id, int(rt.d_sae)).max_act
     finally:
         store.close()

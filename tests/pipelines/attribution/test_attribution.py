@@ -257,6 +257,44 @@ def test_graph_edge_weights_match_ablation_between_layers(loaded, sae_dirs) -> N
     assert abs(fd - e["weight"]) < 1e-3 * max(1.0, abs(fd))
 
 
+def test_error_nodes_have_incoming_edges_equal_to_the_linear_effect(loaded, sae_dirs) -> None:
+    """A residual SAE's error depends on the layers before it: an edge SAE0 feature -> SAE1 error node at p is the
+    linear effect of the feature on that error node's attribution ``e1[p] . g1[p]`` (``g1`` held fixed)."""
+    from featuredict.pipelines.model.saes import to_sae
+
+    slots = [_slot(loaded, sae_dirs, h) for h in sae_dirs]
+    p = prompt_from_text(loaded.tokenizer, PROMPT)
+    with torch.no_grad():
+        t = make_target(loaded.tokenizer, p, loaded.forward(p.ids))
+    a = attribute(loaded, slots, p, t, "full")
+    g = build_graph(loaded, slots, p, a, GraphConfig(max_feature_nodes=60, node_threshold=1.0, edge_threshold=1.0))
+    into_err = [e for e in g.links if e["target"].startswith("1_error_") and e["source"].startswith("0_")]
+    into_err = [e for e in into_err if "error" not in e["source"]]
+    assert into_err and any(e["target"].startswith("0_error_") for e in g.links)  # errors at SAE 0 too (from tokens)
+    e = max(into_err, key=lambda e: abs(e["weight"]))
+    _, f0, p0 = (int(v) for v in e["source"].split("_"))
+    p1 = int(e["target"].split("_")[-1])
+    d = decoder_directions(slots[0].sae, torch.tensor([f0]))[0]
+    act0 = [r for r in a.ranked() if r["sae"] == slots[0].name and r["feature"] == f0 and r["position"] == p0][0]
+    g1 = to_sae(slots[1].sae, a.grads[slots[1].hook])[0, p1]
+    nodes1 = next(n for n in a.saes if n.name == slots[1].name)
+
+    def err_attr(alpha: float) -> float:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[:, p0] += (alpha - 1.0) * act0["activation"] * d
+            return x
+
+        with torch.no_grad(), slots[0].site.intervene(fn):
+            x1 = slots[1].site.activations(p.ids)
+            _, _, err = slots[1].parts(x1, nodes1.valid.reshape(1, -1))
+            return float((err[0, p1] * g1).sum())
+
+    eps = 1e-3
+    fd = (err_attr(1 + eps) - err_attr(1 - eps)) / (2 * eps)
+    assert abs(fd - e["weight"]) < 1e-3 * max(1.0, abs(fd)), (fd, e["weight"])
+
+
 def test_influence_sums_paths() -> None:
     # 0 -> 1 -> 3 (target), 0 -> 2 -> 3: A[target, source]
     A = torch.zeros(4, 4, dtype=torch.float64)
