@@ -3,9 +3,11 @@
 
 ``add_words`` explains every live feature that has no explanation from the default offline explainer yet
 (``featuredict explain --all``, resumable) and then embeds every feature (``featuredict embed``: only changed
-texts), so search by meaning works on the dictionary straight away. Both steps are offline. When the meaning
-extra (sentence-transformers + the bundled MiniLM) is missing, the explanations are still written and the
-report says which command installs it.
+texts), so search by meaning works on the dictionary straight away. Both steps are offline. The default
+explainer is ``phrases`` (it beat ``tokens`` on both detection scorers on the demo's dictionary:
+bench/RESULTS.md); it needs the meaning extra (sentence-transformers + the bundled MiniLM). When that is
+missing, ``tokens`` explanations are written instead, there is no meaning index, and the report says which
+command installs it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-DEFAULT_EXPLAINER = "tokens"  # the offline explainer whose text every dictionary gets (docs/explanations.md)
+DEFAULT_EXPLAINER = "phrases"  # the offline explainer whose text every dictionary gets (docs/explanations.md)
+FALLBACK_EXPLAINER = "tokens"  # written instead when the embedding model the default needs cannot load
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,10 @@ class WordsReport:
     embedded: int
     embed_seconds: float
     skipped_embed: str | None  # why the meaning index was not made (one line), or None
+    explainer: str = DEFAULT_EXPLAINER
 
     def summary(self) -> str:
-        out = f"words: explained {self.explained:,} features ({DEFAULT_EXPLAINER}) in {self.explain_seconds:.1f}s"
+        out = f"words: explained {self.explained:,} features ({self.explainer}) in {self.explain_seconds:.1f}s"
         if self.skipped_embed:
             return out + f"; no meaning index: {self.skipped_embed}"
         return out + f", embedded {self.embedded:,} in {self.embed_seconds:.1f}s: search by meaning is ready"
@@ -51,13 +55,15 @@ def add_words(
     threads: int | None = None,
 ) -> WordsReport:
     """Explain every live feature of ``sae_id`` (None: the database's only SAE) without an explanation from
-    ``explainer``, then embed the SAE's features (``embed``). Raises ValueError (one line) for an unknown SAE or
-    an SAE with no live features."""
+    ``explainer``, then embed the SAE's features (``embed``). When ``explainer`` is the default and the embedding
+    model it needs cannot load, ``FALLBACK_EXPLAINER`` explains instead. Raises ValueError (one line) for an
+    unknown SAE or an SAE with no live features."""
     import io
 
     from featuredict.db import queries as q
     from featuredict.db.store import Store
     from featuredict.pipelines.explain.run import ExplainConfig, run_explain
+    from featuredict.pipelines.model.embedder import EmbedModelError
 
     store = Store(str(db))
     try:
@@ -75,9 +81,18 @@ def add_words(
         raise ValueError(f"SAE {sae_id!r} in {db} has no live features: nothing to explain or embed")
     t0 = time.perf_counter()
     log = io.StringIO()
-    summary = run_explain(
-        ExplainConfig(db=str(db), sae_id=sae_id, all_features=True, explainer=explainer, progress=progress), log
-    )
+
+    def explain_with(method: str) -> Any:
+        cfg = ExplainConfig(db=str(db), sae_id=sae_id, all_features=True, explainer=method, progress=progress)
+        return run_explain(cfg, log)
+
+    try:
+        summary = explain_with(explainer)
+    except EmbedModelError:
+        if explainer != DEFAULT_EXPLAINER:
+            raise
+        explainer = FALLBACK_EXPLAINER
+        summary = explain_with(explainer)
     explain_s = time.perf_counter() - t0
     if summary.stopped:
         raise ValueError(f"explaining stopped: {summary.stopped}")
@@ -85,7 +100,7 @@ def add_words(
         skipped, embedded, embed_s = _embed(db, sae_id, progress, threads)
     else:
         skipped, embedded, embed_s = f"skipped (later: {words_command(db, sae_id)})", 0, 0.0
-    report = WordsReport(sae_id, summary.explained, explain_s, embedded, embed_s, skipped)
+    report = WordsReport(sae_id, summary.explained, explain_s, embedded, embed_s, skipped, explainer)
     if out is not None:
         print(report.summary(), file=out)
     return report

@@ -1,17 +1,17 @@
 """Search by meaning: one sentence-embedding vector per feature, over the feature's words.
 
 A feature's text (``compose_text``) is its words, then one contexts line. The words are its explanations (best
-first, at most ``MAX_EXPLANATIONS``; not the ``tokens`` explainer's, which only renders the same top tokens as
-a list), label, tags and notes. The contexts line holds the tokens at the max positions of its
-``N_TOP_CONTEXTS`` strongest contexts (what its page shows first), each with its count: ``Contexts: top tokens
-"rain" x4, "storm" x2, "sky"``. ``encode_features`` embeds the words in ONE forward pass (sorted by length, so
-a batch holds texts of about one length) and the tokens as a bag: each distinct token string once per process,
-the bag the count-weighted mean of its tokens' vectors. A feature with both is ``WORDS_WEIGHT`` words + the rest
-bag; a feature with only top tokens (every feature of a fresh dictionary) is its bag, so a dictionary without
-curated or LLM words costs one pass over its token vocabulary. Why this recipe (bench/bench_topics.py, on the
-demo dictionary): the bag of the top contexts' max tokens found on-topic features for more topics than the
-sentence embedding of the ``tokens`` explanation did, in concept search and in search by meaning
-(bench/RESULTS.md, issue 18).
+first, at most ``MAX_EXPLANATIONS``; not those of the offline explainers ``tokens`` and ``phrases``, which render
+the same contexts as the bag below: ``CONTEXT_METHODS``), label, tags and notes. The contexts line holds the
+tokens at the max positions of its ``N_TOP_CONTEXTS`` strongest contexts (what its page shows first), each with
+its count: ``Contexts: top tokens "rain" x4, "storm" x2, "sky"``. ``encode_features`` embeds the words in ONE
+forward pass (sorted by length, so a batch holds texts of about one length) and the tokens as a bag: each
+distinct token string once per process, the bag the count-weighted mean of its tokens' vectors. A feature with
+both is ``WORDS_WEIGHT`` words + the rest bag; a feature with only top tokens (every feature of a fresh
+dictionary) is its bag, so a dictionary without curated or LLM words costs one pass over its token vocabulary.
+Why this recipe (bench/bench_topics.py, on the demo dictionary): the bag of the top contexts' max tokens found
+on-topic features for more topics than the sentence embedding of the ``tokens`` explanation did, in concept
+search and in search by meaning (bench/RESULTS.md, issue 18).
 
 Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model) with the text and its hash:
 
@@ -70,7 +70,11 @@ MAX_TEXT = 480  # characters of the whole text (~100 word pieces)
 N_TOP_CONTEXTS = 10  # strongest contexts whose max tokens make the bag
 N_TOP_TOKENS = 10  # distinct tokens kept in the contexts line, most frequent first
 WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has top tokens
-TOKENS_METHOD = "tokens"  # the explainer whose text lists the top tokens (not embedded as words: the bag has them)
+# Offline explainers whose text is rendered from the same contexts as the bag (top tokens; keyphrases of the
+# windows around them): not embedded as words. On the demo's dictionary, phrases embedded as words (0.75) lowered
+# concept search from 17 to 13 topics of 20 and search by meaning from 15 to 11; the previous recipe, with the
+# tokens text as words, found 14 and 12 (bench/RESULTS.md).
+CONTEXT_METHODS = ("tokens", "phrases")
 RECIPE = f"words+counted-token-bag/{WORDS_WEIGHT}/{N_TOP_CONTEXTS}/v3"  # part of every text hash: a change re-embeds
 CHUNK = 2048  # features embedded and written per transaction (an interrupted run keeps finished chunks)
 
@@ -194,7 +198,7 @@ def feature_texts(store: Store, sae_id: str, features: Sequence[int] | None = No
         return {}
     scope = None if features is None else ids
     words: dict[int, tuple[Any, Any, Any, Any]] = {}
-    w = q.feature_words(store, sae_id, scope, skip_methods=(TOKENS_METHOD,))
+    w = q.feature_words(store, sae_id, scope, skip_methods=CONTEXT_METHODS)
     for f, ex, lab, tags, notes in zip(w["feature"], w["explanations"], w["label"], w["tags"], w["notes"], strict=True):
         words[int(f)] = (
             None if ex is None or _missing(ex) else list(ex),

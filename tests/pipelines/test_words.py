@@ -31,6 +31,8 @@ def test_words_explains_every_live_feature_and_indexes_them(tiny_db: Path, tmp_p
         live = {r[0] for r in store.rows("SELECT feature FROM features WHERE sae_id = ? AND NOT dead", [SAE])}
         explained = {r[0] for r in store.rows("SELECT DISTINCT feature FROM explanations WHERE sae_id = ?", [SAE])}
         assert live and live <= explained
+        methods = {r[0] for r in store.rows("SELECT DISTINCT method FROM explanations WHERE sae_id = ?", [SAE])}
+        assert methods == {"phrases"}  # the default offline explainer: words, not a token list
         n_vec = q.embedding_state(store, SAE, meaning.DEFAULT_MODEL)[0]
         assert n_vec >= len(live)
         res = meaning.meaning_search(store, SAE, "baking bread", limit=5)
@@ -40,6 +42,30 @@ def test_words_explains_every_live_feature_and_indexes_them(tiny_db: Path, tmp_p
         assert again.explained == 0 and again.embedded == 0
     finally:
         store.close()
+
+
+def test_words_without_the_embedding_model_writes_tokens_and_says_how_to_install(
+    tiny_db: Path, tmp_path: Path, monkeypatch
+):
+    """`phrases` needs MiniLM: without it every live feature still gets a `tokens` explanation, and the report
+    names the install command instead of building a meaning index."""
+    from featuredict.pipelines.model.embedder import INSTALL_HINT, EmbedModelError
+
+    def missing(*a, **k):
+        raise EmbedModelError(f"no sentence-embedding model: {INSTALL_HINT}")
+
+    monkeypatch.setattr("featuredict.pipelines.model.embedder.load_embedder", missing)
+    monkeypatch.setattr("featuredict.pipelines.search.meaning.load_embedder", missing)
+    db = shutil.copyfile(tiny_db, tmp_path / "nomodel.duckdb")
+    rep = add_words(db, SAE, progress=False)
+    assert rep.explainer == "tokens" and rep.explained > 0 and rep.embedded == 0
+    assert INSTALL_HINT in rep.summary() and "(tokens)" in rep.summary()
+    store = Store(db, read_only=True)
+    try:
+        methods = {r[0] for r in store.rows("SELECT DISTINCT method FROM explanations WHERE sae_id = ?", [SAE])}
+    finally:
+        store.close()
+    assert methods == {"tokens"}
 
 
 def test_words_bad_input_is_one_line_and_exit_2(tiny_db: Path, tmp_path: Path, capsys):

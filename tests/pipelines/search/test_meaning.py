@@ -128,19 +128,22 @@ def test_feature_vector_is_words_plus_token_bag(embedder: meaning.Embedder):
     assert np.allclose(tv["dog"], embedder.encode(["dog"])[0], atol=1e-5)
 
 
-def test_tokens_explanations_enter_as_their_tokens_not_as_words(explained_db: Path, tmp_path: Path):
-    """A ``tokens`` explanation renders the top tokens as a list: the bag already holds them, so it is not
-    embedded as words; an explanation by any other method is."""
+def test_offline_explanations_enter_as_their_tokens_not_as_words(explained_db: Path, tmp_path: Path):
+    """``tokens`` and ``phrases`` explanations render the same contexts as the bag (the top tokens, keyphrases
+    around them), so they are not embedded as words; an explanation by any other method is."""
     path = shutil.copyfile(explained_db, tmp_path / "tok.duckdb")
     store = Store(path)
     try:
         rows = [{"sae_id": SAE, "feature": f, "text": f'"tok{f}" (40%), "x"', "method": "tokens"} for f in (3, 5)]
+        rows.append({"sae_id": SAE, "feature": 6, "text": "phrase6 · fires on: a", "method": "phrases"})
+        rows.append({"sae_id": SAE, "feature": 7, "text": "llm words for seven", "method": "openai"})
         writes.add_explanations(store, rows, replace=False)
-        texts = meaning.feature_texts(store, SAE, [3, 5])
+        texts = meaning.feature_texts(store, SAE, [3, 5, 6, 7])
     finally:
         store.close()
     assert texts[3].split("\n")[0] == "deception and lying" and "tok3" not in texts[3]
-    assert "tok5" not in texts[5]
+    assert "tok5" not in texts[5] and "phrase6" not in texts[6]
+    assert texts[7].split("\n")[0] == "llm words for seven"
 
 
 def test_feature_texts_use_stored_words_and_contexts(explained_db: Path):
@@ -431,7 +434,8 @@ def test_page_meaning_mode_without_embeddings(monkeypatch, synth_db: Path):
 
 def test_page_defaults_to_meaning_and_escapes_a_hostile_keyphrase(monkeypatch, synth_db: Path, embedder):
     """With a meaning index the search page opens in meaning mode (no mode in the URL); a keyphrase explanation
-    holding script / img-onerror text is shown as text in the grid and escaped in the matched-text HTML."""
+    holding script / img-onerror text is shown as text in the grid, and a hostile label (embedded as words, so
+    shown in the matched-text HTML) is escaped there."""
     from tests.helpers import assert_clean, frame, htmls, open_app
 
     phrase = f"barking dogs {HOSTILE_SCRIPT} {HOSTILE_IMG} · fires on: dog"
@@ -439,6 +443,7 @@ def test_page_defaults_to_meaning_and_escapes_a_hostile_keyphrase(monkeypatch, s
     try:
         row = {"sae_id": SAE_ID, "feature": 5, "text": phrase, "method": "phrases", "explainer_model": None}
         assert insert_explanations(store, [{**row, "source": "test"}]) == (1, 0)
+        writes.update_label(store, SAE_ID, 5, label=f"barking dogs {HOSTILE_SCRIPT} {HOSTILE_IMG}")
         meaning.embed_features(store, SAE_ID, progress=False, embedder=embedder)
     finally:
         store.close()
