@@ -40,14 +40,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "3 min more per extra layer on 2 cores); --layer stays the one the steering hint uses",
     )
     d.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
-    d.add_argument("--no-steer-hint", action="store_true", help="skip the concept search for a steering example")
-    d.add_argument("--force", action="store_true", help="redo every step even where cached")
-    d.add_argument(
-        "--regenerate-corpus",
-        action="store_true",
-        help="let the model write the built-in corpus (~2 min on 2 cores) instead of using the copy shipped in "
-        "pipelines/demo/ for the default budget",
-    )
+    switches = {
+        "--no-steer-hint": "skip the concept search for a steering example",
+        "--force": "redo every step even where cached",
+        "--regenerate-corpus": "let the model write the built-in corpus (~2 min on 2 cores) instead of using the "
+        "copy shipped in pipelines/demo/ for the default budget",
+    }
+    for flag, text in switches.items():
+        d.add_argument(flag, action="store_true", help=text)
     d.set_defaults(func=run)
     return d
 

@@ -219,14 +219,20 @@ def test_graph_across_saes_json_and_round_trip(loaded, sae_dirs, tmp_path: Path)
     assert back.to_json() == json.loads(json.dumps(data))
 
 
-def test_graph_edge_weights_match_ablation_between_layers(loaded, sae_dirs) -> None:
-    """An edge SAE0 feature -> SAE1 feature is the linear effect on the later feature's activation."""
+def _whole_graph(loaded, sae_dirs):
+    """Both SAEs, full mode, every node and edge kept: (slots, prompt, attribution, graph)."""
     slots = [_slot(loaded, sae_dirs, h) for h in sae_dirs]
     p = prompt_from_text(loaded.tokenizer, PROMPT)
     with torch.no_grad():
         t = make_target(loaded.tokenizer, p, loaded.forward(p.ids))
     a = attribute(loaded, slots, p, t, "full")
     g = build_graph(loaded, slots, p, a, GraphConfig(max_feature_nodes=60, node_threshold=1.0, edge_threshold=1.0))
+    return slots, p, a, g
+
+
+def test_graph_edge_weights_match_ablation_between_layers(loaded, sae_dirs) -> None:
+    """An edge SAE0 feature -> SAE1 feature is the linear effect on the later feature's activation."""
+    slots, p, a, g = _whole_graph(loaded, sae_dirs)
     links = [
         e
         for e in g.links
@@ -237,24 +243,28 @@ def test_graph_edge_weights_match_ablation_between_layers(loaded, sae_dirs) -> N
     ]
     assert links
     e = max(links, key=lambda e: abs(e["weight"]))
-    _, f0, p0 = (int(v) for v in e["source"].split("_"))
     _, f1, p1 = (int(v) for v in e["target"].split("_"))
+    fd = _edge_by_finite_differences(slots, a, p, e, lambda x1: float(slots[1].sae.encode(x1)[0, p1, f1]))
+    assert abs(fd - e["weight"]) < 1e-3 * max(1.0, abs(fd))
+
+
+def _edge_by_finite_differences(slots, a, p, edge, measure, eps: float = 1e-3) -> float:
+    """d measure(x1) / d alpha at alpha = 1, the edge's source feature (at SAE 0) scaled by alpha, central
+    differences: what the edge's weight claims."""
+    _, f0, p0 = (int(v) for v in edge["source"].split("_"))
     d = decoder_directions(slots[0].sae, torch.tensor([f0]))[0]
     act0 = [r for r in a.ranked() if r["sae"] == slots[0].name and r["feature"] == f0 and r["position"] == p0][0]
 
-    def f1_value(alpha: float) -> float:
+    def value(alpha: float) -> float:
         def fn(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
             x[:, p0] += (alpha - 1.0) * act0["activation"] * d
             return x
 
         with torch.no_grad(), slots[0].site.intervene(fn):
-            x1 = slots[1].site.activations(p.ids)
-            return float(slots[1].sae.encode(x1)[0, p1, f1])
+            return measure(slots[1].site.activations(p.ids))
 
-    eps = 1e-3
-    fd = (f1_value(1 + eps) - f1_value(1 - eps)) / (2 * eps)
-    assert abs(fd - e["weight"]) < 1e-3 * max(1.0, abs(fd))
+    return (value(1 + eps) - value(1 - eps)) / (2 * eps)
 
 
 def test_error_nodes_have_incoming_edges_equal_to_the_linear_effect(loaded, sae_dirs) -> None:
@@ -262,36 +272,20 @@ def test_error_nodes_have_incoming_edges_equal_to_the_linear_effect(loaded, sae_
     linear effect of the feature on that error node's attribution ``e1[p] . g1[p]`` (``g1`` held fixed)."""
     from featuredict.pipelines.model.saes import to_sae
 
-    slots = [_slot(loaded, sae_dirs, h) for h in sae_dirs]
-    p = prompt_from_text(loaded.tokenizer, PROMPT)
-    with torch.no_grad():
-        t = make_target(loaded.tokenizer, p, loaded.forward(p.ids))
-    a = attribute(loaded, slots, p, t, "full")
-    g = build_graph(loaded, slots, p, a, GraphConfig(max_feature_nodes=60, node_threshold=1.0, edge_threshold=1.0))
+    slots, p, a, g = _whole_graph(loaded, sae_dirs)
     into_err = [e for e in g.links if e["target"].startswith("1_error_") and e["source"].startswith("0_")]
     into_err = [e for e in into_err if "error" not in e["source"]]
     assert into_err and any(e["target"].startswith("0_error_") for e in g.links)  # errors at SAE 0 too (from tokens)
     e = max(into_err, key=lambda e: abs(e["weight"]))
-    _, f0, p0 = (int(v) for v in e["source"].split("_"))
     p1 = int(e["target"].split("_")[-1])
-    d = decoder_directions(slots[0].sae, torch.tensor([f0]))[0]
-    act0 = [r for r in a.ranked() if r["sae"] == slots[0].name and r["feature"] == f0 and r["position"] == p0][0]
     g1 = to_sae(slots[1].sae, a.grads[slots[1].hook])[0, p1]
     nodes1 = next(n for n in a.saes if n.name == slots[1].name)
 
-    def err_attr(alpha: float) -> float:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.clone()
-            x[:, p0] += (alpha - 1.0) * act0["activation"] * d
-            return x
+    def err_attr(x1: torch.Tensor) -> float:
+        _, _, err = slots[1].parts(x1, nodes1.valid.reshape(1, -1))
+        return float((err[0, p1] * g1).sum())
 
-        with torch.no_grad(), slots[0].site.intervene(fn):
-            x1 = slots[1].site.activations(p.ids)
-            _, _, err = slots[1].parts(x1, nodes1.valid.reshape(1, -1))
-            return float((err[0, p1] * g1).sum())
-
-    eps = 1e-3
-    fd = (err_attr(1 + eps) - err_attr(1 - eps)) / (2 * eps)
+    fd = _edge_by_finite_differences(slots, a, p, e, err_attr)
     assert abs(fd - e["weight"]) < 1e-3 * max(1.0, abs(fd)), (fd, e["weight"])
 
 
