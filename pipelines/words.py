@@ -109,17 +109,17 @@ def add_words(
 def _embed(db: str | Path, sae_id: str, progress: bool, threads: int | None) -> tuple[str | None, int, float]:
     """(why it was skipped or None, features embedded, seconds)."""
     from featuredict.db.store import Store
-    from featuredict.pipelines.model import embedder
+    from featuredict.pipelines.model.embedder import EmbedModelError
     from featuredict.pipelines.search import meaning
 
     try:
-        embedder = meaning.load_embedder()
-    except embedder.EmbedModelError as e:
+        enc = meaning.load_embedder()
+    except EmbedModelError as e:
         return str(e), 0, 0.0
     store = Store(str(db))
     try:
         with _threads(threads):
-            rep = meaning.embed_features(store, sae_id, embedder=embedder, progress=progress)
+            rep = meaning.embed_features(store, sae_id, embedder=enc, progress=progress)
     finally:
         store.close()
     return None, rep.embedded, rep.seconds
@@ -129,7 +129,8 @@ class _threads:
     """torch on ``n`` threads for the duration (None: as it is)."""
 
     def __init__(self, n: int | None):
-        self.n, self.old = n, None
+        self.n: int | None = n
+        self.old: int | None = None
 
     def __enter__(self) -> None:
         if self.n:

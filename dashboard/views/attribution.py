@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import cast
 
 import pandas as pd
 import streamlit as st
@@ -24,7 +25,7 @@ from featuredict.dashboard.common import (
 from featuredict.dashboard.render import md
 from featuredict.db import queries as q
 from featuredict.db.errors import one_line
-from featuredict.pipelines.attribution.attribute import MODES, AttributionInputError
+from featuredict.pipelines.attribution.attribute import MODES, AttributionInputError, Mode
 from featuredict.pipelines.attribution.graph import GraphConfig
 from featuredict.pipelines.attribution.run import MODE_NOTES, Request, load_slots, run_loaded, sae_rows, to_json
 
@@ -56,14 +57,16 @@ with st.form("attr_form"):
     )
     c1, c2, c3 = st.columns(3)
     extra = c1.multiselect("More SAEs (same model)", others, default=want_extra, key="attr_saes")
-    mode = c2.radio(
+    mode_names: list[str] = list(MODES)
+    picked_mode = c2.radio(
         "Mode",
-        list(MODES),
-        index=list(MODES).index(qp_str("mode", "full")) if qp_str("mode", "full") in MODES else 0,
+        mode_names,
+        index=mode_names.index(qp_str("mode", "full")) if qp_str("mode", "full") in mode_names else 0,
         horizontal=True,
         key="attr_mode",
         help=" / ".join(MODE_NOTES.values()),
     )
+    mode = cast(Mode, picked_mode or "full")  # one of MODES
     position = c3.number_input(
         "Position (blank: the last)",
         value=qp_int("position"),

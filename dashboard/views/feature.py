@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -77,6 +78,7 @@ nav[2].button("next ▶", on_click=_step, args=(1,), disabled=picked >= d_sae - 
 if fid is None or picked != fid:
     set_param("feature", picked, key="feature_pick")
     fid = picked
+page_feature: int = fid  # the feature this page shows (for the callbacks below)
 
 feat = q.feature(store, sae_id, fid)
 if feat is None:
@@ -297,7 +299,7 @@ with right:
         keep_mine_or_theirs(
             "review",
             lambda: writes.set_review(
-                store, sae_id, fid, mine["status"], mine["reason"], editor, expected_version=theirs["version"]
+                store, sae_id, page_feature, mine["status"], mine["reason"], editor, expected_version=theirs["version"]
             ),
             review_snap,
         )
@@ -335,12 +337,12 @@ with right:
         saved = st.form_submit_button("Save label", type="primary", disabled=ro)
     if saved:
         try:
-            res = writes.save_label_edit(store, sae_id, fid, loaded, new_label, new_tags, new_notes, editor)
+            lres = writes.save_label_edit(store, sae_id, fid, loaded, new_label, new_tags, new_notes, editor)
             clear_label_caches()
             st.session_state.pop(label_snap, None)
-            after = res.row
-            if res.conflicts:
-                st.session_state[f"_label_conflict_{sae_id}_{fid}"] = res.conflicts
+            after = lres.row
+            if lres.conflicts:
+                st.session_state[f"_label_conflict_{sae_id}_{fid}"] = lres.conflicts
             else:
                 cleared = after["label"] is None and after["notes"] is None and not len(after["tags"] or [])
                 st.session_state["_flash"] = (
@@ -362,8 +364,12 @@ with right:
             hide_index=True,
         )
 
+        label_conflicts: dict[str, Any] = lconf
+
         def save_label() -> None:
-            writes.update_label(store, sae_id, fid, author=editor, **{k: v["mine"] for k, v in lconf.items()})
+            writes.update_label(
+                store, sae_id, page_feature, author=editor, **{k: v["mine"] for k, v in label_conflicts.items()}
+            )
             clear_label_caches()
 
         keep_mine_or_theirs("label", save_label, label_snap)

@@ -93,7 +93,7 @@ if go:
     st.session_state["scan_results"] = results
     st.session_state["scan_texts"] = {str(src): text[:2000] for src, text in records}  # for "why" links
 
-results = st.session_state.get("scan_results")
+results = st.session_state.get("scan_results") or []
 if results:
     rows = [
         {

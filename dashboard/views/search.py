@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -55,7 +55,11 @@ mode = st.radio(
 set_param("mode", None if mode == DEFAULT_MODE else mode, key="search_mode")
 
 
-def link_column() -> st.column_config.LinkColumn:
+def _progress(bar: Any, done: int, total: int) -> None:
+    bar.progress(done / total, text=f"{done:,} / {total:,} features")
+
+
+def link_column() -> Any:
     return st.column_config.LinkColumn(
         "open", display_text="open ↗", width="small", help="Shareable link to the feature page"
     )
@@ -120,7 +124,7 @@ def filters_ui() -> tuple[q.SearchFilters, int]:
         min_log10_density=None if dens[0] <= lo_f else dens[0],
         max_log10_density=None if dens[1] >= hi_f else dens[1],
         min_max_act=min_max_act or None,
-        labelled=labelled,
+        labelled=cast(Literal["any", "labelled", "unlabelled"], labelled),  # one of the radio's options
         tag=tag,
         include_dead=include_dead,
     )
@@ -220,7 +224,7 @@ def meaning_mode() -> None:
                     store,
                     sae_id,
                     progress=False,
-                    on_progress=lambda done, total: bar.progress(done / total, text=f"{done:,} / {total:,} features"),
+                    on_progress=lambda done, total: _progress(bar, done, total),
                 )
             except Exception as e:  # noqa: BLE001
                 show_error("Embedding failed", e)
@@ -340,7 +344,8 @@ def prompt_mode() -> None:
                 "total": "total activation",
             }.get,
         )
-        whole = prompt.whole_text_features(res, base.max_act, rank_by=rank_by, top=50)
+        ranked_by = cast(Literal["max", "relative", "total"], rank_by)  # one of the selectbox's options
+        whole = prompt.whole_text_features(res, base.max_act, rank_by=ranked_by, top=50)
         if whole.empty:
             st.info("No feature fired on this text.")
             return

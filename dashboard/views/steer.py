@@ -68,6 +68,7 @@ row = queries.sae_info(store, sae_id)
 if row is None:  # the frame only picks ids it read from the table; a concurrent rebuild could drop it
     st.error(md(f"SAE {sae_id!r} is not in this database."))
     st.stop()
+sae_row: dict[str, Any] = row  # found (the page stopped otherwise)
 d_sae = int(row["d_sae"])
 
 
@@ -222,7 +223,11 @@ for f in ss["steer_features"]:
     c = st.columns([3, 2, 2, 3], vertical_alignment="bottom")
     c[0].markdown(f"**{md(_describe(f))}**")
     c[1].selectbox(
-        "Mode", list(MODE_LABELS), key=_state_key(f, "mode"), format_func=MODE_LABELS.get, label_visibility="collapsed"
+        "Mode",
+        list(MODE_LABELS),
+        key=_state_key(f, "mode"),
+        format_func=lambda m: MODE_LABELS[m],
+        label_visibility="collapsed",
     )
     mode = ss[_state_key(f, "mode")]
     c[2].number_input(
@@ -389,7 +394,7 @@ def result_record(config: SteeringConfig, streams: dict[str, Any], tokens: list[
 
 
 def columns_header(describe: str) -> list[Any]:
-    cols = st.columns(2)
+    cols = list(st.columns(2))
     cols[0].markdown("**Baseline**")
     cols[1].markdown(f"**Steered** · `{html.escape(describe)}`")
     return cols
@@ -399,7 +404,7 @@ def _runtime() -> Any:
     from featuredict.pipelines.model.runtime import cached_runtime_from_row
 
     with st.spinner("Loading the model and SAE (first time only)..."):
-        return cached_runtime_from_row(row)
+        return cached_runtime_from_row(sae_row)
 
 
 def _stream_into(streams: dict[str, Any], slots: dict[str, Any], rt: Any) -> dict[str, Any] | None:

@@ -256,7 +256,7 @@ class Attribution:
 
     def ranked(self, k: int | None = None) -> list[dict[str, Any]]:
         """Feature nodes of every SAE, largest ``|attribution|`` first."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for s in self.saes:
             for j in range(int(s.features.numel())):
                 rows.append(
@@ -297,7 +297,7 @@ def _capture(loaded: ModelBackend, slots: Sequence[Slot], store: dict[str, torch
 
 def gradients(
     loaded: ModelBackend, slots: Sequence[Slot], ids: torch.Tensor, target: Target
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward and backward pass: ``(logits [1,T,V] detached, {hook or '<emb>': (activation, gradient)}...)``.
 
     Returns logits, a dict of activations (detached) and a dict of gradients, keyed by hook and ``'<emb>'``.

@@ -28,7 +28,13 @@ from featuredict.pipelines.attribution.attribute import Attribution, Target
 from featuredict.pipelines.attribution.splice import Slot, baseline
 from featuredict.pipelines.model.backends import ModelBackend
 from featuredict.pipelines.model.saes import to_sae
+from featuredict.pipelines.steering.config import Mode
 from featuredict.pipelines.steering.edits import EditPlan, decoder_directions, steer_activations
+
+
+def _clamps(n: int) -> tuple[Mode, ...]:
+    """The edit methods of ``n`` features clamped (to their ablated values)."""
+    return tuple("clamp" for _ in range(n))
 
 
 @dataclass
@@ -83,7 +89,7 @@ def _edit_fn(slot: Slot, ids: torch.Tensor, ablate: torch.Tensor, remove_all: to
             vals = torch.where(m, torch.zeros_like(f[..., feats]), f[..., feats])
             plan = EditPlan(
                 features=feats.to(xs.device),
-                methods=("clamp",) * int(feats.numel()),
+                methods=_clamps(int(feats.numel())),
                 values=vals,
                 directions=decoder_directions(slot.sae, feats.to(xs.device)).detach(),
             )

@@ -122,6 +122,8 @@ def _norm_hook(st: _State):
                 y = y + module.bias.float()
         else:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+            if eps is None:
+                raise TypeError(f"{type(module).__name__} has no epsilon: not an RMS norm this code knows")
             scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + float(eps))
             scale = st.put(id(module), scale)
             y = module.weight.float() * (xf * scale)

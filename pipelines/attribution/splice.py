@@ -14,7 +14,7 @@ layers follow.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,9 +138,16 @@ def slots_in_order(loaded: ModelBackend, slots: Sequence[Slot]) -> list[Slot]:
     if len(set(hooks)) != len(hooks):
         raise ValueError("two of the SAEs read the same hook; give each hook once")
     order: list[str] = []
+
+    def note(hook: str) -> Callable[[torch.Tensor], None]:
+        def fn(act: torch.Tensor) -> None:
+            order.append(hook)
+
+        return fn
+
     with ExitStack() as stack:
         for s in slots:
-            stack.enter_context(s.site.intervene(lambda act, h=s.hook: order.append(h) and None))
+            stack.enter_context(s.site.intervene(note(s.hook)))
         ids = torch.tensor([[int(getattr(loaded.tokenizer, "bos_token_id", None) or 0)] * 2], device=loaded.device)
         with torch.no_grad():
             loaded.forward(ids)

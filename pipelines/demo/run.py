@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -93,7 +93,7 @@ def resolve_budgets(cfg: DemoConfig, cuda: bool | None = None) -> tuple[DemoConf
         "train_tokens": CPU_BUDGETS.train_tokens * scale,
         "tokens": CPU_BUDGETS.tokens * scale,
     }
-    filled = {k: v for k, v in auto.items() if getattr(cfg, k) is None}
+    filled: dict[str, Any] = {k: v for k, v in auto.items() if getattr(cfg, k) is None}
     out = replace(cfg, **filled)
     note = None
     if cuda and filled:
@@ -286,12 +286,12 @@ def generate_texts(
         enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         torch.manual_seed(seed + batch_no)  # each batch reproducible on its own
         with torch.no_grad():
-            gen = lm.model.generate(
+            gen = cast(Any, lm.model).generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.9, top_p=0.95, pad_token_id=pad
             )
         new = gen[:, enc["input_ids"].shape[1] :]
         for p, row in zip(batch, new, strict=True):
-            text = tok.decode(row, skip_special_tokens=True).strip()
+            text = str(tok.decode(row, skip_special_tokens=True)).strip()
             if text:
                 docs.append(f"{p}\n\n{text}")
                 k = int((row != pad).sum())

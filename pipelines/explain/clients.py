@@ -235,8 +235,8 @@ class HFChat:
             if not getattr(tok, "chat_template", None):
                 raise ModelLoadError(f"{self.model!r} has no chat template (give an instruct model)")
             try:
-                lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(None, dev))
-                lm = cast(torch.nn.Module, lm).to(dev).eval()
+                loaded = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(None, dev))
+                lm = cast(Any, cast(torch.nn.Module, loaded).to(dev).eval())
             except Exception as e:  # noqa: BLE001 - any loader failure is one line
                 raise ModelLoadError(f"cannot load explainer model {self.model!r}: {one_line(e, 200)}") from e
             if self.settings.threads:

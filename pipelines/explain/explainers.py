@@ -110,7 +110,7 @@ def tokens_phrase(row: dict, n_shown: int = 3, min_share: float = 0.3) -> str | 
     parts: list[str] = []
     keys, raws, ns = row.get("max_keys"), row.get("max_raw"), row.get("max_n")
     max_keys: set[str] = set()
-    if keys is not None and len(keys) and n > 0:
+    if keys is not None and raws is not None and ns is not None and len(keys) and n > 0:
         toks = [_quote(str(r)) for r in raws[:n_shown]]
         share = int(ns[0]) / n
         toks[0] += f" ({share:.0%})" if share < 0.995 else ""
@@ -118,7 +118,9 @@ def tokens_phrase(row: dict, n_shown: int = 3, min_share: float = 0.3) -> str | 
         max_keys = {str(k) for k in keys[:n_shown]}
     for slot, word in (("prev", "after"), ("next", "before")):
         k, r, c = row.get(f"{slot}_keys"), row.get(f"{slot}_raw"), row.get(f"{slot}_n")
-        if k is not None and len(k) and n > 0 and int(c[0]) / n >= min_share and str(k[0]) not in max_keys:
+        if k is None or r is None or c is None:
+            continue
+        if len(k) and n > 0 and int(c[0]) / n >= min_share and str(k[0]) not in max_keys:
             parts.append(f"{word} {_quote(str(r[0]))}")
     pos = row.get("pos_tokens")
     promoted = [t for t in (list(pos) if pos is not None else []) if isinstance(t, str) and t.strip()][:n_shown]

@@ -320,7 +320,7 @@ class _Run:
         submit: Callable[[Any, FeatureData], Any],
         key: Callable[[Any], int],
         handle: Callable[[Any, Future | None, BaseException | None, list[Any]], None],
-        write: Callable[[list[Any]], None],
+        write: Callable[[list[Any]], object],
     ) -> None:
         """Run ``submit(item, data)`` on a thread pool for every item of every chunk whose feature (``key``) has
         data, and give each finished call to ``handle(item, future, error, rows)``, which appends the rows to

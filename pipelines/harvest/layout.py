@@ -107,7 +107,7 @@ def import_umap() -> Any:
     where = numba_cache_dir()
     try:
         where.mkdir(parents=True, exist_ok=True)
-        numba.core.config.CACHE_DIR = str(where)
+        numba.core.config.CACHE_DIR = str(where)  # type: ignore[attr-defined]  # set at import from the env
         os.environ.setdefault("NUMBA_CACHE_DIR", str(where))  # a spawned UMAP process uses the same cache
         caching = True
     except OSError:  # no writable cache: compile in memory, as umap-learn does by itself

@@ -14,7 +14,7 @@ bands ``choose_bands`` picks, strongest band first, each by rank (``tests/pipeli
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -102,7 +102,9 @@ class _Slots:
         NB = cfg.n_bands
         top_ctx = state.top.ctx[f0:f1].numpy()
         tf, tr = np.nonzero(_kept(top_ctx))
-        parts = [(tf, np.zeros_like(tf), tr, 0, state.top, (tf + f0, tr))]
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, Any, tuple[np.ndarray, ...]]] = [
+            (tf, np.zeros_like(tf), tr, 0, state.top, (tf + f0, tr))
+        ]
         smp_ctx = state.smp.ctx[f0:f1].numpy()
         if smp_ctx.shape[-1] > 0:
             populated = smp_ctx[:, :, 0] >= 0
@@ -112,7 +114,8 @@ class _Slots:
             sf, sb_rev, sr = np.nonzero(ok)
             sb = NB - 1 - sb_rev
             parts.append((sf, sb, sr, 1, state.smp, (sf + f0, sb, sr)))
-        feature, band, rank, kind, val, ctx, pos, tok, act = ([] for _ in range(9))
+        lists: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        feature, band, rank, kind, val, ctx, pos, tok, act = lists
         for f, b, r, k, slots, where in parts:
             feature.append(f + f0)
             band.append(b)

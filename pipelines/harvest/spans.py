@@ -95,6 +95,11 @@ class SpanPlanner:
         return out
 
 
+def _advance(bar: Any, counted: int, n: int) -> None:
+    """Move a progress bar to ``counted + n`` tokens (a round's shards report ``n`` so far)."""
+    bar.update(counted + n - bar.n)
+
+
 def join_spans(batches: list[ContextSpan], n: int) -> list[ContextSpan]:
     """Consecutive batch spans joined into at most ``n`` contiguous spans of near-equal batch counts."""
     out = []
@@ -199,7 +204,7 @@ def harvest_on_ray(rt: Runtime, cfg: BuildConfig, opts: RayOptions) -> tuple[Har
                 gpus_per_shard=gpus,
                 cpus_per_shard=cpus,
                 initial=state,
-                on_progress=lambda n, c=counted: bar.update(c + n - bar.n),
+                on_progress=partial(_advance, bar, counted),
             )
         bar.total = max(bar.total, bar.n)
         bar.refresh()

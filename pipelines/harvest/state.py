@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -232,15 +232,15 @@ class HarvestState:
     """Mergeable harvest state. Shapes: F = d_sae, K = top_k, NB = bands, S = samples, T = context, D = d_in."""
 
     cfg: HarvestConfig
+    fire_count: torch.Tensor  # [F] int64
+    act_sum: torch.Tensor  # [F] float64
+    max_act: torch.Tensor  # [F] float32
+    hist: torch.Tensor  # [F, n_hist_bins] int64
+    top: ExampleSlots  # [F, K] top-k contexts by max activation, descending
+    smp: ExampleSlots  # [F, NB, S] interval samples by hash key, ascending
+    sum_x: torch.Tensor  # [D] float64
     n_tokens: int = 0
     n_contexts: int = 0
-    fire_count: torch.Tensor = field(default=None)  # [F] int64
-    act_sum: torch.Tensor = field(default=None)  # [F] float64
-    max_act: torch.Tensor = field(default=None)  # [F] float32
-    hist: torch.Tensor = field(default=None)  # [F, n_hist_bins] int64
-    top: ExampleSlots = field(default=None)  # [F, K] top-k contexts by max activation, descending
-    smp: ExampleSlots = field(default=None)  # [F, NB, S] interval samples by hash key, ascending
-    sum_x: torch.Tensor = field(default=None)  # [D] float64
     sum_x2: float = 0.0  # sum of squared norms of x
     sse: float = 0.0  # sum of squared reconstruction errors
     l0_sum: float = 0.0  # sum over tokens of active-feature counts
@@ -396,6 +396,7 @@ def _update_samples(state: HarvestState, batch_in: _Batch) -> None:
     slot = f * NB + band
     smp = state.smp.rows()  # [F * NB, S] views
     # each candidate against its slot's list: a held window stays, under the smaller id
+    assert smp.hash is not None and smp.key is not None  # interval samples keep their hash keys and hashes
     held = _fold_twins(smp.ctx, smp.hash[slot], chash[b][:, None], ctx_ids[b][:, None], rows=slot)[:, 0]
     keep = (key < smp.key[slot, S - 1]) & ~held
     if not keep.any():
@@ -465,10 +466,10 @@ def state_dict(state: HarvestState) -> dict:
     return d
 
 
-def from_state_dict(d: dict) -> HarvestState:
+def from_state_dict(d: dict[str, Any]) -> HarvestState:
     d = dict(d)
     cfg = HarvestConfig(**d.pop("cfg"))
-    slots = {
+    slots: dict[str, Any] = {
         s: ExampleSlots(**{k.removeprefix(f"{s}_"): d.pop(k) for k in list(d) if k.startswith(f"{s}_")}) for s in _SLOTS
     }
     return HarvestState(cfg=cfg, **slots, **d)

@@ -66,7 +66,7 @@ def text_stats(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     a = np.asarray(acts, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"acts must be [pos, d_sae], got shape {a.shape}")
-    return a.sum(0), (a > 0).any(0), a.shape[0]
+    return a.sum(0), np.asarray((a > 0).any(0)), int(a.shape[0])
 
 
 def _peaks(texts: Sequence[np.ndarray], d_sae: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -91,6 +91,16 @@ def _clean(s: object, cap: int) -> str:
     return re.sub(r"\s+", " ", "" if s is None else str(s)).strip()[:cap]
 
 
+def _token_name(tok: object) -> str:
+    """A top token as the contexts line writes it: cleaned, or a visible name for a whitespace-only token
+    (``↵`` for a line break, ``␣`` for spaces), so a feature of newlines has a text and a vector too."""
+    raw = "" if tok is None else str(tok)
+    name = _clean(raw, 40)
+    if name or not raw:
+        return name
+    return "↵" if ("\n" in raw or "\r" in raw) else "␣"
+
+
 def compose_text(
     explanations: Sequence[str] | None,
     label: str | None,
@@ -126,7 +136,7 @@ def compose_text(
     if tag_list:
         add(_clean("Tags: " + ", ".join(tag_list), MAX_PART))
     add(_clean(notes, MAX_NOTES))
-    cleaned = [t for t in (_clean(t, 40) for t in list(top_tokens or [])[:N_TOP_CONTEXTS]) if t]
+    cleaned = [t for t in (_token_name(t) for t in list(top_tokens or [])[:N_TOP_CONTEXTS]) if t]
     counts = Counter(cleaned)
     first = {t: i for i, t in reversed(list(enumerate(cleaned)))}
     toks = sorted(counts, key=lambda t: (-counts[t], first[t]))[:N_TOP_TOKENS]
@@ -461,7 +471,7 @@ def _index(
 
     def col(name: str, dtype: type, fill: object) -> np.ndarray:
         vals = st[name].fillna(fill).to_numpy(dtype=dtype) if len(ids) else np.zeros(0, dtype=dtype)
-        out = np.full(len(features), fill, dtype=dtype)
+        out: np.ndarray = np.full(len(features), fill, dtype=dtype)
         out[known] = vals[pos[known]]
         return out
 
@@ -535,7 +545,7 @@ def _patched(store: Store, sae_id: str, model: str, cur: VectorIndex, state: tup
         texts = np.concatenate([texts, new_texts[~known]])
         order = np.argsort(features, kind="stable")
         features, vectors, texts = features[order], vectors[order], texts[order]
-    newest = max([cur.newest, *times]) if times else cur.newest
+    newest = max(t for t in [cur.newest, *times] if t is not None) if times else cur.newest
     return _index(store, sae_id, features, vectors, texts, state, newest)
 
 

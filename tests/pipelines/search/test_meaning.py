@@ -99,6 +99,8 @@ def test_compose_text_puts_words_first_and_marks_contexts():
     many = meaning.compose_text(None, None, None, None, ["a"] * meaning.N_TOP_CONTEXTS + ["b"] * 5)
     assert meaning.counted_context_tokens(many) == [("a", meaning.N_TOP_CONTEXTS)]
     assert meaning.context_tokens('Contexts: top tokens "a" x2 junk') == []
+    # a feature of line breaks or spaces still has a text (and so a vector)
+    assert meaning.context_tokens(meaning.compose_text(None, None, None, None, ["\n", "\n\n", "  "])) == ["↵", "␣"]
     assert meaning.words_part(text).startswith("lying to people · b")
     # a text without words starts with the contexts marker; a word line that looks like it is changed
     only = meaning.compose_text(None, None, None, None, ["x"])
