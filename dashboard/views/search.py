@@ -3,8 +3,8 @@
 - text: by feature id or ranked text search over labels, tags, notes, top-context text and logit tokens,
   with density / max-activation / labelled / tag filters;
 - meaning: free text -> features ranked by cosine between its sentence embedding and each feature's stored
-  vector of its words (explanations, label, tags, notes, a summary of its top contexts;
-  ``pipelines.meaning``), with the same filters, showing the words each result was found by;
+  vector (the tokens its strongest contexts peak on, plus its label, tags, notes and LLM explanations;
+  ``pipelines.search.meaning``), with the same filters, showing the words each result was found by;
 - prompt: run the model + SAE on pasted text; features most active on the whole text and per token;
 - concept: example texts (and optional counter-examples) -> features that fire more on them than on the
   counter-examples or the corpus baseline (``pipelines.concept``).
@@ -243,7 +243,7 @@ def meaning_mode() -> None:
     if not query.strip():
         st.caption(
             "Type what you are looking for in your own words: features are ranked by how close their words "
-            "(explanations, label, tags, notes, a summary of their top contexts) are in meaning, by cosine "
+            "(the tokens their strongest contexts peak on; labels, tags, notes and LLM explanations) are in meaning, by cosine "
             f"similarity of {render.md(model)} sentence embeddings."
         )
         return
