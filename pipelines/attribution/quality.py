@@ -27,7 +27,7 @@ import torch
 from featuredict.pipelines.attribution.splice import Slot, spliced
 from featuredict.pipelines.harvest.corpus import CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.model.backends import ModelBackend
-from featuredict.pipelines.model.runtime import cached_runtime_from_row
+from featuredict.pipelines.model.runtime import Runtime, cached_runtime_from_row
 
 
 @dataclass
@@ -130,10 +130,12 @@ def store_build_eval(
     *,
     n_contexts: int = DEFAULT_EVAL_CONTEXTS,
     device: str | None = None,
+    rt: Runtime | None = None,
 ) -> SaeEval | None:
     """After a build: evaluate ``sae_id`` through the splice on the corpus's first ``n_contexts`` full contexts
     (the build's context size) and store the figures as its ``sae_evals`` row, method ``splice``. None (and
-    nothing stored) when the corpus has no context that long."""
+    nothing stored) when the corpus has no context that long. ``rt``: the runtime the build ran
+    (``BuildResult.runtime``), so the model is not loaded again; None loads the one the ``saes`` row names."""
     from featuredict.db import queries as q
     from featuredict.db import writes
     from featuredict.db.store import Store
@@ -145,7 +147,8 @@ def store_build_eval(
         store.close()
     if row is None:
         raise ValueError(f"no SAE {sae_id!r} in {db}")
-    rt = cached_runtime_from_row(dict(row), device)
+    if rt is None:
+        rt = cached_runtime_from_row(dict(row), device)
     size = int(row["context_size"])
     batches = corpus_batches(rt.tokenizer, corpus, size, n_contexts, bool(row.get("prepend_bos", True)))
     if not batches:

@@ -102,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_contexts > 0:  # SAE quality through the splice path, stored in sae_evals (docs/attribution.md)
         from featuredict.pipelines.attribution.quality import store_build_eval
 
-        ev = store_build_eval(r.db, r.sae_id, cfg.corpus, n_contexts=args.eval_contexts, device=args.device)
+        ev = store_build_eval(
+            r.db, r.sae_id, cfg.corpus, n_contexts=args.eval_contexts, device=args.device, rt=r.runtime
+        )
         if ev is not None:
             print(
                 f"quality: ΔLM loss {ev.delta_lm_loss:+.4f} nats, loss recovered {ev.loss_recovered or 0:.1%}, "
                 f"KL {ev.kl:.4f}, FVE {ev.fve:.3f}, L0 {ev.l0:.1f} ({ev.tokens:,} tokens)"
             )
+    r.release()  # the model is not needed for the words
     if args.no_words:
         from featuredict.pipelines.words import words_command
 

@@ -482,11 +482,13 @@ def steering_hint(
     device: str | None = None,
     topics: Sequence[SteerTopic] = STEER_TOPICS,
     tries: int | None = None,
+    rt: Any = None,
 ) -> str | None:
     """Lines that show a steering command for a feature picked by concept search and checked by running it
     (``check_steer``, ~5 s each on 2 cores), or None if no topic has a candidate. The first of the top ``tries``
     candidates (None: every topic's) whose steered text is on topic wins; when none is, the best candidate is
-    shown at strength 2 and the lines say that the check failed. (The candidate with the most on-topic contexts
+    shown at strength 2 and the lines say that the check failed. ``rt``: the runtime that built ``sae_id``
+    (None: loaded from its ``saes`` row). (The candidate with the most on-topic contexts
     is not always the one that steers best: a feature of the word "culinary" fires on food text but adding it
     does not make the model write about food.)"""
     from featuredict.db import queries as q
@@ -498,7 +500,8 @@ def steering_hint(
         rec = q.sae_record(store, sae_id)
         if rec is None:
             return None
-        rt = runtime_from_row(rec, device=device)
+        if rt is None:
+            rt = runtime_from_row(rec, device=device)
         picks = steer_candidates(store, sae_id, rt, _concept_scorer(), topics)[:tries]  # [:None]: all
         max_act = q.feature_baselines(store, sae_id, int(rt.d_sae)).max_act
     finally:
@@ -581,7 +584,9 @@ def run_demo(cfg: DemoConfig) -> int:
             )
     spec = CorpusSpec(str(corpus_path))
     extra = [layer for layer in cfg.layers if layer != cfg.layer]
-    res = _train_and_build(cfg, cfg.layer, spec, corpus_path, corpus_desc, db, root, "[3/4]", "[4/4]")
+    res = _train_and_build(  # its runtime is kept for the steering hint
+        cfg, cfg.layer, spec, corpus_path, corpus_desc, db, root, "[3/4]", "[4/4]", keep_runtime=cfg.steer_hint
+    )
     print(res.summary())
     others = [
         _train_and_build(
@@ -597,9 +602,10 @@ def run_demo(cfg: DemoConfig) -> int:
     hint = None
     if cfg.steer_hint:
         try:
-            hint = steering_hint(db, res.sae_id, device=cfg.device)
+            hint = steering_hint(db, res.sae_id, device=cfg.device, rt=res.runtime)
         except Exception as e:  # noqa: BLE001 - the database is built; a failed hint must not fail the demo
             print(f"(no steering example: {type(e).__name__}: {e})")
+    res.release()
     print(
         f"demo done in {(time.perf_counter() - t0) / 60:.1f} min. Open the dashboard with:\n"
         f"  {_cli_name()} serve --db {db}"
@@ -625,8 +631,10 @@ def _train_and_build(
     root: Path,
     train_step: str,
     build_step: str,
+    keep_runtime: bool = False,
 ) -> Any:
-    """Train (or reuse the cached) SAE at ``model.layers.{layer}`` and harvest it into ``db``; the BuildResult."""
+    """Train (or reuse the cached) SAE at ``model.layers.{layer}`` and harvest it into ``db``; the BuildResult
+    (holding the build's runtime only with ``keep_runtime``)."""
     from featuredict.pipelines.attribution.quality import store_build_eval
     from featuredict.pipelines.harvest.build import build
     from featuredict.pipelines.harvest.config import BuildConfig
@@ -670,7 +678,9 @@ def _train_and_build(
             device=cfg.device,
         )
     )
-    store_build_eval(db, res.sae_id, spec, device=cfg.device)  # quality through the splice (sae_evals)
+    store_build_eval(db, res.sae_id, spec, device=cfg.device, rt=res.runtime)  # quality through the splice
+    if not keep_runtime:
+        res.release()
     return res
 
 

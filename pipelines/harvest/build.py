@@ -150,4 +150,5 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         dtype=dtype,
         shards=ran["shards"] if ran else 0,
         stages=stages,
+        runtime=rt,
     )

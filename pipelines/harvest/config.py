@@ -12,6 +12,7 @@ from featuredict.pipelines.harvest.stages import StageTimes
 from featuredict.pipelines.harvest.state import (
     HarvestConfig,
 )
+from featuredict.pipelines.model.runtime import Runtime
 from featuredict.pipelines.model.saes import SaeRunStats, SaeSource
 
 FVE_WARN = 0.5
@@ -49,6 +50,13 @@ class BuildResult(SaeRunStats):
     d_sae: int
     shards: int = 0  # Ray shards the harvest ran in (0: in this process)
     stages: StageTimes = field(default_factory=StageTimes)
+    # the model + SAE the build ran, for the steps that follow it in the same process (the quality eval), so
+    # they do not load the model again; None after ``release``
+    runtime: Runtime | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Drop the reference to the runtime (its memory goes once nothing else holds it)."""
+        self.runtime = None
 
     def summary(self) -> str:
         """One line of results, then (when stages were timed) a ``stages: ...`` line."""

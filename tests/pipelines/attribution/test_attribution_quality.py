@@ -48,6 +48,27 @@ def test_build_stores_splice_quality(built: Path, tiny_corpus: Path, capsys) -> 
     assert float(ev.delta_lm_loss.iloc[0]) == pytest.approx(again.ce_sae - again.ce_clean)
 
 
+def test_build_evaluates_with_its_own_runtime(
+    tmp_path: Path, tiny_model_dir: Path, tiny_sae_dir: Path, tiny_corpus: Path, monkeypatch
+) -> None:
+    """The quality eval after a build reuses the model the build loaded (no second load); the figures equal a
+    fresh load's (``test_build_stores_splice_quality``)."""
+    from featuredict.pipelines.attribution import quality
+
+    def no_reload(*a, **k):
+        raise AssertionError("the eval loaded the model again")
+
+    monkeypatch.setattr(quality, "cached_runtime_from_row", no_reload)
+    db = tmp_path / "again.duckdb"
+    extra = ("--max-tokens", "300", "--context-size", "16", "--no-umap", "--eval-contexts", "3", "--no-words")
+    assert main(tiny_build_argv(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, *extra)) == 0
+    s = Store(db, read_only=True)
+    try:
+        assert len(q.sae_evals(s)) == 1
+    finally:
+        s.close()
+
+
 def test_overview_shows_quality(built: Path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
