@@ -137,19 +137,35 @@ class PhrasesExplainer:
             int(f): (list(r) if r is not None else [])
             for f, r in zip(summary["feature"], summary["max_raw"], strict=True)
         }
-        texts = [self._one(per.get(f, []), raw_of.get(f, []), bg_df, n_bg, bg_c) for f in ids]
+        prepared = [self._candidates(per.get(f, []), bg_df, n_bg) for f in ids]
+        # every string the features need, embedded in one call (sorted by length inside it: little padding)
+        vecs = self._vec([w for p in prepared if p is not None for w in (*p[0], *(x for ws in p[1] for x in ws))])
+        texts = []
+        for f, p in zip(ids, prepared, strict=True):
+            phrase = self._rank(*p, vecs, bg_c) if p is not None else ""
+            texts.append(self.text(phrase, raw_of.get(f, [])))
         return pd.DataFrame({"feature": np.asarray(ids, dtype=np.int64), "text": texts})
 
-    def _one(self, windows: list[str], raw: list[str], bg_df: Counter[str], n_bg: int, bg_c: np.ndarray) -> str | None:
-        line = token_line(raw)
-        phrase = self.phrase(windows, bg_df, n_bg, bg_c)
-        text = " · ".join(p for p in (phrase, line) if p)
-        return text[:MAX_PHRASE] or None
+    @staticmethod
+    def text(phrase: str, raw: Sequence[str]) -> str | None:
+        """``phrase · fires on: ...`` (either part alone when the other is empty; None when both are)."""
+        return " · ".join(x for x in (phrase, token_line(raw)) if x)[:MAX_PHRASE] or None
 
     def phrase(self, windows: list[str], bg_df: Counter[str], n_bg: int, bg_c: np.ndarray) -> str:
         """The keyphrase part for one feature's window texts ('' when no candidate scores above zero)."""
-        if not windows:
+        p = self._candidates(windows, bg_df, n_bg)
+        if p is None:
             return ""
+        return self._rank(*p, self._vec([*p[0], *(w for ws in p[1] for w in ws)]), bg_c)
+
+    @staticmethod
+    def _candidates(
+        windows: list[str], bg_df: Counter[str], n_bg: int
+    ) -> tuple[list[str], list[list[str]], dict[str, float]] | None:
+        """(the best ``N_CANDIDATES`` candidates by lexical score, each window's content words, the lexical
+        scores), or None when no candidate scores above zero."""
+        if not windows:
+            return None
         df: Counter[str] = Counter()
         contents: list[list[str]] = []
         for w in windows:
@@ -160,9 +176,17 @@ class PhrasesExplainer:
         need = max(2, int(np.ceil(MIN_SHARE * n))) if n >= 2 else 1
         lex = {c: k / n - bg_df.get(c, 0) / n_bg for c, k in df.items() if k >= need}
         best = sorted((c for c in lex if lex[c] > 0), key=lambda c: (-lex[c], c))[:N_CANDIDATES]
-        if not best:
-            return ""
-        vecs = self._vec([*best, *(w for ws in contents for w in ws)])
+        return (best, contents, lex) if best else None
+
+    def _rank(
+        self,
+        best: list[str],
+        contents: list[list[str]],
+        lex: dict[str, float],
+        vecs: dict[str, np.ndarray],
+        bg_c: np.ndarray,
+    ) -> str:
+        """The best candidate by ``lexical + semantic``, with a close, related runner-up (module docstring)."""
         act_c = self._centroid(contents, vecs)
         score = {c: lex[c] + float(vecs[c] @ act_c) - float(vecs[c] @ bg_c) for c in best}
         ranked = sorted(best, key=lambda c: (-score[c], c))

@@ -87,7 +87,8 @@ def test_phrases_names_the_topic_and_keeps_the_token_line(embedder):
     bg_c = ex._centroid(contents, ex._vec([w for ws in contents for w in ws]))
     phrase = ex.phrase(DOGS, bg, len(FINANCE), bg_c)
     assert "dog" in phrase or "puppy" in phrase
-    assert ex._one(DOGS, [" dog", " puppy", " dog"], bg, len(FINANCE), bg_c) == f"{phrase} · fires on: dog, puppy"
+    assert ex.text(phrase, [" dog", " puppy", " dog"]) == f"{phrase} · fires on: dog, puppy"
+    assert ex.text("", [" dog"]) == "fires on: dog" and ex.text("", []) is None
     assert token_line(["\u0120dog", " dog", "<script>"]) == "fires on: dog, <script>"  # raw text: shown escaped
     assert ex.phrase([], bg, 1, bg_c) == ""
 
@@ -99,3 +100,25 @@ def test_phrases_without_the_embedding_model_is_one_line(tiny_db: Path, tmp_path
     assert main(["explain", "--db", str(db), "--all", "--explainer", "phrases"]) == 2
     err = capsys.readouterr().err.strip()
     assert sentence_model.INSTALL_HINT in err and "\n" not in err
+
+
+def test_phrases_for_many_features_equal_one_at_a_time(tiny_db: Path, embedder) -> None:
+    """``explain_many`` embeds every feature's strings in one call; each text is what the feature alone gets."""
+    from featuredict.db import queries as q
+    from featuredict.db.store import Store
+    from featuredict.pipelines.model.embedder import _TOKEN_CACHE
+
+    s = Store(str(tiny_db), read_only=True)
+    try:
+        sid = q.sae_ids(s)[0]
+        ids = [int(r[0]) for r in s.rows("SELECT feature FROM features WHERE sae_id = ? AND NOT dead", [sid])]
+        together = PhrasesExplainer(embedder).explain_many(s, sid, ids, True)
+        alone = []
+        for f in ids:
+            _TOKEN_CACHE.clear()  # each feature's strings embedded in a call of their own
+            alone.append(PhrasesExplainer(embedder).explain_many(s, sid, [f], True).text.iloc[0])
+    finally:
+        s.close()
+    assert len(ids) > 3 and together.feature.tolist() == ids
+    assert together.text.tolist() == alone
+    assert together.text.notna().any()
