@@ -11,7 +11,11 @@ neighbours the pages show.
 ``$FEATUREDICT_CACHE/numba``), so a second process does not compile them again.
 
 ``umap_layout`` is deterministic: a fixed ``random_state`` (umap-learn then runs its layout single-threaded)
-and an exact, tie-stable kNN graph give the same coordinates on every run on the same machine.
+and an exact, tie-stable kNN graph give the same coordinates on every run on the same machine. It runs
+``UMAP_EPOCHS`` optimisation epochs at every size: umap-learn's own choice above 10,000 points. Below that
+umap-learn runs 500, which on the demo's 4,608 features took 4.1 s against 1.6 s for 200, for a map that
+keeps almost as much of the neighbourhood structure (trustworthiness at 15 neighbours 0.599 against 0.611;
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 UMAP_NEIGHBOURS = 15  # umap-learn's default n_neighbors
 MIN_UMAP_FEATURES = 8  # fewer features get no map
+UMAP_EPOCHS = 200  # layout epochs (umap-learn's default for large data; see the module docstring)
 
 
 class Knn(NamedTuple):
@@ -164,6 +169,7 @@ def umap_layout(w_dec: np.ndarray, knn: Knn | None = None, seed: int = 0) -> np.
             metric="cosine",
             n_neighbors=k,
             random_state=seed,
+            n_epochs=UMAP_EPOCHS,
             precomputed_knn=(idx, dist, None),
         )
         return reducer.fit_transform(w).astype(np.float32)
