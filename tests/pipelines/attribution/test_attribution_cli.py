@@ -22,8 +22,13 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def _story(db: Path) -> list[str]:
+    """``--db DB --sae L1 --prompt 'Once upon a time there was'``."""
+    return ["--db", str(db), "--sae", L1, "--prompt", "Once upon a time there was"]
+
+
 def test_text_output_names_mode_target_and_check(two_sae_db: Path, capsys) -> None:
-    rc, out, err = _run(capsys, "--db", str(two_sae_db), "--sae", L1, "--prompt", "Once upon a time there was")
+    rc, out, err = _run(capsys, *_story(two_sae_db))
     assert rc == 0, err
     assert "mode: full" in out and "target: log p(" in out and "the model's prediction" in out
     assert "intervention check" in out and "nonlinear remainder" in out and "feature?sae=" in out
@@ -31,27 +36,8 @@ def test_text_output_names_mode_target_and_check(two_sae_db: Path, capsys) -> No
 
 def test_json_two_saes_direct_and_graph(two_sae_db: Path, tmp_path: Path, capsys) -> None:
     g = tmp_path / "graph.json"
-    rc, out, err = _run(
-        capsys,
-        "--db",
-        str(two_sae_db),
-        "--sae",
-        L1,
-        "--sae",
-        L0,
-        "--prompt",
-        "Once upon a time there was",
-        "--contrast",
-        " a",
-        " the",
-        "--mode",
-        "direct",
-        "--json",
-        "--graph",
-        str(g),
-        "--top-k",
-        "3",
-    )
+    rest = ["--sae", L0, "--contrast", " a", " the", "--mode", "direct", "--json", "--graph", str(g), "--top-k", "3"]
+    rc, out, err = _run(capsys, *_story(two_sae_db), *rest)
     assert rc == 0, err
     data = json.loads(out)
     assert data["mode"] == "direct" and "frozen" in data["mode_note"]
@@ -87,17 +73,6 @@ def test_chat_target_in_assistant_turn(two_sae_db: Path, tmp_path: Path, capsys)
 )
 def test_bad_input_one_line_exit_2_nothing_written(two_sae_db: Path, tmp_path: Path, capsys, extra, message) -> None:
     g = tmp_path / "g.json"
-    rc, out, err = _run(
-        capsys,
-        "--db",
-        str(two_sae_db),
-        "--sae",
-        L1,
-        "--prompt",
-        "Once upon a time there was",
-        "--graph",
-        str(g),
-        *extra,
-    )
+    rc, out, err = _run(capsys, *_story(two_sae_db), "--graph", str(g), *extra)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert out == "" and not g.exists() and not list(tmp_path.iterdir())
