@@ -139,7 +139,7 @@ class PhrasesExplainer:
         }
         prepared = [self._candidates(per.get(f, []), bg_df, n_bg) for f in ids]
         # every string the features need, embedded in one call (sorted by length inside it: little padding)
-        vecs = self._vec([w for p in prepared if p is not None for w in (*p[0], *(x for ws in p[1] for x in ws))])
+        vecs = self._vec([w for p in prepared if p is not None for w in _strings(p)])
         texts = []
         for f, p in zip(ids, prepared, strict=True):
             phrase = self._rank(*p, vecs, bg_c) if p is not None else ""
@@ -156,7 +156,7 @@ class PhrasesExplainer:
         p = self._candidates(windows, bg_df, n_bg)
         if p is None:
             return ""
-        return self._rank(*p, self._vec([*p[0], *(w for ws in p[1] for w in ws)]), bg_c)
+        return self._rank(*p, self._vec(_strings(p)), bg_c)
 
     @staticmethod
     def _candidates(
@@ -198,3 +198,9 @@ class PhrasesExplainer:
                 out.append(c)
                 break
         return " and ".join(out)
+
+
+def _strings(prepared: tuple[list[str], list[list[str]], dict[str, float]]) -> list[str]:
+    """The strings one feature's ranking embeds: its candidates, then its windows' content words."""
+    best, contents, _ = prepared
+    return [*best, *(w for ws in contents for w in ws)]
