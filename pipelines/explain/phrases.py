@@ -42,6 +42,8 @@ MIN_SHARE = 0.2  # a candidate must occur in at least this share of the feature'
 SECOND_SHARE = 0.6
 RELATED = 0.45  # the runner-up joins only when its embedding is this close to the best one's ("dogs and puppies")
 N_TOKENS = 3  # tokens on the "fires on" line
+# one feature's ranking input: its best candidates, each window's content words, the lexical scores
+Prepared = tuple[list[str], list[list[str]], dict[str, float]]
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
 _SPACE_MARKS = str.maketrans({"\u2581": " ", "\u0120": " ", "\u010a": "\n"})
 
@@ -159,9 +161,7 @@ class PhrasesExplainer:
         return self._rank(*p, self._vec(_strings(p)), bg_c)
 
     @staticmethod
-    def _candidates(
-        windows: list[str], bg_df: Counter[str], n_bg: int
-    ) -> tuple[list[str], list[list[str]], dict[str, float]] | None:
+    def _candidates(windows: list[str], bg_df: Counter[str], n_bg: int) -> Prepared | None:
         """(the best ``N_CANDIDATES`` candidates by lexical score, each window's content words, the lexical
         scores), or None when no candidate scores above zero."""
         if not windows:
@@ -200,7 +200,7 @@ class PhrasesExplainer:
         return " and ".join(out)
 
 
-def _strings(prepared: tuple[list[str], list[list[str]], dict[str, float]]) -> list[str]:
+def _strings(prepared: Prepared) -> list[str]:
     """The strings one feature's ranking embeds: its candidates, then its windows' content words."""
     best, contents, _ = prepared
     return [*best, *(w for ws in contents for w in ws)]
