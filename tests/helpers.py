@@ -256,6 +256,16 @@ def point_at_tiny_model(path: Path, model_dir: Path, sae_dir: Path, d_in: int = 
 
 
 @contextmanager
+def read_only(path: Path | str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only DuckDB connection to ``path`` for a test's checks, closed however the block ends."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
 def raw_connection(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """A plain read-write DuckDB connection to ``path`` taken the way featuredict writers take one (under the
     file's exclusive lock): a Store of this process closes its read connection first, and reopens after."""
@@ -412,6 +422,29 @@ def natural_max_acts(rt) -> dict[int, float]:
     return {i: float(v) for i, v in enumerate(mx)}
 
 
+def assert_recorded_acts_are_the_steered_run(rt, res, edits, feature: int, max_acts=None) -> None:
+    """A generation's recorded activations of ``feature`` (before and after the edit) equal one forward pass of the
+    whole steered sequence with the same edits at the hook, BOS left alone."""
+    from featuredict.pipelines.steering import EditPlan, steer_activations
+
+    full = torch.tensor([res.prompt_ids + res.token_ids])
+    plan = EditPlan.build(rt.sae, edits, max_acts)
+    mask = torch.ones_like(full, dtype=torch.bool)
+    mask[0, 0] = False  # BOS
+    before, after = [], []
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        new, _ = steer_activations(rt.sae, a, plan, mask)
+        before.append(rt.sae.encode(a)[0, :, feature])
+        after.append(rt.sae.encode(new)[0, :, feature])
+        return new
+
+    rt.site.logits(full, fn=fn)
+    n = len(res.prompt_ids)
+    torch.testing.assert_close(res.acts_before[:, 0], before[0][n:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.acts_after[:, 0], after[0][n:], atol=1e-4, rtol=1e-4)
+
+
 def make_sae(kind: str, d_in: int = 24, d_sae: int = 48, seed: int = 0):
     """Random sae-lens SAEs covering the decode variants: TopK with rescale_acts_by_decoder_norm and
     non-unit decoder norms, Standard with constant_norm_rescale / layer_norm, JumpReLU."""
@@ -512,11 +545,8 @@ def build_steer_db(path: Path, rt, model_dir: Path, sae_dir: Path) -> Path:
 
 
 def live_feature(path: Path, rank: int = 0) -> int:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
+    with read_only(path) as con:
         return int(con.execute("SELECT feature FROM features WHERE NOT dead ORDER BY max_act DESC").fetchall()[rank][0])
-    finally:
-        con.close()
 
 
 # ---- explain: the localhost chat-completions test double ---------------------------------------------

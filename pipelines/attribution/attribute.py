@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -67,13 +67,7 @@ class Target:
         return row[:, self.token] - row[:, self.other]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "position": self.position,
-            "token": self.token,
-            "other": self.other,
-            "label": self.label,
-        }
+        return asdict(self)
 
 
 @dataclass

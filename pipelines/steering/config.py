@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, cast, get_args
 
@@ -316,25 +316,23 @@ def _as_str(key: str, raw: Any) -> str:
 
 
 def _as_int(key: str, raw: Any) -> int:
-    if _is_int(raw):
-        return int(raw)
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            pass
-    raise SteeringInputError(f"{key}={raw!r} is not a valid integer")
+    return int(_as_number(key, raw, int, _is_int, "integer"))
 
 
 def _as_float(key: str, raw: Any) -> float:
-    if _is_real(raw):
-        return float(raw)
+    return float(_as_number(key, raw, float, _is_real, "number"))
+
+
+def _as_number(key: str, raw: Any, kind: type, ok: Callable[[object], bool], noun: str) -> float:
+    """``raw`` as ``kind``: a number that passes ``ok``, or text that parses as one."""
+    if ok(raw):
+        return kind(raw)
     if isinstance(raw, str):
         try:
-            return float(raw.strip())
+            return kind(raw.strip())
         except ValueError:
             pass
-    raise SteeringInputError(f"{key}={raw!r} is not a valid number")
+    raise SteeringInputError(f"{key}={raw!r} is not a valid {noun}")
 
 
 def _as_bool(key: str, raw: Any) -> bool:

@@ -23,7 +23,7 @@ from featuredict.pipelines.steering import (
     load_preset,
     save_preset,
 )
-from tests.helpers import ROOT, STEER_SAE_ID, build_steer_db, live_feature, page_maker
+from tests.helpers import ROOT, STEER_SAE_ID, build_steer_db, live_feature, page_maker, read_only
 
 PAGE = ROOT / "dashboard" / "views" / "steer.py"
 
@@ -423,14 +423,11 @@ def pipeline_db(tiny_db, tmp_path) -> tuple[Path, str, int]:
     """A private copy of ``tiny_db`` (presets get written), its SAE id and its strongest live feature."""
     p = tmp_path / "pipeline.duckdb"
     p.write_bytes(Path(tiny_db).read_bytes())
-    con = duckdb.connect(str(p), read_only=True)
-    try:
+    with read_only(p) as con:
         sae_id = con.execute("SELECT sae_id FROM saes ORDER BY sae_id").fetchall()[0][0]
         f = con.execute(
             "SELECT feature FROM features WHERE sae_id = ? AND NOT dead ORDER BY max_act DESC", [sae_id]
         ).fetchall()[0][0]
-    finally:
-        con.close()
     return p, str(sae_id), int(f)
 
 

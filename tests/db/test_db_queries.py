@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -10,7 +9,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
-from tests.helpers import HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID, make_synth_db, run_threads
+from tests.helpers import HOSTILE_FEATURE, HOSTILE_SCRIPT, SAE_ID, make_synth_db, read_only, run_threads
 
 
 def own_word(store: Store, feature: int) -> str:
@@ -196,10 +195,9 @@ def test_writes_survive_reopen(synth_db):
     writes.update_label(s, SAE_ID, 50, label="kept", add_tags=["x"])
     writes.add_to_list(s, "keep", SAE_ID, 50)
     s.close()
-    con = duckdb.connect(str(synth_db), read_only=True)
-    assert con.execute("SELECT label FROM labels WHERE feature = 50").fetchone()[0] == "kept"
-    assert con.execute("SELECT count(*) FROM lists WHERE list_name = 'keep'").fetchone()[0] == 1
-    con.close()
+    with read_only(synth_db) as con:
+        assert con.execute("SELECT label FROM labels WHERE feature = 50").fetchone()[0] == "kept"
+        assert con.execute("SELECT count(*) FROM lists WHERE list_name = 'keep'").fetchone()[0] == 1
 
 
 def test_bad_files_raise_database_error(tmp_path):

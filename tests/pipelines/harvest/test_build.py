@@ -18,15 +18,12 @@ from featuredict.pipelines.harvest import build as build_mod
 from featuredict.pipelines.harvest import weights as weights_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, require_shared, tiny_build_argv
+from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, read_only, require_shared, tiny_build_argv
 
 
 def _q(db: Path, sql: str, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         return con.execute(sql, params or []).df()
-    finally:
-        con.close()
 
 
 def test_tiny_db_contents(tiny_db: Path):
@@ -294,9 +291,8 @@ def test_build_without_interval_samples(tmp_path: Path, tiny_model_dir, tiny_sae
         tiny_corpus,
         harvest=HarvestConfig(top_k=3, samples_per_band=0),
     )
-    kinds = {
-        k for (k,) in duckdb.connect(str(db), read_only=True).execute("SELECT DISTINCT kind FROM examples").fetchall()
-    }
+    with read_only(db) as con:
+        kinds = {k for (k,) in con.execute("SELECT DISTINCT kind FROM examples").fetchall()}
     assert kinds == {"top"}
 
 
@@ -441,11 +437,8 @@ def test_rebuild_of_a_file_without_the_newer_user_tables_keeps_labels(
         return path
 
     def tables(path: Path) -> set[str]:
-        con = duckdb.connect(str(path), read_only=True)
-        try:
+        with read_only(path) as con:
             return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        finally:
-            con.close()
 
     opened = make_old(tmp_path / "opened.duckdb")
     connect(opened).close()

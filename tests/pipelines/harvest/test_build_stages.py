@@ -21,7 +21,7 @@ from featuredict.pipelines.harvest.build import build
 from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.layout import cosine_knn, umap_layout
 from featuredict.pipelines.harvest.stages import PARTS, STAGES, StageTimes
-from tests.helpers import APP, copy_db, tiny_build_config
+from tests.helpers import APP, copy_db, read_only, tiny_build_config
 
 SAE = "tiny/model.layers.1/64"
 
@@ -31,11 +31,13 @@ def _cfg(db: Path, model: Path, sae: Path, corpus: Path, **kw) -> BuildConfig:
 
 
 def _one(db: Path, sql: str, params=None):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         return con.execute(sql, params or []).fetchone()
-    finally:
-        con.close()
+
+
+def _all(db: Path, sql: str) -> list:
+    with read_only(db) as con:
+        return con.execute(sql).fetchall()
 
 
 def test_stage_times_unit():
@@ -88,11 +90,8 @@ def test_an_older_file_without_stage_seconds_opens_reads_and_rebuilds(
     con.close()
 
     def columns(path: Path) -> set[str]:
-        c = duckdb.connect(str(path), read_only=True)
-        try:
+        with read_only(path) as c:
             return {r[0] for r in c.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'saes'").fetchall()}  # fmt: skip
-        finally:
-            c.close()
 
     assert "stage_seconds" not in columns(old)
     ro = Store(old, read_only=True)
@@ -105,9 +104,7 @@ def test_an_older_file_without_stage_seconds_opens_reads_and_rebuilds(
     assert _one(old, "SELECT stage_seconds FROM saes") == (None,)
     # a build of another SAE into the old file keeps its row by column name and adds its own with stage times
     build(_cfg(rebuilt, tiny_model_dir, tiny_sae_dir, tiny_corpus, sae_name="second"))
-    rows = dict(
-        duckdb.connect(str(rebuilt), read_only=True).execute("SELECT sae_id, stage_seconds FROM saes").fetchall()
-    )
+    rows = dict(_all(rebuilt, "SELECT sae_id, stage_seconds FROM saes"))
     assert rows[SAE] is None and "forward" in json.loads(rows["second"])
     assert _one(rebuilt, "SELECT label FROM labels WHERE feature = 2") == ("kept",)
 
@@ -118,7 +115,7 @@ def test_rebuild_into_a_file_named_like_the_attach_alias(tmp_path, tiny_model_di
         db = tmp_path / name
         build(_cfg(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False))
         build(_cfg(db, tiny_model_dir, tiny_sae_dir, tiny_corpus, umap=False, sae_name="second"))
-        ids = duckdb.connect(str(db), read_only=True).execute("SELECT sae_id FROM saes ORDER BY 1").fetchall()
+        ids = _all(db, "SELECT sae_id FROM saes ORDER BY 1")
         assert [i[0] for i in ids] == ["second", SAE]
 
 
@@ -141,9 +138,8 @@ def test_cosine_knn_is_exact_and_puts_each_row_first():
 def test_the_map_is_deterministic_and_laid_out_on_the_neighbours_the_pages_show(tiny_db, tiny_runtime, tmp_path):
     """The stored map is what the weights give (same coordinates every run), on the kNN graph whose first columns
     are the stored decoder neighbours."""
-    con = duckdb.connect(str(tiny_db), read_only=True)
-    stored = con.execute("SELECT umap_x, umap_y, neighbours FROM features ORDER BY feature").df()
-    con.close()
+    with read_only(tiny_db) as con:
+        stored = con.execute("SELECT umap_x, umap_y, neighbours FROM features ORDER BY feature").df()
     w = tiny_runtime.sae.W_dec.detach().float().numpy()
     knn = cosine_knn(w, 14)
     assert [list(n) for n in stored.neighbours] == knn.idx[:, 1:11].tolist()

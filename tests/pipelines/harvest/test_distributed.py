@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ from featuredict.pipelines.harvest.config import BuildConfig
 from featuredict.pipelines.harvest.corpus import batch_contexts, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.sharding import RayMissingError, RayOptions, ShardFailedError, map_shards
 from featuredict.pipelines.harvest.spans import SpanPlanner, join_spans, span_batches
-from tests.helpers import build_tiny_db, tiny_build_argv, tiny_build_config
+from tests.helpers import build_tiny_db, read_only, tiny_build_argv, tiny_build_config
 
 try:  # imported while collecting: Ray binds its log handler to the stderr of the moment it is imported
     import ray
@@ -52,11 +51,8 @@ def _frame(db: Path, table: str):
         "features": "SELECT * FROM features ORDER BY feature",
         "examples": "SELECT * FROM examples ORDER BY feature, kind, band, rank",
     }[table]
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         return con.execute(query).df()
-    finally:
-        con.close()
 
 
 def assert_same_tables(got: Path, want: Path) -> None:
@@ -73,11 +69,8 @@ def assert_same_tables(got: Path, want: Path) -> None:
 
 
 def _config(db: Path) -> dict:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         return json.loads(con.execute("SELECT config_json FROM saes").fetchone()[0])
-    finally:
-        con.close()
 
 
 # ---- without Ray ----------------------------------------------------------------------------------------

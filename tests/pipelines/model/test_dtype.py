@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from featuredict.db.records import SaeRecord
 from featuredict.pipelines.model.loading import default_dtype, dtype_name, load_model, resolve_dtype
 from featuredict.pipelines.model.runtime import load_runtime
 from featuredict.pipelines.model.saes import SaeSource
-from tests.helpers import build_tiny_db
+from tests.helpers import build_tiny_db, read_only
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +116,8 @@ def test_build_runs_the_model_in_fp32_on_cpu_and_records_it(
     with model_dtypes_in_forward() as seen:
         db = build_tiny_db(tmp_path / "d.duckdb", fp16_model_dir, tiny_sae_dir, tiny_corpus, umap=False)
     assert seen and set(seen) == {torch.float32}
-    con = duckdb.connect(str(db), read_only=True)
-    try:
+    with read_only(db) as con:
         dtype, config = con.execute("SELECT dtype, config_json FROM saes").fetchone()
-    finally:
-        con.close()
     assert dtype == "float32" and json.loads(config)["dtype"] is None  # ran in fp32, chosen by default
 
 

@@ -21,14 +21,12 @@ from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.runtime import Runtime
 from featuredict.pipelines.model.saes import SaeSource
 from featuredict.pipelines.steering import (
-    EditPlan,
     FeatureEdit,
     GenerationSettings,
     SteeringConfig,
     generate,
-    steer_activations,
 )
-from tests.helpers import TL_HOOK
+from tests.helpers import TL_HOOK, assert_recorded_acts_are_the_steered_run
 
 
 def _ids(rt: Runtime, text: str = "the cat sat on the mat") -> torch.Tensor:
@@ -124,20 +122,5 @@ def test_steering_with_full_recompute(tl_runtime: Runtime):
     res = generate(tl_runtime, cfg, steer=True, stop_at_eos=False)
     assert res.token_ids != base.token_ids  # a clamp at 40 changes this random model's greedy text
     # the recorded activations are those of the steered run: recompute the whole steered sequence once
-    full = torch.tensor([res.prompt_ids + res.token_ids])
-    plan = EditPlan.build(tl_runtime.sae, cfg.edits, None)
-    mask = torch.ones_like(full, dtype=torch.bool)
-    mask[0, 0] = False  # BOS
-    before, after = [], []
-
-    def fn(a: torch.Tensor) -> torch.Tensor:
-        new, _ = steer_activations(tl_runtime.sae, a, plan, mask)
-        before.append(tl_runtime.sae.encode(a)[0, :, f])
-        after.append(tl_runtime.sae.encode(new)[0, :, f])
-        return new
-
-    tl_runtime.site.logits(full, fn=fn)
-    n = len(res.prompt_ids)
-    torch.testing.assert_close(res.acts_before[:, 0], before[0][n:], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(res.acts_after[:, 0], after[0][n:], atol=1e-4, rtol=1e-4)
+    assert_recorded_acts_are_the_steered_run(tl_runtime, res, cfg.edits, f)
     assert not tl_runtime.site.active and not tl_runtime.site.module._forward_hooks

@@ -32,6 +32,7 @@ from tests.helpers import (
     STORIES_MODEL,
     TINY_TEXT,
     TINYSTORIES,
+    assert_recorded_acts_are_the_steered_run,
     decode_after_encode,
     make_sae,
     natural_max_acts,
@@ -457,22 +458,7 @@ def test_recorded_activations_are_measured_in_the_steered_run(tiny_runtime):
     cfg = cfg_for("The cat", [FeatureEdit(i, "add", 2.0)], n=6)
     res = generate(rt, cfg, max_acts=mx, stop_at_eos=False)
     # recompute: run the whole steered sequence once with the same edit and read f_i at generated positions
-    full = torch.tensor([res.prompt_ids + res.token_ids])
-    plan = EditPlan.build(rt.sae, cfg.edits, mx)
-    mask = torch.ones_like(full, dtype=torch.bool)
-    mask[0, 0] = False  # BOS
-    before, after = [], []
-
-    def fn(a):
-        new, _ = steer_activations(rt.sae, a, plan, mask)
-        before.append(rt.sae.encode(a)[0, :, i])
-        after.append(rt.sae.encode(new)[0, :, i])
-        return new
-
-    rt.site.logits(full, fn=fn)
-    n_prompt = len(res.prompt_ids)
-    torch.testing.assert_close(res.acts_before[:, 0], before[0][n_prompt:], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(res.acts_after[:, 0], after[0][n_prompt:], atol=1e-4, rtol=1e-4)
+    assert_recorded_acts_are_the_steered_run(rt, res, cfg.edits, i, mx)
 
 
 # ---- hooks never leak -------------------------------------------------------------------------------------
