@@ -144,6 +144,15 @@ def make_tiny_sae(
     return folder
 
 
+def tiny_train_config(model: Path, corpus: Path, out: Path, **kw):
+    """The ``TrainConfig`` of a small TopK SAE (64 features, k 4) on layer 1 of ``model`` (CPU); ``kw`` overrides."""
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.train.sae import TrainConfig
+
+    base = dict(hook="model.layers.1", d_sae=64, k=4, training_tokens=4096, context_size=32, device="cpu")
+    return TrainConfig(model=str(model), corpus=CorpusSpec(str(corpus)), out=str(out), **{**base, **kw})
+
+
 def tiny_build_config(path: Path, model_dir: Path, sae_dir: Path, corpus: Path, **kw):
     """The ``BuildConfig`` of the tiny model + SAE on ``corpus`` into ``path`` (CPU, small batches); ``kw`` overrides."""
     from featuredict.pipelines.harvest.config import BuildConfig

@@ -84,6 +84,12 @@ def add_db_args(p: argparse.ArgumentParser, sae: str = "optional", db_help: str 
         raise ValueError(f"sae must be optional, required or repeat; got {sae!r}")
 
 
+def add_watchlist_args(p: argparse.ArgumentParser, read_write: bool) -> None:
+    """What ``watch`` and ``scan`` share: ``--db``, ``--sae`` (required) and ``--watchlist``."""
+    add_db_args(p, "required", "featuredict DuckDB file" + (" (opened read-write)" if read_write else ""))
+    p.add_argument("--watchlist", required=True, help="name of the list used as a watchlist")
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument(

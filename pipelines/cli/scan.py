@@ -1,4 +1,4 @@
-"""``featuredict watch`` (set watched members of a list) and ``featuredict scan`` (scan a file of texts for them).
+"""``featuredict scan``: scan a file of texts for the watched features of a list (``featuredict watch`` sets them).
 
 ``register(subparsers)`` adds the command (``pipelines/cli/__init__.py``). Exit codes: 0 no hit reached ``--fail-on``
 (or no ``--fail-on``), 1 some record reached it, 2 bad usage (no database, unknown SAE, empty watchlist,
@@ -20,31 +20,18 @@ from featuredict.db import queries as q
 from featuredict.db.errors import one_line
 from featuredict.db.schema import DatabaseError
 from featuredict.db.store import Store
-from featuredict.pipelines.cli.args import add_db_args
+from featuredict.pipelines.cli.args import add_watchlist_args
 from featuredict.pipelines.scan import SEVERITY_ORDER, BadRecord, ScanResult, Watch, reaches, read_records, scan_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``watch`` and ``scan`` subcommands."""
-    w = subparsers.add_parser(
-        "watch",
-        help="make features watched members of a list (threshold, severity)",
-        description="Set the scan threshold and severity of features in a list (adds them to it when missing).",
-    )
-    add_db_args(w, "required", "featuredict DuckDB file (opened read-write)")
-    w.add_argument("--watchlist", required=True, help="list name")
-    w.add_argument("--features", required=True, help="feature ids, comma-separated")
-    w.add_argument("--threshold", type=float, default=0.5, help="fraction of the feature's max activation (0.5)")
-    w.add_argument("--severity", choices=SEVERITY_ORDER, default="medium", help="severity of a hit (medium)")
-    w.add_argument("--author", default=None, help="who made the change (recorded in the history)")
-    w.set_defaults(func=run_watch)
+    """Add the ``scan`` subcommand."""
     p = subparsers.add_parser(
         "scan",
         help="scan texts for the watched features of a watchlist",
         description="Scan a .txt / .jsonl / .parquet file for features of a watchlist over their thresholds.",
     )
-    add_db_args(p, "required", "featuredict DuckDB file")
-    p.add_argument("--watchlist", required=True, help="name of the list to use as a watchlist")
+    add_watchlist_args(p, read_write=False)
     p.add_argument("--input", required=True, help=".txt (one record per line), .jsonl or .parquet")
     p.add_argument("--text-field", default="text", help="text field / column (default: text; else 'messages')")
     p.add_argument("--out", default=None, help="report file: .jsonl (one line per record) or .html")
@@ -78,30 +65,6 @@ def _html_row(r: ScanResult) -> str:
         for h in r.hits
     )
     return f"<tr><td>{r.line}</td><td>{html.escape(r.severity or '')}</td><td>{r.score:.3f}</td><td>{hits}</td></tr>"
-
-
-def run_watch(args: argparse.Namespace) -> int:
-    from featuredict.db import writes
-
-    try:
-        ids = [int(x) for x in str(args.features).replace(",", " ").split()]
-    except ValueError:
-        return _err("--features takes integers separated by commas")
-    if not ids:
-        return _err("--features is empty")
-    try:
-        store = Store(args.db)
-    except DatabaseError as e:
-        return _err(str(e))
-    try:
-        q.resolve_sae(store, args.sae, args.db)
-        n = writes.set_watch(store, args.watchlist, args.sae, ids, args.threshold, args.severity, args.author)
-    except ValueError as e:
-        return _err(str(e))
-    finally:
-        store.close()
-    print(f"watching {n} features in list {args.watchlist!r}: threshold {args.threshold:g} x max, {args.severity}")
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

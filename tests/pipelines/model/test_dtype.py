@@ -19,7 +19,7 @@ from featuredict.db.records import SaeRecord
 from featuredict.pipelines.model.loading import default_dtype, dtype_name, load_model, resolve_dtype
 from featuredict.pipelines.model.runtime import load_runtime
 from featuredict.pipelines.model.saes import SaeSource
-from tests.helpers import build_tiny_db, read_only
+from tests.helpers import build_tiny_db, read_only, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +83,15 @@ def test_half_precision_model_feeds_the_sae_in_its_own_dtype(tiny_model_dir: Pat
 
 @pytest.mark.parametrize("mode", ["stream", "cache"])
 def test_train_sae_runs_the_model_in_fp32_on_cpu(tmp_path: Path, fp16_model_dir: Path, tiny_corpus: Path, mode: str):
-    from featuredict.pipelines.harvest.corpus import CorpusSpec
-    from featuredict.pipelines.train.sae import SUMMARY_FILE, TrainConfig, train_sae
+    from featuredict.pipelines.train.sae import SUMMARY_FILE, train_sae
 
-    cfg = TrainConfig(
-        model=str(fp16_model_dir),
-        corpus=CorpusSpec(str(tiny_corpus)),
-        out=str(tmp_path / "sae"),
-        hook="model.layers.1",
-        d_sae=64,
-        k=4,
+    cfg = tiny_train_config(
+        fp16_model_dir,
+        tiny_corpus,
+        tmp_path / "sae",
         training_tokens=1024,
         context_size=16,
         batch_tokens=64,
-        device="cpu",
         activations=mode,
     )
     with model_dtypes_in_forward() as seen:

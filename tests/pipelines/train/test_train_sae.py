@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from featuredict.pipelines.harvest.corpus import CorpusSpec, batch_contexts, iter_contexts, iter_documents
 from featuredict.pipelines.train.sae import TrainConfig, cache_activations, shuffled_batches, train_sae
-
-
-def tiny_cfg(model: Path, corpus: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(hook="model.layers.1", d_sae=64, k=4, training_tokens=4096, context_size=32, device="cpu")
-    return TrainConfig(model=str(model), corpus=CorpusSpec(str(corpus)), out=str(out), **{**base, **kw})
+from tests.helpers import tiny_train_config
 
 
 def test_config_is_checked_and_auto_picks_by_memory(tmp_path):
@@ -53,7 +48,7 @@ def test_cached_activations_are_the_builds_valid_tokens(tiny_runtime, tiny_model
     """The cache holds exactly what Runtime.encode would count: the hook's activations at valid tokens (no BOS,
     no padding, no norm outliers), in corpus order."""
     rt = tiny_runtime
-    cfg = tiny_cfg(tiny_model_dir, tiny_corpus, tmp_path / "sae", training_tokens=10**9)
+    cfg = tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "sae", training_tokens=10**9)
     got = cache_activations(cfg, "float32", progress=False)
     want = []
     for ids, mask in batch_contexts(iter_contexts(iter_documents(cfg.corpus), rt.tokenizer, 32), 8, 32, rt.pad_id):
@@ -62,7 +57,9 @@ def test_cached_activations_are_the_builds_valid_tokens(tiny_runtime, tiny_model
     want = torch.cat(want)
     assert got.shape == want.shape and len(got) > 500
     torch.testing.assert_close(got, want)
-    capped = cache_activations(tiny_cfg(tiny_model_dir, tiny_corpus, tmp_path, training_tokens=300), "float32", False)
+    capped = cache_activations(
+        tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path, training_tokens=300), "float32", False
+    )
     torch.testing.assert_close(capped, want[:300])
 
 
@@ -72,7 +69,7 @@ def test_both_modes_train_an_sae_that_loads_with_the_same_metadata(tiny_model_di
 
     metas = {}
     for mode in ("cache", "stream"):
-        cfg = tiny_cfg(
+        cfg = tiny_train_config(
             tiny_model_dir, tiny_corpus, tmp_path / mode, activations=mode, training_tokens=20_000, batch_tokens=64
         )
         res = train_sae(cfg, progress=False)
