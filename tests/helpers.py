@@ -340,6 +340,13 @@ def widget(items, label: str):
     raise AssertionError(f"no widget labelled {label!r}: {[w.label for w in items]}")
 
 
+def press(at: AppTest, label: str) -> None:
+    """Click the button labelled ``label``, rerun the page and check it ran clean (no exception, no traceback)."""
+    widget(at.button, label).click()
+    at.run()
+    assert_clean(at)
+
+
 # ---- real-browser tests -----------------------------------------------------------------------------------
 CHROMIUM = next(
     (

@@ -30,6 +30,7 @@ from tests.helpers import (
     frame,
     htmls,
     open_app,
+    press,
     raw_connection,
     texts,
     widget,
@@ -96,9 +97,7 @@ def test_feature_label_editor_persists(monkeypatch, synth_db):
     widget(at.multiselect, "Tags").set_value(["food", "bio"])
     widget(at.text_area, "Notes").set_value("fires on bread")
     widget(at.text_input, "Your name (optional)").set_value("tester")
-    widget(at.button, "Save label").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Save label")
     row = q.label(Store(synth_db), SAE_ID, 8)
     assert row["label"] == "bakery words" and row["tags"] == ["food", "bio"] and row["notes"] == "fires on bread"
     assert row["author"] == "tester"
@@ -110,9 +109,7 @@ def test_feature_add_to_list(monkeypatch, synth_db):
     writes.add_to_list(Store(synth_db), "bio", SAE_ID, 100)  # AppTest cannot type a new option; pick a list
     at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="9")
     widget(at.selectbox, "Add to list").set_value("bio")
-    widget(at.button, "Add to list").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Add to list")
     assert q.lists_of_feature(Store(synth_db), SAE_ID, 9) == ["bio"]
     assert any("Added feature 9 to list 'bio'" in s.value for s in at.success)
 
@@ -202,9 +199,7 @@ def test_search_by_concept(monkeypatch, model_db):
         "Never share your password with anyone.\nSend your bank login to verify your account urgently."
     )
     widget(at.text_area, "Counter-examples (optional)").set_value("The cat played in the garden.")
-    widget(at.button, "Find features").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Find features")
     assert not at.error, [e.value for e in at.error]
     res = frame(at, "concept_results")
     assert len(res) > 0 and res["score"].is_monotonic_decreasing and (res["score"] > 0).all()
@@ -251,9 +246,7 @@ def test_lists_page(monkeypatch, synth_db):
     data = json.loads(json_text)
     assert [r["feature"] for r in data["features"]] == [2, 4] and data["features"][0]["note"] == "check"
     widget(at.text_input, "Add feature ids of SAE synthetic").set_value("7, 8")
-    widget(at.button, "Add").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Add")
     assert q.list_members(s, "deception")["feature"].tolist() == [2, 4, 7, 8]
 
 
@@ -268,9 +261,7 @@ def test_lists_page_opens_the_list_it_created_and_explains_bad_ids(monkeypatch, 
     assert_clean(at)
     assert at.selectbox(key="list_pick").value == "my new list"  # the stored (cleaned) name, not the first list
     widget(at.text_input, f"Add feature ids of SAE {SAE_ID}").set_value("999999")
-    widget(at.button, "Add").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Add")
     assert "has no feature 999999" in at.error[0].value.replace("\\", "")
     assert q.list_members(s, "my new list")["feature"].tolist() == [3, 4]
 

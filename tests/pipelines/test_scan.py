@@ -17,7 +17,7 @@ from featuredict.db import writes
 from featuredict.db.store import Store
 from featuredict.pipelines.cli import main as cli_main
 from featuredict.pipelines.scan import BadRecord, Record, Watch, read_records, scan_text
-from tests.helpers import HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID, assert_clean, htmls, open_app, widget
+from tests.helpers import HOSTILE_IMG, HOSTILE_SCRIPT, SAE_ID, assert_clean, htmls, open_app, press, widget
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -156,9 +156,7 @@ def test_scan_page_results_highlight_and_export(monkeypatch, model_db, tiny_runt
     assert widget(at.selectbox, "Watchlist").value == "wl"
     hostile = f"{HOSTILE_SCRIPT} {HOSTILE_IMG} the quick brown fox"
     widget(at.text_area, "Text to scan (one record)").set_value(hostile)
-    widget(at.button, "Scan").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Scan")
     table = at.dataframe[0].value
     expect = scan_text(tiny_runtime, hostile, watch)
     assert table["feature"].tolist() == [h["feature"] for h in expect.hits] and len(table) > 0

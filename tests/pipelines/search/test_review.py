@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_clean,
     htmls,
     open_app,
+    press,
     run_threads,
     texts,
     widget,
@@ -188,9 +189,7 @@ def test_feature_page_review_control_and_history(monkeypatch, synth_db):
     widget(at.selectbox, "Review status").set_value("concerning")
     widget(at.text_area, "Reason").set_value("fires on phishing emails")
     widget(at.text_input, "Your name (optional)").set_value("ann")
-    widget(at.button, "Save review").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Save review")
     got = q.review(Store(synth_db), SAE_ID, 12)
     assert (got["status"], got["reason"], got["reviewer"]) == ("concerning", "fires on phishing emails", "ann")
     assert "Saved the review of feature 12: concerning." in [s.value for s in at.success]
@@ -202,16 +201,12 @@ def test_feature_page_review_conflict_lets_user_choose(monkeypatch, synth_db):
     writes.set_review(Store(synth_db), SAE_ID, 13, "benign", reason="theirs", reviewer="ann")  # meanwhile
     widget(at.selectbox, "Review status").set_value("concerning")
     widget(at.text_area, "Reason").set_value("mine")
-    widget(at.button, "Save review").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Save review")
     assert q.review(Store(synth_db), SAE_ID, 13)["status"] == "benign"  # theirs kept
     assert any("someone else saved this review" in w.value for w in at.warning)
     shown = [d.value for d in at.dataframe if "version" in d.value.columns][0]
     assert shown["reason"].tolist() == ["theirs", "mine"]
-    widget(at.button, "Keep mine").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Keep mine")
     got = q.review(Store(synth_db), SAE_ID, 13)
     assert (got["status"], got["reason"], got["version"]) == ("concerning", "mine", 2)
     assert [x["action"] for x in _history(Store(synth_db), 13)] == ["set", "conflict", "set"]
@@ -221,14 +216,10 @@ def test_feature_page_label_conflict_notice(monkeypatch, synth_db):
     at = open_app(monkeypatch, synth_db, "feature", sae=SAE_ID, feature="14")
     writes.update_label(Store(synth_db), SAE_ID, 14, label="theirs")
     widget(at.text_input, "Label").set_value("mine")
-    widget(at.button, "Save label").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Save label")
     assert q.label(Store(synth_db), SAE_ID, 14)["label"] == "theirs"
     assert any("Someone else changed label" in w.value for w in at.warning)
-    widget(at.button, "Keep theirs").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Keep theirs")
     assert widget(at.text_input, "Label").value == "theirs"  # the form reloads the stored version
     assert q.label(Store(synth_db), SAE_ID, 14)["label"] == "theirs"
 
@@ -415,9 +406,7 @@ def test_review_page_batch_status_and_list(monkeypatch, synth_db):
     at.run()
     widget(at.selectbox, "Set review status").set_value("needs second look")
     widget(at.text_input, "Reason (optional)").set_value("batch")
-    widget(at.button, "Set status of selected").click()
-    at.run()
-    assert_clean(at)
+    press(at, "Set status of selected")
     s = Store(synth_db)
     for f in first:
         r = q.review(s, SAE_ID, f)
