@@ -452,7 +452,8 @@ def run(
 
     from featuredict.db import queries as q
     from featuredict.db.store import Store
-    from featuredict.pipelines.demo.run import context_text, keyword_pattern
+    from featuredict.pipelines.demo.run import keyword_pattern
+    from featuredict.pipelines.harvest.contexts import context_text
     from featuredict.pipelines.model.runtime import runtime_from_row
     from featuredict.pipelines.search import concept, meaning
     from featuredict.pipelines.search.by_prompt import dense_valid_acts

@@ -243,8 +243,9 @@ def meaning_mode() -> None:
     if not query.strip():
         st.caption(
             "Type what you are looking for in your own words: features are ranked by how close their words "
-            "(the tokens their strongest contexts peak on; labels, tags, notes and LLM explanations) are in meaning, by cosine "
-            f"similarity of {render.md(model)} sentence embeddings."
+            "(the tokens their strongest contexts peak on; labels, tags, notes and LLM explanations) are in meaning, "
+            f"by cosine similarity of {render.md(model)} sentence embeddings, and the best of them also by how close "
+            "their strongest contexts are."
         )
         return
     t0 = time.perf_counter()
@@ -269,13 +270,31 @@ def meaning_mode() -> None:
         return
     st.caption(
         f"{len(res)} features{' (limit reached)' if len(res) >= limit else ''} by meaning in {ms:.0f} ms "
-        f"({render.md(model)}). 'found by' is the text each one was compared with."
+        f"({render.md(model)}). The best {meaning.RERANK_POOL} by cosine are re-ranked by how close their "
+        "strongest contexts are to the query too ('contexts': the mean cosine to their 10 strongest contexts); "
+        "'found by' is the text each one's vector was made from."
     )
     result_table(
-        res[["feature", "score", "explanation", "stale", "label", "matched", "top_tokens", "density", "max_act"]],
+        res[
+            [
+                "feature",
+                "score",
+                "cosine",
+                "contexts",
+                "explanation",
+                "stale",
+                "label",
+                "matched",
+                "top_tokens",
+                "density",
+                "max_act",
+            ]
+        ],
         "meaning_results",
         {
-            "score": st.column_config.NumberColumn("cosine", format="%.3f", width="small"),
+            "score": st.column_config.NumberColumn("score", format="%.3f", width="small"),
+            "cosine": st.column_config.NumberColumn("cosine", format="%.3f", width="small"),
+            "contexts": st.column_config.NumberColumn("contexts", format="%.3f", width="small"),
             "matched": st.column_config.TextColumn("found by", width="large"),
             "top_tokens": st.column_config.TextColumn("top tokens", width="medium"),
             "max_act": st.column_config.NumberColumn("max act", format="%.2f"),
@@ -284,7 +303,7 @@ def meaning_mode() -> None:
     with st.expander("What the best matches were compared with", expanded=False):
         st.html(
             "".join(
-                f'<div style="margin:0 0 0.6rem 0"><b>#{int(r.feature)}</b> · cosine {float(r.score):.3f}'
+                f'<div style="margin:0 0 0.6rem 0"><b>#{int(r.feature)}</b> · cosine {float(r.cosine):.3f}'
                 f"{matched_html(r.text, query)}</div>"
                 for r in res.head(5).itertuples()
             )

@@ -157,7 +157,8 @@ def _meaning(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> d
     res = meaning_search(
         store, sae_id, query, _filters(args), limit=args.top, model_id=model, refresh=not args.no_refresh
     )
-    cols = ["feature", "score", "explanation", "stale", "label", "tags", "matched", "top_tokens", "density", "max_act"]
+    cols = ["feature", "score", "cosine", "contexts", "explanation", "stale", "label", "tags", "matched", "top_tokens"]
+    cols += ["density", "max_act"]
     return {"query": query, "model": model, "results": res[cols]}
 
 

@@ -39,6 +39,7 @@ import torch
 
 from featuredict.db.errors import one_line
 from featuredict.pipelines.demo.topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
+from featuredict.pipelines.harvest.contexts import context_text
 from featuredict.pipelines.model.loading import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
 
 
@@ -346,11 +347,6 @@ def keyword_pattern(keywords: Sequence[str]) -> re.Pattern[str]:
     words = "|".join(re.escape(k) for k in sorted(set(keywords), key=len, reverse=True))
     ends = "|".join(KEYWORD_ENDINGS)
     return re.compile(rf"\b(?:{words})(?:{ends})?\b", re.IGNORECASE)
-
-
-def context_text(tokens: Sequence[str]) -> str:
-    """A stored context's tokens as plain text (SentencePiece/byte-level space marks become spaces)."""
-    return "".join(str(t) for t in tokens).replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
 
 
 def keyword_hits(store: Any, sae_id: str, feature: int, pattern: re.Pattern[str], n_top: int = 10) -> tuple[int, int]:

