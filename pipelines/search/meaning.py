@@ -595,7 +595,7 @@ RESULT_COLUMNS = [
 
 _WINDOWS: dict[tuple[str, str, str, int], np.ndarray] = {}  # (cache_key, SAE, model, feature) -> vectors
 _WINDOWS_LOCK = threading.Lock()
-MAX_CACHED_WINDOWS = 20_000  # features whose context vectors one process keeps
+MAX_CACHED_WINDOWS = 2048  # features whose context vectors one process keeps (10 x 384 floats each: 30 MiB)
 
 
 def context_windows(store: Store, sae_id: str, features: Sequence[int]) -> dict[int, list[str]]:
@@ -698,7 +698,7 @@ def meaning_search(
     ctx = np.full(len(top), np.nan)
     n = min(int(rerank), len(top))
     if n > 0:
-        ctx[:n] = context_scores(store, sae_id, enc, qv, index.features[top[:n]], cache_key)
+        ctx[:n] = context_scores(store, sae_id, enc, qv, index.features[top[:n]].tolist(), cache_key)
     final = np.where(np.isnan(ctx), np.nan, (1.0 - CONTEXT_WEIGHT) * cosine + CONTEXT_WEIGHT * ctx)
     order = np.concatenate([np.argsort(-final[:n], kind="stable"), np.arange(n, len(top))])[: int(limit)]
     top, cosine, ctx, final = top[order], cosine[order], ctx[order], final[order]
