@@ -188,26 +188,9 @@ class Runtime:
             f.mul_(valid.unsqueeze(-1))  # in place: no second [batch, pos, d_sae] tensor
         return x, f, valid
 
-    @torch.no_grad()
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """The SAE's reconstruction of feature activations ``f`` ``[..., d_sae]``, as ``sae.decode`` gives it.
-
-        For TopK SAEs (whose ``decode`` is sae-lens's ``TopKSAE.decode``: ``f @ W_dec + b_dec``, then its output
-        hook and norm), only the active features' decoder rows are summed (``embedding_bag`` over the non-zero
-        entries): k of d_sae per token, instead of a dense ``[tokens, d_sae] @ [d_sae, d_in]`` product. Other
-        SAEs decode densely.
-        """
-        sae = self.sae
-        if not _sparse_decode(sae) or f.layout != torch.strided or f.dim() < 2:
-            return sae.decode(f)
-        f2 = f.reshape(-1, f.shape[-1])
-        rows, cols = f2.nonzero(as_tuple=True)  # row-major: each token's entries are contiguous
-        offsets = torch.searchsorted(rows, torch.arange(f2.shape[0], device=f2.device))
-        w_dec = sae.W_dec
-        out = torch.nn.functional.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=f2[rows, cols])
-        out = sae.hook_sae_recons(out.reshape(*f.shape[:-1], w_dec.shape[1]) + sae.b_dec)
-        out = sae.run_time_activation_norm_fn_out(out)
-        return sae.reshape_fn_out(out, sae.d_head)
+        """The SAE's reconstruction of feature activations ``f`` ``[..., d_sae]``: ``decode(self.sae, f)``."""
+        return decode(self.sae, f)
 
     @torch.no_grad()
     def feature_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,14 +198,38 @@ class Runtime:
         return self.encode(input_ids, attention_mask)[1]
 
 
+@torch.no_grad()
+def decode(sae: Any, f: torch.Tensor) -> torch.Tensor:
+    """``sae``'s reconstruction of feature activations ``f`` ``[..., d_sae]``, as ``sae.decode`` gives it.
+
+    For TopK SAEs (whose ``decode`` is sae-lens's ``TopKSAE.decode``: ``f @ W_dec + b_dec``, with ``f`` first
+    divided by the decoder rows' norms when ``rescale_acts_by_decoder_norm``, then its output hook and norm),
+    only the active features' decoder rows are summed (``embedding_bag`` over the non-zero entries): k of d_sae
+    per token, instead of a dense ``[tokens, d_sae] @ [d_sae, d_in]`` product. Other SAEs decode densely.
+    """
+    if not _sparse_decode(sae) or f.layout != torch.strided or f.dim() < 2:
+        return sae.decode(f)
+    f2 = f.reshape(-1, f.shape[-1])
+    rows, cols = f2.nonzero(as_tuple=True)  # row-major: each token's entries are contiguous
+    offsets = torch.searchsorted(rows, torch.arange(f2.shape[0], device=f2.device))
+    w_dec = sae.W_dec
+    weights = f2[rows, cols]
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        weights = weights * (1 / w_dec.norm(dim=-1))[cols]  # as sae-lens's act_times_W_dec scales f
+    out = torch.nn.functional.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=weights)
+    out = sae.hook_sae_recons(out.reshape(*f.shape[:-1], w_dec.shape[1]) + sae.b_dec)
+    out = sae.run_time_activation_norm_fn_out(out)
+    return sae.reshape_fn_out(out, sae.d_head)
+
+
 def _sparse_decode(sae: Any) -> bool:
-    """Whether the SAE's decode is sae-lens's ``TopKSAE.decode`` itself, without decoder-norm rescaling."""
+    """Whether the SAE's decode is sae-lens's ``TopKSAE.decode`` itself (with or without decoder-norm
+    rescaling), which ``Runtime.decode`` reproduces sparsely."""
     try:
         from sae_lens import TopKSAE
     except ImportError:
         return False
-    plain = not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
-    return plain and getattr(type(sae), "decode", None) is TopKSAE.decode
+    return getattr(type(sae), "decode", None) is TopKSAE.decode
 
 
 def load_runtime(

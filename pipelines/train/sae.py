@@ -383,7 +383,7 @@ def evaluate(
         iter_contexts(iter_documents(cfg.corpus), tok, cfg.context_size), 8, cfg.context_size, rt.pad_id
     ):
         x, f, valid = rt.encode(ids, mask)
-        update(st, f, ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.sae.decode(f))
+        update(st, f, ids, valid, torch.arange(ctx, ctx + len(ids)), x, rt.decode(f))
         ctx += len(ids)
         if st.n_tokens >= max_tokens:
             break

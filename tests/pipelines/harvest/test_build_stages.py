@@ -179,3 +179,19 @@ def test_sparse_topk_decode_is_the_saes_own_decode(tiny_runtime):
     f[:, 0] = 0  # tokens with no active feature (as at BOS): empty bags must still give b_dec
     assert (f[:, 1:] != 0).sum(-1).min() > 0
     torch.testing.assert_close(tiny_runtime.decode(f), tiny_runtime.sae.decode(f), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk_rescale"])
+def test_sparse_decode_of_a_decoder_norm_rescaled_topk_sae(kind):
+    """Decoder rows with norms 0.1 .. 3 (``make_sae``): a missed or doubled rescale would be far off."""
+    import torch
+
+    from featuredict.pipelines.model.runtime import _sparse_decode, decode
+    from tests.helpers import make_sae
+
+    sae = make_sae(kind)
+    assert _sparse_decode(sae) and bool(sae.cfg.rescale_acts_by_decoder_norm) == (kind == "topk_rescale")
+    with torch.no_grad():
+        f = sae.encode(torch.randn(2, 7, 24) * 3)
+        f[:, 0] = 0
+        torch.testing.assert_close(decode(sae, f), sae.decode(f), atol=1e-5, rtol=1e-5)
