@@ -24,8 +24,8 @@ import torch
 from featuredict.pipelines.model.backends import ModelBackend
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.runtime import OUTLIER_NORM_RATIO, special_ids, valid_mask
-from featuredict.pipelines.model.saes import to_sae
-from featuredict.pipelines.steering.edits import decoder_directions, fast_encoder, output_scale
+from featuredict.pipelines.model.saes import fast_encoder, to_sae
+from featuredict.pipelines.steering.edits import decoder_directions, output_scale
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -22,7 +22,7 @@ from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.model.backends import ModelBackend, backend_for_hook
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.loading import load_model, pick_device
-from featuredict.pipelines.model.saes import SaeSource, load_sae, sae_metadata, to_sae
+from featuredict.pipelines.model.saes import SaeSource, fast_encoder, load_sae, sae_metadata, to_sae
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -183,7 +183,7 @@ class Runtime:
         with timed(stages, "forward"):
             x = self.hook_acts(input_ids, attention_mask)
         with timed(stages, "encode"):
-            f = self.sae.encode(x)
+            f = fast_encoder(self.sae)(x)
             valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
             f.mul_(valid.unsqueeze(-1))  # in place: no second [batch, pos, d_sae] tensor
         return x, f, valid

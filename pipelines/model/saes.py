@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,57 @@ def to_sae(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
     if x.dtype == w.dtype and x.device == w.device:
         return x
     return x.to(device=w.device, dtype=w.dtype)
+
+
+#: ``normalize_activations`` modes that scale the SAE's input by a per-token norm at run time
+NORM_SCALED = ("constant_norm_rescale", "layer_norm")
+
+
+def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sae.encode``, or for a plain sae-lens ``TopKSAE`` the same tensor operations inlined.
+
+    The inline path runs exactly sae-lens' ``TopKSAE.encode`` (``process_sae_in`` without runtime
+    normalisation, ``@ W_enc + b_enc``, ``* ||W_dec||`` when rescaling, ``TopK``) minus its Python overhead
+    (hook points, per-call decoder norms) and its temporaries (the bias, the rescale and the scatter act in
+    place on one ``[..., d_sae]`` tensor), so the result is bitwise identical (tested); it is used only when the
+    SAE has no runtime normalisation, no reshaping and no hooks on its hook points, else ``sae.encode``. The
+    weights are read when it is made: make a new one after changing them.
+    """
+    try:
+        from sae_lens.saes.topk_sae import TopK, TopKSAE
+    except ImportError:  # pragma: no cover - sae-lens layout changed
+        return sae.encode
+    act = getattr(sae, "activation_fn", None)
+    plain = (
+        type(sae) is TopKSAE
+        and isinstance(act, TopK)
+        and not act.use_sparse_activations
+        and getattr(sae.cfg, "normalize_activations", "none") not in NORM_SCALED
+        and getattr(sae.cfg, "reshape_activations", "none") in (None, "none")
+        and not getattr(sae, "hook_z_reshaping_mode", False)
+        and not any(
+            getattr(sae, hp)._forward_hooks or getattr(sae, hp)._forward_pre_hooks
+            for hp in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post")
+        )
+    )
+    if not plain:
+        return sae.encode
+    assert isinstance(act, TopK)
+    with torch.no_grad():
+        w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        bias = (sae.b_dec * sae.cfg.apply_b_dec_to_input).detach()
+        norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
+    k, dtype = int(act.k), sae.dtype
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        h = (x.to(dtype) - bias) @ w_enc
+        h.add_(b_enc)
+        if norms is not None:
+            h.mul_(norms)
+        values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
+        return h.zero_().scatter_(-1, idx, values.relu_())
+
+    return encode
 
 
 def sae_metadata(sae: SAE[Any]) -> dict[str, Any]:

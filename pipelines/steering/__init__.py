@@ -15,6 +15,7 @@
 """
 
 from featuredict.db.queries import PresetError
+from featuredict.pipelines.model.saes import NORM_SCALED, fast_encoder
 from featuredict.pipelines.steering.chat import MAX_TURNS, Turn, chat_streams, side_history
 from featuredict.pipelines.steering.config import (
     MAX_ABS_VALUE,
@@ -44,11 +45,9 @@ from featuredict.pipelines.steering.config import (
     validate_config,
 )
 from featuredict.pipelines.steering.edits import (
-    NORM_SCALED,
     EditPlan,
     check_steerable,
     decoder_directions,
-    fast_encoder,
     output_scale,
     plan_values,
     steer_activations,

@@ -46,7 +46,7 @@ activation, not on the SAE's reading of it. A zero decoder row has no direction:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +57,6 @@ from featuredict.pipelines.steering.config import MAX_ACT_UNITS, FeatureEdit, Mo
 
 if TYPE_CHECKING:
     from sae_lens import SAE
-
-NORM_SCALED = ("constant_norm_rescale", "layer_norm")
 
 
 def decoder_directions(sae: SAE[Any], features: torch.Tensor) -> torch.Tensor:
@@ -99,50 +97,6 @@ def check_steerable(sae: SAE[Any]) -> None:
         )
     if getattr(sae.cfg, "reshape_activations", "none") not in (None, "none"):
         raise SteeringInputError("steering supports SAEs on [batch, pos, d_in] activations (not hook_z reshaping)")
-
-
-def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``sae.encode``, or for a plain sae-lens ``TopKSAE`` the same tensor operations inlined.
-
-    The inline path runs exactly sae-lens' ``TopKSAE.encode`` (``process_sae_in`` without runtime
-    normalisation, ``@ W_enc + b_enc``, ``* ||W_dec||`` when rescaling, ``TopK``) minus its Python overhead
-    (hook points, per-call decoder norms), so the result is bitwise identical (tested); it is used only when
-    the SAE has no runtime normalisation, no reshaping and no hooks on its hook points, else ``sae.encode``.
-    """
-    try:
-        from sae_lens.saes.topk_sae import TopK, TopKSAE
-    except ImportError:  # pragma: no cover - sae-lens layout changed
-        return sae.encode
-    act = getattr(sae, "activation_fn", None)
-    plain = (
-        type(sae) is TopKSAE
-        and isinstance(act, TopK)
-        and not act.use_sparse_activations
-        and getattr(sae.cfg, "normalize_activations", "none") not in NORM_SCALED
-        and getattr(sae.cfg, "reshape_activations", "none") in (None, "none")
-        and not getattr(sae, "hook_z_reshaping_mode", False)
-        and not any(
-            getattr(sae, hp)._forward_hooks or getattr(sae, hp)._forward_pre_hooks
-            for hp in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post")
-        )
-    )
-    if not plain:
-        return sae.encode
-    assert isinstance(act, TopK)
-    with torch.no_grad():
-        w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
-        bias = (sae.b_dec * sae.cfg.apply_b_dec_to_input).detach()
-        norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
-    k, dtype = int(act.k), sae.dtype
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        h = (x.to(dtype) - bias) @ w_enc + b_enc
-        if norms is not None:
-            h = h * norms
-        values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
-        return torch.zeros_like(h).scatter_(-1, idx, values.relu())
-
-    return encode
 
 
 SAE_SPACE: tuple[Mode, ...] = ("clamp", "add")  # ablate is planned as clamp 0

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from featuredict.pipelines.model.saes import to_sae
+from featuredict.pipelines.model.saes import fast_encoder, to_sae
 from featuredict.pipelines.steering.config import FeatureEdit, GenerationSettings, SteeringConfig, SteeringInputError
-from featuredict.pipelines.steering.edits import EditPlan, fast_encoder, plan_values, steer_activations
+from featuredict.pipelines.steering.edits import EditPlan, plan_values, steer_activations
 from featuredict.pipelines.steering.formatting import prepare
 
 if TYPE_CHECKING:

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from featuredict.pipelines.model.saes import to_sae
-from featuredict.pipelines.steering.edits import fast_encoder
+from featuredict.pipelines.model.saes import fast_encoder, to_sae
 
 if TYPE_CHECKING:
     from featuredict.pipelines.model.runtime import Runtime
