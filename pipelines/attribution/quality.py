@@ -46,9 +46,16 @@ class SaeEval:
         return asdict(self)
 
 
-def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T-1]`` cross-entropy of each position's prediction of the next token."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1, vocab]`` log-probabilities of each position's next-token distribution (the last position has no
+    next token)."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T-1]`` cross-entropy of each position's prediction of the next token (``log_probs``: those of
+    ``logits`` from ``next_token_log_probs``, when the caller has them already)."""
+    lp = next_token_log_probs(logits) if log_probs is None else log_probs
     return -lp.gather(-1, ids[:, 1:].unsqueeze(-1).to(lp.device)).squeeze(-1)
 
 
@@ -70,12 +77,11 @@ def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) 
             sae_logits = loaded.forward(ids)
         with spliced([slot], ids, zero=True):
             zero_logits = loaded.forward(ids)
-        ce["clean"] += float(next_token_ce(clean, ids).sum())
-        ce["sae"] += float(next_token_ce(sae_logits, ids).sum())
+        lp_c, lp_s = next_token_log_probs(clean), next_token_log_probs(sae_logits)  # each made once: [B, T-1, vocab]
+        ce["clean"] += float(next_token_ce(clean, ids, lp_c).sum())
+        ce["sae"] += float(next_token_ce(sae_logits, ids, lp_s).sum())
         ce["zero"] += float(next_token_ce(zero_logits, ids).sum())
-        lp_c = torch.log_softmax(clean[:, :-1].float(), -1)
-        lp_s = torch.log_softmax(sae_logits[:, :-1].float(), -1)
-        kl += float((lp_c.exp() * (lp_c - lp_s)).sum())
+        kl += float(torch.nn.functional.kl_div(lp_s, lp_c, reduction="sum", log_target=True))  # sum p_c (lp_c - lp_s)
         n_pred += int(ids.shape[0] * (ids.shape[1] - 1))
         part = seen[slot.name]
         valid, f, err = part["valid"], part["f"], part["error"]
