@@ -275,21 +275,7 @@ def meaning_mode() -> None:
         "'found by' is the text each one's vector was made from."
     )
     result_table(
-        res[
-            [
-                "feature",
-                "score",
-                "cosine",
-                "contexts",
-                "explanation",
-                "stale",
-                "label",
-                "matched",
-                "top_tokens",
-                "density",
-                "max_act",
-            ]
-        ],
+        res[[c for c in meaning.RESULT_COLUMNS if c not in ("tags", "text")]],  # text: in the expander below
         "meaning_results",
         {
             "score": st.column_config.NumberColumn("score", format="%.3f", width="small"),

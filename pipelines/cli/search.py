@@ -148,14 +148,13 @@ def _text(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict
 
 
 def _meaning(store: Any, sae_id: str, query: str, args: argparse.Namespace) -> dict[str, Any]:
-    from featuredict.pipelines.search.meaning import default_model, meaning_search
+    from featuredict.pipelines.search.meaning import RESULT_COLUMNS, default_model, meaning_search
 
     model = args.model or default_model(store, sae_id)
     res = meaning_search(
         store, sae_id, query, _filters(args), limit=args.top, model_id=model, refresh=not args.no_refresh
     )
-    cols = ["feature", "score", "cosine", "contexts", "explanation", "stale", "label", "tags", "matched", "top_tokens"]
-    cols += ["density", "max_act"]
+    cols = [c for c in RESULT_COLUMNS if c != "text"]  # "matched" holds the words; the whole text is long
     return {"query": query, "model": model, "results": res[cols]}
 
 
