@@ -426,6 +426,14 @@ def screenshot(page, tmp_path: Path, name: str) -> Path:
     return p
 
 
+def wait_until_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app has finished its current run (Streamlit's "Running..." status is gone). A click
+    that lands while a rerun is still going can make Streamlit's frontend send every number_input back at its
+    default (streamlit/streamlit#9056): the test waits, as a user sees the status and waits."""
+    page.wait_for_timeout(200)  # the rerun the last input started has begun
+    page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=timeout_ms)
+
+
 # ---- steering: SAE variants and the tiny steering database --------------------------------------------
 SAE_KINDS = ["topk_rescale", "topk", "constant_norm_rescale", "layer_norm", "jumprelu"]
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import CHROMIUM, STEER_SAE_ID, build_steer_db, live_feature, running_app, screenshot
+from tests.helpers import (
+    CHROMIUM,
+    STEER_SAE_ID,
+    build_steer_db,
+    live_feature,
+    running_app,
+    screenshot,
+    wait_until_idle,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,6 +44,7 @@ def test_steer_page_in_a_browser(server, tmp_path):
             prompt = page.get_by_role("textbox", name="Prompt", exact=True)
             prompt.fill("Once upon a time")
             prompt.press("Control+Enter")
+            wait_until_idle(page)
             page.get_by_role("button", name="Generate").click()
             expect(page.get_by_text("Steered features on the generated tokens")).to_be_visible(timeout=60_000)
             boxes = page.locator("div[style*='pre-wrap']")
