@@ -45,14 +45,14 @@ def harvest_batches(
     t0 = time.perf_counter()
     with torch.no_grad():
         for ids, mask in batches:
-            x, f, valid = rt.encode(ids, mask, stages)
+            x, f, valid, active = rt.encode_active(ids, mask, stages)
             with timed(stages, "encode"):
-                recon = rt.decode(f)  # FVE reads valid positions only, where f is not zeroed
+                recon = rt.decode(f, active)  # FVE reads valid positions only, where f is not zeroed
             ctx_ids = torch.arange(ctx_next, ctx_next + ids.shape[0], dtype=torch.int64)
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
             with timed(stages, "update"):
-                update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon)
+                update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon, active)
             seen += int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
             if on_tokens is not None:
                 on_tokens(seen)

@@ -11,7 +11,7 @@
   bottom-s sample by a hash key of (context content, feature) — a "bottom-k sketch";
 - reconstruction sums for FVE and L0.
 
-The top-k lists and the interval bands are both ``ExampleSlots`` (one slot type: one select, one merge).
+The top-k lists and the interval bands are both ``ExampleSlots`` (one slot type: one absorb, one merge).
 
 Example lists hold each distinct context window once. Corpora repeat text (boilerplate, licences, documents
 quoted twice), and a top-20 list showing the same window five times wastes most of its rows. Windows are
@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from featuredict.pipelines.model.saes import Active
 
 _M31 = (1 << 31) - 1
 KEY_EMPTY = torch.iinfo(torch.int64).max
@@ -155,18 +157,20 @@ class ExampleSlots:
         n_lead = self.ctx.dim() - 1
         return self._map(lambda a: a.view(-1, *a.shape[n_lead:]))
 
-    def select(
+    def absorb(
         self,
         other: ExampleSlots,
         rows: torch.Tensor | None = None,
         other_rows: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
-    ) -> ExampleSlots:
-        """Per list, the best ``n`` entries of ``self[rows]`` and ``other[other_rows]`` together, as new lists.
+    ) -> None:
+        """In place: each list ``self[rows]`` becomes the best ``n`` entries of itself and ``other[other_rows]``.
 
-        self: [R, n] rows, other: [R', m] rows (views are fine: only the kept entries are read); rows and
-        other_rows pick N lists of each (all when None), paired in order; ``drop`` [N, m] marks entries of
-        ``other`` never to keep. Ties keep list position, self first (a stable sort).
+        self: [R, n] rows (views into larger arrays are fine: the writes land there), other: [R', m] rows (only
+        the entries that get in are read); rows and other_rows pick N lists of each (all when None), paired in
+        order; ``drop`` [N, m] marks entries of ``other`` never to keep. Ties keep list position, self first (a
+        stable sort). Only the slots whose entry changes are written: an entry that stays where it was is not
+        copied, so a full list that takes one new entry near its end moves a few windows, not ``n``.
         """
         n = self.ctx.shape[1]
         rank_a = self.rank if rows is None else self.rank[rows]
@@ -175,22 +179,18 @@ class ExampleSlots:
             rank_b = rank_b.masked_fill(drop, -torch.inf if self.key is None else KEY_EMPTY)
         cat = torch.cat([rank_a, rank_b], dim=1)
         order = torch.sort(cat, dim=1, descending=self.key is None, stable=True).indices[:, :n]
-        from_a, ia, ib = order < n, order.clamp(max=n - 1), (order - n).clamp(min=0)
-        ra = (torch.arange(rank_a.shape[0]) if rows is None else rows)[:, None]
-        rb = (torch.arange(rank_b.shape[0]) if other_rows is None else other_rows)[:, None]
-
-        # gather self's lists whole, then overwrite only the slots taken from other (usually few, once the lists
-        # are full): no [N, n, T] gather of other's windows and no where() over both
-        new_i, new_j = (~from_a).nonzero(as_tuple=True)
-        src_r, src_j = rb[new_i, 0], ib[new_i, new_j]
-
-        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            out = a[ra, ia]
-            if new_i.numel():
-                out[new_i, new_j] = b[src_r, src_j]
-            return out
-
-        return ExampleSlots(**{name: pick(a, getattr(other, name)) for name, a in self.arrays().items()})
+        from_a = order < n
+        moved = ~from_a | (order != torch.arange(n))  # [N, n] slots that take another entry than they hold
+        i, j = moved.nonzero(as_tuple=True)
+        src = order[i, j]
+        a_i, a_j, a_src = i[from_a[i, j]], j[from_a[i, j]], src[from_a[i, j]]  # entries of self that shift
+        b_i, b_j, b_src = i[~from_a[i, j]], j[~from_a[i, j]], src[~from_a[i, j]] - n  # entries that come in
+        ra = torch.arange(rank_a.shape[0]) if rows is None else rows
+        rb = torch.arange(rank_b.shape[0]) if other_rows is None else other_rows
+        for name, a in self.arrays().items():
+            shifted = a[ra[a_i], a_src]  # read before any write: a shifted entry may land on another's slot
+            a[ra[b_i], b_j] = getattr(other, name)[rb[b_i], b_src]
+            a[ra[a_i], a_j] = shifted
 
     def merge(self, other: ExampleSlots) -> ExampleSlots:
         """Both sets of lists (same shapes) in one, list by list, as new arrays; neither input changes.
@@ -199,11 +199,11 @@ class ExampleSlots:
         """
         if self.ctx.shape[-1] == 0:
             return self
-        a, b = self.rows(), other.rows()
-        a = replace(a, ctx=a.ctx.clone())
+        out = self._map(torch.clone)
+        a, b = out.rows(), other.rows()
         held = _fold_twins(a.ctx, a.hash, b.hash, b.ctx)
-        lead = self.ctx.shape[:-1]
-        return a.select(b, drop=held)._map(lambda t: t.view(*lead, *t.shape[1:]))
+        a.absorb(b, drop=held)
+        return out
 
 
 def _fold_twins(
@@ -297,12 +297,16 @@ def update(
     ctx_ids: torch.Tensor,
     x: torch.Tensor | None = None,
     recon: torch.Tensor | None = None,
+    active: Active | None = None,
 ) -> None:
     """Fold one batch into ``state`` in place.
 
     feats: [B, T, F] SAE activations (must already be 0 where ``valid`` is False); tokens: [B, T] ids;
     valid: [B, T] bool (False at BOS/pad); ctx_ids: [B] int64 globally unique context ids;
-    x, recon: [B, T, D] hook activations and SAE reconstructions (for FVE), optional.
+    x, recon: [B, T, D] hook activations and SAE reconstructions (for FVE), optional. ``active``: the
+    non-zero entries of ``feats`` (``Runtime.encode_active``), all positive (a TopK SAE's), when the caller
+    has them: the counts and per-context maxima are then read from them instead of two passes over ``feats``
+    (the same state, bit for bit: tested).
     """
     cfg = state.cfg
     feats = feats.detach().float().cpu()
@@ -318,12 +322,19 @@ def update(
     state.n_contexts += B
 
     # counts, sums, histogram over firing (token, feature) pairs
-    nz = (feats > 0).nonzero(as_tuple=False)  # [nnz, 3]
-    f_idx = nz[:, 2]
-    vals = feats[nz[:, 0], nz[:, 1], f_idx]
+    if active is None:
+        nz = (feats > 0).nonzero(as_tuple=False)  # [nnz, 3]
+        b_idx, t_idx, f_idx = nz.unbind(1)
+        vals = feats[b_idx, t_idx, f_idx]
+    else:
+        token, f_idx, vals = (a.cpu() for a in active)
+        vals = vals.float()
+        if not bool((vals > 0).all()):  # as the dense path: firing means positive
+            token, f_idx, vals = token[vals > 0], f_idx[vals > 0], vals[vals > 0]
+        b_idx, t_idx = token // T, token % T
     state.fire_count += torch.bincount(f_idx, minlength=F)
     state.act_sum += torch.bincount(f_idx, weights=vals.double(), minlength=F)
-    state.l0_sum += float(nz.shape[0])
+    state.l0_sum += float(f_idx.shape[0])
     edges = torch.as_tensor(cfg.hist_edges(), dtype=torch.float32)
     nh = edges.numel() - 1
     hb = (torch.bucketize(vals, edges, right=True) - 1).clamp(0, nh - 1)
@@ -336,8 +347,11 @@ def update(
         state.sum_x2 += float((xv**2).sum())
         state.sse += float(((xv - rv) ** 2).sum())
 
-    # per-context max
-    seq_max, seq_pos = feats.max(dim=1)  # [B, F]
+    # per-context max and its first position
+    if active is None:
+        seq_max, seq_pos = feats.max(dim=1)  # [B, F]
+    else:
+        seq_max, seq_pos = _context_max(b_idx * F + f_idx, t_idx, vals, B, T, F)
     state.max_act = torch.maximum(state.max_act, seq_max.max(0).values)
 
     chash = content_hash(tokens)
@@ -345,6 +359,17 @@ def update(
     batch = _Batch(feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
     _update_top(state, batch)
     _update_samples(state, batch)
+
+
+def _context_max(
+    cell: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, B: int, T: int, F: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``feats.max(dim=1)`` ([B, F] values, first position of each) from the positive entries ``vals`` of
+    ``feats`` [B, T, F] at (context, feature) ``cell`` = b * F + f and position ``pos``: 0 and 0 where none."""
+    seq_max = torch.zeros(B * F, dtype=vals.dtype).scatter_reduce_(0, cell, vals, "amax")
+    at_max = vals == seq_max[cell]
+    first = torch.full((B * F,), T, dtype=torch.int64).scatter_reduce_(0, cell[at_max], pos[at_max], "amin")
+    return seq_max.view(B, F), first.masked_fill_(first == T, 0).view(B, F)
 
 
 class _Batch(NamedTuple):
@@ -378,7 +403,7 @@ def _update_top(state: HarvestState, batch_in: _Batch) -> None:
     better = (batch.val > top.val[:, -1:]) & (batch.val > 0) & ~dup & ~held
     aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
     if aff.numel():
-        top[aff] = top.select(batch, rows=aff, other_rows=aff, drop=~better[aff])
+        top.absorb(batch, rows=aff, other_rows=aff, drop=~better[aff])
 
 
 def _update_samples(state: HarvestState, batch_in: _Batch) -> None:
@@ -421,7 +446,7 @@ def _update_samples(state: HarvestState, batch_in: _Batch) -> None:
         hash=chash[b],
         key=key,
     )
-    smp[uslot] = smp.select(new, rows=uslot)
+    smp.absorb(new, rows=uslot)
 
 
 # ---- merging shard states -------------------------------------------------------------------------------

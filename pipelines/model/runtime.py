@@ -22,7 +22,17 @@ from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.model.backends import ModelBackend, backend_for_hook
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.loading import load_model, pick_device
-from featuredict.pipelines.model.saes import SaeSource, fast_encoder, load_sae, sae_metadata, to_sae
+from featuredict.pipelines.model.saes import (
+    Active,
+    SaeSource,
+    active_entries,
+    fast_encoder,
+    load_sae,
+    sae_metadata,
+    to_sae,
+    topk_active,
+    topk_encoder,
+)
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -180,17 +190,47 @@ class Runtime:
         the SAE's device: False at BOS/pad/masked positions and at norm outliers (see ``valid_mask``).
         With ``stages``, the forward pass is timed as ``forward`` and the rest as ``encode``.
         """
+        x, f, valid, _ = self._encode(input_ids, attention_mask, stages, with_active=False)
+        return x, f, valid
+
+    @torch.no_grad()
+    def encode_active(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        stages: StageTimes | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Active]:
+        """``encode``'s ``(x, f, valid)`` and ``f``'s non-zero entries (``saes.Active``), which a TopK SAE's
+        encoder gives without a pass over ``f`` (other SAEs: ``active_entries(f)``)."""
+        x, f, valid, active = self._encode(input_ids, attention_mask, stages, with_active=True)
+        assert active is not None
+        return x, f, valid, active
+
+    def _encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        stages: StageTimes | None,
+        with_active: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Active | None]:
         with timed(stages, "forward"):
             x = self.hook_acts(input_ids, attention_mask)
         with timed(stages, "encode"):
-            f = fast_encoder(self.sae)(x)
+            topk = topk_encoder(self.sae) if with_active else None
+            if topk is not None:
+                f, values, idx = topk(x)
+            else:
+                f = fast_encoder(self.sae)(x)
             valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
             f.mul_(valid.unsqueeze(-1))  # in place: no second [batch, pos, d_sae] tensor
-        return x, f, valid
+            active = None
+            if with_active:
+                active = topk_active(values, idx, valid) if topk is not None else active_entries(f)
+        return x, f, valid, active
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """The SAE's reconstruction of feature activations ``f`` ``[..., d_sae]``: ``decode(self.sae, f)``."""
-        return decode(self.sae, f)
+    def decode(self, f: torch.Tensor, active: Active | None = None) -> torch.Tensor:
+        """The SAE's reconstruction of feature activations ``f`` ``[..., d_sae]``: ``decode(self.sae, f, active)``."""
+        return decode(self.sae, f, active)
 
     @torch.no_grad()
     def feature_acts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,21 +239,20 @@ class Runtime:
 
 
 @torch.no_grad()
-def decode(sae: Any, f: torch.Tensor) -> torch.Tensor:
+def decode(sae: Any, f: torch.Tensor, active: Active | None = None) -> torch.Tensor:
     """``sae``'s reconstruction of feature activations ``f`` ``[..., d_sae]``, as ``sae.decode`` gives it.
 
     For TopK SAEs (whose ``decode`` is sae-lens's ``TopKSAE.decode``: ``f @ W_dec + b_dec``, with ``f`` first
     divided by the decoder rows' norms when ``rescale_acts_by_decoder_norm``, then its output hook and norm),
     only the active features' decoder rows are summed (``embedding_bag`` over the non-zero entries): k of d_sae
-    per token, instead of a dense ``[tokens, d_sae] @ [d_sae, d_in]`` product. Other SAEs decode densely.
+    per token, instead of a dense ``[tokens, d_sae] @ [d_sae, d_in]`` product; ``active`` (``f``'s non-zero
+    entries, when the caller has them) saves the pass that finds them. Other SAEs decode densely.
     """
     if not _sparse_decode(sae) or f.layout != torch.strided or f.dim() < 2:
         return sae.decode(f)
-    f2 = f.reshape(-1, f.shape[-1])
-    rows, cols = f2.nonzero(as_tuple=True)  # row-major: each token's entries are contiguous
-    offsets = torch.searchsorted(rows, torch.arange(f2.shape[0], device=f2.device))
+    rows, cols, weights = active_entries(f) if active is None else active  # each token's entries contiguous
+    offsets = torch.searchsorted(rows, torch.arange(f[..., 0].numel(), device=f.device))
     w_dec = sae.W_dec
-    weights = f2[rows, cols]
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         weights = weights * (1 / w_dec.norm(dim=-1))[cols]  # as sae-lens's act_times_W_dec scales f
     out = torch.nn.functional.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=weights)

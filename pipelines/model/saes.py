@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -94,6 +94,22 @@ def to_sae(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
 NORM_SCALED = ("constant_norm_rescale", "layer_norm")
 
 
+class Active(NamedTuple):
+    """The non-zero entries of feature activations ``f`` ``[..., d_sae]`` in ``nonzero``'s order: ``token`` is
+    the row of ``f.reshape(-1, d_sae)``, ascending, ``feature`` ascending within a token, ``value`` the entry."""
+
+    token: torch.Tensor  # [nnz] int64
+    feature: torch.Tensor  # [nnz] int64
+    value: torch.Tensor  # [nnz], f's dtype
+
+
+def active_entries(f: torch.Tensor) -> Active:
+    """The non-zero entries of a dense ``f`` ``[..., d_sae]`` (one pass over it)."""
+    f2 = f.reshape(-1, f.shape[-1])
+    token, feature = f2.nonzero(as_tuple=True)
+    return Active(token, feature, f2[token, feature])
+
+
 def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``sae.encode``, or for a plain sae-lens ``TopKSAE`` the same tensor operations inlined.
 
@@ -104,10 +120,20 @@ def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     SAE has no runtime normalisation, no reshaping and no hooks on its hook points, else ``sae.encode``. The
     weights are read when it is made: make a new one after changing them.
     """
+    enc = topk_encoder(sae)
+    if enc is None:
+        return sae.encode
+    return lambda x: enc(x)[0]
+
+
+def topk_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """For a plain sae-lens ``TopKSAE`` (see ``fast_encoder``), ``x -> (f, values, indices)``: ``f`` as
+    ``sae.encode(x)`` gives it (bitwise) and the top-k it was scattered from, ``[..., k]`` each (``values``
+    after the ReLU, indices in no particular order). None for any other SAE."""
     try:
         from sae_lens.saes.topk_sae import TopK, TopKSAE
     except ImportError:  # pragma: no cover - sae-lens layout changed
-        return sae.encode
+        return None
     act = getattr(sae, "activation_fn", None)
     plain = (
         type(sae) is TopKSAE
@@ -122,7 +148,7 @@ def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         )
     )
     if not plain:
-        return sae.encode
+        return None
     assert isinstance(act, TopK)
     with torch.no_grad():
         w_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
@@ -130,15 +156,29 @@ def fast_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
     k, dtype = int(act.k), sae.dtype
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = (x.to(dtype) - bias) @ w_enc
         h.add_(b_enc)
         if norms is not None:
             h.mul_(norms)
         values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
-        return h.zero_().scatter_(-1, idx, values.relu_())
+        values.relu_()
+        return h.zero_().scatter_(-1, idx, values), values, idx
 
     return encode
+
+
+def topk_active(values: torch.Tensor, idx: torch.Tensor, keep_rows: torch.Tensor | None = None) -> Active:
+    """``active_entries`` of the ``f`` a top-k scattered, without a pass over ``f``: ``values``, ``idx``
+    ``[..., k]`` as ``topk_encoder`` gives them; ``keep_rows`` ``[...]`` bool: rows zeroed in ``f`` after."""
+    k = idx.shape[-1]
+    idx2, perm = idx.reshape(-1, k).sort(dim=-1)
+    val2 = values.reshape(-1, k).gather(-1, perm)
+    keep = val2 != 0
+    if keep_rows is not None:
+        keep &= keep_rows.reshape(-1, 1)
+    token = torch.arange(idx2.shape[0], device=idx.device)[:, None].expand_as(idx2)
+    return Active(token[keep], idx2[keep], val2[keep])
 
 
 def sae_metadata(sae: SAE[Any]) -> dict[str, Any]:

@@ -195,3 +195,23 @@ def test_sparse_decode_of_a_decoder_norm_rescaled_topk_sae(kind):
         f = sae.encode(torch.randn(2, 7, 24) * 3)
         f[:, 0] = 0
         torch.testing.assert_close(decode(sae, f), sae.decode(f), atol=1e-5, rtol=1e-5)
+
+
+def test_the_encoders_top_k_gives_the_non_zero_entries_of_f(tiny_runtime):
+    """``encode_active``: the top-k's entries, sorted and masked as ``nonzero`` finds them in ``f`` (rows zeroed
+    at BOS and padding included); the sparse decode from them is the decode from ``f``."""
+    import torch
+
+    from featuredict.pipelines.model.saes import active_entries, topk_encoder
+
+    assert topk_encoder(tiny_runtime.sae) is not None  # the tiny SAE takes the top-k path
+    ids = torch.randint(5, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    x, f, valid, active = tiny_runtime.encode_active(ids, mask)
+    x2, f2, valid2 = tiny_runtime.encode(ids, mask)
+    assert torch.equal(f, f2) and torch.equal(valid, valid2) and torch.equal(x, x2)
+    assert not valid.all()  # some rows are zeroed after the encode
+    for got, want in zip(active, active_entries(f), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(tiny_runtime.decode(f, active), tiny_runtime.decode(f))

@@ -292,3 +292,27 @@ def test_no_interval_samples_and_bad_configs():
     for bad in ({"top_k": 0}, {"top_k": -1}, {"samples_per_band": -1}):
         with pytest.raises(ValueError):
             HarvestConfig(**bad)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_update_from_active_entries_is_the_dense_update_bit_for_bit(ties):
+    """The harvest passes the encoder's non-zero entries; counts, maxima and their first positions read from
+    them must give the state the dense passes give. ``ties``: activations on a coarse grid, so a feature's max
+    occurs at several positions of a context (the first one is the stored position)."""
+    from featuredict.pipelines.model.saes import active_entries
+
+    data = list(_data(seed=3, dups=True))
+    if ties:
+        data[0] = torch.round(data[0] * 2) / 2
+    feats, tokens, valid, ctx, x, recon = data
+    dense, sparse = HarvestState.empty(CFG, F, T, D), HarvestState.empty(CFG, F, T, D)
+    for i in range(0, N, 6):
+        j = slice(i, i + 6)
+        update(dense, feats[j], tokens[j], valid[j], ctx[j], x[j], recon[j])
+        update(sparse, feats[j], tokens[j], valid[j], ctx[j], x[j], recon[j], active_entries(feats[j]))
+    if ties:  # the grid does make ties at the max
+        assert (feats == feats.amax(1, keepdim=True)).logical_and(feats > 0).sum(1).max() > 1
+    a, b = state_dict(dense), state_dict(sparse)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
