@@ -634,7 +634,7 @@ FINAL_COLUMNS = frozenset({"stage_seconds", "build_seconds"})
 def write_sae_tables(
     path: str | Path,
     sae_row: Mapping[str, Any],
-    feats: pd.DataFrame | pa.Table,
+    feats: pd.DataFrame | pa.Table | Callable[[], pd.DataFrame | pa.Table],
     ex: pd.DataFrame | pa.Table | pa.RecordBatchReader,
     final: Callable[[], Mapping[str, Any]] | None = None,
 ) -> None:
@@ -644,7 +644,8 @@ def write_sae_tables(
     The new SAE's rows go into a temporary file without any lock; only the copy of the kept rows from the
     current file and the swap (``os.replace``) run under the file's exclusive lock, so dashboards and other
     commands keep working on the old file until then and reopen the new one on their next read. ``ex`` may be a
-    stream (made while DuckDB reads it). ``final``, called once the rows are in (before the swap), returns
+    stream (made while DuckDB reads it), and ``feats`` a callable, called once the examples are in (a build's
+    map is still laid out meanwhile). ``final``, called once the rows are in (before the swap), returns
     ``saes`` columns of ``FINAL_COLUMNS`` to set: the build's stage times with the write's own time.
     """
     path = Path(path)
@@ -659,10 +660,10 @@ def write_sae_tables(
             create_schema(con)
             for name, frame, table in (
                 ("new_saes", pd.DataFrame([dict(sae_row)]), "saes"),
-                ("new_features", feats, "features"),
                 ("new_examples", ex, "examples"),
+                ("new_features", feats, "features"),
             ):
-                con.register(name, frame)
+                con.register(name, frame() if callable(frame) else frame)
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")  # noqa: S608 - constants
                 con.unregister(name)
             with lock_for(path).exclusive():  # readers close; other builds and writers of this file wait

@@ -94,61 +94,65 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         warnings.warn(msg, stacklevel=2)
         print("\n" + "!" * 80 + "\n" + msg + "\n" + "!" * 80)
     feats, ex = feature_frames(rt, state, cfg, sae_id, stages, knn)
-    seconds = time.perf_counter() - t0
-    arch = rt.sae.cfg.architecture() if hasattr(rt.sae.cfg, "architecture") else type(rt.sae).__name__
-    config = asdict(cfg)
-    config["sae"] = json.loads(cfg.sae.to_json())
-    if ran is not None:
-        config["ray"] = ran
-    row = {
-        "sae_id": sae_id,
-        "model_spec": cfg.model,
-        "model_name": rt.backend.name,
-        "model_kwargs": json.dumps(rt.backend.kwargs),
-        "dtype": dtype,  # what the model ran in (config_json keeps what was asked for: null = the default)
-        "sae_source": cfg.sae.to_json(),
-        "hook_name": hook,
-        "hook_kind": rt.site.kind,
-        "architecture": str(arch),
-        "d_in": int(rt.sae.cfg.d_in),
-        "d_sae": rt.d_sae,
-        "context_size": cfg.context_size,
-        "prepend_bos": bool(rt.prepend_bos and rt.tokenizer.bos_token_id is not None),  # contexts start with BOS
-        "corpus": cfg.corpus_description or cfg.corpus.describe(),
-        "n_tokens": state.n_tokens,
-        "n_contexts": state.n_contexts,
-        "fve": None if np.isnan(fve) else fve,
-        "l0": state.l0(),
-        "dead_fraction": state.dead_fraction(),
-        "hist_edges": list(cfg.harvest.hist_edges()),
-        "build_seconds": seconds,  # updated with the write's time once the rows are in (``final``)
-        "stage_seconds": stages.to_json(),
-        "built_at": datetime.now(UTC).replace(tzinfo=None),
-        "tool_version": __version__,
-        "config_json": json.dumps(config, default=str),
-    }
-    t_write, rows_before = time.perf_counter(), stages.get("rows")
+    try:
+        seconds = time.perf_counter() - t0
+        arch = rt.sae.cfg.architecture() if hasattr(rt.sae.cfg, "architecture") else type(rt.sae).__name__
+        config = asdict(cfg)
+        config["sae"] = json.loads(cfg.sae.to_json())
+        if ran is not None:
+            config["ray"] = ran
+        row = {
+            "sae_id": sae_id,
+            "model_spec": cfg.model,
+            "model_name": rt.backend.name,
+            "model_kwargs": json.dumps(rt.backend.kwargs),
+            "dtype": dtype,  # what the model ran in (config_json keeps what was asked for: null = the default)
+            "sae_source": cfg.sae.to_json(),
+            "hook_name": hook,
+            "hook_kind": rt.site.kind,
+            "architecture": str(arch),
+            "d_in": int(rt.sae.cfg.d_in),
+            "d_sae": rt.d_sae,
+            "context_size": cfg.context_size,
+            "prepend_bos": bool(rt.prepend_bos and rt.tokenizer.bos_token_id is not None),  # contexts start with BOS
+            "corpus": cfg.corpus_description or cfg.corpus.describe(),
+            "n_tokens": state.n_tokens,
+            "n_contexts": state.n_contexts,
+            "fve": None if np.isnan(fve) else fve,
+            "l0": state.l0(),
+            "dead_fraction": state.dead_fraction(),
+            "hist_edges": list(cfg.harvest.hist_edges()),
+            "build_seconds": seconds,  # updated with the write's time once the rows are in (``final``)
+            "stage_seconds": stages.to_json(),
+            "built_at": datetime.now(UTC).replace(tzinfo=None),
+            "tool_version": __version__,
+            "config_json": json.dumps(config, default=str),
+        }
+        t_write, before = time.perf_counter(), stages.get("rows") + stages.get("umap")
 
-    def final() -> dict[str, Any]:  # the rows are in: the write's own time (the examples stream made meanwhile
-        # counts as ``rows``, not ``write``) and the build's total
-        stages.add("write", time.perf_counter() - t_write - (stages.get("rows") - rows_before))
-        return {"stage_seconds": stages.to_json(), "build_seconds": time.perf_counter() - t0}
+        def final() -> dict[str, Any]:  # the rows are in: the write's own time (the examples stream made meanwhile
+            # counts as ``rows`` and the wait for the map as ``umap``, not ``write``) and the build's total
+            waited = stages.get("rows") + stages.get("umap") - before
+            stages.add("write", time.perf_counter() - t_write - waited)
+            return {"stage_seconds": stages.to_json(), "build_seconds": time.perf_counter() - t0}
 
-    writes.write_sae_tables(Path(cfg.db), row, feats, ex, final=final)
-    hs = harvest_wall or seconds
-    return BuildResult(
-        db=Path(cfg.db),
-        sae_id=sae_id,
-        n_tokens=state.n_tokens,
-        n_contexts=state.n_contexts,
-        d_sae=rt.d_sae,
-        fve=fve,
-        l0=state.l0(),
-        dead_fraction=state.dead_fraction(),
-        seconds=time.perf_counter() - t0,
-        tokens_per_s=state.n_tokens / max(hs, 1e-9),
-        dtype=dtype,
-        shards=ran["shards"] if ran else 0,
-        stages=stages,
-        runtime=rt,
-    )
+        writes.write_sae_tables(Path(cfg.db), row, feats, ex, final=final)
+        hs = harvest_wall or seconds
+        return BuildResult(
+            db=Path(cfg.db),
+            sae_id=sae_id,
+            n_tokens=state.n_tokens,
+            n_contexts=state.n_contexts,
+            d_sae=rt.d_sae,
+            fve=fve,
+            l0=state.l0(),
+            dead_fraction=state.dead_fraction(),
+            seconds=time.perf_counter() - t0,
+            tokens_per_s=state.n_tokens / max(hs, 1e-9),
+            dtype=dtype,
+            shards=ran["shards"] if ran else 0,
+            stages=stages,
+            runtime=rt,
+        )
+    finally:
+        feats.close()  # a write that failed does not wait for the map

@@ -31,6 +31,7 @@ import numpy as np
 UMAP_NEIGHBOURS = 15  # umap-learn's default n_neighbors
 MIN_UMAP_FEATURES = 8  # fewer features get no map
 UMAP_EPOCHS = 200  # layout epochs (umap-learn's default for large data; see the module docstring)
+OWN_PROCESS_MIN_FEATURES = 2048  # smaller maps take well under a second: ``UmapJob`` lays them out in process
 
 
 class Knn(NamedTuple):
@@ -173,3 +174,90 @@ def umap_layout(w_dec: np.ndarray, knn: Knn | None = None, seed: int = 0) -> np.
             precomputed_knn=(idx, dist, None),
         )
         return reducer.fit_transform(w).astype(np.float32)
+
+
+def _umap_worker(folder: str) -> None:
+    """The body of ``UmapJob``'s process: ``folder/in.npz`` -> ``folder/out.npy`` (or ``folder/error.txt``)."""
+    where = Path(folder)
+    try:
+        with np.load(where / "in.npz") as d:
+            knn = Knn(d["idx"], d["cos"]) if "idx" in d else None
+            layout = umap_layout(d["w"], knn, int(d["seed"]))
+        np.save(where / "part.npy", np.zeros((0, 2), np.float32) if layout is None else layout)
+        os.replace(where / "part.npy", where / "out.npy")  # whole or not at all
+    except BaseException as e:  # noqa: BLE001 - any failure goes back to the parent, which lays out itself
+        (where / "error.txt").write_text(f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+
+
+class UmapJob:
+    """``umap_layout(w_dec, knn, seed)`` in a process of its own, started at once; ``result()`` waits for it.
+
+    umap-learn lays out single-threaded (see ``umap_layout``), and so is most of what a build does after the
+    harvest (turning the state into rows), so on two cores the two overlap. The child is a fresh interpreter
+    (``python -c``: no fork of a process that holds a model and torch's threads, and no re-import of the
+    caller's main module); it reads the inputs from a temporary folder and writes the layout there, so its
+    coordinates are ``umap_layout``'s own (tested). Where the process cannot start or fails, ``result()`` lays
+    out in this process instead, with a warning: the map never costs the build. ``own_process`` None: in a
+    process of its own from ``OWN_PROCESS_MIN_FEATURES`` features up, else here (when ``result()`` is called).
+    """
+
+    def __init__(
+        self, w_dec: np.ndarray, knn: Knn | None = None, seed: int = 0, own_process: bool | None = None
+    ) -> None:
+        import subprocess
+        import tempfile
+
+        self._args = (np.ascontiguousarray(w_dec, dtype=np.float32), knn, seed)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        n = self._args[0].shape[0]
+        if n < MIN_UMAP_FEATURES or not (n >= OWN_PROCESS_MIN_FEATURES if own_process is None else own_process):
+            return  # no map, or a small one: laid out here, by result()
+        try:
+            self._dir = tempfile.TemporaryDirectory(prefix="featuredict-umap-")
+            arrays: dict[str, np.ndarray] = {"w": self._args[0], "seed": np.array(seed)}
+            if knn is not None:
+                arrays |= {"idx": knn.idx, "cos": knn.cos}
+            np.savez(Path(self._dir.name) / "in.npz", **arrays)
+            code = (
+                "import sys; from featuredict.pipelines.harvest.layout import _umap_worker; _umap_worker(sys.argv[1])"
+            )
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code, self._dir.name],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "NUMBA_CACHE_DIR": str(numba_cache_dir())},
+            )
+        except OSError as e:  # no temporary space, no subprocesses in this sandbox
+            warnings.warn(f"UMAP runs in this process: its own could not start ({e})", stacklevel=2)
+            self.close()
+
+    def result(self) -> np.ndarray | None:
+        """The layout (None below ``MIN_UMAP_FEATURES`` features); blocks until the child has written it."""
+        if self._args[0].shape[0] < MIN_UMAP_FEATURES:
+            return None
+        if self._proc is not None and self._dir is not None:
+            where = Path(self._dir.name)
+            try:
+                code = self._proc.wait()
+                if code == 0 and (where / "out.npy").exists():
+                    return np.load(where / "out.npy")
+                err = where / "error.txt"
+                why = err.read_text() if err.exists() else f"exit status {code}"
+            finally:
+                self.close()
+            warnings.warn(f"UMAP in its own process failed ({why}); laying out in this process", stacklevel=2)
+        return umap_layout(*self._args)
+
+    def close(self) -> None:
+        """Stop the child if it still runs (a build that failed does not wait for its map); safe to call twice."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

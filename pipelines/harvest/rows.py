@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from featuredict.pipelines.harvest.config import BuildConfig
-from featuredict.pipelines.harvest.layout import Knn, umap_layout
+from featuredict.pipelines.harvest.layout import Knn, UmapJob
 from featuredict.pipelines.harvest.stages import StageTimes, timed
 from featuredict.pipelines.harvest.state import PAD_SLOT, HarvestState, choose_bands
 from featuredict.pipelines.harvest.weights import decoder_knn, logit_effects, unembedding
@@ -254,6 +254,32 @@ def feature_table(
 # ---- the tables of one build: features as Arrow, examples streamed ------------------------------------
 
 
+class FeatureRows:
+    """The ``features`` table of one build, finished when called: where the UMAP layout still runs in its own
+    process (``UmapJob``), the call waits for it (the wait counts as the ``umap`` stage) and fills in
+    ``umap_x`` / ``umap_y``. ``write_sae_tables`` calls it after it has written the examples, so the layout and
+    the examples are made at the same time. ``close()`` stops a layout no longer wanted."""
+
+    def __init__(self, table: pa.Table, job: UmapJob | None = None, stages: StageTimes | None = None) -> None:
+        self.table, self.job, self.stages = table, job, stages
+
+    def __call__(self) -> pa.Table:
+        if self.job is not None:
+            with timed(self.stages, "umap"):
+                layout = self.job.result()
+            self.job = None
+            if layout is not None:
+                for name, col in (("umap_x", layout[:, 0]), ("umap_y", layout[:, 1])):
+                    at = self.table.schema.get_field_index(name)
+                    self.table = self.table.set_column(at, name, pa.array(col.astype(np.float32)))
+        return self.table
+
+    def close(self) -> None:
+        if self.job is not None:
+            self.job.close()
+            self.job = None
+
+
 def feature_frames(
     rt: Runtime,
     state: HarvestState,
@@ -262,31 +288,40 @@ def feature_frames(
     stages: StageTimes | None = None,
     knn: Knn | None = None,
     layout: np.ndarray | None = None,
-) -> tuple[pa.Table, pa.RecordBatchReader]:
+) -> tuple[FeatureRows, pa.RecordBatchReader]:
     """The ``features`` rows and a stream of the ``examples`` rows of one SAE (``pipelines.rows``; the stream is
     read once, by the write). ``knn`` (``decoder_knn``) and ``layout`` (the UMAP positions) are computed here when
-    not given; ``stages`` gets the time of each step."""
+    not given: the layout in a process of its own, started first (``FeatureRows``); ``stages`` gets the time of
+    each step. Call ``close()`` on the features when the write does not happen."""
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
-    say(f"logit effects and decoder-cosine neighbours of {F:,} features...", flush=True)
-    with timed(stages, "logit_effects"):
-        w_u, centre = unembedding(rt)
-        w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
-        pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
     if knn is None:
         with timed(stages, "neighbours"):
             knn = decoder_knn(rt, cfg)
-    nc, nidx = knn.neighbours(cfg.n_neighbours)
+    say(f"logit effects of {F:,} features...", flush=True)
+    with timed(stages, "logit_effects"):  # both cores: before the layout starts
+        w_u, centre = unembedding(rt)
+        w_dir = w_dec - w_dec.mean(dim=1, keepdim=True) if centre else w_dec  # LayerNorm centres the residual
+        pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
+    job = None
     if cfg.umap and layout is None:
-        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours...", flush=True)
+        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours (in its own process)...")
         with timed(stages, "umap"):
-            layout = umap_layout(w_dec.numpy(), knn)
+            job = UmapJob(w_dec.numpy(), knn)
     if not cfg.umap:
         layout = None
-    say("writing examples and features...", flush=True)
-    with timed(stages, "rows"):
-        return _frames(rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), (nc, nidx), layout, stages)
+    try:
+        say("writing examples and features...", flush=True)
+        with timed(stages, "rows"):
+            feats, ex = _frames(
+                rt, state, cfg, sae_id, w_dec, (pv, pi, nv, ni), knn.neighbours(cfg.n_neighbours), layout, stages
+            )
+    except BaseException:
+        if job is not None:
+            job.close()
+        raise
+    return FeatureRows(feats, job, stages), ex
 
 
 def _frames(

@@ -145,7 +145,48 @@ def test_the_map_is_deterministic_and_laid_out_on_the_neighbours_the_pages_show(
     assert [list(n) for n in stored.neighbours] == knn.idx[:, 1:11].tolist()
     a = umap_layout(w, knn)
     np.testing.assert_array_equal(a, umap_layout(w))  # the kNN made inside is the same graph
-    np.testing.assert_allclose(a, stored[["umap_x", "umap_y"]].to_numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(a, stored[["umap_x", "umap_y"]].to_numpy())
+
+
+def test_a_map_laid_out_in_its_own_process_is_this_processs_bit_for_bit(tiny_runtime):
+    """Builds of 2,048 features or more lay the map out in a process of their own (``UmapJob``), beside the
+    writing of the examples: the coordinates they store must be the ones ``umap_layout`` gives here."""
+    from featuredict.pipelines.harvest.layout import UmapJob
+
+    w = tiny_runtime.sae.W_dec.detach().float().numpy()
+    knn = cosine_knn(w, 14)
+    job = UmapJob(w, knn, own_process=True)
+    assert job._proc is not None  # it did start a process
+    np.testing.assert_array_equal(job.result(), umap_layout(w, knn))
+    assert job._proc is None and job._dir is None  # the process is gone and its folder removed
+
+
+def test_a_map_whose_own_process_fails_is_laid_out_here(tiny_runtime, monkeypatch, tmp_path):
+    """``UmapJob`` falls back to this process, with a warning, when its child fails or cannot start; and
+    ``close()`` stops a child still running."""
+    from featuredict.pipelines.harvest import layout
+
+    w = tiny_runtime.sae.W_dec.detach().float().numpy()
+    want = umap_layout(w)
+    monkeypatch.setattr(layout.sys, "executable", shutil.which("false") or "/bin/false")  # the child exits 1
+    job = layout.UmapJob(w, own_process=True)
+    with pytest.warns(UserWarning, match="failed"):
+        np.testing.assert_array_equal(job.result(), want)
+    monkeypatch.setattr(layout.sys, "executable", "/no/such/python")
+    with pytest.warns(UserWarning, match="could not start"):
+        job = layout.UmapJob(w, own_process=True)
+    np.testing.assert_array_equal(job.result(), want)
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(layout.sys, "executable", str(slow))  # a child that would run a minute
+    job = layout.UmapJob(w, own_process=True)
+    proc = job._proc
+    assert proc is not None and proc.poll() is None
+    job.close()  # a failed build does not wait for its map
+    assert proc.poll() is not None
+    job.close()  # twice is fine
+    assert layout.UmapJob(w[:3], own_process=True).result() is None  # too few features for a map: nothing starts
 
 
 @pytest.mark.slow
