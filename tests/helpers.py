@@ -430,8 +430,14 @@ def wait_until_idle(page, timeout_ms: int = 60_000) -> None:
     """Wait until the app has finished its current run (Streamlit's "Running..." status is gone). A click
     that lands while a rerun is still going can make Streamlit's frontend send every number_input back at its
     default (streamlit/streamlit#9056): the test waits, as a user sees the status and waits."""
-    page.wait_for_timeout(200)  # the rerun the last input started has begun
-    page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=timeout_ms)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    status = page.locator("[data-testid='stStatusWidget']")
+    try:  # the rerun the last input started has begun (on a loaded machine that can take a while)
+        status.wait_for(state="attached", timeout=3_000)
+    except PlaywrightTimeout:  # the run was over before we looked
+        pass
+    status.wait_for(state="detached", timeout=timeout_ms)
 
 
 # ---- steering: SAE variants and the tiny steering database --------------------------------------------

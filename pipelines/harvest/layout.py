@@ -216,10 +216,11 @@ class UmapJob:
             return  # no map, or a small one: laid out here, by result()
         try:
             self._dir = tempfile.TemporaryDirectory(prefix="featuredict-umap-")
-            arrays: dict[str, np.ndarray] = {"w": self._args[0], "seed": np.array(seed)}
-            if knn is not None:
-                arrays |= {"idx": knn.idx, "cos": knn.cos}
-            np.savez(Path(self._dir.name) / "in.npz", **arrays)
+            into = Path(self._dir.name) / "in.npz"
+            if knn is None:
+                np.savez(into, w=self._args[0], seed=np.array(seed))
+            else:
+                np.savez(into, w=self._args[0], seed=np.array(seed), idx=knn.idx, cos=knn.cos)
             code = (
                 "import sys; from featuredict.pipelines.harvest.layout import _umap_worker; _umap_worker(sys.argv[1])"
             )

@@ -291,8 +291,9 @@ def feature_frames(
 ) -> tuple[FeatureRows, pa.RecordBatchReader]:
     """The ``features`` rows and a stream of the ``examples`` rows of one SAE (``pipelines.rows``; the stream is
     read once, by the write). ``knn`` (``decoder_knn``) and ``layout`` (the UMAP positions) are computed here when
-    not given: the layout in a process of its own, started first (``FeatureRows``); ``stages`` gets the time of
-    each step. Call ``close()`` on the features when the write does not happen."""
+    not given: the layout by a ``UmapJob`` (for large maps a process of its own) started once the logit effects
+    are done, collected by the features (``FeatureRows``); ``stages`` gets the time of each step. Call
+    ``close()`` on the features when the write does not happen."""
     w_dec = rt.sae.W_dec.detach().float().cpu()
     F = w_dec.shape[0]
     say = print if cfg.progress else (lambda *a, **k: None)
@@ -306,7 +307,7 @@ def feature_frames(
         pv, pi, nv, ni = logit_effects(w_dir, w_u.cpu(), cfg.n_logits)
     job = None
     if cfg.umap and layout is None:
-        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours (in its own process)...")
+        say(f"UMAP layout of {F:,} decoder vectors on their exact cosine neighbours...", flush=True)
         with timed(stages, "umap"):
             job = UmapJob(w_dec.numpy(), knn)
     if not cfg.umap:
