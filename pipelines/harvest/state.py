@@ -329,8 +329,9 @@ def update(
     else:
         token, f_idx, vals = (a.cpu() for a in active)
         vals = vals.float()
-        if not bool((vals > 0).all()):  # as the dense path: firing means positive
-            token, f_idx, vals = token[vals > 0], f_idx[vals > 0], vals[vals > 0]
+        firing = vals > 0  # as the dense path: firing means positive
+        if not bool(firing.all()):
+            token, f_idx, vals = token[firing], f_idx[firing], vals[firing]
         b_idx, t_idx = token // T, token % T
     state.fire_count += torch.bincount(f_idx, minlength=F)
     state.act_sum += torch.bincount(f_idx, weights=vals.double(), minlength=F)
