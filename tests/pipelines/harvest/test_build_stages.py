@@ -256,3 +256,62 @@ def test_the_encoders_top_k_gives_the_non_zero_entries_of_f(tiny_runtime):
     for got, want in zip(active, active_entries(f), strict=True):
         assert torch.equal(got, want)
     assert torch.equal(tiny_runtime.decode(f, active), tiny_runtime.decode(f))
+
+
+def test_a_layout_never_runs_the_nn_descent_kernels_declared_without_their_signatures(tmp_path):
+    """``import_umap`` drops pynndescent's explicit signatures, so its kernels compile when first called instead
+    of at import. That cannot change a map only while no layout calls them: in a fresh interpreter, after a
+    layout, no pynndescent kernel has a compiled signature, while umap-learn's own kernels keep theirs."""
+    code = """
+import json, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from featuredict.pipelines.harvest.layout import DEFERRED, cosine_knn, umap_layout
+w = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+assert umap_layout(w, cosine_knn(w, 14)).shape == (40, 2)
+seen = {}
+for name, mod in list(sys.modules.items()):
+    if name.startswith(("pynndescent", "umap")):
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == name:
+                seen[f"{name}.{obj.py_func.__qualname__}"] = len(obj.signatures)
+print(json.dumps({"seen": seen, "deferred": sorted(DEFERRED)}))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, capture_output=True, text=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    seen, deferred = got["seen"], got["deferred"]
+    assert len(deferred) >= 30 and set(deferred) <= set(seen)  # rp_trees, distances, utils, ... were declared lazily
+    assert not {k: seen[k] for k in deferred if seen[k]}, "a layout called a kernel that lost its signature"
+    assert any(v for k, v in seen.items() if k.startswith("umap"))  # umap-learn's eager kernels kept their signatures
+
+
+def test_umap_warm_up_runs_in_the_background_once_per_cache(tmp_path, monkeypatch, tiny_runtime):
+    """``warm_umap`` compiles the map's kernels into an empty numba cache in a process at the lowest priority,
+    leaves a marker, and does not start again for that cache (nor while one runs); ``UmapJob`` stops a running
+    one; any layout leaves the marker too."""
+    from featuredict.pipelines.harvest import layout
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    assert layout.warm_umap()
+    proc = layout._WARMING[0]
+    assert not layout.warm_umap()  # one at a time
+    lowered = False
+    while proc.poll() is None and not lowered:
+        try:
+            lowered = os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+        except OSError:  # it just ended
+            break
+    assert lowered  # an empty cache takes it seconds: long enough to see it at nice 19
+    assert proc.wait(timeout=600) == 0
+    assert layout._warm_marker().exists()
+    assert any((tmp_path / "numba").rglob("*.nbi"))  # compiled kernels on disk
+    assert not layout.warm_umap()  # this cache is warm: nothing starts
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba2"))
+    assert layout.warm_umap()
+    running = layout._WARMING[0]
+    w = tiny_runtime.sae.W_dec.detach().float().numpy()
+    layout.UmapJob(w).result()  # the map is due: the warm-up stops, and this layout leaves the marker
+    assert running.poll() is not None and not layout._WARMING
+    assert layout._warm_marker().exists()
+    assert not layout.warm_umap()
