@@ -100,6 +100,7 @@ def numba_cache_dir() -> Path:
 
 
 DEFERRED: set[str] = set()  # the pynndescent kernels ``import_umap`` declared without their signatures
+_CACHED_IN: list[Path] = []  # the cache folder ``import_umap`` gave numba (empty: compiled in memory)
 
 
 def import_umap() -> Any:
@@ -126,6 +127,7 @@ def import_umap() -> Any:
         numba.core.config.CACHE_DIR = str(where)  # type: ignore[attr-defined]  # set at import from the env
         os.environ.setdefault("NUMBA_CACHE_DIR", str(where))  # a spawned UMAP process uses the same cache
         caching = True
+        _CACHED_IN[:] = [where]
     except OSError:  # no writable cache: compile in memory, as umap-learn does by itself
         caching = False
     originals = (numba.njit, numba.jit)
@@ -194,10 +196,13 @@ def umap_layout(w_dec: np.ndarray, knn: Knn | None = None, seed: int = 0) -> np.
 
 
 def _mark_warm() -> None:
-    """A layout ran with this cache: its kernels are compiled there (``warm_umap`` need not run again)."""
+    """A layout ran: its kernels are compiled into the cache ``import_umap`` gave numba (``warm_umap`` need not
+    run for that cache again)."""
+    if not _CACHED_IN:  # umap was imported elsewhere, or compiled in memory
+        return
     try:
-        _warm_marker().write_text("umap-learn kernels compiled into this folder's numba cache\n")
-    except OSError:  # no writable cache (``import_umap`` compiled in memory)
+        _warm_marker(_CACHED_IN[0]).write_text("umap-learn kernels compiled into this folder's numba cache\n")
+    except OSError:
         pass
 
 
@@ -218,16 +223,16 @@ def _umap_worker(folder: str) -> None:
 WARM_SAMPLE = 64  # points of the warm-up layout: enough to run every kernel a real layout runs
 
 
-def _warm_marker() -> Path:
-    """The file a finished warm-up leaves in ``numba_cache_dir()``, named by the umap-learn and numba versions (an
-    upgrade compiles again)."""
+def _warm_marker(cache: Path | None = None) -> Path:
+    """The file a finished warm-up leaves in numba's cache folder (``numba_cache_dir()`` when not given), named
+    by the umap-learn and numba versions (an upgrade compiles again)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         tag = f"umap-{version('umap-learn')}-numba-{version('numba')}"
     except PackageNotFoundError:  # pragma: no cover - umap-learn is a core dependency
         tag = "unknown"
-    return numba_cache_dir() / f"warm-{tag}"
+    return (cache or numba_cache_dir()) / f"warm-{tag}"
 
 
 def _warm_worker() -> None:

@@ -289,7 +289,7 @@ print(json.dumps({"seen": seen, "deferred": sorted(DEFERRED)}))
 def test_umap_warm_up_runs_in_the_background_once_per_cache(tmp_path, monkeypatch, tiny_runtime):
     """``warm_umap`` compiles the map's kernels into an empty numba cache in a process at the lowest priority,
     leaves a marker, and does not start again for that cache (nor while one runs); ``UmapJob`` stops a running
-    one; any layout leaves the marker too."""
+    one."""
     from featuredict.pipelines.harvest import layout
 
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
@@ -311,7 +311,5 @@ def test_umap_warm_up_runs_in_the_background_once_per_cache(tmp_path, monkeypatc
     assert layout.warm_umap()
     running = layout._WARMING[0]
     w = tiny_runtime.sae.W_dec.detach().float().numpy()
-    layout.UmapJob(w).result()  # the map is due: the warm-up stops, and this layout leaves the marker
+    layout.UmapJob(w).result()  # the map is due: the warm-up stops
     assert running.poll() is not None and not layout._WARMING
-    assert layout._warm_marker().exists()
-    assert not layout.warm_umap()
