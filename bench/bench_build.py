@@ -11,7 +11,9 @@ figure (target: at most 1.25). The CPU time (user + system) of each side is repo
 jobs keep busy it is steadier than the wall time (``--threads 1`` steadies it further: no threads spinning
 while others wait for a core). The limit side tokenises and batches the corpus exactly as the build does
 (``pipelines.corpus``) and stops at the same token budget. The build side is the real ``featuredict build``
-command; its stage line (``stages: ...``) is printed too.
+command; its stage line (``stages: ...``) is printed too. ``--dictionary-only`` leaves out what the command
+runs after the dictionary is written (the quality eval through the splice and the words: explanations and the
+meaning index), which came after the target was set.
 
 ``--random-sae D_SAE`` writes a random TopK SAE (k 32) of that width at ``--hook`` (W_enc = W_dec^T, so every
 token has k active features) for scale checks; ``--time-v`` runs the build under ``/usr/bin/time -v`` for its
@@ -96,6 +98,12 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--work", default="/tmp/featuredict-bench-build", help="folder for databases and random SAEs")
     p.add_argument("--no-umap", action="store_true")
+    p.add_argument(
+        "--dictionary-only",
+        action="store_true",
+        help="the build without the quality eval and the words it runs after the dictionary (--eval-contexts 0 "
+        "--no-words): the stages the target was set for",
+    )
     p.add_argument("--time-v", action="store_true", help="run the build under /usr/bin/time -v (peak RSS)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of both sides (OMP_NUM_THREADS)")
     p.add_argument("--limit-child", action="store_true", help=argparse.SUPPRESS)
@@ -123,6 +131,7 @@ def main() -> None:
     db = work / "bench.duckdb"
     build_cmd = [featuredict, "build", *common, "--db", str(db), "--max-tokens", str(args.tokens), *dev]
     build_cmd += ["--no-umap"] if args.no_umap else []
+    build_cmd += ["--eval-contexts", "0", "--no-words"] if args.dictionary_only else []
     if args.time_v:
         build_cmd = ["/usr/bin/time", "-v", *build_cmd]
     limits, builds, limit_cpu, build_cpu, stage_lines, rss = [], [], [], [], [], []

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from featuredict.pipelines.attribution.splice import Slot, spliced
+from featuredict.pipelines.attribution.splice import Slot, splice_fn, spliced
 from featuredict.pipelines.harvest.corpus import CorpusSpec, iter_contexts, iter_documents
 from featuredict.pipelines.model.backends import ModelBackend
 from featuredict.pipelines.model.runtime import Runtime, cached_runtime_from_row
@@ -60,8 +60,10 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tens
 
 
 @torch.no_grad()
-def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) -> SaeEval:
-    """The figures of the module docstring over ``batches`` of token ids."""
+def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor], resume: bool = True) -> SaeEval:
+    """The figures of the module docstring over ``batches`` of token ids. Where the backend can continue a pass
+    from the slot's hook (``ModelBackend.forward_edited``; ``resume``), the model runs up to the hook once per
+    batch instead of three times: the same figures, bit for bit (tested)."""
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = 0.0
     n_pred = 0
@@ -72,11 +74,17 @@ def evaluate(loaded: ModelBackend, slot: Slot, batches: Iterable[torch.Tensor]) 
     l0 = 0.0
     for ids in batches:
         ids = ids.to(loaded.device)
-        clean = loaded.forward(ids)
-        with spliced([slot], ids, keep_error=False) as seen:
-            sae_logits = loaded.forward(ids)
-        with spliced([slot], ids, zero=True):
-            zero_logits = loaded.forward(ids)
+        seen: dict[str, dict[str, torch.Tensor]] = {}
+        edits = [splice_fn(slot, ids, seen, keep_error=False), splice_fn(slot, ids, {}, zero=True)]
+        passes = loaded.forward_edited(ids, slot.hook, edits) if resume else None
+        if passes is not None:  # the model up to the hook once: bit for bit the three passes below
+            clean, sae_logits, zero_logits = passes
+        else:
+            clean = loaded.forward(ids)
+            with spliced([slot], ids, keep_error=False) as seen:
+                sae_logits = loaded.forward(ids)
+            with spliced([slot], ids, zero=True):
+                zero_logits = loaded.forward(ids)
         lp_c, lp_s = next_token_log_probs(clean), next_token_log_probs(sae_logits)  # each made once: [B, T-1, vocab]
         ce["clean"] += float(next_token_ce(clean, ids, lp_c).sum())
         ce["sae"] += float(next_token_ce(sae_logits, ids, lp_s).sum())

@@ -109,27 +109,37 @@ def spliced(
     ``ids`` are the input ids of the passes (for the valid mask); every pass must use them.
     """
     seen: dict[str, dict[str, torch.Tensor]] = {}
-
-    def make(slot: Slot):
-        def fn(act: torch.Tensor) -> torch.Tensor:
-            xs = to_sae(slot.sae, act)
-            valid = slot.valid(ids.expand(act.shape[0], -1), xs)
-            with torch.no_grad():
-                f, recon, err = slot.parts(xs, valid)
-            seen[slot.name] = {"x": xs.detach(), "f": f, "error": err, "valid": valid}
-            if zero:
-                new = torch.zeros_like(xs)
-            else:
-                new = recon + baseline(slot.sae, xs) + (err if keep_error else 0.0)
-            out = torch.where(valid.unsqueeze(-1), new, xs)
-            return out.to(act.dtype)
-
-        return fn
-
     with ExitStack() as stack:
         for slot in slots:
-            stack.enter_context(slot.site.intervene(make(slot)))
+            stack.enter_context(slot.site.intervene(splice_fn(slot, ids, seen, keep_error=keep_error, zero=zero)))
         yield seen
+
+
+def splice_fn(
+    slot: Slot,
+    ids: torch.Tensor,
+    seen: dict[str, dict[str, torch.Tensor]],
+    *,
+    keep_error: bool = True,
+    zero: bool = False,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What ``spliced`` puts in place of ``slot``'s activation (see there), as a function of the activation; it
+    records the pass's ``x``, ``f``, ``error`` and ``valid`` under ``seen[slot.name]``."""
+
+    def fn(act: torch.Tensor) -> torch.Tensor:
+        xs = to_sae(slot.sae, act)
+        valid = slot.valid(ids.expand(act.shape[0], -1), xs)
+        with torch.no_grad():
+            f, recon, err = slot.parts(xs, valid)
+        seen[slot.name] = {"x": xs.detach(), "f": f, "error": err, "valid": valid}
+        if zero:
+            new = torch.zeros_like(xs)
+        else:
+            new = recon + baseline(slot.sae, xs) + (err if keep_error else 0.0)
+        out = torch.where(valid.unsqueeze(-1), new, xs)
+        return out.to(act.dtype)
+
+    return fn
 
 
 def slots_in_order(loaded: ModelBackend, slots: Sequence[Slot]) -> list[Slot]:

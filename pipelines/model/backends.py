@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -103,6 +103,15 @@ class ModelBackend(ABC):
         """
         ids = torch.cat([prefix.expand(rest.shape[0], -1), rest], dim=1)
         return self.forward(ids)[:, prefix.shape[1] - 1 :]
+
+    def forward_edited(
+        self, input_ids: torch.Tensor, hook_name: str, edits: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    ) -> list[torch.Tensor] | None:
+        """``[plain logits, logits with edits[0], ...]``: each edit maps the activation at ``hook_name`` to what
+        continues in its place, with the model run up to the hook once, not once per edit. The logits are the
+        ones full passes with the edit in a hook give, bit for bit. None where this backend cannot continue a
+        pass from that hook (the caller then runs full passes); this default always says None."""
+        return None
 
     # ---- weights and facts ------------------------------------------------------------------------------
     @abstractmethod
@@ -237,6 +246,72 @@ class HFBackend(ModelBackend):
         cache.batch_repeat_interleave(int(rest.shape[0]))
         out = self.model(input_ids=rest, use_cache=True, **{self._cache_kwarg(): cache})
         return torch.cat([first.view(1, 1, -1).expand(rest.shape[0], 1, -1), out.logits], dim=1)
+
+    # model types whose causal-LM forward is: blocks in order, the final norm, the unembedding, nothing after it
+    # (no logit soft-capping or scaling), so the blocks after a hook can be run again on an edited activation
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"llama"})
+
+    def forward_edited(
+        self, input_ids: torch.Tensor, hook_name: str, edits: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    ) -> list[torch.Tensor] | None:
+        """For a hook on a whole block (``model.layers.N``) of a model type in ``RESUMABLE``: the plain pass runs
+        with each later block's inputs recorded (the attention mask, the rotary embeddings: everything except
+        the hidden state), then each edit runs only the blocks after the hook, the final norm and the
+        unembedding, with those inputs. Same modules, same inputs: the same logits as a full pass, bit for bit
+        (tested)."""
+        where = self._block_of(hook_name)
+        norm, head = self.final_norm(), self.model.get_output_embeddings()
+        if where is None or norm is None or head is None:
+            return None
+        blocks, i = where
+        after = list(blocks)[i + 1 :]
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * len(after)
+        got: dict[str, Any] = {}
+
+        def record(j: int) -> Callable[..., None]:
+            def fn(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                calls[j] = (args, kwargs)
+
+            return fn
+
+        def keep(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            got["act"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [b.register_forward_pre_hook(record(j), with_kwargs=True) for j, b in enumerate(after)]
+        handles.append(blocks[i].register_forward_hook(keep))
+        try:
+            plain = self.forward(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        if "act" not in got or any(c is None for c in calls) or not isinstance(got["act"], torch.Tensor):
+            return None
+
+        def rest(act: torch.Tensor) -> torch.Tensor:
+            h = act
+            for block, call in zip(after, calls, strict=True):
+                assert call is not None
+                args, kwargs = call
+                out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
+                h = out[0] if isinstance(out, tuple) else out
+            return head(norm(h))
+
+        return [plain, *(rest(edit(got["act"])) for edit in edits)]
+
+    def _block_of(self, hook_name: str) -> tuple[torch.nn.ModuleList, int] | None:
+        """``(the model's blocks, index)`` when ``hook_name`` is a whole block of a ``RESUMABLE`` model type."""
+        if getattr(self.model.config, "model_type", None) not in self.RESUMABLE:
+            return None
+        parent, _, index = hook_name.rpartition(".")
+        try:
+            blocks = self.model.get_submodule(parent)
+        except AttributeError:
+            return None
+        if not isinstance(blocks, torch.nn.ModuleList) or not index.isdigit() or int(index) >= len(blocks):
+            return None
+        if parent != "model.layers":  # the blocks the model's own forward loops over
+            return None
+        return blocks, int(index)
 
     def unembedding_matrix(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.detach().float().T

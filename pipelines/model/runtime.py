@@ -31,7 +31,7 @@ from featuredict.pipelines.model.saes import (
     sae_metadata,
     to_sae,
     topk_active,
-    topk_encoder,
+    topk_selector,
 )
 
 if TYPE_CHECKING:
@@ -216,17 +216,26 @@ class Runtime:
         with timed(stages, "forward"):
             x = self.hook_acts(input_ids, attention_mask)
         with timed(stages, "encode"):
-            topk = topk_encoder(self.sae) if with_active else None
-            if topk is not None:
-                f, values, idx = topk(x)
-            else:
-                f = fast_encoder(self.sae)(x)
-            valid = self.valid_mask(input_ids, attention_mask, x).to(f.device)
-            f.mul_(valid.unsqueeze(-1))  # in place: no second [batch, pos, d_sae] tensor
+            valid = self.valid_mask(input_ids, attention_mask, x).to(x.device)
+            rows = valid.reshape(-1)
+            xv = x.reshape(-1, x.shape[-1])[rows]  # only the positions that count are encoded (not BOS or padding)
+            n, select = rows.shape[0], topk_selector(self.sae)
             active = None
-            if with_active:
-                active = topk_active(values, idx, valid) if topk is not None else active_entries(f)
-        return x, f, valid, active
+            if select is not None:  # the top-k of each encoded row, scattered once into a zeroed f
+                v, i, _ = select(xv)
+                values = v.new_zeros((n, v.shape[-1]))
+                idx = torch.zeros((n, i.shape[-1]), dtype=i.dtype, device=i.device)
+                values[rows], idx[rows] = v, i
+                f = torch.zeros((n, self.d_sae), dtype=v.dtype, device=v.device).scatter_(1, idx, values)
+                if with_active:
+                    active = topk_active(values, idx, rows)
+            else:
+                fv = fast_encoder(self.sae)(xv)
+                f = fv.new_zeros((n, fv.shape[-1]))
+                f[rows] = fv
+                if with_active:
+                    active = active_entries(f)
+        return x, f.view(*valid.shape, f.shape[-1]), valid, active
 
     def decode(self, f: torch.Tensor, active: Active | None = None) -> torch.Tensor:
         """The SAE's reconstruction of feature activations ``f`` ``[..., d_sae]``: ``decode(self.sae, f, active)``."""

@@ -130,6 +130,21 @@ def topk_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, 
     """For a plain sae-lens ``TopKSAE`` (see ``fast_encoder``), ``x -> (f, values, indices)``: ``f`` as
     ``sae.encode(x)`` gives it (bitwise) and the top-k it was scattered from, ``[..., k]`` each (``values``
     after the ReLU, indices in no particular order). None for any other SAE."""
+    select = topk_selector(sae)
+    if select is None:
+        return None
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        values, idx, h = select(x)
+        return h.zero_().scatter_(-1, idx, values), values, idx
+
+    return encode
+
+
+def topk_selector(sae: SAE[Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """``topk_encoder`` without the scatter: ``x -> (values, indices, h)``, the top-k of the pre-activations
+    ``h`` ``[..., d_sae]`` (which the caller may overwrite: ``topk_encoder`` scatters into it). None for any
+    SAE but a plain sae-lens ``TopKSAE``."""
     try:
         from sae_lens.saes.topk_sae import TopK, TopKSAE
     except ImportError:  # pragma: no cover - sae-lens layout changed
@@ -156,16 +171,15 @@ def topk_encoder(sae: SAE[Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, 
         norms = sae.W_dec.detach().norm(dim=-1) if sae.cfg.rescale_acts_by_decoder_norm else None
     k, dtype = int(act.k), sae.dtype
 
-    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = (x.to(dtype) - bias) @ w_enc
         h.add_(b_enc)
         if norms is not None:
             h.mul_(norms)
         values, idx = torch.topk(h, k=k, dim=-1, sorted=False)
-        values.relu_()
-        return h.zero_().scatter_(-1, idx, values), values, idx
+        return values.relu_(), idx, h
 
-    return encode
+    return select
 
 
 def topk_active(values: torch.Tensor, idx: torch.Tensor, keep_rows: torch.Tensor | None = None) -> Active:

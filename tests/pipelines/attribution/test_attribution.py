@@ -28,7 +28,7 @@ from featuredict.pipelines.attribution.graph import (
 )
 from featuredict.pipelines.attribution.load import load_graph, save_graph
 from featuredict.pipelines.attribution.quality import evaluate, next_token_ce
-from featuredict.pipelines.attribution.splice import Slot, slots_in_order, spliced
+from featuredict.pipelines.attribution.splice import Slot, slots_in_order, splice_fn, spliced
 from featuredict.pipelines.model.hooks import HookSite
 from featuredict.pipelines.model.loading import load_model
 from featuredict.pipelines.model.saes import SaeSource, load_sae
@@ -153,6 +153,30 @@ def test_mid_layer_full_gradient_matches_finite_differences(loaded, sae_dirs) ->
         assert checked == 6 and float(nodes.attribution.abs().max()) > 1e-3
     finally:
         model64.to(torch.float32)
+
+
+@pytest.mark.parametrize("hook", ["model.layers.0", "model.layers.1"])
+def test_the_eval_run_up_to_the_hook_once_is_the_three_full_passes_bit_for_bit(loaded, sae_dirs, hook) -> None:
+    """``evaluate`` runs the model up to the SAE's hook once per batch and only the blocks after it for the SAE
+    and zero-ablated passes (``forward_edited``): every figure must equal the three full passes' exactly, and
+    the continued logits the full passes' logits."""
+    slot = _slot(loaded, sae_dirs, hook)
+    tok = loaded.tokenizer
+    ids = torch.stack([prompt_from_text(tok, s).ids[0, :12] for s in (PROMPT, "The stock market fell sharply today")])
+    seen: dict = {}
+    edits = [splice_fn(slot, ids, seen, keep_error=False), splice_fn(slot, ids, {}, zero=True)]
+    with torch.no_grad():
+        passes = loaded.forward_edited(ids, slot.hook, edits)
+        assert passes is not None  # a Llama model hooked on a whole block: the pass continues after the hook
+        plain, sae_logits, zero_logits = passes
+        assert torch.equal(plain, loaded.forward(ids))
+        with spliced([slot], ids, keep_error=False):
+            assert torch.equal(sae_logits, loaded.forward(ids))
+        with spliced([slot], ids, zero=True):
+            assert torch.equal(zero_logits, loaded.forward(ids))
+    assert not torch.equal(sae_logits, plain) and not torch.equal(zero_logits, sae_logits)
+    assert evaluate(loaded, slot, [ids, ids[:1]]) == evaluate(loaded, slot, [ids, ids[:1]], resume=False)
+    assert loaded.forward_edited(ids, "model.layers.0.mlp", edits) is None  # inside a block: full passes
 
 
 def test_delta_lm_loss_equals_direct_computation(loaded, sae_dirs) -> None:
