@@ -37,12 +37,27 @@ def _contexts(rt, corpus: str, tokens: int, context_size: int, batch_size: int):
     return batches, n
 
 
+def _config(args, **kw):
+    """The build's config for these arguments (no progress bar)."""
+    from featuredict.pipelines.harvest.config import BuildConfig
+    from featuredict.pipelines.harvest.corpus import CorpusSpec
+    from featuredict.pipelines.model.saes import SaeSource
+
+    return BuildConfig(
+        model=args.model,
+        sae=SaeSource.parse(args.sae),
+        corpus=CorpusSpec(args.corpus),
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        progress=False,
+        **kw,
+    )
+
+
 def throughput(args) -> dict:
     """The bare forward pass to the hook and the build's own harvest loop (``loop.harvest_batches``: forward,
     the SAE's top-k encode, the sparse decode and the state update from the active entries), over the same
     batches, in turn, ``repeats`` times each; the best of each."""
-    from featuredict.pipelines.harvest.config import BuildConfig
-    from featuredict.pipelines.harvest.corpus import CorpusSpec
     from featuredict.pipelines.harvest.loop import harvest_batches
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
@@ -50,14 +65,7 @@ def throughput(args) -> dict:
     torch.set_num_threads(args.threads)
     rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
     batches, n = _contexts(rt, args.corpus, args.tokens, args.context_size, args.batch_size)
-    cfg = BuildConfig(
-        model=args.model,
-        sae=SaeSource.parse(args.sae),
-        corpus=CorpusSpec(args.corpus),
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        progress=False,
-    )
+    cfg = _config(args)
     with torch.no_grad():
         rt.hook_acts(*batches[0])  # warm-up
     best_fwd = best_h = float("inf")
@@ -80,23 +88,13 @@ def throughput(args) -> dict:
 
 
 def memory_child(args) -> None:
-    from featuredict.pipelines.harvest.config import BuildConfig
-    from featuredict.pipelines.harvest.corpus import CorpusSpec
     from featuredict.pipelines.harvest.loop import harvest_corpus
     from featuredict.pipelines.model.runtime import load_runtime
     from featuredict.pipelines.model.saes import SaeSource
 
     rt = load_runtime(args.model, SaeSource.parse(args.sae), device=args.device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = BuildConfig(
-        model=args.model,
-        sae=SaeSource.parse(args.sae),
-        corpus=CorpusSpec(args.corpus),
-        max_tokens=args.tokens,
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        progress=False,
-    )
+    cfg = _config(args, max_tokens=args.tokens)
     st = harvest_corpus(rt, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"tokens": st.n_tokens, "rss_after_load_mb": base / 1024, "peak_rss_mb": peak / 1024}))

@@ -186,7 +186,8 @@ class Runtime:
         """The one activation path: ``(x, f, valid)`` from one forward pass up to the hook.
 
         ``x`` ``[batch, pos, d_in]``: hook activations in the SAE's dtype on its device; ``f``
-        ``[batch, pos, d_sae]``: SAE feature activations, zero where not valid; ``valid`` ``[batch, pos]`` bool on
+        ``[batch, pos, d_sae]``: SAE feature activations, zero where not valid (only valid positions are run through
+        the SAE); ``valid`` ``[batch, pos]`` bool on
         the SAE's device: False at BOS/pad/masked positions and at norm outliers (see ``valid_mask``).
         With ``stages``, the forward pass is timed as ``forward`` and the rest as ``encode``.
         """
@@ -218,7 +219,7 @@ class Runtime:
         with timed(stages, "encode"):
             valid = self.valid_mask(input_ids, attention_mask, x).to(x.device)
             rows = valid.reshape(-1)
-            xv = x.reshape(-1, x.shape[-1])[rows]  # only the positions that count are encoded (not BOS or padding)
+            xv = x[valid]  # only the positions that count are encoded (not BOS, padding or norm outliers)
             n, select = rows.shape[0], topk_selector(self.sae)
             active = None
             if select is not None:  # the top-k of each encoded row, scattered once into a zeroed f
