@@ -52,12 +52,14 @@ def harvest_batches(
             ctx_next += ids.shape[0]
             # padding is stored as PAD_SLOT (not a token id), so stored windows end exactly where the text does
             with timed(stages, "update"):
-                update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon, active)
+                update(state, f, ids.masked_fill(~mask.bool(), PAD_SLOT), valid, ctx_ids, x, recon, active, False)
             seen += int(valid.sum())  # the budget counts the tokens statistics count (no BOS, pad or outliers)
             if on_tokens is not None:
                 on_tokens(seen)
             if max_tokens is not None and seen >= max_tokens:
                 break
+    with timed(stages, "update"):
+        state.order_()  # the example lists best first, once (each batch left them in no order)
     state.harvest_seconds = time.perf_counter() - t0
     if stages is not None:
         stages.add("harvest", state.harvest_seconds)

@@ -105,6 +105,9 @@ def _dup_in_batch(chash: torch.Tensor, ctx_ids: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ExampleSlots:
     """Example windows in fixed-size lists, best first: the top-k lists and every interval band use this type.
+    ``absorb`` leaves the lists in no order (entries keep their slots) and ``order_`` puts them best first again
+    (by rank, ties by the smaller context id); ``update`` does after each batch unless told not to, the harvest
+    loop once at its end.
 
     Every array shares the leading dims (``[*L, n]``: lists of ``n`` slots; a batch of single candidates has no
     slot dim); ``tok`` and ``act`` add a trailing context dim ``T``. With ``key`` the slots rank by it ascending
@@ -164,33 +167,44 @@ class ExampleSlots:
         other_rows: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
     ) -> None:
-        """In place: each list ``self[rows]`` becomes the best ``n`` entries of itself and ``other[other_rows]``.
+        """In place: each list ``self[rows]`` comes to hold the best ``n`` entries of itself and
+        ``other[other_rows]``, by rank and then by the smaller context id (``order_`` sorts by the same key).
 
         self: [R, n] rows (views into larger arrays are fine: the writes land there), other: [R', m] rows (only
         the entries that get in are read); rows and other_rows pick N lists of each (all when None), paired in
-        order; ``drop`` [N, m] marks entries of ``other`` never to keep. Ties keep list position, self first (a
-        stable sort). Only the slots whose entry changes are written: an entry that stays where it was is not
-        copied, so a full list that takes one new entry near its end moves a few windows, not ``n``.
+        order; ``drop`` [N, m] marks entries of ``other`` never to keep. The entries a list keeps stay in their
+        slots and the ones that come in take the slots of those that go, so a list is in no order afterwards
+        (``order_`` puts it best first): a full list that takes one new entry writes one window, not the ones
+        below it.
         """
         n = self.ctx.shape[1]
-        rank_a = self.rank if rows is None else self.rank[rows]
-        rank_b = other.rank if other_rows is None else other.rank[other_rows]
-        if drop is not None:  # the worst rank there is: self's n entries all come first, so these are never kept
+        ra = torch.arange(self.ctx.shape[0]) if rows is None else rows
+        rb = torch.arange(other.ctx.shape[0]) if other_rows is None else other_rows
+        rank_b = other.rank[rb]
+        if drop is not None:  # the worst rank there is, with a context id above any empty slot's: never kept
             rank_b = rank_b.masked_fill(drop, -torch.inf if self.key is None else KEY_EMPTY)
-        cat = torch.cat([rank_a, rank_b], dim=1)
-        order = torch.sort(cat, dim=1, descending=self.key is None, stable=True).indices[:, :n]
-        from_a = order < n
-        moved = ~from_a | (order != torch.arange(n))  # [N, n] slots that take another entry than they hold
-        i, j = moved.nonzero(as_tuple=True)
-        src = order[i, j]
-        a_i, a_j, a_src = i[from_a[i, j]], j[from_a[i, j]], src[from_a[i, j]]  # entries of self that shift
-        b_i, b_j, b_src = i[~from_a[i, j]], j[~from_a[i, j]], src[~from_a[i, j]] - n  # entries that come in
-        ra = torch.arange(rank_a.shape[0]) if rows is None else rows
-        rb = torch.arange(rank_b.shape[0]) if other_rows is None else other_rows
-        for name, a in self.arrays().items():
-            shifted = a[ra[a_i], a_src]  # read before any write: a shifted entry may land on another's slot
-            a[ra[b_i], b_j] = getattr(other, name)[rb[b_i], b_src]
-            a[ra[a_i], a_j] = shifted
+        best = _best_first(
+            torch.cat([self.rank[ra], rank_b], 1), torch.cat([self.ctx[ra], other.ctx[rb]], 1), self.key is None
+        )
+        keep = torch.zeros(best.shape, dtype=torch.bool).scatter_(1, best[:, :n], True)
+        out_i, out_j = (~keep[:, :n]).nonzero(as_tuple=True)  # the slots whose entries go, list by list
+        in_i, in_j = keep[:, n:].nonzero(as_tuple=True)  # the entries that come in: as many per list
+        if out_i.numel():
+            for name, a in self.arrays().items():
+                a[ra[out_i], out_j] = getattr(other, name)[rb[in_i], in_j]
+
+    def order_(self) -> None:
+        """In place: every list best first (by rank, then by the smaller context id; empty slots last). Only the
+        lists out of that order are rewritten."""
+        if self.ctx.shape[-1] == 0:  # lists of no slots (no interval samples)
+            return
+        lists = self.rows()
+        perm = _best_first(lists.rank, lists.ctx, self.key is None)
+        moved = (perm != torch.arange(perm.shape[1])).any(1).nonzero(as_tuple=True)[0]
+        if moved.numel():
+            src = perm[moved]
+            for a in lists.arrays().values():
+                a[moved] = a[moved[:, None], src]
 
     def merge(self, other: ExampleSlots) -> ExampleSlots:
         """Both sets of lists (same shapes) in one, list by list, as new arrays; neither input changes.
@@ -203,7 +217,14 @@ class ExampleSlots:
         a, b = out.rows(), other.rows()
         held = _fold_twins(a.ctx, a.hash, b.hash, b.ctx)
         a.absorb(b, drop=held)
+        out.order_()
         return out
+
+
+def _best_first(rank: torch.Tensor, ctx: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Per row, the column order best first: by ``rank`` (descending or not), ties by the smaller ``ctx``."""
+    by_ctx = torch.argsort(ctx, dim=1, stable=True)
+    return by_ctx.gather(1, torch.argsort(rank.gather(1, by_ctx), dim=1, descending=descending, stable=True))
 
 
 def _fold_twins(
@@ -284,6 +305,11 @@ class HarvestState:
     def dead_fraction(self) -> float:
         return float((self.fire_count == 0).double().mean())
 
+    def order_(self) -> None:
+        """Every example list best first (``ExampleSlots.order_``), after updates with ``ordered=False``."""
+        self.top.order_()
+        self.smp.order_()
+
 
 # ---- streaming update -----------------------------------------------------------------------------------
 
@@ -298,6 +324,7 @@ def update(
     x: torch.Tensor | None = None,
     recon: torch.Tensor | None = None,
     active: Active | None = None,
+    ordered: bool = True,
 ) -> None:
     """Fold one batch into ``state`` in place.
 
@@ -306,7 +333,8 @@ def update(
     x, recon: [B, T, D] hook activations and SAE reconstructions (for FVE), optional. ``active``: the
     non-zero entries of ``feats`` (``Runtime.encode_active``), all positive (a TopK SAE's), when the caller
     has them: the counts and per-context maxima are then read from them instead of two passes over ``feats``
-    (the same state, bit for bit: tested).
+    (the same state, bit for bit: tested). ``ordered`` False leaves the example lists in no order (a loop over
+    many batches orders them once at the end, ``HarvestState.order_``; the harvest loop does).
     """
     cfg = state.cfg
     feats = feats.detach().float().cpu()
@@ -360,6 +388,8 @@ def update(
     batch = _Batch(feats, tokens, ctx_ids, chash, dup, seq_max, seq_pos)
     _update_top(state, batch)
     _update_samples(state, batch)
+    if ordered:
+        state.order_()
 
 
 def _context_max(
@@ -401,7 +431,7 @@ def _update_top(state: HarvestState, batch_in: _Batch) -> None:
         hash=chash.masked_fill(dup, -1).expand(F, B),
     )
     held = _fold_twins(top.ctx, top.hash, batch.hash, batch.ctx)  # held windows stay, under the smaller id
-    better = (batch.val > top.val[:, -1:]) & (batch.val > 0) & ~dup & ~held
+    better = (batch.val > top.val.amin(1, keepdim=True)) & (batch.val > 0) & ~dup & ~held  # above the worst held
     aff = better.any(1).nonzero(as_tuple=True)[0]  # [A]
     if aff.numel():
         top.absorb(batch, rows=aff, other_rows=aff, drop=~better[aff])
@@ -424,7 +454,7 @@ def _update_samples(state: HarvestState, batch_in: _Batch) -> None:
     # each candidate against its slot's list: a held window stays, under the smaller id
     assert smp.hash is not None and smp.key is not None  # interval samples keep their hash keys and hashes
     held = _fold_twins(smp.ctx, smp.hash[slot], chash[b][:, None], ctx_ids[b][:, None], rows=slot)[:, 0]
-    keep = (key < smp.key[slot, S - 1]) & ~held
+    keep = (key < smp.key[slot].amax(1)) & ~held  # below the worst key held
     if not keep.any():
         return
     b, f, v, key, slot = b[keep], f[keep], v[keep], key[keep], slot[keep]

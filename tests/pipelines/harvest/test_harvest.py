@@ -316,3 +316,30 @@ def test_update_from_active_entries_is_the_dense_update_bit_for_bit(ties):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+
+
+@pytest.mark.parametrize("dups", [False, True, "descending-ids"])
+def test_lists_ordered_once_at_the_end_are_the_lists_ordered_after_every_batch(dups):
+    """The harvest loop leaves the example lists in no order between batches (entries keep their slots; new ones
+    take the slots of those that go) and orders them once at the end: the state must be the one ordering after
+    every batch gives, bit for bit, with ties in value (a coarse grid) ranked by the smaller context id."""
+    data = list(_data(seed=5, dups=dups))
+    data[0] = torch.round(data[0] * 2) / 2  # ties in a feature's max between contexts
+    feats, tokens, valid, ctx, x, recon = data
+    each, once = HarvestState.empty(CFG, F, T, D), HarvestState.empty(CFG, F, T, D)
+    unordered = False
+    for i in range(0, N, 6):
+        j = slice(i, i + 6)
+        update(each, feats[j], tokens[j], valid[j], ctx[j], x[j], recon[j])
+        update(once, feats[j], tokens[j], valid[j], ctx[j], x[j], recon[j], ordered=False)
+        v = once.top.val
+        unordered |= bool((v[:, 1:] > v[:, :-1]).any())
+    assert unordered  # the lists did go out of order in between
+    once.order_()
+    a, b = state_dict(each), state_dict(once)
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+    val, c = each.top.val, each.top.ctx
+    tie = (val[:, 1:] == val[:, :-1]) & (c[:, 1:] >= 0)
+    assert tie.any() and bool((c[:, 1:][tie] > c[:, :-1][tie]).all())  # equal values: the smaller context id first
+    assert bool((val[:, 1:] <= val[:, :-1]).all())  # best first
