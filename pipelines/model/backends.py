@@ -303,13 +303,13 @@ class HFBackend(ModelBackend):
         if getattr(self.model.config, "model_type", None) not in self.RESUMABLE:
             return None
         parent, _, index = hook_name.rpartition(".")
+        if parent != "model.layers" or not index.isdigit():  # the blocks the model's own forward loops over
+            return None
         try:
             blocks = self.model.get_submodule(parent)
         except AttributeError:
             return None
-        if not isinstance(blocks, torch.nn.ModuleList) or not index.isdigit() or int(index) >= len(blocks):
-            return None
-        if parent != "model.layers":  # the blocks the model's own forward loops over
+        if not isinstance(blocks, torch.nn.ModuleList) or int(index) >= len(blocks):
             return None
         return blocks, int(index)
 
