@@ -79,6 +79,12 @@ def _large_list(flat: pa.Array, lengths: np.ndarray) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets), flat)
 
 
+def _token_texts(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> np.ndarray:
+    """Display strings of ``ids`` (flat) as an object array, decoded once per distinct id."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return np.array(token_strings(tokenizer, uniq.tolist()), dtype=object)[inv]
+
+
 def _strings(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> pa.Array:
     """Display strings of ``ids`` (flat), decoded once per distinct id."""
     if ids.size == 0:
@@ -194,16 +200,16 @@ def top_text(
     lo = np.maximum(pos - 6, 0)[:, None]
     hi = np.minimum(pos + 3, n)[:, None]
     window = (cols >= lo) & (cols < hi)
-    ids = tok[window].tolist()
-    counts = window.sum(axis=1)
-    at = tok[np.arange(len(tok)), np.clip(pos, 0, T - 1)].tolist()
+    strs = _token_texts(tokenizer, tok[window]).tolist()
+    ends = np.cumsum(window.sum(axis=1)).tolist()
+    at = np.full(len(tok), "", dtype=object)
+    inside = pos < n
+    at[inside] = _token_texts(tokenizer, tok[np.arange(len(tok)), np.clip(pos, 0, T - 1)][inside])
     k = 0
-    for i in range(len(f)):
-        fi = int(f[i])
-        c = int(counts[i])
-        parts[fi].append("".join(token_strings(tokenizer, ids[k : k + c])).strip())
-        k += c
-        max_tokens[fi].append(token_strings(tokenizer, [at[i]])[0] if pos[i] < n[i] else "")
+    for fi, end, a in zip(f.tolist(), ends, at.tolist(), strict=True):
+        parts[fi].append("".join(strs[k:end]).strip())
+        max_tokens[fi].append(a)
+        k = end
     text = [" | ".join(p + [" ".join(t.strip() for t in pos_tokens[fi])]) for fi, p in enumerate(parts)]
     return max_tokens, text
 
